@@ -1,0 +1,280 @@
+/**
+ * Consumer groups of the embedded log: a coordinator per group id, and the consumer that joins
+ * it. Like Kafka's eager rebalance protocol, a rebalance first stops every member between two
+ * batches (no member processes while partitions move), then hands out the new co-partitioned
+ * assignment; each member starts its partitions at the group's committed offsets.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import type {
+  Batch,
+  Consumer,
+  ConsumerHandlers,
+  ConsumerOptions,
+  TopicPartition,
+  TopicPartitionOffset,
+} from '../port.ts';
+import { assignCoPartitioned } from '../assignment.ts';
+import { IllegalStateError } from '../errors.ts';
+import type { PartitionStore } from './partition-store.ts';
+import type { Logger } from '../../observability/logger.ts';
+
+const DEFAULT_MAX_BATCH = 500;
+const RETRY_BACKOFF_MS = { initial: 100, max: 5000 };
+
+/** A promise that can be resolved from outside: the consumer's loop sleeps on one. */
+class Wakeup {
+  private resolve: (() => void) | undefined;
+  private promise: Promise<void> | undefined;
+  wait(): Promise<void> {
+    this.promise ??= new Promise<void>((resolve) => (this.resolve = resolve));
+    return this.promise;
+  }
+  wake(): void {
+    this.resolve?.();
+    this.resolve = undefined;
+    this.promise = undefined;
+  }
+}
+
+export class GroupCoordinator {
+  private readonly members = new Map<string, EmbeddedConsumer>();
+  private nextMemberId = 0;
+  private rebalancing: Promise<void> = Promise.resolve();
+  generation = 0;
+
+  constructor(
+    readonly groupId: string,
+    private readonly store: PartitionStore,
+  ) {}
+
+  join(member: EmbeddedConsumer): string {
+    // Zero-padded, so that ids sort in join order.
+    const id = `member-${String(++this.nextMemberId).padStart(9, '0')}`;
+    this.members.set(id, member);
+    return id;
+  }
+
+  leave(memberId: string): void {
+    this.members.delete(memberId);
+  }
+
+  /** Rebalances the group; rebalances run one after another. */
+  rebalance(): Promise<void> {
+    this.rebalancing = this.rebalancing.then(() => this.doRebalance());
+    return this.rebalancing;
+  }
+
+  private async doRebalance(): Promise<void> {
+    const members = [...this.members.entries()];
+    // Every member stops between batches before any partition moves.
+    await Promise.all(members.map(([, m]) => m.suspend()));
+    this.generation++;
+    const topics = new Map<string, number>();
+    for (const [, m] of members) {
+      for (const topic of m.topics) topics.set(topic, this.store.partitionCount(topic));
+    }
+    // Member ids sort in join order (zero-padded), so older members keep low partition numbers.
+    const ids = members.map(([id]) => id);
+    const assignment = assignCoPartitioned(
+      ids,
+      [...topics].map(([topic, partitions]) => ({ topic, partitions })),
+    );
+    for (const [id, m] of members) {
+      const mine = (assignment.get(id) ?? []).filter((tp) => m.topics.includes(tp.topic));
+      m.resume(this.generation, mine);
+    }
+  }
+}
+
+export class EmbeddedConsumer implements Consumer {
+  topics: string[] = [];
+  private memberId: string | undefined;
+  private handlers: ConsumerHandlers | undefined;
+  private assigned: TopicPartition[] = [];
+  /** Next offset to hand to eachBatch, per "topic/partition". */
+  private readonly positions = new Map<string, number>();
+  /** Bumped by seek, so that a batch in flight does not move a position that was just set. */
+  private readonly seeks = new Map<string, number>();
+  private appliedGeneration = 0;
+  private pendingAssignment: { generation: number; partitions: TopicPartition[] } | undefined;
+  private suspended = false;
+  private parked: (() => void) | undefined;
+  private running = false;
+  private stopped = false;
+  private loop: Promise<void> | undefined;
+  private readonly wakeup = new Wakeup();
+  private unsubscribeAppends: (() => void) | undefined;
+  private readonly maxBatch: number;
+
+  constructor(
+    private readonly store: PartitionStore,
+    private readonly coordinator: GroupCoordinator,
+    private readonly options: ConsumerOptions,
+    private readonly logger: Logger,
+  ) {
+    this.maxBatch = options.maxBatchSize ?? DEFAULT_MAX_BATCH;
+  }
+
+  async subscribe(topics: string[]): Promise<void> {
+    if (this.running) throw new IllegalStateError('subscribe before run');
+    for (const topic of topics) this.store.partitionCount(topic); // throws UnknownTopicError
+    this.topics = [...new Set([...this.topics, ...topics])];
+  }
+
+  async run(handlers: ConsumerHandlers): Promise<void> {
+    if (this.running) throw new IllegalStateError('the consumer is already running');
+    if (this.topics.length === 0) throw new IllegalStateError('subscribe to at least one topic');
+    this.running = true;
+    this.handlers = handlers;
+    this.unsubscribeAppends = this.store.onAppend((topic) => {
+      if (this.topics.includes(topic)) this.wakeup.wake();
+    });
+    this.memberId = this.coordinator.join(this);
+    this.loop = this.consume();
+    await this.coordinator.rebalance();
+  }
+
+  seek(to: TopicPartitionOffset): void {
+    const id = `${to.topic}/${to.partition}`;
+    this.positions.set(id, to.offset);
+    this.seeks.set(id, (this.seeks.get(id) ?? 0) + 1);
+    this.wakeup.wake();
+  }
+
+  async commit(offsets: TopicPartitionOffset[]): Promise<void> {
+    await this.store.commitOffsets(this.options.groupId, offsets);
+  }
+
+  assignment(): TopicPartition[] {
+    return [...this.assigned];
+  }
+
+  async close(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.unsubscribeAppends?.();
+    this.wakeup.wake();
+    this.parked?.();
+    await this.loop;
+    if (this.memberId !== undefined) {
+      this.coordinator.leave(this.memberId);
+      if (!this.store.isClosed) await this.coordinator.rebalance();
+    }
+  }
+
+  // ---- called by the coordinator ----
+
+  /** Resolves once the loop is parked between batches. */
+  suspend(): Promise<void> {
+    this.suspended = true;
+    if (this.stopped || !this.loop) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      this.parked = resolve;
+      this.wakeup.wake();
+    });
+  }
+
+  resume(generation: number, partitions: TopicPartition[]): void {
+    this.pendingAssignment = { generation, partitions };
+    this.suspended = false;
+    this.wakeup.wake();
+  }
+
+  // ---- the loop ----
+
+  private async consume(): Promise<void> {
+    let cursor = 0;
+    let backoff = RETRY_BACKOFF_MS.initial;
+    while (!this.stopped) {
+      if (this.suspended) {
+        this.parked?.();
+        this.parked = undefined;
+        await this.wakeup.wait();
+        continue;
+      }
+      if (this.pendingAssignment) {
+        const ok = await this.applyAssignment();
+        if (!ok) continue;
+      }
+      let handed = false;
+      // Start at a different partition each round, so that one busy partition cannot starve others.
+      for (let i = 0; i < this.assigned.length && !this.suspended && !this.stopped; i++) {
+        const tp = this.assigned[(cursor + i) % this.assigned.length]!;
+        const result = await this.fetchAndHandle(tp);
+        if (result === 'failed') {
+          await sleep(backoff);
+          backoff = Math.min(backoff * 2, RETRY_BACKOFF_MS.max);
+          handed = true;
+          break;
+        }
+        if (result === 'handed') {
+          handed = true;
+          backoff = RETRY_BACKOFF_MS.initial;
+        }
+      }
+      cursor++;
+      if (!handed && !this.suspended && !this.stopped) await this.wakeup.wait();
+    }
+    this.parked?.();
+  }
+
+  private async applyAssignment(): Promise<boolean> {
+    const { generation, partitions } = this.pendingAssignment!;
+    this.pendingAssignment = undefined;
+    this.assigned = partitions;
+    this.appliedGeneration = generation;
+    this.positions.clear();
+    for (const tp of partitions) {
+      const committed = await this.store.committedOffset(this.options.groupId, tp.topic, tp.partition);
+      const start =
+        committed >= 0
+          ? committed
+          : this.options.startFrom === 'latest'
+            ? this.store.end(tp.topic, tp.partition)
+            : await this.store.lowWatermark(tp.topic, tp.partition);
+      this.positions.set(`${tp.topic}/${tp.partition}`, start);
+    }
+    try {
+      await this.handlers!.onAssignment?.(this.assignment());
+      return true;
+    } catch (error) {
+      // Retried, as eachBatch would be.
+      this.logger.error({ err: error, groupId: this.options.groupId }, 'onAssignment failed; retrying');
+      this.pendingAssignment = { generation, partitions };
+      await sleep(RETRY_BACKOFF_MS.initial);
+      return false;
+    }
+  }
+
+  private async fetchAndHandle(tp: TopicPartition): Promise<'idle' | 'handed' | 'failed'> {
+    const id = `${tp.topic}/${tp.partition}`;
+    const position = this.positions.get(id)!;
+    const end = this.store.end(tp.topic, tp.partition);
+    if (position >= end) return 'idle';
+    const records = await this.store.read(tp.topic, tp.partition, position, this.maxBatch);
+    if (records.length === 0) {
+      // Everything up to the end was compacted away or expired.
+      this.positions.set(id, end);
+      return 'idle';
+    }
+    const seeksBefore = this.seeks.get(id) ?? 0;
+    const batch: Batch = { topic: tp.topic, partition: tp.partition, records, highWatermark: end };
+    try {
+      await this.handlers!.eachBatch(batch);
+    } catch (error) {
+      this.logger.error(
+        { err: error, groupId: this.options.groupId, topic: tp.topic, partition: tp.partition, offset: position },
+        'eachBatch failed; the batch will be handed again',
+      );
+      return 'failed';
+    }
+    if ((this.seeks.get(id) ?? 0) === seeksBefore) {
+      this.positions.set(id, records[records.length - 1]!.offset + 1);
+    }
+    return 'handed';
+  }
+
+  get generation(): number {
+    return this.appliedGeneration;
+  }
+}

@@ -1,0 +1,264 @@
+/**
+ * The log port's conformance suite: every adapter must pass it unchanged.
+ * `test/conformance/log.embedded.test.ts` runs it on the embedded log,
+ * `test/kafka/log.kafka.test.ts` on Apache Kafka.
+ */
+import assert from 'node:assert/strict';
+import type { Log } from '../../log/port.ts';
+import { ProducerFencedError } from '../../log/errors.ts';
+import { partitionFor } from '../../log/partitioner.ts';
+import { collect, eventually, text, uniqueName } from '../support/log-helpers.ts';
+
+export interface LogFixture {
+  log: Log;
+  /** Time allowed for a consumer group to settle (Kafka joins take seconds). */
+  settleMs: number;
+}
+
+export function logConformance(adapter: string, open: () => Promise<LogFixture>, close: () => Promise<void>) {
+  describe(`log port conformance: ${adapter}`, function () {
+    let log: Log;
+    let settleMs: number;
+
+    before(async () => {
+      ({ log, settleMs } = await open());
+    });
+    after(close);
+
+    it('creates topics idempotently with partition count and cleanup policy', async () => {
+      const plain = uniqueName('plain');
+      const compacted = uniqueName('compacted');
+      await log.admin.createTopics([
+        { topic: plain, partitions: 3 },
+        { topic: compacted, partitions: 2, config: { 'cleanup.policy': 'compact' } },
+      ]);
+      await log.admin.createTopics([{ topic: plain, partitions: 3 }]);
+      assert.deepEqual(await log.admin.describeTopic(plain), { topic: plain, partitions: 3, cleanupPolicy: 'delete' });
+      assert.deepEqual(await log.admin.describeTopic(compacted), {
+        topic: compacted,
+        partitions: 2,
+        cleanupPolicy: 'compact',
+      });
+      assert.equal(await log.admin.describeTopic(uniqueName('missing')), undefined);
+      const topics = await log.admin.listTopics();
+      assert.ok(topics.includes(plain) && topics.includes(compacted));
+    });
+
+    it('partitions keyed records with the Java murmur2 and keeps keys, values, headers, timestamps', async () => {
+      const topic = uniqueName('keyed');
+      await log.admin.createTopics([{ topic, partitions: 12 }]);
+      const producer = await log.producer();
+      const at = Date.now() - 5000;
+      const users = Array.from({ length: 30 }, (_, i) => `user-${i}`);
+      const metadata = await producer.send(
+        users.map((user, i) => ({
+          topic,
+          key: Buffer.from(user),
+          value: Buffer.from(`hello ${i}`),
+          headers: { 'content-type': 'text/plain', trace: Buffer.from([1, 2, 3]) },
+          timestamp: at + i,
+        })),
+      );
+      metadata.forEach((m, i) => assert.equal(m.partition, partitionFor(Buffer.from(users[i]!), 12)));
+      const tombstone = await producer.send([{ topic, key: Buffer.from('user-0'), value: null }]);
+      assert.equal(tombstone[0]!.partition, metadata[0]!.partition);
+      await producer.close();
+
+      const c = await collect(log, uniqueName('g'), [topic]);
+      await eventually(() => c.records.length === 31, settleMs + 10000, '31 records');
+      await c.stop();
+      for (const r of c.records.filter((r) => r.value !== null)) {
+        const i = Number(text(r.value)!.split(' ')[1]);
+        assert.equal(text(r.key), users[i]);
+        assert.equal(r.partition, partitionFor(Buffer.from(users[i]!), 12));
+        assert.equal(r.timestamp, at + i);
+        assert.equal(text(r.headers['content-type']!), 'text/plain');
+        assert.deepEqual([...r.headers.trace!], [1, 2, 3]);
+      }
+      assert.equal(c.records.filter((r) => r.value === null).length, 1);
+      // Per partition, offsets strictly increase in the order records were handed over.
+      const lastOffset = new Map<number, number>();
+      for (const r of c.records) {
+        assert.ok((lastOffset.get(r.partition) ?? -1) < r.offset);
+        lastOffset.set(r.partition, r.offset);
+      }
+    });
+
+    it('commits group offsets, and a new member resumes after them', async () => {
+      const topic = uniqueName('resume');
+      const group = uniqueName('g');
+      await log.admin.createTopics([{ topic, partitions: 2 }]);
+      const producer = await log.producer();
+      await producer.send([0, 1, 2, 3].map((i) => ({ topic, key: null, value: Buffer.from(`a${i}`), partition: i % 2 })));
+      const first = await collect(log, group, [topic], { commit: true });
+      await eventually(() => first.records.length === 4, settleMs + 10000, 'first 4');
+      await eventually(
+        async () => (await log.admin.committedOffsets(group, topic)).every((o) => o.offset === 2),
+        10000,
+        'commits',
+      );
+      await first.stop();
+      await producer.send([4, 5].map((i) => ({ topic, key: null, value: Buffer.from(`a${i}`), partition: i % 2 })));
+      const second = await collect(log, group, [topic], { commit: true });
+      await eventually(() => second.records.length === 2, settleMs + 10000, 'the 2 new records');
+      await new Promise((r) => setTimeout(r, 300));
+      assert.deepEqual(second.records.map((r) => text(r.value)).sort(), ['a4', 'a5']);
+      await second.stop();
+      await producer.close();
+      assert.deepEqual(
+        (await log.admin.committedOffsets(uniqueName('never'), topic)).map((o) => o.offset),
+        [-1, -1],
+      );
+    });
+
+    it('assigns partition p of every subscribed topic to the same member, and rebalances when one leaves', async () => {
+      const left = uniqueName('left');
+      const right = uniqueName('right');
+      const group = uniqueName('g');
+      await log.admin.createTopics([
+        { topic: left, partitions: 4 },
+        { topic: right, partitions: 4 },
+      ]);
+      const a = await collect(log, group, [left, right]);
+      const b = await collect(log, group, [left, right]);
+      const settled = () => {
+        const pa = a.consumer.assignment();
+        const pb = b.consumer.assignment();
+        return pa.length > 0 && pb.length > 0 && pa.length + pb.length === 8;
+      };
+      await eventually(settled, settleMs + 20000, 'both members assigned');
+      for (const member of [a, b]) {
+        const assignment = member.consumer.assignment();
+        const numbers = (topic: string) =>
+          assignment.filter((tp) => tp.topic === topic).map((tp) => tp.partition).sort();
+        assert.deepEqual(numbers(left), numbers(right), 'co-partitioned');
+      }
+      const all = [...a.consumer.assignment(), ...b.consumer.assignment()].map((tp) => `${tp.topic}/${tp.partition}`);
+      assert.equal(new Set(all).size, 8, 'disjoint and complete');
+
+      // Records produced to b's partitions reach b, and reach a once b has left.
+      const producer = await log.producer();
+      await b.stop();
+      await eventually(() => a.consumer.assignment().length === 8, settleMs + 20000, 'a takes over');
+      await producer.send([0, 1, 2, 3].map((p) => ({ topic: right, key: null, value: Buffer.from(`r${p}`), partition: p })));
+      await eventually(() => a.records.length === 4, 20000, 'a receives all partitions');
+      await a.stop();
+      await producer.close();
+      const last = a.assignments[a.assignments.length - 1]!;
+      assert.equal(last.length, 8);
+    });
+
+    it('makes transactional records and offsets visible together on commit, and never on abort', async () => {
+      const input = uniqueName('tx-in');
+      const output = uniqueName('tx-out');
+      const group = uniqueName('g');
+      await log.admin.createTopics([
+        { topic: input, partitions: 1 },
+        { topic: output, partitions: 2 },
+      ]);
+      const producer = await log.producer({ transactionalId: uniqueName('tx') });
+
+      const aborted = await producer.transaction();
+      await aborted.send([{ topic: output, key: Buffer.from('k'), value: Buffer.from('aborted') }]);
+      await aborted.sendOffsets(group, [{ topic: input, partition: 0, offset: 99 }]);
+      await aborted.abort();
+
+      const committed = await producer.transaction();
+      await committed.send([
+        { topic: output, key: Buffer.from('k'), value: Buffer.from('one') },
+        { topic: output, key: Buffer.from('j'), value: Buffer.from('two') },
+      ]);
+      await committed.sendOffsets(group, [{ topic: input, partition: 0, offset: 7 }]);
+      assert.deepEqual(
+        (await log.admin.committedOffsets(group, input)).map((o) => o.offset),
+        [-1],
+        'offsets invisible before commit',
+      );
+      await committed.commit();
+      assert.deepEqual((await log.admin.committedOffsets(group, input)).map((o) => o.offset), [7]);
+
+      const reader = await collect(log, uniqueName('reader'), [output]);
+      await eventually(() => reader.records.length >= 2, settleMs + 10000, 'committed records');
+      await new Promise((r) => setTimeout(r, 500));
+      await reader.stop();
+      assert.deepEqual(reader.records.map((r) => text(r.value)).sort(), ['one', 'two']);
+      await producer.close();
+    });
+
+    it('fences an older producer with the same transactional id', async () => {
+      const topic = uniqueName('fence');
+      await log.admin.createTopics([{ topic, partitions: 1 }]);
+      const id = uniqueName('tx');
+      const old = await log.producer({ transactionalId: id });
+      const tx = await old.transaction();
+      await tx.send([{ topic, key: null, value: Buffer.from('zombie') }]);
+      const newer = await log.producer({ transactionalId: id });
+      await assert.rejects(() => tx.commit(), (e: unknown) => e instanceof ProducerFencedError);
+      const ok = await newer.transaction();
+      await ok.send([{ topic, key: null, value: Buffer.from('alive') }]);
+      await ok.commit();
+      const reader = await collect(log, uniqueName('reader'), [topic]);
+      await eventually(() => reader.records.length >= 1, settleMs + 10000, 'the live record');
+      await new Promise((r) => setTimeout(r, 300));
+      await reader.stop();
+      assert.deepEqual(reader.records.map((r) => text(r.value)), ['alive']);
+      await newer.close();
+      await old.close().catch(() => undefined);
+    });
+
+    it('reports watermarks, seeks to an offset, and finds offsets by timestamp for replays', async () => {
+      const topic = uniqueName('seek');
+      await log.admin.createTopics([{ topic, partitions: 1 }]);
+      const producer = await log.producer();
+      const t0 = Date.now() - 60_000;
+      await producer.send(
+        Array.from({ length: 10 }, (_, i) => ({ topic, key: null, partition: 0, value: Buffer.from(`v${i}`), timestamp: t0 + i * 1000 })),
+      );
+      await producer.close();
+      assert.deepEqual(await log.admin.watermarks(topic), [{ partition: 0, low: 0, high: 10 }]);
+      assert.deepEqual(await log.admin.offsetsForTime(topic, t0 + 4500), [{ topic, partition: 0, offset: 5 }]);
+      assert.deepEqual(await log.admin.offsetsForTime(topic, t0 - 1), [{ topic, partition: 0, offset: 0 }]);
+      assert.deepEqual(await log.admin.offsetsForTime(topic, Date.now() + 60_000), [{ topic, partition: 0, offset: 10 }]);
+
+      const consumer = log.consumer({ groupId: uniqueName('g') });
+      const seen: string[] = [];
+      let seeked = false;
+      await consumer.subscribe([topic]);
+      await consumer.run({
+        eachBatch: async (batch) => {
+          for (const r of batch.records) seen.push(text(r.value)!);
+          if (!seeked) {
+            seeked = true;
+            consumer.seek({ topic, partition: 0, offset: 8 });
+          }
+        },
+      });
+      await eventually(() => seen.includes('v9') && seen.filter((v) => v === 'v9').length >= 1 && seeked, settleMs + 10000, 'the replay');
+      await new Promise((r) => setTimeout(r, 300));
+      await consumer.close();
+      // The first batch ran from v0; after the seek, v8 and v9 were handed again.
+      assert.equal(seen[0], 'v0');
+      assert.deepEqual(seen.slice(-2), ['v8', 'v9']);
+      assert.ok(seen.filter((v) => v === 'v8').length >= 1);
+    });
+
+    it('hands a batch again when eachBatch throws, skipping nothing', async () => {
+      const topic = uniqueName('retry');
+      await log.admin.createTopics([{ topic, partitions: 1 }]);
+      const producer = await log.producer();
+      await producer.send([{ topic, key: null, partition: 0, value: Buffer.from('x') }]);
+      await producer.close();
+      const consumer = log.consumer({ groupId: uniqueName('g') });
+      let calls = 0;
+      await consumer.subscribe([topic]);
+      await consumer.run({
+        eachBatch: async () => {
+          calls++;
+          if (calls === 1) throw new Error('transient');
+        },
+      });
+      await eventually(() => calls >= 2, settleMs + 15000, 'the second attempt');
+      await consumer.close();
+    });
+  });
+}
