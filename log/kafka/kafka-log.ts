@@ -1,0 +1,450 @@
+/**
+ * The log port on Apache Kafka, through kafkajs. Producers are idempotent (acks=all);
+ * consumers read committed records only and use the co-partitioned assigner; keyed records
+ * are partitioned by the same murmur2 as the embedded log.
+ */
+import {
+  ConfigResourceTypes,
+  Kafka,
+  logLevel as kafkaLogLevel,
+  type Admin,
+  type Consumer as KafkaConsumer,
+  type EachBatchPayload,
+  type IHeaders,
+  type LogEntry,
+  type Message,
+  type Producer as KafkaProducer,
+  type Transaction as KafkaTransaction,
+} from 'kafkajs';
+import type {
+  Consumer,
+  ConsumerHandlers,
+  ConsumerOptions,
+  Headers,
+  Log,
+  LogAdmin,
+  LogRecord,
+  PartitionWatermarks,
+  Producer,
+  ProducerOptions,
+  ProducerRecord,
+  RecordMetadata,
+  TopicDescription,
+  TopicPartition,
+  TopicPartitionOffset,
+  TopicSpec,
+  Transaction,
+} from '../port.ts';
+import { IllegalStateError, LogError, ProducerFencedError } from '../errors.ts';
+import { partitionFor } from '../partitioner.ts';
+import { silentLogger, type Logger } from '../../observability/logger.ts';
+import { coPartitionedAssigner } from './assigner.ts';
+
+export interface KafkaLogOptions {
+  brokers: string[];
+  clientId?: string;
+  logger?: Logger;
+}
+
+const FENCED = new Set(['PRODUCER_FENCED', 'INVALID_PRODUCER_EPOCH', 'TRANSACTIONAL_ID_AUTHORIZATION_FAILED']);
+
+export class KafkaLog implements Log {
+  readonly admin: KafkaAdmin;
+  private readonly kafka: Kafka;
+  private readonly producers = new Set<KafkaLogProducer>();
+  private readonly consumers = new Set<KafkaLogConsumer>();
+
+  constructor(private readonly options: KafkaLogOptions) {
+    const logger = options.logger ?? silentLogger;
+    this.kafka = new Kafka({
+      clientId: options.clientId ?? 'kchat',
+      brokers: options.brokers,
+      logLevel: kafkaLogLevel.WARN,
+      logCreator: () => (entry: LogEntry) => {
+        const { message, ...rest } = entry.log;
+        const level = entry.level <= kafkaLogLevel.ERROR ? 'error' : entry.level === kafkaLogLevel.WARN ? 'warn' : 'debug';
+        logger[level]({ kafkajs: entry.namespace, ...rest }, message);
+      },
+      retry: { initialRetryTime: 100, retries: 8 },
+    });
+    this.admin = new KafkaAdmin(this.kafka.admin());
+  }
+
+  async producer(options: ProducerOptions = {}): Promise<Producer> {
+    const decided = new WeakMap<Message, number>();
+    const roundRobin = new Map<string, number>();
+    const kafkaProducer = this.kafka.producer({
+      idempotent: true,
+      maxInFlightRequests: 1,
+      transactionalId: options.transactionalId,
+      allowAutoTopicCreation: false,
+      // The same partitioner as the embedded log; it remembers each decision so that send()
+      // can tell every record its offset.
+      createPartitioner: () => ({ topic, partitionMetadata, message }) => {
+        const count = partitionMetadata.length;
+        let partition: number;
+        if (message.partition !== undefined && message.partition !== null) partition = message.partition;
+        else if (message.key) partition = partitionFor(Buffer.from(message.key), count);
+        else {
+          const next = roundRobin.get(topic) ?? Math.floor(Math.random() * count);
+          roundRobin.set(topic, next + 1);
+          partition = next % count;
+        }
+        decided.set(message, partition);
+        return partition;
+      },
+    });
+    await kafkaProducer.connect();
+    const producer = new KafkaLogProducer(kafkaProducer, options.transactionalId, decided, () =>
+      this.producers.delete(producer),
+    );
+    this.producers.add(producer);
+    return producer;
+  }
+
+  consumer(options: ConsumerOptions): Consumer {
+    const consumer = new KafkaLogConsumer(this.kafka, options, () => this.consumers.delete(consumer));
+    this.consumers.add(consumer);
+    return consumer;
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.consumers].map((c) => c.close()));
+    await Promise.all([...this.producers].map((p) => p.close()));
+    await this.admin.close();
+  }
+
+  get brokers(): string[] {
+    return this.options.brokers;
+  }
+}
+
+/** kafkajs messages grouped by topic, and each record's message in the caller's order. */
+function toMessages(records: ProducerRecord[]): { byTopic: Map<string, Message[]>; inOrder: Message[] } {
+  const byTopic = new Map<string, Message[]>();
+  const inOrder = records.map((r) => {
+    const message: Message = {
+      key: r.key,
+      value: r.value,
+      headers: r.headers,
+      partition: r.partition,
+      timestamp: r.timestamp === undefined ? undefined : String(r.timestamp),
+    };
+    let list = byTopic.get(r.topic);
+    if (!list) byTopic.set(r.topic, (list = []));
+    list.push(message);
+    return message;
+  });
+  return { byTopic, inOrder };
+}
+
+function translate(error: unknown, transactionalId?: string): unknown {
+  const type = (error as { type?: string }).type;
+  if (transactionalId !== undefined && type && FENCED.has(type)) return new ProducerFencedError(transactionalId);
+  const retriable = (error as { retriable?: boolean }).retriable === true;
+  return new LogError((error as Error).message ?? String(error), { retriable, cause: error });
+}
+
+class KafkaLogProducer implements Producer {
+  private open: KafkaLogTransaction | undefined;
+
+  constructor(
+    private readonly producer: KafkaProducer,
+    private readonly transactionalId: string | undefined,
+    private readonly decided: WeakMap<Message, number>,
+    private readonly onClose: () => void,
+  ) {}
+
+  async send(records: ProducerRecord[]): Promise<RecordMetadata[]> {
+    if (this.transactionalId !== undefined) {
+      throw new IllegalStateError('a transactional producer sends inside a transaction');
+    }
+    const { byTopic, inOrder } = toMessages(records);
+    let results;
+    try {
+      results = await this.producer.sendBatch({
+        acks: -1,
+        topicMessages: [...byTopic].map(([topic, messages]) => ({ topic, messages })),
+      });
+    } catch (error) {
+      throw translate(error);
+    }
+    // The records of one partition in one request get consecutive offsets from its base offset,
+    // in the order they were given.
+    const base = new Map(results.map((r) => [`${r.topicName}/${r.partition}`, Number(r.baseOffset)]));
+    const taken = new Map<string, number>();
+    return records.map((r, i) => {
+      const partition = this.decided.get(inOrder[i]!)!;
+      const id = `${r.topic}/${partition}`;
+      const n = taken.get(id) ?? 0;
+      taken.set(id, n + 1);
+      return { topic: r.topic, partition, offset: base.get(id)! + n };
+    });
+  }
+
+  async transaction(): Promise<Transaction> {
+    const id = this.transactionalId;
+    if (id === undefined) throw new IllegalStateError('not a transactional producer');
+    if (this.open) throw new IllegalStateError(`transaction of "${id}" already open`);
+    let transaction: KafkaTransaction;
+    try {
+      transaction = await this.producer.transaction();
+    } catch (error) {
+      throw translate(error, id);
+    }
+    this.open = new KafkaLogTransaction(transaction, id, () => (this.open = undefined));
+    return this.open;
+  }
+
+  async close(): Promise<void> {
+    await this.open?.abort().catch(() => undefined);
+    await this.producer.disconnect();
+    this.onClose();
+  }
+}
+
+class KafkaLogTransaction implements Transaction {
+  private done = false;
+
+  constructor(
+    private readonly transaction: KafkaTransaction,
+    private readonly transactionalId: string,
+    private readonly onEnd: () => void,
+  ) {}
+
+  async send(records: ProducerRecord[]): Promise<void> {
+    this.checkOpen();
+    try {
+      await this.transaction.sendBatch({
+        acks: -1,
+        topicMessages: [...toMessages(records).byTopic].map(([topic, messages]) => ({ topic, messages })),
+      });
+    } catch (error) {
+      throw translate(error, this.transactionalId);
+    }
+  }
+
+  async sendOffsets(groupId: string, offsets: TopicPartitionOffset[]): Promise<void> {
+    this.checkOpen();
+    const topics = new Map<string, { partition: number; offset: string }[]>();
+    for (const o of offsets) {
+      let list = topics.get(o.topic);
+      if (!list) topics.set(o.topic, (list = []));
+      list.push({ partition: o.partition, offset: String(o.offset) });
+    }
+    try {
+      await this.transaction.sendOffsets({
+        consumerGroupId: groupId,
+        topics: [...topics].map(([topic, partitions]) => ({ topic, partitions })),
+      });
+    } catch (error) {
+      throw translate(error, this.transactionalId);
+    }
+  }
+
+  async commit(): Promise<void> {
+    this.checkOpen();
+    this.done = true;
+    this.onEnd();
+    try {
+      await this.transaction.commit();
+    } catch (error) {
+      throw translate(error, this.transactionalId);
+    }
+  }
+
+  async abort(): Promise<void> {
+    if (this.done) return;
+    this.done = true;
+    this.onEnd();
+    try {
+      await this.transaction.abort();
+    } catch (error) {
+      throw translate(error, this.transactionalId);
+    }
+  }
+
+  private checkOpen(): void {
+    if (this.done) throw new IllegalStateError('the transaction is over');
+  }
+}
+
+class KafkaLogConsumer implements Consumer {
+  private readonly consumer: KafkaConsumer;
+  private assigned: TopicPartition[] = [];
+  /** The latest assignment's onAssignment call: every batch waits for it. */
+  private assignmentHandled: Promise<void> = Promise.resolve();
+  private running = false;
+  private closed = false;
+
+  constructor(
+    kafka: Kafka,
+    private readonly options: ConsumerOptions,
+    private readonly onClose: () => void,
+  ) {
+    this.consumer = kafka.consumer({
+      groupId: options.groupId,
+      partitionAssigners: [coPartitionedAssigner],
+      readUncommitted: false,
+      allowAutoTopicCreation: false,
+      sessionTimeout: options.sessionTimeoutMs ?? 10_000,
+      heartbeatInterval: 1000,
+      rebalanceTimeout: 30_000,
+      maxWaitTimeInMs: 100,
+      retry: { initialRetryTime: 100, retries: 10 },
+    });
+  }
+
+  private topics: string[] = [];
+
+  async subscribe(topics: string[]): Promise<void> {
+    if (this.running) throw new IllegalStateError('subscribe before run');
+    this.topics.push(...topics);
+  }
+
+  async run(handlers: ConsumerHandlers): Promise<void> {
+    if (this.running) throw new IllegalStateError('the consumer is already running');
+    this.running = true;
+    await this.consumer.connect();
+    await this.consumer.subscribe({ topics: this.topics, fromBeginning: this.options.startFrom !== 'latest' });
+    this.consumer.on(this.consumer.events.GROUP_JOIN, ({ payload }) => {
+      const assignment: TopicPartition[] = [];
+      for (const [topic, partitions] of Object.entries(payload.memberAssignment)) {
+        for (const partition of partitions) assignment.push({ topic, partition });
+      }
+      this.assigned = assignment;
+      const previous = this.assignmentHandled;
+      this.assignmentHandled = previous.then(() => handlers.onAssignment?.(assignment)).catch(() => undefined);
+    });
+    await this.consumer.run({
+      autoCommit: false,
+      eachBatchAutoResolve: true,
+      eachBatch: async ({ batch }: EachBatchPayload) => {
+        await this.assignmentHandled;
+        if (batch.messages.length === 0) return;
+        const records: LogRecord[] = batch.messages.map((m) => ({
+          topic: batch.topic,
+          partition: batch.partition,
+          offset: Number(m.offset),
+          key: m.key,
+          value: m.value,
+          headers: toHeaders(m.headers),
+          timestamp: Number(m.timestamp),
+        }));
+        await handlers.eachBatch({
+          topic: batch.topic,
+          partition: batch.partition,
+          records,
+          highWatermark: Number(batch.highWatermark),
+        });
+      },
+    });
+  }
+
+  seek(to: TopicPartitionOffset): void {
+    this.consumer.seek({ topic: to.topic, partition: to.partition, offset: String(to.offset) });
+  }
+
+  async commit(offsets: TopicPartitionOffset[]): Promise<void> {
+    await this.consumer.commitOffsets(
+      offsets.map((o) => ({ topic: o.topic, partition: o.partition, offset: String(o.offset) })),
+    );
+  }
+
+  assignment(): TopicPartition[] {
+    return [...this.assigned];
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.consumer.disconnect();
+    this.assigned = [];
+    this.onClose();
+  }
+}
+
+function toHeaders(headers: IHeaders | undefined): Headers {
+  const result: Headers = {};
+  for (const [name, value] of Object.entries(headers ?? {})) {
+    if (value === undefined) continue;
+    const first = Array.isArray(value) ? value[0] : value;
+    if (first !== undefined) result[name] = Buffer.isBuffer(first) ? first : Buffer.from(first);
+  }
+  return result;
+}
+
+class KafkaAdmin implements LogAdmin {
+  private connected: Promise<void> | undefined;
+
+  constructor(private readonly admin: Admin) {}
+
+  private async ready(): Promise<Admin> {
+    this.connected ??= this.admin.connect();
+    await this.connected;
+    return this.admin;
+  }
+
+  async createTopics(topics: TopicSpec[]): Promise<void> {
+    const admin = await this.ready();
+    await admin.createTopics({
+      waitForLeaders: true,
+      topics: topics.map((t) => ({
+        topic: t.topic,
+        numPartitions: t.partitions,
+        configEntries: Object.entries(t.config ?? {})
+          .filter((e): e is [string, string] => e[1] !== undefined)
+          .map(([name, value]) => ({ name, value })),
+      })),
+    });
+  }
+
+  async deleteTopics(topics: string[]): Promise<void> {
+    await (await this.ready()).deleteTopics({ topics });
+  }
+
+  async listTopics(): Promise<string[]> {
+    return (await this.ready()).listTopics();
+  }
+
+  async describeTopic(topic: string): Promise<TopicDescription | undefined> {
+    const admin = await this.ready();
+    if (!(await admin.listTopics()).includes(topic)) return undefined;
+    const metadata = await admin.fetchTopicMetadata({ topics: [topic] });
+    const configs = await admin.describeConfigs({
+      includeSynonyms: false,
+      resources: [{ type: ConfigResourceTypes.TOPIC, name: topic, configNames: ['cleanup.policy'] }],
+    });
+    const policy = configs.resources[0]?.configEntries.find((e) => e.configName === 'cleanup.policy')?.configValue;
+    return {
+      topic,
+      partitions: metadata.topics[0]!.partitions.length,
+      cleanupPolicy: policy?.includes('compact') ? 'compact' : 'delete',
+    };
+  }
+
+  async watermarks(topic: string): Promise<PartitionWatermarks[]> {
+    const offsets = await (await this.ready()).fetchTopicOffsets(topic);
+    return offsets
+      .map((o) => ({ partition: o.partition, low: Number(o.low), high: Number(o.high) }))
+      .sort((a, b) => a.partition - b.partition);
+  }
+
+  async committedOffsets(groupId: string, topic: string): Promise<TopicPartitionOffset[]> {
+    const result = await (await this.ready()).fetchOffsets({ groupId, topics: [topic] });
+    return (result[0]?.partitions ?? [])
+      .map((p) => ({ topic, partition: p.partition, offset: Number(p.offset) }))
+      .sort((a, b) => a.partition - b.partition);
+  }
+
+  async offsetsForTime(topic: string, timestamp: number): Promise<TopicPartitionOffset[]> {
+    const result = await (await this.ready()).fetchTopicOffsetsByTimestamp(topic, timestamp);
+    return result
+      .map((p) => ({ topic, partition: p.partition, offset: Number(p.offset) }))
+      .sort((a, b) => a.partition - b.partition);
+  }
+
+  async close(): Promise<void> {
+    if (this.connected) await this.admin.disconnect();
+  }
+}

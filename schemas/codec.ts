@@ -1,0 +1,112 @@
+/**
+ * The event codec: Avro binary in the Confluent wire format.
+ *
+ *   byte 0      magic byte, 0
+ *   bytes 1..4  the writer schema's registry id, big-endian
+ *   bytes 5..   the value, Avro binary
+ *
+ * A topic's codec registers its schema under `<topic>-value` once, then encodes with that id.
+ * Decoding reads the writer's id and resolves the writer schema to the local (reader) schema,
+ * so records written by an older or newer producer decode as long as the two are compatible.
+ */
+import avro from 'avsc';
+import { UnknownSchemaError, valueSubject, type SchemaRegistry } from './registry/port.ts';
+import { parseSchema } from './registry/compatibility.ts';
+
+export const MAGIC_BYTE = 0;
+const HEADER_SIZE = 5;
+
+/** A record's bytes are not a value of the topic's schema. Never retriable. */
+export class DecodeError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'DecodeError';
+  }
+}
+
+/** A value does not match the schema it is encoded with. */
+export class EncodeError extends Error {
+  constructor(
+    readonly topic: string,
+    readonly paths: string[],
+  ) {
+    super(`value does not match the schema of topic "${topic}" at ${paths.join(', ') || '(root)'}`);
+    this.name = 'EncodeError';
+  }
+}
+
+export class TopicCodec<T> {
+  private readonly readers = new Map<number, unknown>();
+
+  constructor(
+    readonly topic: string,
+    readonly schemaId: number,
+    private readonly type: avro.Type,
+    private readonly registry: SchemaRegistry,
+  ) {}
+
+  encode(value: T): Buffer {
+    const paths: string[] = [];
+    if (!this.type.isValid(value, { errorHook: (path) => paths.push(path.join('.')) })) {
+      throw new EncodeError(this.topic, paths);
+    }
+    const body = this.type.toBuffer(value);
+    const out = Buffer.allocUnsafe(HEADER_SIZE + body.length);
+    out.writeUInt8(MAGIC_BYTE, 0);
+    out.writeUInt32BE(this.schemaId, 1);
+    body.copy(out, HEADER_SIZE);
+    return out;
+  }
+
+  async decode(data: Buffer): Promise<T> {
+    if (data.length < HEADER_SIZE) {
+      throw new DecodeError(`record of ${data.length} bytes is shorter than the wire format header`);
+    }
+    if (data[0] !== MAGIC_BYTE) throw new DecodeError(`unknown magic byte ${data[0]} (expected ${MAGIC_BYTE})`);
+    const id = data.readUInt32BE(1);
+    const resolver = await this.resolverFor(id);
+    try {
+      return this.type.fromBuffer(data.subarray(HEADER_SIZE), resolver as never) as T;
+    } catch (error) {
+      throw new DecodeError(`record with schema id ${id} is not valid Avro for topic "${this.topic}": ${(error as Error).message}`, {
+        cause: error,
+      });
+    }
+  }
+
+  private async resolverFor(id: number): Promise<unknown> {
+    if (id === this.schemaId) return undefined;
+    const cached = this.readers.get(id);
+    if (cached) return cached;
+    let writerSchema: string;
+    try {
+      writerSchema = await this.registry.schemaById(id);
+    } catch (error) {
+      if (error instanceof UnknownSchemaError) {
+        throw new DecodeError(`record written with schema id ${id}, which the registry does not know`, { cause: error });
+      }
+      throw error; // the registry is unreachable: retriable, not a bad record
+    }
+    let resolver;
+    try {
+      resolver = this.type.createResolver(parseSchema(writerSchema));
+    } catch (error) {
+      throw new DecodeError(`schema id ${id} cannot be read as topic "${this.topic}"'s schema: ${(error as Error).message}`, {
+        cause: error,
+      });
+    }
+    this.readers.set(id, resolver);
+    return resolver;
+  }
+}
+
+/** Builds topic codecs over one registry. */
+export class Codecs {
+  constructor(private readonly registry: SchemaRegistry) {}
+
+  async forTopic<T>(topic: string, schema: avro.Schema, options?: Partial<avro.ForSchemaOptions>): Promise<TopicCodec<T>> {
+    const type = avro.Type.forSchema(schema, options);
+    const id = await this.registry.register(valueSubject(topic), JSON.stringify(type.schema({ exportAttrs: true })));
+    return new TopicCodec<T>(topic, id, type, this.registry);
+  }
+}

@@ -1,0 +1,60 @@
+/**
+ * The schema registry port: Avro schemas by subject and version, each distinct schema with a
+ * global integer id, and compatibility (FULL by default: see compatibility.ts) checked before a
+ * new version is accepted.
+ * Subjects follow the topic-name strategy: the value schema of topic T is subject `T-value`.
+ *
+ * Adapters: `embedded.ts` (kept durably in the log, like Confluent's `_schemas` topic) and
+ * `confluent.ts` (any Confluent-compatible registry over HTTP). One conformance suite:
+ * test/conformance/registry.suite.ts.
+ */
+
+export interface RegisteredSchema {
+  id: number;
+  subject: string;
+  version: number;
+  /** The schema's JSON text. */
+  schema: string;
+}
+
+export interface SchemaRegistry {
+  /**
+   * Registers a schema under a subject and answers its id. The same schema again answers the
+   * same id; a schema incompatible with the subject's latest version is refused with
+   * IncompatibleSchemaError.
+   */
+  register(subject: string, schema: string): Promise<number>;
+  /** The schema with this id; UnknownSchemaError when there is none. */
+  schemaById(id: number): Promise<string>;
+  /** The subject's latest version, or undefined when the subject has none. */
+  latest(subject: string): Promise<RegisteredSchema | undefined>;
+  close(): Promise<void>;
+}
+
+export const valueSubject = (topic: string) => `${topic}-value`;
+
+export class SchemaRegistryError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/** The schema breaks the subject's compatibility rule. */
+export class IncompatibleSchemaError extends SchemaRegistryError {
+  constructor(
+    readonly subject: string,
+    readonly reason: string,
+  ) {
+    super(`schema is incompatible with the latest version of subject "${subject}": ${reason}`);
+  }
+}
+
+/** The text is not a valid Avro schema. */
+export class InvalidSchemaError extends SchemaRegistryError {}
+
+export class UnknownSchemaError extends SchemaRegistryError {
+  constructor(readonly id: number) {
+    super(`no schema with id ${id} in the registry`);
+  }
+}

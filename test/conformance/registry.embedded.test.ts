@@ -1,0 +1,52 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
+import { registryConformance } from './registry.suite.ts';
+
+let dir: string;
+let log: EmbeddedLog;
+
+registryConformance(
+  'embedded',
+  async () => {
+    dir = await mkdtemp(join(tmpdir(), 'kchat-registry-'));
+    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+    return EmbeddedSchemaRegistry.open(log);
+  },
+  async () => {
+    await log.close();
+    await rm(dir, { recursive: true, force: true });
+  },
+);
+
+describe('embedded schema registry', () => {
+  it('keeps subjects, versions and ids across a restart', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-registry-'));
+    try {
+      const schema = (fields: string[]) =>
+        JSON.stringify({ type: 'record', name: 'R', fields: fields.map((name) => ({ name, type: 'string', default: '' })) });
+      let log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+      let registry = await EmbeddedSchemaRegistry.open(log);
+      const a1 = await registry.register('a-value', schema(['x']));
+      const a2 = await registry.register('a-value', schema(['x', 'y']));
+      const b1 = await registry.register('b-value', schema(['z']));
+      await log.close();
+
+      log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+      registry = await EmbeddedSchemaRegistry.open(log);
+      assert.deepEqual(
+        [(await registry.latest('a-value'))?.version, (await registry.latest('a-value'))?.id, (await registry.latest('b-value'))?.id],
+        [2, a2, b1],
+      );
+      assert.equal(await registry.register('a-value', schema(['x'])), a1, 'an old version keeps its id');
+      const c1 = await registry.register('c-value', schema(['w']));
+      assert.ok(c1 > Math.max(a1, a2, b1), 'ids are never reused');
+      await log.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});

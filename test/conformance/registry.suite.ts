@@ -1,0 +1,134 @@
+/**
+ * The schema registry port's conformance suite, with the codec on top: run on the embedded
+ * registry (registry.embedded.test.ts) and on a real Confluent-compatible registry through the
+ * Confluent adapter (test/kafka/registry.confluent.test.ts).
+ */
+import assert from 'node:assert/strict';
+import type avro from 'avsc';
+import {
+  IncompatibleSchemaError,
+  InvalidSchemaError,
+  UnknownSchemaError,
+  type SchemaRegistry,
+} from '../../schemas/registry/port.ts';
+import { Codecs, DecodeError, EncodeError } from '../../schemas/codec.ts';
+import { uniqueName } from '../support/log-helpers.ts';
+
+const v1: avro.Schema = {
+  type: 'record',
+  name: 'Note',
+  namespace: 'test.v1',
+  fields: [
+    { name: 'id', type: 'string' },
+    { name: 'text', type: 'string' },
+  ],
+};
+const v2WithDefault: avro.Schema = {
+  ...v1,
+  fields: [...(v1 as { fields: object[] }).fields, { name: 'lang', type: 'string', default: 'en' }],
+} as avro.Schema;
+const withoutDefault: avro.Schema = {
+  ...v1,
+  fields: [...(v1 as { fields: object[] }).fields, { name: 'lang', type: 'string' }],
+} as avro.Schema;
+const removedText: avro.Schema = { ...v1, fields: [{ name: 'id', type: 'string' }] } as avro.Schema;
+const retyped: avro.Schema = {
+  ...v1,
+  fields: [
+    { name: 'id', type: 'string' },
+    { name: 'text', type: 'int' },
+  ],
+} as avro.Schema;
+
+const json = (s: avro.Schema) => JSON.stringify(s);
+
+export function registryConformance(adapter: string, open: () => Promise<SchemaRegistry>, close: () => Promise<void>) {
+  describe(`schema registry conformance: ${adapter}`, function () {
+    let registry: SchemaRegistry;
+    before(async () => {
+      registry = await open();
+    });
+    after(close);
+
+    it('registers a schema once: the same schema again gets the same id', async () => {
+      const subject = `${uniqueName('notes')}-value`;
+      const id = await registry.register(subject, json(v1));
+      assert.equal(await registry.register(subject, json(v1)), id);
+      // The same schema written with other whitespace is the same schema.
+      assert.equal(await registry.register(subject, JSON.stringify(v1, null, 2)), id);
+      const latest = await registry.latest(subject);
+      assert.equal(latest?.id, id);
+      assert.equal(latest?.version, 1);
+      assert.deepEqual(JSON.parse(await registry.schemaById(id)), JSON.parse(latest!.schema));
+      assert.equal(await registry.latest(`${uniqueName('none')}-value`), undefined);
+    });
+
+    it('accepts a field added with a default; old data reads with the new schema and new data with the old', async () => {
+      const topic = uniqueName('notes');
+      const codecs = new Codecs(registry);
+      const oldCodec = await codecs.forTopic<{ id: string; text: string }>(topic, v1);
+      const newCodec = await codecs.forTopic<{ id: string; text: string; lang: string }>(topic, v2WithDefault);
+      assert.notEqual(newCodec.schemaId, oldCodec.schemaId);
+      assert.equal((await registry.latest(`${topic}-value`))?.version, 2);
+
+      const oldBytes = oldCodec.encode({ id: 'n1', text: 'hello' });
+      assert.equal(oldBytes[0], 0, 'magic byte');
+      assert.equal(oldBytes.readUInt32BE(1), oldCodec.schemaId, 'schema id, big-endian');
+      assert.deepEqual({ ...(await newCodec.decode(oldBytes)) }, { id: 'n1', text: 'hello', lang: 'en' });
+
+      const newBytes = newCodec.encode({ id: 'n2', text: 'bonjour', lang: 'fr' });
+      assert.deepEqual({ ...(await oldCodec.decode(newBytes)) }, { id: 'n2', text: 'bonjour' });
+    });
+
+    for (const [change, schema] of [
+      ['adding a field without a default', withoutDefault],
+      ['removing a field without a default', removedText],
+      ["changing a field's type", retyped],
+    ] as const) {
+      it(`refuses ${change}, naming the subject and the incompatibility`, async () => {
+        const subject = `${uniqueName('notes')}-value`;
+        const id = await registry.register(subject, json(v1));
+        await assert.rejects(
+          () => registry.register(subject, json(schema)),
+          (error: unknown) => {
+            assert.ok(error instanceof IncompatibleSchemaError, String(error));
+            assert.equal(error.subject, subject);
+            assert.match(error.message, new RegExp(subject));
+            assert.ok(error.reason.length > 0);
+            return true;
+          },
+        );
+        assert.equal((await registry.latest(subject))?.id, id, 'the subject is unchanged');
+      });
+    }
+
+    it('refuses text that is not an Avro schema', async () => {
+      await assert.rejects(
+        () => registry.register(`${uniqueName('bad')}-value`, '{"type":"record","name":"X","fields":[{"name":"a","type":"nope"}]}'),
+        InvalidSchemaError,
+      );
+    });
+
+    it('answers an unknown schema id with a clear error, and the codec turns it into a DecodeError', async () => {
+      await assert.rejects(() => registry.schemaById(987654), UnknownSchemaError);
+      const codec = await new Codecs(registry).forTopic(uniqueName('notes'), v1);
+      const forged = codec.encode({ id: 'x', text: 'y' });
+      forged.writeUInt32BE(987654, 1);
+      await assert.rejects(() => codec.decode(forged), (e: unknown) => e instanceof DecodeError && /987654/.test(e.message));
+    });
+
+    it('turns malformed records into DecodeErrors and invalid values into EncodeErrors', async () => {
+      const codec = await new Codecs(registry).forTopic<{ id: string; text: string }>(uniqueName('notes'), v1);
+      const good = codec.encode({ id: 'x', text: 'some text' });
+      await assert.rejects(() => codec.decode(Buffer.from([0, 0])), DecodeError);
+      const wrongMagic = Buffer.from(good);
+      wrongMagic[0] = 1;
+      await assert.rejects(() => codec.decode(wrongMagic), /magic byte/);
+      await assert.rejects(() => codec.decode(good.subarray(0, good.length - 3)), DecodeError);
+      assert.throws(
+        () => codec.encode({ id: 'x', text: 42 } as unknown as { id: string; text: string }),
+        (e: unknown) => e instanceof EncodeError && e.paths.includes('text'),
+      );
+    });
+  });
+}
