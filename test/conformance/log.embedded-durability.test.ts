@@ -1,0 +1,159 @@
+/**
+ * What only the embedded log has to prove (Kafka proves it on its own): durability across
+ * kill -9, group commit, compaction and retention by the cleaner, and an event loop that keeps
+ * turning while a large batch is written.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import { text } from '../support/log-helpers.ts';
+
+async function withLog<T>(run: (log: EmbeddedLog, dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'kchat-log-'));
+  const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+  try {
+    return await run(log, dir);
+  } finally {
+    await log.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+describe('embedded log', () => {
+  it('keeps every acknowledged record when its process is killed with SIGKILL mid-write', async function () {
+    this.timeout(60000);
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-kill-'));
+    try {
+      for (let attempt = 0; attempt < 3; attempt++) {
+        const acknowledged = new Map<number, number>(); // partition -> highest acked offset
+        const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/log-writer.ts', dir, 'durable'], {
+          stdio: ['ignore', 'pipe', 'inherit'],
+        });
+        let lines = 0;
+        const killedAfter = 30 + attempt * 40 + Math.floor(Math.random() * 40);
+        await new Promise<void>((resolve, reject) => {
+          child.on('error', reject);
+          child.on('exit', () => resolve());
+          createInterface({ input: child.stdout! }).on('line', (line) => {
+            if (line === 'ready') return;
+            for (const entry of line.split(' ')) {
+              const [p, o] = entry.split(':').map(Number) as [number, number];
+              acknowledged.set(p, Math.max(acknowledged.get(p) ?? -1, o));
+            }
+            if (++lines === killedAfter) child.kill('SIGKILL');
+          });
+        });
+        assert.equal(child.signalCode, 'SIGKILL');
+        assert.ok(acknowledged.size > 0, 'the writer acknowledged records before it was killed');
+
+        const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+        const marks = await log.admin.watermarks('durable');
+        for (const [partition, offset] of acknowledged) {
+          const high = marks[partition]!.high;
+          assert.ok(high > offset, `partition ${partition}: acked offset ${offset} but high watermark ${high}`);
+          // Every offset below the high watermark is readable: no holes.
+          let expected = 0;
+          for await (const records of log.store.scan('durable', partition)) {
+            for (const r of records) assert.equal(r.offset, expected++);
+          }
+          assert.equal(expected, high);
+        }
+        await log.close();
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('writes appends that arrive in one turn of the event loop as one batch', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 'grouped', partitions: 3 }]);
+      const producer = await log.producer();
+      const before = log.store.writeBatches;
+      await Promise.all(
+        Array.from({ length: 200 }, (_, i) => producer.send([{ topic: 'grouped', key: Buffer.from(`k${i}`), value: Buffer.from('v') }])),
+      );
+      const batches = log.store.writeBatches - before;
+      assert.ok(batches <= 2, `200 sends in one turn took ${batches} write batches`);
+      const total = (await log.admin.watermarks('grouped')).reduce((n, w) => n + w.high, 0);
+      assert.equal(total, 200);
+    }));
+
+  it('keeps only the latest value of each key in a compacted topic, and drops old tombstones', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([
+        { topic: 'table', partitions: 1, config: { 'cleanup.policy': 'compact', 'delete.retention.ms': '1000' } },
+      ]);
+      const producer = await log.producer();
+      const now = Date.now();
+      await producer.send([
+        { topic: 'table', key: Buffer.from('a'), value: Buffer.from('a1'), timestamp: now - 5000 },
+        { topic: 'table', key: Buffer.from('b'), value: Buffer.from('b1'), timestamp: now - 5000 },
+        { topic: 'table', key: Buffer.from('a'), value: Buffer.from('a2'), timestamp: now - 5000 },
+        { topic: 'table', key: Buffer.from('c'), value: Buffer.from('c1'), timestamp: now - 5000 },
+        { topic: 'table', key: Buffer.from('c'), value: null, timestamp: now - 5000 }, // old tombstone
+        { topic: 'table', key: Buffer.from('b'), value: null, timestamp: now }, // fresh tombstone
+      ]);
+      const [result] = await log.clean(now);
+      assert.equal(result!.removed, 4);
+      const left = await log.store.read('table', 0, 0, 100);
+      assert.deepEqual(
+        left.map((r) => [r.offset, text(r.key), text(r.value)]),
+        [
+          [2, 'a', 'a2'],
+          [5, 'b', null],
+        ],
+      );
+      assert.deepEqual(await log.admin.watermarks('table'), [{ partition: 0, low: 2, high: 6 }]);
+      // Offsets go on from the high watermark after compaction.
+      const [next] = await producer.send([{ topic: 'table', key: Buffer.from('d'), value: Buffer.from('d1') }]);
+      assert.equal(next!.offset, 6);
+    }));
+
+  it('drops records older than retention.ms from a delete-policy topic', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 'events', partitions: 1, config: { 'retention.ms': '60000' } }]);
+      const producer = await log.producer();
+      const now = Date.now();
+      await producer.send(
+        [now - 120_000, now - 90_000, now - 30_000, now].map((timestamp, i) => ({
+          topic: 'events',
+          key: null,
+          partition: 0,
+          value: Buffer.from(`e${i}`),
+          timestamp,
+        })),
+      );
+      await log.clean(now);
+      assert.deepEqual(await log.admin.watermarks('events'), [{ partition: 0, low: 2, high: 4 }]);
+    }));
+
+  it('lets the event loop turn while a batch of 50,000 records is prepared and written', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 'bulk', partitions: 12 }]);
+      const producer = await log.producer();
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 1);
+      const value = Buffer.alloc(100, 1);
+      const records = Array.from({ length: 50_000 }, (_, i) => ({ topic: 'bulk', key: Buffer.from(`k${i}`), value }));
+      await producer.send(records);
+      clearInterval(timer);
+      assert.ok(ticks > 0, 'a 1 ms timer ran while the batch was prepared and written');
+      const total = (await log.admin.watermarks('bulk')).reduce((n, w) => n + w.high, 0);
+      assert.equal(total, 50_000);
+    }));
+
+  it('refuses illegal topic names, bad partition counts and out-of-range partitions', () =>
+    withLog(async (log) => {
+      await assert.rejects(() => log.admin.createTopics([{ topic: 'bad/name', partitions: 1 }]), /illegal topic name/);
+      await assert.rejects(() => log.admin.createTopics([{ topic: 'zero', partitions: 0 }]), /positive integer/);
+      await log.admin.createTopics([{ topic: 'small', partitions: 2 }]);
+      const producer = await log.producer();
+      await assert.rejects(() => producer.send([{ topic: 'small', key: null, value: null, partition: 2 }]), /no partition 2/);
+      await assert.rejects(() => producer.send([{ topic: 'missing', key: null, value: null }]), /unknown topic/);
+    }));
+});
