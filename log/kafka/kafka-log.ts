@@ -95,6 +95,17 @@ export class KafkaLog implements Log {
       },
     });
     await kafkaProducer.connect();
+    if (options.transactionalId !== undefined) {
+      // Like the Java client's initTransactions(): get the producer id and epoch now, which
+      // fences any older producer with this transactional id. kafkajs would otherwise wait for
+      // the first transaction; an empty one is aborted without a request to the broker.
+      try {
+        await (await kafkaProducer.transaction()).abort();
+      } catch (error) {
+        await kafkaProducer.disconnect();
+        throw translate(error, options.transactionalId);
+      }
+    }
     const producer = new KafkaLogProducer(kafkaProducer, options.transactionalId, decided, () =>
       this.producers.delete(producer),
     );
