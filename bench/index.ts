@@ -12,6 +12,8 @@ if (!load) {
   process.exit(2);
 }
 console.log(`# command: npm run bench -- ${[name, ...args].join(' ')}`);
-console.log(`# ${new Date().toISOString()} node ${process.version}, ${(await import('node:os')).cpus().length} cores`);
+console.log(
+  `# ${new Date().toISOString()} node ${process.version}, ${(await import('node:os')).cpus().length} cores`,
+);
 await (await load()).run(args);
 process.exit(0);

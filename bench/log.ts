@@ -35,14 +35,22 @@ interface Figures {
 }
 
 const value = Buffer.alloc(1024, 'x');
-const recordAt = (topic: string, i: number): ProducerRecord => ({ topic, key: Buffer.from(`user-${i % 10_000}`), value });
+const recordAt = (topic: string, i: number): ProducerRecord => ({
+  topic,
+  key: Buffer.from(`user-${i % 10_000}`),
+  value,
+});
 
 function progress(label: string, done: number, total: number, started: number) {
   const rate = done / ((performance.now() - started) / 1000);
   process.stderr.write(`\r  ${label}: ${done}/${total} (${Math.round(rate)} records/s)   `);
 }
 
-async function produce(log: Log, topic: string, o: Options): Promise<{ count: number; perSecond: number }> {
+async function produce(
+  log: Log,
+  topic: string,
+  o: Options,
+): Promise<{ count: number; perSecond: number }> {
   const producer = await log.producer();
   const started = performance.now();
   const deadline = started + o.seconds * 1000;
@@ -115,7 +123,10 @@ async function rawRocksDb(o: Options): Promise<Figures> {
       const batch = db.batch();
       for (let i = from; i < next; i++) {
         const p = i % PARTITIONS;
-        batch.put(recordKey('raw', p, offsets[p]!++), storedRecord({ key: Buffer.from(`user-${i % 10_000}`), value }));
+        batch.put(
+          recordKey('raw', p, offsets[p]!++),
+          storedRecord({ key: Buffer.from(`user-${i % 10_000}`), value }),
+        );
       }
       await batch.write();
     }
@@ -125,7 +136,11 @@ async function rawRocksDb(o: Options): Promise<Figures> {
   const perSecond = done / ((performance.now() - started) / 1000);
   await db.close();
   await rm(dir, { recursive: true, force: true });
-  return { shape: 'raw RocksDB batch writes (baseline)', produced: done, producePerSecond: perSecond };
+  return {
+    shape: 'raw RocksDB batch writes (baseline)',
+    produced: done,
+    producePerSecond: perSecond,
+  };
 }
 
 async function embedded(o: Options, syncWrites: boolean): Promise<Figures> {
@@ -138,8 +153,15 @@ async function embedded(o: Options, syncWrites: boolean): Promise<Figures> {
   const consumePerSecond = await consume(log, 'bench', count, o);
   await log.close();
   await rm(dir, { recursive: true, force: true });
-  console.log(`  (embedded${syncWrites ? ', fsync' : ''}: ${count} records in ${writeBatches} write batches)`);
-  return { shape: `embedded log${syncWrites ? ' (SYNC_WRITES=true)' : ''}`, produced: count, producePerSecond: perSecond, consumePerSecond };
+  console.log(
+    `  (embedded${syncWrites ? ', fsync' : ''}: ${count} records in ${writeBatches} write batches)`,
+  );
+  return {
+    shape: `embedded log${syncWrites ? ' (SYNC_WRITES=true)' : ''}`,
+    produced: count,
+    producePerSecond: perSecond,
+    consumePerSecond,
+  };
 }
 
 async function kafka(o: Options, brokers: string): Promise<Figures> {
@@ -150,10 +172,16 @@ async function kafka(o: Options, brokers: string): Promise<Figures> {
   const consumePerSecond = await consume(log, topic, count, o);
   await log.admin.deleteTopics([topic]);
   await log.close();
-  return { shape: `kafka (${brokers})`, produced: count, producePerSecond: perSecond, consumePerSecond };
+  return {
+    shape: `kafka (${brokers})`,
+    produced: count,
+    producePerSecond: perSecond,
+    consumePerSecond,
+  };
 }
 
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+const median = (values: number[]) =>
+  [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 
 export async function run(args: string[]): Promise<void> {
   const { values } = parseArgs({
@@ -173,8 +201,12 @@ export async function run(args: string[]): Promise<void> {
     seconds: Number(values.seconds),
   };
   const rounds = Number(values.rounds);
-  console.log(`# ${o.records} records of 1 KiB, keyed, ${PARTITIONS} partitions; sends of ${o.batch} records, ${o.inflight} in flight`);
-  console.log(`# ${rounds} rounds, shapes alternating within each round; the median is reported (the first runs pay JIT and RocksDB warm-up)`);
+  console.log(
+    `# ${o.records} records of 1 KiB, keyed, ${PARTITIONS} partitions; sends of ${o.batch} records, ${o.inflight} in flight`,
+  );
+  console.log(
+    `# ${rounds} rounds, shapes alternating within each round; the median is reported (the first runs pay JIT and RocksDB warm-up)`,
+  );
   const shapes: Array<[string, () => Promise<Figures>]> = [
     ['raw RocksDB', () => rawRocksDb(o)],
     ['embedded log', () => embedded(o, false)],
@@ -196,10 +228,15 @@ export async function run(args: string[]): Promise<void> {
     produced: list[0]!.produced,
     producePerSecond: median(list.map((f) => f.producePerSecond)),
     all: list.map((f) => Math.round(f.producePerSecond)).join(' / '),
-    consumePerSecond: list[0]!.consumePerSecond === undefined ? undefined : median(list.map((f) => f.consumePerSecond!)),
+    consumePerSecond:
+      list[0]!.consumePerSecond === undefined
+        ? undefined
+        : median(list.map((f) => f.consumePerSecond!)),
   }));
   const baseline = summary[0]!.producePerSecond;
-  console.log('\n| shape | records | produce records/s (median) | each round | vs baseline | consume records/s (median) |');
+  console.log(
+    '\n| shape | records | produce records/s (median) | each round | vs baseline | consume records/s (median) |',
+  );
   console.log('| --- | ---: | ---: | --- | ---: | ---: |');
   for (const r of summary) {
     console.log(

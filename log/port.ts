@@ -51,7 +51,11 @@ export interface TopicSpec {
   topic: string;
   partitions: number;
   /** Kafka topic configs; the embedded log honours `cleanup.policy` and `retention.ms`. */
-  config?: { 'cleanup.policy'?: CleanupPolicy; 'retention.ms'?: string; [name: string]: string | undefined };
+  config?: {
+    'cleanup.policy'?: CleanupPolicy;
+    'retention.ms'?: string;
+    [name: string]: string | undefined;
+  };
 }
 
 export interface TopicDescription {

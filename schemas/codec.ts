@@ -60,17 +60,23 @@ export class TopicCodec<T> {
 
   async decode(data: Buffer): Promise<T> {
     if (data.length < HEADER_SIZE) {
-      throw new DecodeError(`record of ${data.length} bytes is shorter than the wire format header`);
+      throw new DecodeError(
+        `record of ${data.length} bytes is shorter than the wire format header`,
+      );
     }
-    if (data[0] !== MAGIC_BYTE) throw new DecodeError(`unknown magic byte ${data[0]} (expected ${MAGIC_BYTE})`);
+    if (data[0] !== MAGIC_BYTE)
+      throw new DecodeError(`unknown magic byte ${data[0]} (expected ${MAGIC_BYTE})`);
     const id = data.readUInt32BE(1);
     const resolver = await this.resolverFor(id);
     try {
       return this.type.fromBuffer(data.subarray(HEADER_SIZE), resolver as never) as T;
     } catch (error) {
-      throw new DecodeError(`record with schema id ${id} is not valid Avro for topic "${this.topic}": ${(error as Error).message}`, {
-        cause: error,
-      });
+      throw new DecodeError(
+        `record with schema id ${id} is not valid Avro for topic "${this.topic}": ${(error as Error).message}`,
+        {
+          cause: error,
+        },
+      );
     }
   }
 
@@ -83,7 +89,10 @@ export class TopicCodec<T> {
       writerSchema = await this.registry.schemaById(id);
     } catch (error) {
       if (error instanceof UnknownSchemaError) {
-        throw new DecodeError(`record written with schema id ${id}, which the registry does not know`, { cause: error });
+        throw new DecodeError(
+          `record written with schema id ${id}, which the registry does not know`,
+          { cause: error },
+        );
       }
       throw error; // the registry is unreachable: retriable, not a bad record
     }
@@ -91,9 +100,12 @@ export class TopicCodec<T> {
     try {
       resolver = this.type.createResolver(parseSchema(writerSchema));
     } catch (error) {
-      throw new DecodeError(`schema id ${id} cannot be read as topic "${this.topic}"'s schema: ${(error as Error).message}`, {
-        cause: error,
-      });
+      throw new DecodeError(
+        `schema id ${id} cannot be read as topic "${this.topic}"'s schema: ${(error as Error).message}`,
+        {
+          cause: error,
+        },
+      );
     }
     this.readers.set(id, resolver);
     return resolver;
@@ -104,9 +116,17 @@ export class TopicCodec<T> {
 export class Codecs {
   constructor(private readonly registry: SchemaRegistry) {}
 
-  async forTopic<T>(topic: string, schema: avro.Schema, options?: Partial<avro.ForSchemaOptions>): Promise<TopicCodec<T>> {
+  /**
+   * The codec of a topic's values. The schema is registered as written (avsc's own export would
+   * drop logical types and enum defaults); `options` are avsc's, e.g. avroTypeOptions().
+   */
+  async forTopic<T>(
+    topic: string,
+    schema: avro.Schema,
+    options?: Partial<avro.ForSchemaOptions>,
+  ): Promise<TopicCodec<T>> {
     const type = avro.Type.forSchema(schema, options);
-    const id = await this.registry.register(valueSubject(topic), JSON.stringify(type.schema({ exportAttrs: true })));
+    const id = await this.registry.register(valueSubject(topic), JSON.stringify(schema));
     return new TopicCodec<T>(topic, id, type, this.registry);
   }
 }

@@ -37,7 +37,8 @@ export async function cleanPartition(
         }
         const isLatest = latest.get(r.key.toString('base64')) === r.offset;
         if (!isLatest) doomed.push(r.offset);
-        else if (r.value === null && now - r.timestamp > meta.deleteRetentionMs) doomed.push(r.offset);
+        else if (r.value === null && now - r.timestamp > meta.deleteRetentionMs)
+          doomed.push(r.offset);
       }
     }
   } else if (meta.retentionMs >= 0) {
@@ -60,7 +61,8 @@ export async function cleanAll(store: PartitionStore, now = Date.now()): Promise
   for (const topic of store.topicNames()) {
     const meta = store.meta(topic);
     if (!meta || (meta.cleanupPolicy !== 'compact' && meta.retentionMs < 0)) continue;
-    for (let p = 0; p < meta.partitions; p++) results.push(await cleanPartition(store, topic, p, now));
+    for (let p = 0; p < meta.partitions; p++)
+      results.push(await cleanPartition(store, topic, p, now));
   }
   return results;
 }

@@ -225,7 +225,11 @@ export class EmbeddedConsumer implements Consumer {
     this.appliedGeneration = generation;
     this.positions.clear();
     for (const tp of partitions) {
-      const committed = await this.store.committedOffset(this.options.groupId, tp.topic, tp.partition);
+      const committed = await this.store.committedOffset(
+        this.options.groupId,
+        tp.topic,
+        tp.partition,
+      );
       const start =
         committed >= 0
           ? committed
@@ -239,7 +243,10 @@ export class EmbeddedConsumer implements Consumer {
       return true;
     } catch (error) {
       // Retried, as eachBatch would be.
-      this.logger.error({ err: error, groupId: this.options.groupId }, 'onAssignment failed; retrying');
+      this.logger.error(
+        { err: error, groupId: this.options.groupId },
+        'onAssignment failed; retrying',
+      );
       this.pendingAssignment = { generation, partitions };
       await sleep(RETRY_BACKOFF_MS.initial);
       return false;
@@ -263,7 +270,13 @@ export class EmbeddedConsumer implements Consumer {
       await this.handlers!.eachBatch(batch);
     } catch (error) {
       this.logger.error(
-        { err: error, groupId: this.options.groupId, topic: tp.topic, partition: tp.partition, offset: position },
+        {
+          err: error,
+          groupId: this.options.groupId,
+          topic: tp.topic,
+          partition: tp.partition,
+          offset: position,
+        },
         'eachBatch failed; the batch will be handed again',
       );
       return 'failed';

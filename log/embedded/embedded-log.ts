@@ -21,7 +21,12 @@ import type {
   TopicSpec,
   Transaction,
 } from '../port.ts';
-import { IllegalStateError, InvalidRecordError, LogClosedError, ProducerFencedError } from '../errors.ts';
+import {
+  IllegalStateError,
+  InvalidRecordError,
+  LogClosedError,
+  ProducerFencedError,
+} from '../errors.ts';
 import { partitionFor } from '../partitioner.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
 import { PartitionStore, storedRecord, type AppendRecord } from './partition-store.ts';
@@ -69,7 +74,10 @@ export class EmbeddedLog implements Log {
     const log = new EmbeddedLog(store, logger);
     const interval = options.cleanerIntervalMs ?? 60_000;
     if (interval > 0) {
-      log.cleaner = setInterval(() => void log.clean().catch((err) => logger.error({ err }, 'cleaner failed')), interval);
+      log.cleaner = setInterval(
+        () => void log.clean().catch((err) => logger.error({ err }, 'cleaner failed')),
+        interval,
+      );
       log.cleaner.unref();
     }
     return log;
@@ -125,7 +133,9 @@ export class EmbeddedLog implements Log {
       const partitions = this.store.partitionCount(record.topic);
       let partition = record.partition;
       if (partition === undefined) {
-        partition = record.key ? partitionFor(record.key, partitions) : this.roundRobin++ % partitions;
+        partition = record.key
+          ? partitionFor(record.key, partitions)
+          : this.roundRobin++ % partitions;
       } else if (!Number.isInteger(partition) || partition < 0 || partition >= partitions) {
         throw new InvalidRecordError(`topic "${record.topic}" has no partition ${partition}`);
       }
@@ -200,7 +210,9 @@ class EmbeddedTransaction implements Transaction {
     if (this.offsets && this.offsets.groupId !== groupId) {
       throw new IllegalStateError('one consumer group per transaction');
     }
-    const merged = new Map((this.offsets?.offsets ?? []).map((o) => [`${o.topic}/${o.partition}`, o]));
+    const merged = new Map(
+      (this.offsets?.offsets ?? []).map((o) => [`${o.topic}/${o.partition}`, o]),
+    );
     for (const o of offsets) merged.set(`${o.topic}/${o.partition}`, o);
     this.offsets = { groupId, offsets: [...merged.values()] };
   }
@@ -235,9 +247,12 @@ class EmbeddedAdmin implements LogAdmin {
 
   async createTopics(topics: TopicSpec[]): Promise<void> {
     for (const spec of topics) {
-      if (!TOPIC_NAME.test(spec.topic)) throw new InvalidRecordError(`illegal topic name "${spec.topic}"`);
+      if (!TOPIC_NAME.test(spec.topic))
+        throw new InvalidRecordError(`illegal topic name "${spec.topic}"`);
       if (!Number.isInteger(spec.partitions) || spec.partitions < 1) {
-        throw new InvalidRecordError(`topic "${spec.topic}": partitions must be a positive integer`);
+        throw new InvalidRecordError(
+          `topic "${spec.topic}": partitions must be a positive integer`,
+        );
       }
       await this.store.createTopic(spec);
     }
@@ -259,7 +274,11 @@ class EmbeddedAdmin implements LogAdmin {
   async watermarks(topic: string): Promise<PartitionWatermarks[]> {
     const result: PartitionWatermarks[] = [];
     for (let p = 0; p < this.store.partitionCount(topic); p++) {
-      result.push({ partition: p, low: await this.store.lowWatermark(topic, p), high: this.store.end(topic, p) });
+      result.push({
+        partition: p,
+        low: await this.store.lowWatermark(topic, p),
+        high: this.store.end(topic, p),
+      });
     }
     return result;
   }
@@ -267,7 +286,11 @@ class EmbeddedAdmin implements LogAdmin {
   async committedOffsets(groupId: string, topic: string): Promise<TopicPartitionOffset[]> {
     const result: TopicPartitionOffset[] = [];
     for (let p = 0; p < this.store.partitionCount(topic); p++) {
-      result.push({ topic, partition: p, offset: await this.store.committedOffset(groupId, topic, p) });
+      result.push({
+        topic,
+        partition: p,
+        offset: await this.store.committedOffset(groupId, topic, p),
+      });
     }
     return result;
   }

@@ -89,7 +89,10 @@ export class PartitionStore {
     });
   }
 
-  static async open(directory: string, options: PartitionStoreOptions = {}): Promise<PartitionStore> {
+  static async open(
+    directory: string,
+    options: PartitionStoreOptions = {},
+  ): Promise<PartitionStore> {
     const store = new PartitionStore(directory, options);
     await store.db.open({ createIfMissing: true });
     await store.load();
@@ -157,7 +160,10 @@ export class PartitionStore {
 
   async lowWatermark(topic: string, partition: number): Promise<number> {
     const state = this.partition(topic, partition);
-    const iterator = this.db.keys({ ...keys.recordRange(topic, partition, 0, state.end), limit: 1 });
+    const iterator = this.db.keys({
+      ...keys.recordRange(topic, partition, 0, state.end),
+      limit: 1,
+    });
     try {
       const first: string | undefined = await iterator.next();
       return first === undefined ? state.end : keys.offsetOfRecordKey(first);
@@ -215,12 +221,19 @@ export class PartitionStore {
       for (const record of unit.records) {
         batch.put(keys.recordKey(record.topic, record.partition, record.offset!), record.encoded);
         const id = `${record.topic}/${record.partition}`;
-        highWatermarks.set(id, { topic: record.topic, partition: record.partition, next: record.offset! + 1 });
+        highWatermarks.set(id, {
+          topic: record.topic,
+          partition: record.partition,
+          next: record.offset! + 1,
+        });
         if (++operations % BATCH_SLICE === 0) await yieldToEventLoop();
       }
       if (unit.offsets) {
         for (const o of unit.offsets.offsets) {
-          batch.put(keys.offsetKey(unit.offsets.groupId, o.topic, o.partition), Buffer.from(String(o.offset)));
+          batch.put(
+            keys.offsetKey(unit.offsets.groupId, o.topic, o.partition),
+            Buffer.from(String(o.offset)),
+          );
         }
       }
     }
@@ -252,7 +265,10 @@ export class PartitionStore {
     this.checkOpen();
     const end = this.partition(topic, partition).end;
     if (from >= end) return [];
-    const iterator = this.db.iterator({ ...keys.recordRange(topic, partition, from, end), limit: max });
+    const iterator = this.db.iterator({
+      ...keys.recordRange(topic, partition, from, end),
+      limit: max,
+    });
     try {
       const entries = await iterator.nextv(max);
       return entries.map(([key, value]) => {
@@ -265,7 +281,12 @@ export class PartitionStore {
   }
 
   /** Iterates a partition's durable records in slices, for scans (cleaner, time lookups). */
-  async *scan(topic: string, partition: number, from = 0, slice = 1000): AsyncGenerator<LogRecord[]> {
+  async *scan(
+    topic: string,
+    partition: number,
+    from = 0,
+    slice = 1000,
+  ): AsyncGenerator<LogRecord[]> {
     let at = from;
     while (true) {
       const records = await this.read(topic, partition, at, slice);
@@ -278,7 +299,8 @@ export class PartitionStore {
   async deleteRecords(topic: string, partition: number, offsets: number[]): Promise<void> {
     for (let i = 0; i < offsets.length; i += BATCH_SLICE) {
       const batch = this.db.batch();
-      for (const offset of offsets.slice(i, i + BATCH_SLICE)) batch.del(keys.recordKey(topic, partition, offset));
+      for (const offset of offsets.slice(i, i + BATCH_SLICE))
+        batch.del(keys.recordKey(topic, partition, offset));
       await batch.write();
     }
   }
@@ -352,5 +374,10 @@ export function storedRecord(record: {
   for (const [name, value] of Object.entries(record.headers ?? {})) {
     headers[name] = typeof value === 'string' ? Buffer.from(value, 'utf8') : value;
   }
-  return encodeRecord({ timestamp: record.timestamp ?? Date.now(), key: record.key, value: record.value, headers });
+  return encodeRecord({
+    timestamp: record.timestamp ?? Date.now(),
+    key: record.key,
+    value: record.value,
+    headers,
+  });
 }

@@ -2,12 +2,18 @@
  * A kafkajs partition assigner that keeps co-partitioning: the group leader runs
  * `assignCoPartitioned` over the members and the topics each subscribed to.
  */
-import { AssignerProtocol, type Assigner, type Cluster, type PartitionAssigner } from 'kafkajs';
+import kafkajs, { type Assigner, type Cluster, type PartitionAssigner } from 'kafkajs';
 import { assignCoPartitioned } from '../assignment.ts';
+
+const { AssignerProtocol } = kafkajs; // CommonJS: not a named ESM export
 
 export const CO_PARTITIONED = 'co-partitioned';
 
-export const coPartitionedAssigner: PartitionAssigner = ({ cluster }: { cluster: Cluster }): Assigner => ({
+export const coPartitionedAssigner: PartitionAssigner = ({
+  cluster,
+}: {
+  cluster: Cluster;
+}): Assigner => ({
   name: CO_PARTITIONED,
   version: 1,
   async assign({ members, topics }) {
@@ -40,7 +46,11 @@ export const coPartitionedAssigner: PartitionAssigner = ({ cluster }: { cluster:
   protocol({ topics }) {
     return {
       name: CO_PARTITIONED,
-      metadata: AssignerProtocol.MemberMetadata.encode({ version: 1, topics, userData: Buffer.alloc(0) }),
+      metadata: AssignerProtocol.MemberMetadata.encode({
+        version: 1,
+        topics,
+        userData: Buffer.alloc(0),
+      }),
     };
   },
 });

@@ -3,10 +3,7 @@
  * consumers read committed records only and use the co-partitioned assigner; keyed records
  * are partitioned by the same murmur2 as the embedded log.
  */
-import {
-  ConfigResourceTypes,
-  Kafka,
-  logLevel as kafkaLogLevel,
+import kafkajs, {
   type Admin,
   type Consumer as KafkaConsumer,
   type EachBatchPayload,
@@ -40,13 +37,21 @@ import { partitionFor } from '../partitioner.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
 import { coPartitionedAssigner } from './assigner.ts';
 
+// kafkajs is CommonJS; Node's ESM loader does not see all of its named exports.
+const { ConfigResourceTypes, Kafka, logLevel: kafkaLogLevel } = kafkajs;
+type Kafka = InstanceType<typeof Kafka>;
+
 export interface KafkaLogOptions {
   brokers: string[];
   clientId?: string;
   logger?: Logger;
 }
 
-const FENCED = new Set(['PRODUCER_FENCED', 'INVALID_PRODUCER_EPOCH', 'TRANSACTIONAL_ID_AUTHORIZATION_FAILED']);
+const FENCED = new Set([
+  'PRODUCER_FENCED',
+  'INVALID_PRODUCER_EPOCH',
+  'TRANSACTIONAL_ID_AUTHORIZATION_FAILED',
+]);
 
 export class KafkaLog implements Log {
   readonly admin: KafkaAdmin;
@@ -62,7 +67,12 @@ export class KafkaLog implements Log {
       logLevel: kafkaLogLevel.WARN,
       logCreator: () => (entry: LogEntry) => {
         const { message, ...rest } = entry.log;
-        const level = entry.level <= kafkaLogLevel.ERROR ? 'error' : entry.level === kafkaLogLevel.WARN ? 'warn' : 'debug';
+        const level =
+          entry.level <= kafkaLogLevel.ERROR
+            ? 'error'
+            : entry.level === kafkaLogLevel.WARN
+              ? 'warn'
+              : 'debug';
         logger[level]({ kafkajs: entry.namespace, ...rest }, message);
       },
       retry: { initialRetryTime: 100, retries: 8 },
@@ -80,19 +90,22 @@ export class KafkaLog implements Log {
       allowAutoTopicCreation: false,
       // The same partitioner as the embedded log; it remembers each decision so that send()
       // can tell every record its offset.
-      createPartitioner: () => ({ topic, partitionMetadata, message }) => {
-        const count = partitionMetadata.length;
-        let partition: number;
-        if (message.partition !== undefined && message.partition !== null) partition = message.partition;
-        else if (message.key) partition = partitionFor(Buffer.from(message.key), count);
-        else {
-          const next = roundRobin.get(topic) ?? Math.floor(Math.random() * count);
-          roundRobin.set(topic, next + 1);
-          partition = next % count;
-        }
-        decided.set(message, partition);
-        return partition;
-      },
+      createPartitioner:
+        () =>
+        ({ topic, partitionMetadata, message }) => {
+          const count = partitionMetadata.length;
+          let partition: number;
+          if (message.partition !== undefined && message.partition !== null)
+            partition = message.partition;
+          else if (message.key) partition = partitionFor(Buffer.from(message.key), count);
+          else {
+            const next = roundRobin.get(topic) ?? Math.floor(Math.random() * count);
+            roundRobin.set(topic, next + 1);
+            partition = next % count;
+          }
+          decided.set(message, partition);
+          return partition;
+        },
     });
     await kafkaProducer.connect();
     if (options.transactionalId !== undefined) {
@@ -114,7 +127,9 @@ export class KafkaLog implements Log {
   }
 
   consumer(options: ConsumerOptions): Consumer {
-    const consumer = new KafkaLogConsumer(this.kafka, options, () => this.consumers.delete(consumer));
+    const consumer = new KafkaLogConsumer(this.kafka, options, () =>
+      this.consumers.delete(consumer),
+    );
     this.consumers.add(consumer);
     return consumer;
   }
@@ -131,7 +146,10 @@ export class KafkaLog implements Log {
 }
 
 /** kafkajs messages grouped by topic, and each record's message in the caller's order. */
-function toMessages(records: ProducerRecord[]): { byTopic: Map<string, Message[]>; inOrder: Message[] } {
+function toMessages(records: ProducerRecord[]): {
+  byTopic: Map<string, Message[]>;
+  inOrder: Message[];
+} {
   const byTopic = new Map<string, Message[]>();
   const inOrder = records.map((r) => {
     const message: Message = {
@@ -151,7 +169,8 @@ function toMessages(records: ProducerRecord[]): { byTopic: Map<string, Message[]
 
 function translate(error: unknown, transactionalId?: string): unknown {
   const type = (error as { type?: string }).type;
-  if (transactionalId !== undefined && type && FENCED.has(type)) return new ProducerFencedError(transactionalId);
+  if (transactionalId !== undefined && type && FENCED.has(type))
+    return new ProducerFencedError(transactionalId);
   const retriable = (error as { retriable?: boolean }).retriable === true;
   return new LogError((error as Error).message ?? String(error), { retriable, cause: error });
 }
@@ -182,7 +201,9 @@ class KafkaLogProducer implements Producer {
     }
     // The records of one partition in one request get consecutive offsets from its base offset,
     // in the order they were given.
-    const base = new Map(results.map((r) => [`${r.topicName}/${r.partition}`, Number(r.baseOffset)]));
+    const base = new Map(
+      results.map((r) => [`${r.topicName}/${r.partition}`, Number(r.baseOffset)]),
+    );
     const taken = new Map<string, number>();
     return records.map((r, i) => {
       const partition = this.decided.get(inOrder[i]!)!;
@@ -228,7 +249,10 @@ class KafkaLogTransaction implements Transaction {
     try {
       await this.transaction.sendBatch({
         acks: -1,
-        topicMessages: [...toMessages(records).byTopic].map(([topic, messages]) => ({ topic, messages })),
+        topicMessages: [...toMessages(records).byTopic].map(([topic, messages]) => ({
+          topic,
+          messages,
+        })),
       });
     } catch (error) {
       throw translate(error, this.transactionalId);
@@ -317,7 +341,10 @@ class KafkaLogConsumer implements Consumer {
     if (this.running) throw new IllegalStateError('the consumer is already running');
     this.running = true;
     await this.consumer.connect();
-    await this.consumer.subscribe({ topics: this.topics, fromBeginning: this.options.startFrom !== 'latest' });
+    await this.consumer.subscribe({
+      topics: this.topics,
+      fromBeginning: this.options.startFrom !== 'latest',
+    });
     this.consumer.on(this.consumer.events.GROUP_JOIN, ({ payload }) => {
       const assignment: TopicPartition[] = [];
       for (const [topic, partitions] of Object.entries(payload.memberAssignment)) {
@@ -325,7 +352,9 @@ class KafkaLogConsumer implements Consumer {
       }
       this.assigned = assignment;
       const previous = this.assignmentHandled;
-      this.assignmentHandled = previous.then(() => handlers.onAssignment?.(assignment)).catch(() => undefined);
+      this.assignmentHandled = previous
+        .then(() => handlers.onAssignment?.(assignment))
+        .catch(() => undefined);
     });
     await this.consumer.run({
       autoCommit: false,
@@ -424,9 +453,13 @@ class KafkaAdmin implements LogAdmin {
     const metadata = await admin.fetchTopicMetadata({ topics: [topic] });
     const configs = await admin.describeConfigs({
       includeSynonyms: false,
-      resources: [{ type: ConfigResourceTypes.TOPIC, name: topic, configNames: ['cleanup.policy'] }],
+      resources: [
+        { type: ConfigResourceTypes.TOPIC, name: topic, configNames: ['cleanup.policy'] },
+      ],
     });
-    const policy = configs.resources[0]?.configEntries.find((e) => e.configName === 'cleanup.policy')?.configValue;
+    const policy = configs.resources[0]?.configEntries.find(
+      (e) => e.configName === 'cleanup.policy',
+    )?.configValue;
     return {
       topic,
       partitions: metadata.topics[0]!.partitions.length,

@@ -18,7 +18,9 @@ export function parseSchema(schema: string): avro.Type {
   try {
     return avro.Type.forSchema(JSON.parse(schema) as avro.Schema);
   } catch (error) {
-    throw new InvalidSchemaError(`invalid Avro schema: ${(error as Error).message}`, { cause: error });
+    throw new InvalidSchemaError(`invalid Avro schema: ${(error as Error).message}`, {
+      cause: error,
+    });
   }
 }
 
@@ -32,19 +34,30 @@ function cannotRead(reader: avro.Type, writer: avro.Type): string | undefined {
 }
 
 /** Why `next` may not follow `latest` under `level`, or undefined when it may. */
-export function incompatibility(level: Compatibility, next: avro.Type, latest: avro.Type): string | undefined {
+export function incompatibility(
+  level: Compatibility,
+  next: avro.Type,
+  latest: avro.Type,
+): string | undefined {
   if (level === 'BACKWARD' || level === 'FULL') {
     const reason = cannotRead(next, latest);
-    if (reason) return `BACKWARD: the new schema cannot read data written with the latest: ${reason}`;
+    if (reason)
+      return `BACKWARD: the new schema cannot read data written with the latest: ${reason}`;
   }
   if (level === 'FORWARD' || level === 'FULL') {
     const reason = cannotRead(latest, next);
-    if (reason) return `FORWARD: the latest schema cannot read data written with the new: ${reason}`;
+    if (reason)
+      return `FORWARD: the latest schema cannot read data written with the new: ${reason}`;
   }
   return undefined;
 }
 
-/** A stable text for a schema, so that the same schema written differently gets the same id. */
+/**
+ * The text that decides a schema's identity: its JSON without insignificant white space, so the
+ * same schema pretty-printed differently gets the same id. (avsc's own export is not used: it
+ * drops logical types, which would make two different schemas one.)
+ */
 export function canonicalSchema(schema: string): string {
-  return JSON.stringify(parseSchema(schema).schema({ exportAttrs: true }));
+  parseSchema(schema);
+  return JSON.stringify(JSON.parse(schema));
 }

@@ -13,7 +13,7 @@ import {
   type RegisteredSchema,
   type SchemaRegistry,
 } from './port.ts';
-import { canonicalSchema, type Compatibility } from './compatibility.ts';
+import { parseSchema, type Compatibility } from './compatibility.ts';
 
 interface Response {
   data(): Record<string, unknown> & { message?: string };
@@ -41,21 +41,33 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
   }
 
   async register(subject: string, schema: string): Promise<number> {
-    const canonical = canonicalSchema(schema); // refuses invalid Avro before any request
+    parseSchema(schema); // refuses invalid Avro before any request
+    const text = JSON.stringify(JSON.parse(schema));
     if (!this.configured.has(subject)) {
-      await this.call(() => this.api.Subject.updateConfig({ subject, body: { compatibility: this.compatibility } }));
+      await this.call(() =>
+        this.api.Subject.updateConfig({ subject, body: { compatibility: this.compatibility } }),
+      );
       this.configured.add(subject);
     }
     try {
-      const response = await this.api.Subject.register({ subject, body: { schemaType: 'AVRO', schema: canonical } });
+      const response = await this.api.Subject.register({
+        subject,
+        body: { schemaType: 'AVRO', schema: text },
+      });
       const id = Number(response.data().id);
-      this.byId.set(id, canonical);
+      this.byId.set(id, text);
       return id;
     } catch (error) {
       const status = (error as ResponseError).status;
       if (status === 409) throw new IncompatibleSchemaError(subject, reasonOf(error));
-      if (status === 422) throw new InvalidSchemaError(`registry refused the schema of "${subject}": ${reasonOf(error)}`);
-      throw new SchemaRegistryError(`registering a schema under "${subject}" failed: ${reasonOf(error)}`, { cause: error });
+      if (status === 422)
+        throw new InvalidSchemaError(
+          `registry refused the schema of "${subject}": ${reasonOf(error)}`,
+        );
+      throw new SchemaRegistryError(
+        `registering a schema under "${subject}" failed: ${reasonOf(error)}`,
+        { cause: error },
+      );
     }
   }
 
@@ -69,17 +81,26 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
       return schema;
     } catch (error) {
       if ((error as ResponseError).status === 404) throw new UnknownSchemaError(id);
-      throw new SchemaRegistryError(`fetching schema ${id} failed: ${reasonOf(error)}`, { cause: error });
+      throw new SchemaRegistryError(`fetching schema ${id} failed: ${reasonOf(error)}`, {
+        cause: error,
+      });
     }
   }
 
   async latest(subject: string): Promise<RegisteredSchema | undefined> {
     try {
       const data = (await this.api.Subject.latestVersion({ subject })).data();
-      return { subject, id: Number(data.id), version: Number(data.version), schema: String(data.schema) };
+      return {
+        subject,
+        id: Number(data.id),
+        version: Number(data.version),
+        schema: String(data.schema),
+      };
     } catch (error) {
       if ((error as ResponseError).status === 404) return undefined;
-      throw new SchemaRegistryError(`fetching the latest "${subject}" failed: ${reasonOf(error)}`, { cause: error });
+      throw new SchemaRegistryError(`fetching the latest "${subject}" failed: ${reasonOf(error)}`, {
+        cause: error,
+      });
     }
   }
 
@@ -89,7 +110,9 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
     try {
       return await request();
     } catch (error) {
-      throw new SchemaRegistryError(`schema registry request failed: ${reasonOf(error)}`, { cause: error });
+      throw new SchemaRegistryError(`schema registry request failed: ${reasonOf(error)}`, {
+        cause: error,
+      });
     }
   }
 }

@@ -10,7 +10,12 @@ import {
   type RegisteredSchema,
   type SchemaRegistry,
 } from './port.ts';
-import { canonicalSchema, incompatibility, parseSchema, type Compatibility } from './compatibility.ts';
+import {
+  canonicalSchema,
+  incompatibility,
+  parseSchema,
+  type Compatibility,
+} from './compatibility.ts';
 
 export const SCHEMAS_TOPIC = '_schemas';
 
@@ -33,9 +38,14 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
     private readonly compatibility: Compatibility,
   ) {}
 
-  static async open(log: Log, options: { compatibility?: Compatibility } = {}): Promise<EmbeddedSchemaRegistry> {
+  static async open(
+    log: Log,
+    options: { compatibility?: Compatibility } = {},
+  ): Promise<EmbeddedSchemaRegistry> {
     const registry = new EmbeddedSchemaRegistry(log, options.compatibility ?? 'FULL');
-    await log.admin.createTopics([{ topic: SCHEMAS_TOPIC, partitions: 1, config: { 'cleanup.policy': 'compact' } }]);
+    await log.admin.createTopics([
+      { topic: SCHEMAS_TOPIC, partitions: 1, config: { 'cleanup.policy': 'compact' } },
+    ]);
     await registry.load();
     return registry;
   }
@@ -88,7 +98,12 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
       if (reason) throw new IncompatibleSchemaError(subject, reason);
     }
     const id = existingId ?? Math.max(0, ...this.byId.keys()) + 1;
-    const record: SchemaRecord = { subject, version: (latest?.version ?? 0) + 1, id, schema: canonical };
+    const record: SchemaRecord = {
+      subject,
+      version: (latest?.version ?? 0) + 1,
+      id,
+      schema: canonical,
+    };
     const producer = await this.log.producer();
     try {
       await producer.send([

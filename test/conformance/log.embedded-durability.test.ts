@@ -30,9 +30,13 @@ describe('embedded log', () => {
     try {
       for (let attempt = 0; attempt < 3; attempt++) {
         const acknowledged = new Map<number, number>(); // partition -> highest acked offset
-        const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/log-writer.ts', dir, 'durable'], {
-          stdio: ['ignore', 'pipe', 'inherit'],
-        });
+        const child = spawn(
+          process.execPath,
+          ['--import', 'tsx', 'test/support/log-writer.ts', dir, 'durable'],
+          {
+            stdio: ['ignore', 'pipe', 'inherit'],
+          },
+        );
         let lines = 0;
         const killedAfter = 30 + attempt * 40 + Math.floor(Math.random() * 40);
         await new Promise<void>((resolve, reject) => {
@@ -54,7 +58,10 @@ describe('embedded log', () => {
         const marks = await log.admin.watermarks('durable');
         for (const [partition, offset] of acknowledged) {
           const high = marks[partition]!.high;
-          assert.ok(high > offset, `partition ${partition}: acked offset ${offset} but high watermark ${high}`);
+          assert.ok(
+            high > offset,
+            `partition ${partition}: acked offset ${offset} but high watermark ${high}`,
+          );
           // Every offset below the high watermark is readable: no holes.
           let expected = 0;
           for await (const records of log.store.scan('durable', partition)) {
@@ -75,7 +82,9 @@ describe('embedded log', () => {
       const producer = await log.producer();
       const before = log.store.writeBatches;
       await Promise.all(
-        Array.from({ length: 200 }, (_, i) => producer.send([{ topic: 'grouped', key: Buffer.from(`k${i}`), value: Buffer.from('v') }])),
+        Array.from({ length: 200 }, (_, i) =>
+          producer.send([{ topic: 'grouped', key: Buffer.from(`k${i}`), value: Buffer.from('v') }]),
+        ),
       );
       const batches = log.store.writeBatches - before;
       assert.ok(batches <= 2, `200 sends in one turn took ${batches} write batches`);
@@ -86,7 +95,11 @@ describe('embedded log', () => {
   it('keeps only the latest value of each key in a compacted topic, and drops old tombstones', () =>
     withLog(async (log) => {
       await log.admin.createTopics([
-        { topic: 'table', partitions: 1, config: { 'cleanup.policy': 'compact', 'delete.retention.ms': '1000' } },
+        {
+          topic: 'table',
+          partitions: 1,
+          config: { 'cleanup.policy': 'compact', 'delete.retention.ms': '1000' },
+        },
       ]);
       const producer = await log.producer();
       const now = Date.now();
@@ -110,13 +123,17 @@ describe('embedded log', () => {
       );
       assert.deepEqual(await log.admin.watermarks('table'), [{ partition: 0, low: 2, high: 6 }]);
       // Offsets go on from the high watermark after compaction.
-      const [next] = await producer.send([{ topic: 'table', key: Buffer.from('d'), value: Buffer.from('d1') }]);
+      const [next] = await producer.send([
+        { topic: 'table', key: Buffer.from('d'), value: Buffer.from('d1') },
+      ]);
       assert.equal(next!.offset, 6);
     }));
 
   it('drops records older than retention.ms from a delete-policy topic', () =>
     withLog(async (log) => {
-      await log.admin.createTopics([{ topic: 'events', partitions: 1, config: { 'retention.ms': '60000' } }]);
+      await log.admin.createTopics([
+        { topic: 'events', partitions: 1, config: { 'retention.ms': '60000' } },
+      ]);
       const producer = await log.producer();
       const now = Date.now();
       await producer.send(
@@ -139,7 +156,11 @@ describe('embedded log', () => {
       let ticks = 0;
       const timer = setInterval(() => ticks++, 1);
       const value = Buffer.alloc(100, 1);
-      const records = Array.from({ length: 50_000 }, (_, i) => ({ topic: 'bulk', key: Buffer.from(`k${i}`), value }));
+      const records = Array.from({ length: 50_000 }, (_, i) => ({
+        topic: 'bulk',
+        key: Buffer.from(`k${i}`),
+        value,
+      }));
       // Encoding is the synchronous part (the RocksDB write runs off the main thread): if it
       // did not yield, no timer could fire before it returned.
       await log.prepare(records);
@@ -152,11 +173,23 @@ describe('embedded log', () => {
 
   it('refuses illegal topic names, bad partition counts and out-of-range partitions', () =>
     withLog(async (log) => {
-      await assert.rejects(() => log.admin.createTopics([{ topic: 'bad/name', partitions: 1 }]), /illegal topic name/);
-      await assert.rejects(() => log.admin.createTopics([{ topic: 'zero', partitions: 0 }]), /positive integer/);
+      await assert.rejects(
+        () => log.admin.createTopics([{ topic: 'bad/name', partitions: 1 }]),
+        /illegal topic name/,
+      );
+      await assert.rejects(
+        () => log.admin.createTopics([{ topic: 'zero', partitions: 0 }]),
+        /positive integer/,
+      );
       await log.admin.createTopics([{ topic: 'small', partitions: 2 }]);
       const producer = await log.producer();
-      await assert.rejects(() => producer.send([{ topic: 'small', key: null, value: null, partition: 2 }]), /no partition 2/);
-      await assert.rejects(() => producer.send([{ topic: 'missing', key: null, value: null }]), /unknown topic/);
+      await assert.rejects(
+        () => producer.send([{ topic: 'small', key: null, value: null, partition: 2 }]),
+        /no partition 2/,
+      );
+      await assert.rejects(
+        () => producer.send([{ topic: 'missing', key: null, value: null }]),
+        /unknown topic/,
+      );
     }));
 });

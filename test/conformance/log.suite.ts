@@ -15,7 +15,11 @@ export interface LogFixture {
   settleMs: number;
 }
 
-export function logConformance(adapter: string, open: () => Promise<LogFixture>, close: () => Promise<void>) {
+export function logConformance(
+  adapter: string,
+  open: () => Promise<LogFixture>,
+  close: () => Promise<void>,
+) {
   describe(`log port conformance: ${adapter}`, function () {
     let log: Log;
     let settleMs: number;
@@ -33,7 +37,11 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
         { topic: compacted, partitions: 2, config: { 'cleanup.policy': 'compact' } },
       ]);
       await log.admin.createTopics([{ topic: plain, partitions: 3 }]);
-      assert.deepEqual(await log.admin.describeTopic(plain), { topic: plain, partitions: 3, cleanupPolicy: 'delete' });
+      assert.deepEqual(await log.admin.describeTopic(plain), {
+        topic: plain,
+        partitions: 3,
+        cleanupPolicy: 'delete',
+      });
       assert.deepEqual(await log.admin.describeTopic(compacted), {
         topic: compacted,
         partitions: 2,
@@ -59,7 +67,9 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
           timestamp: at + i,
         })),
       );
-      metadata.forEach((m, i) => assert.equal(m.partition, partitionFor(Buffer.from(users[i]!), 12)));
+      metadata.forEach((m, i) =>
+        assert.equal(m.partition, partitionFor(Buffer.from(users[i]!), 12)),
+      );
       const tombstone = await producer.send([{ topic, key: Buffer.from('user-0'), value: null }]);
       assert.equal(tombstone[0]!.partition, metadata[0]!.partition);
       await producer.close();
@@ -89,7 +99,14 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
       const group = uniqueName('g');
       await log.admin.createTopics([{ topic, partitions: 2 }]);
       const producer = await log.producer();
-      await producer.send([0, 1, 2, 3].map((i) => ({ topic, key: null, value: Buffer.from(`a${i}`), partition: i % 2 })));
+      await producer.send(
+        [0, 1, 2, 3].map((i) => ({
+          topic,
+          key: null,
+          value: Buffer.from(`a${i}`),
+          partition: i % 2,
+        })),
+      );
       const first = await collect(log, group, [topic], { commit: true });
       await eventually(() => first.records.length === 4, settleMs + 10000, 'first 4');
       await eventually(
@@ -98,7 +115,9 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
         'commits',
       );
       await first.stop();
-      await producer.send([4, 5].map((i) => ({ topic, key: null, value: Buffer.from(`a${i}`), partition: i % 2 })));
+      await producer.send(
+        [4, 5].map((i) => ({ topic, key: null, value: Buffer.from(`a${i}`), partition: i % 2 })),
+      );
       const second = await collect(log, group, [topic], { commit: true });
       await eventually(() => second.records.length === 2, settleMs + 10000, 'the 2 new records');
       await new Promise((r) => setTimeout(r, 300));
@@ -130,17 +149,33 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
       for (const member of [a, b]) {
         const assignment = member.consumer.assignment();
         const numbers = (topic: string) =>
-          assignment.filter((tp) => tp.topic === topic).map((tp) => tp.partition).sort();
+          assignment
+            .filter((tp) => tp.topic === topic)
+            .map((tp) => tp.partition)
+            .sort();
         assert.deepEqual(numbers(left), numbers(right), 'co-partitioned');
       }
-      const all = [...a.consumer.assignment(), ...b.consumer.assignment()].map((tp) => `${tp.topic}/${tp.partition}`);
+      const all = [...a.consumer.assignment(), ...b.consumer.assignment()].map(
+        (tp) => `${tp.topic}/${tp.partition}`,
+      );
       assert.equal(new Set(all).size, 8, 'disjoint and complete');
 
       // Records produced to b's partitions reach b, and reach a once b has left.
       const producer = await log.producer();
       await b.stop();
-      await eventually(() => a.consumer.assignment().length === 8, settleMs + 20000, 'a takes over');
-      await producer.send([0, 1, 2, 3].map((p) => ({ topic: right, key: null, value: Buffer.from(`r${p}`), partition: p })));
+      await eventually(
+        () => a.consumer.assignment().length === 8,
+        settleMs + 20000,
+        'a takes over',
+      );
+      await producer.send(
+        [0, 1, 2, 3].map((p) => ({
+          topic: right,
+          key: null,
+          value: Buffer.from(`r${p}`),
+          partition: p,
+        })),
+      );
       await eventually(() => a.records.length === 4, 20000, 'a receives all partitions');
       await a.stop();
       await producer.close();
@@ -175,7 +210,10 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
         'offsets invisible before commit',
       );
       await committed.commit();
-      assert.deepEqual((await log.admin.committedOffsets(group, input)).map((o) => o.offset), [7]);
+      assert.deepEqual(
+        (await log.admin.committedOffsets(group, input)).map((o) => o.offset),
+        [7],
+      );
 
       const reader = await collect(log, uniqueName('reader'), [output]);
       await eventually(() => reader.records.length >= 2, settleMs + 10000, 'committed records');
@@ -193,7 +231,10 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
       const tx = await old.transaction();
       await tx.send([{ topic, key: null, value: Buffer.from('zombie') }]);
       const newer = await log.producer({ transactionalId: id });
-      await assert.rejects(() => tx.commit(), (e: unknown) => e instanceof ProducerFencedError);
+      await assert.rejects(
+        () => tx.commit(),
+        (e: unknown) => e instanceof ProducerFencedError,
+      );
       const ok = await newer.transaction();
       await ok.send([{ topic, key: null, value: Buffer.from('alive') }]);
       await ok.commit();
@@ -201,7 +242,10 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
       await eventually(() => reader.records.length >= 1, settleMs + 10000, 'the live record');
       await new Promise((r) => setTimeout(r, 300));
       await reader.stop();
-      assert.deepEqual(reader.records.map((r) => text(r.value)), ['alive']);
+      assert.deepEqual(
+        reader.records.map((r) => text(r.value)),
+        ['alive'],
+      );
       await newer.close();
       await old.close().catch(() => undefined);
     });
@@ -212,13 +256,25 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
       const producer = await log.producer();
       const t0 = Date.now() - 60_000;
       await producer.send(
-        Array.from({ length: 10 }, (_, i) => ({ topic, key: null, partition: 0, value: Buffer.from(`v${i}`), timestamp: t0 + i * 1000 })),
+        Array.from({ length: 10 }, (_, i) => ({
+          topic,
+          key: null,
+          partition: 0,
+          value: Buffer.from(`v${i}`),
+          timestamp: t0 + i * 1000,
+        })),
       );
       await producer.close();
       assert.deepEqual(await log.admin.watermarks(topic), [{ partition: 0, low: 0, high: 10 }]);
-      assert.deepEqual(await log.admin.offsetsForTime(topic, t0 + 4500), [{ topic, partition: 0, offset: 5 }]);
-      assert.deepEqual(await log.admin.offsetsForTime(topic, t0 - 1), [{ topic, partition: 0, offset: 0 }]);
-      assert.deepEqual(await log.admin.offsetsForTime(topic, Date.now() + 60_000), [{ topic, partition: 0, offset: 10 }]);
+      assert.deepEqual(await log.admin.offsetsForTime(topic, t0 + 4500), [
+        { topic, partition: 0, offset: 5 },
+      ]);
+      assert.deepEqual(await log.admin.offsetsForTime(topic, t0 - 1), [
+        { topic, partition: 0, offset: 0 },
+      ]);
+      assert.deepEqual(await log.admin.offsetsForTime(topic, Date.now() + 60_000), [
+        { topic, partition: 0, offset: 10 },
+      ]);
 
       const consumer = log.consumer({ groupId: uniqueName('g') });
       const seen: string[] = [];
@@ -233,7 +289,11 @@ export function logConformance(adapter: string, open: () => Promise<LogFixture>,
           }
         },
       });
-      await eventually(() => seen.includes('v9') && seen.filter((v) => v === 'v9').length >= 1 && seeked, settleMs + 10000, 'the replay');
+      await eventually(
+        () => seen.includes('v9') && seen.filter((v) => v === 'v9').length >= 1 && seeked,
+        settleMs + 10000,
+        'the replay',
+      );
       await new Promise((r) => setTimeout(r, 300));
       await consumer.close();
       // The first batch ran from v0; after the seek, v8 and v9 were handed again.

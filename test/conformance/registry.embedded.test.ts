@@ -27,7 +27,11 @@ describe('embedded schema registry', () => {
     const dir = await mkdtemp(join(tmpdir(), 'kchat-registry-'));
     try {
       const schema = (fields: string[]) =>
-        JSON.stringify({ type: 'record', name: 'R', fields: fields.map((name) => ({ name, type: 'string', default: '' })) });
+        JSON.stringify({
+          type: 'record',
+          name: 'R',
+          fields: fields.map((name) => ({ name, type: 'string', default: '' })),
+        });
       let log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
       let registry = await EmbeddedSchemaRegistry.open(log);
       const a1 = await registry.register('a-value', schema(['x']));
@@ -38,10 +42,18 @@ describe('embedded schema registry', () => {
       log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
       registry = await EmbeddedSchemaRegistry.open(log);
       assert.deepEqual(
-        [(await registry.latest('a-value'))?.version, (await registry.latest('a-value'))?.id, (await registry.latest('b-value'))?.id],
+        [
+          (await registry.latest('a-value'))?.version,
+          (await registry.latest('a-value'))?.id,
+          (await registry.latest('b-value'))?.id,
+        ],
         [2, a2, b1],
       );
-      assert.equal(await registry.register('a-value', schema(['x'])), a1, 'an old version keeps its id');
+      assert.equal(
+        await registry.register('a-value', schema(['x'])),
+        a1,
+        'an old version keeps its id',
+      );
       const c1 = await registry.register('c-value', schema(['w']));
       assert.ok(c1 > Math.max(a1, a2, b1), 'ids are never reused');
       await log.close();

@@ -42,7 +42,11 @@ const retyped: avro.Schema = {
 
 const json = (s: avro.Schema) => JSON.stringify(s);
 
-export function registryConformance(adapter: string, open: () => Promise<SchemaRegistry>, close: () => Promise<void>) {
+export function registryConformance(
+  adapter: string,
+  open: () => Promise<SchemaRegistry>,
+  close: () => Promise<void>,
+) {
   describe(`schema registry conformance: ${adapter}`, function () {
     let registry: SchemaRegistry;
     before(async () => {
@@ -67,14 +71,20 @@ export function registryConformance(adapter: string, open: () => Promise<SchemaR
       const topic = uniqueName('notes');
       const codecs = new Codecs(registry);
       const oldCodec = await codecs.forTopic<{ id: string; text: string }>(topic, v1);
-      const newCodec = await codecs.forTopic<{ id: string; text: string; lang: string }>(topic, v2WithDefault);
+      const newCodec = await codecs.forTopic<{ id: string; text: string; lang: string }>(
+        topic,
+        v2WithDefault,
+      );
       assert.notEqual(newCodec.schemaId, oldCodec.schemaId);
       assert.equal((await registry.latest(`${topic}-value`))?.version, 2);
 
       const oldBytes = oldCodec.encode({ id: 'n1', text: 'hello' });
       assert.equal(oldBytes[0], 0, 'magic byte');
       assert.equal(oldBytes.readUInt32BE(1), oldCodec.schemaId, 'schema id, big-endian');
-      assert.deepEqual({ ...(await newCodec.decode(oldBytes)) }, { id: 'n1', text: 'hello', lang: 'en' });
+      assert.deepEqual(
+        { ...(await newCodec.decode(oldBytes)) },
+        { id: 'n1', text: 'hello', lang: 'en' },
+      );
 
       const newBytes = newCodec.encode({ id: 'n2', text: 'bonjour', lang: 'fr' });
       assert.deepEqual({ ...(await oldCodec.decode(newBytes)) }, { id: 'n2', text: 'bonjour' });
@@ -104,7 +114,11 @@ export function registryConformance(adapter: string, open: () => Promise<SchemaR
 
     it('refuses text that is not an Avro schema', async () => {
       await assert.rejects(
-        () => registry.register(`${uniqueName('bad')}-value`, '{"type":"record","name":"X","fields":[{"name":"a","type":"nope"}]}'),
+        () =>
+          registry.register(
+            `${uniqueName('bad')}-value`,
+            '{"type":"record","name":"X","fields":[{"name":"a","type":"nope"}]}',
+          ),
         InvalidSchemaError,
       );
     });
@@ -114,11 +128,17 @@ export function registryConformance(adapter: string, open: () => Promise<SchemaR
       const codec = await new Codecs(registry).forTopic(uniqueName('notes'), v1);
       const forged = codec.encode({ id: 'x', text: 'y' });
       forged.writeUInt32BE(987654, 1);
-      await assert.rejects(() => codec.decode(forged), (e: unknown) => e instanceof DecodeError && /987654/.test(e.message));
+      await assert.rejects(
+        () => codec.decode(forged),
+        (e: unknown) => e instanceof DecodeError && /987654/.test(e.message),
+      );
     });
 
     it('turns malformed records into DecodeErrors and invalid values into EncodeErrors', async () => {
-      const codec = await new Codecs(registry).forTopic<{ id: string; text: string }>(uniqueName('notes'), v1);
+      const codec = await new Codecs(registry).forTopic<{ id: string; text: string }>(
+        uniqueName('notes'),
+        v1,
+      );
       const good = codec.encode({ id: 'x', text: 'some text' });
       await assert.rejects(() => codec.decode(Buffer.from([0, 0])), DecodeError);
       const wrongMagic = Buffer.from(good);

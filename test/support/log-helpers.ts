@@ -11,7 +11,8 @@ export async function eventually(
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > deadline)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 25));
   }
 }
@@ -42,7 +43,9 @@ export async function collect(
       records.push(...batch.records);
       if (options.commit) {
         const last = batch.records[batch.records.length - 1]!;
-        await consumer.commit([{ topic: batch.topic, partition: batch.partition, offset: last.offset + 1 }]);
+        await consumer.commit([
+          { topic: batch.topic, partition: batch.partition, offset: last.offset + 1 },
+        ]);
       }
     },
   });
