@@ -2,7 +2,8 @@
 // adapters). Suites that need Kafka live under test/kafka and run with `npm run test:kafka`.
 module.exports = {
   'node-option': ['import=tsx'],
-  spec: ['test/unit/**/*.test.ts', 'test/conformance/**/*.test.ts'],
+  require: ['test/support/summary.ts'],
+  spec: ['test/unit/**/*.test.ts', 'test/conformance/**/*.test.ts', 'test/e2e/**/*.test.ts'],
   timeout: 20000,
   exit: true,
 };

@@ -19,6 +19,8 @@ import * as keys from './keys.ts';
 const BATCH_SLICE = 2000;
 /** Kafka's default `delete.retention.ms`: one day. */
 const DEFAULT_DELETE_RETENTION_MS = 86_400_000;
+/** Kafka's default `retention.ms` for delete-policy topics: seven days. */
+const DEFAULT_RETENTION_MS = 604_800_000;
 
 export interface TopicMeta {
   partitions: number;
@@ -130,7 +132,7 @@ export class PartitionStore {
     const meta: TopicMeta = {
       partitions: spec.partitions,
       cleanupPolicy: config['cleanup.policy'] ?? 'delete',
-      retentionMs: Number(config['retention.ms'] ?? -1),
+      retentionMs: Number(config['retention.ms'] ?? DEFAULT_RETENTION_MS),
       deleteRetentionMs: Number(config['delete.retention.ms'] ?? DEFAULT_DELETE_RETENTION_MS),
       createdAt: Date.now(),
     };

@@ -1,0 +1,42 @@
+/**
+ * What every role needs before it serves: the chat topics of DESIGN.md exist (co-partitioned
+ * ones with the same partition count) and every event schema is registered, so that a schema
+ * incompatible with what the topics already hold stops the process at start, not mid-stream.
+ */
+import type { Log, TopicSpec } from '../log/port.ts';
+import type { SchemaRegistry } from '../schemas/registry/port.ts';
+import { Codecs, type TopicCodec } from '../schemas/codec.ts';
+import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
+import { topicSpecs, type TopicName } from '../schemas/topics.ts';
+
+export function chatTopicSpecs(partitions: number): TopicSpec[] {
+  return Object.entries(topicSpecs).map(([topic, spec]) => ({
+    topic,
+    // chat.replies is keyed by API instance; chat.gateways is a small table: both still use
+    // the common count, so that any instance id or gateway id hashes the same everywhere.
+    partitions,
+    config: spec.compacted
+      ? { 'cleanup.policy': 'compact' }
+      : topic === 'chat.group-events'
+        ? { 'retention.ms': '-1' } // a group's history is kept forever
+        : {},
+  }));
+}
+
+export type ChatCodecs = Record<TopicName, TopicCodec<unknown>>;
+
+export async function bootstrap(
+  log: Log,
+  registry: SchemaRegistry,
+  partitions: number,
+): Promise<ChatCodecs> {
+  await log.admin.createTopics(chatTopicSpecs(partitions));
+  const codecs = new Codecs(registry);
+  const entries = await Promise.all(
+    Object.entries(topicSpecs).map(
+      async ([topic, spec]) =>
+        [topic, await codecs.forTopic(topic, loadSchema(spec.value), avroTypeOptions())] as const,
+    ),
+  );
+  return Object.fromEntries(entries) as ChatCodecs;
+}

@@ -1,0 +1,52 @@
+/**
+ * The process interface of PROTOCOL.md: what the program reads from its environment.
+ * Without KAFKA_BROKERS the embedded log is used, without SCHEMA_REGISTRY_URL the embedded
+ * registry.
+ */
+import { resolve } from 'node:path';
+
+export interface Config {
+  port: number;
+  host: string;
+  dataDir: string;
+  kafkaBrokers: string[] | undefined;
+  schemaRegistryUrl: string | undefined;
+  /** Partitions of every co-partitioned chat topic. */
+  partitions: number;
+  syncWrites: boolean;
+  logLevel: string;
+}
+
+export class ConfigError extends Error {}
+
+function integer(
+  env: NodeJS.ProcessEnv,
+  name: string,
+  fallback: number,
+  min: number,
+  max: number,
+): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new ConfigError(`${name} must be an integer from ${min} to ${max}, not "${raw}"`);
+  }
+  return value;
+}
+
+export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const brokers = env.KAFKA_BROKERS?.split(',')
+    .map((b) => b.trim())
+    .filter(Boolean);
+  return {
+    port: integer(env, 'PORT', 8080, 0, 65535),
+    host: env.HOST || '0.0.0.0',
+    dataDir: resolve(env.DATA_DIR || './data'),
+    kafkaBrokers: brokers && brokers.length > 0 ? brokers : undefined,
+    schemaRegistryUrl: env.SCHEMA_REGISTRY_URL || undefined,
+    partitions: integer(env, 'PARTITIONS', 12, 1, 1000),
+    syncWrites: env.SYNC_WRITES === 'true',
+    logLevel: env.LOG_LEVEL || 'info',
+  };
+}

@@ -1,0 +1,72 @@
+/**
+ * PROTOCOL.md's process interface, on `npm start` as a user runs it: it prints its URL, answers
+ * /healthz, /readyz and /metrics, closes within 10 s on SIGTERM or SIGINT to its process group,
+ * releases PORT and DATA_DIR, and starts again on the same DATA_DIR.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { freePort, startServer } from '../support/process.ts';
+import { eventually } from '../support/log-helpers.ts';
+
+describe('npm start (embedded shape)', function () {
+  this.timeout(90000);
+  let dataDir: string;
+
+  before(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), 'kchat-e2e-'));
+  });
+  after(async () => {
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('serves health, readiness and metrics, then stops cleanly on SIGTERM and restarts on the same data', async () => {
+    const port = await freePort();
+    const env = { PORT: String(port), DATA_DIR: dataDir };
+    const server = await startServer(env);
+    await eventually(
+      async () => (await fetch(`${server.url}/readyz`)).status === 200,
+      20000,
+      'readiness',
+    );
+    assert.match(server.output(), new RegExp(`listening on http://127\\.0\\.0\\.1:${port}`));
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    assert.match(metrics, /^kchat_process_resident_memory_bytes/m);
+    assert.match(metrics, /^kchat_log_write_batches/m);
+    const missing = await fetch(`${server.url}/nope`);
+    assert.equal(missing.status, 404);
+    assert.deepEqual(Object.keys(((await missing.json()) as { error: object }).error).sort(), [
+      'code',
+      'message',
+    ]);
+
+    // npm re-raises the signal on itself, so its own exit code says nothing: the server's
+    // "stopped" line, written after the log is closed, does.
+    const { ms } = await server.stop('SIGTERM');
+    assert.match(server.output(), /"msg":"stopped"/, server.output());
+    assert.ok(ms < 10000, `stopped in ${ms} ms`);
+
+    // The same PORT and DATA_DIR are free again: a second start opens the same log.
+    const again = await startServer(env);
+    await eventually(
+      async () => (await fetch(`${again.url}/readyz`)).status === 200,
+      20000,
+      'readiness again',
+    );
+    await again.stop('SIGINT');
+    assert.match(again.output(), /"signal":"SIGINT".*\n.*"msg":"stopped"/, again.output());
+  });
+
+  it('refuses a second process on the same DATA_DIR instead of corrupting it', async () => {
+    const first = await startServer({ PORT: String(await freePort()), DATA_DIR: dataDir });
+    const secondPort = await freePort();
+    await assert.rejects(
+      () => startServer({ PORT: String(secondPort), DATA_DIR: dataDir }, 20000),
+      /exited with 1/,
+    );
+    assert.equal((await fetch(`${first.url}/readyz`)).status, 200, 'the first one is unharmed');
+    await first.stop();
+    assert.match(first.output(), /"msg":"stopped"/);
+  });
+});

@@ -1,0 +1,74 @@
+/** Starts `npm start` as a user would, in its own process group, for end-to-end tests. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createServer } from 'node:net';
+import { eventually } from './log-helpers.ts';
+
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+export interface Started {
+  child: ChildProcess;
+  url: string;
+  output: () => string;
+  /** Signals the whole process group; resolves with the exit code and the time it took. */
+  stop(signal?: NodeJS.Signals): Promise<{ code: number | null; ms: number }>;
+}
+
+export async function startServer(
+  env: Record<string, string>,
+  timeoutMs = 30000,
+): Promise<Started> {
+  const port = Number(env.PORT);
+  const child = spawn('npm', ['start', '--silent'], {
+    env: { ...process.env, HOST: '127.0.0.1', LOG_LEVEL: 'info', ...env },
+    detached: true, // its own process group, as a terminal or a supervisor would run it
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  child.stdout!.on('data', (d) => (output += d));
+  child.stderr!.on('data', (d) => (output += d));
+  // 'close' comes once every process of the group has closed the pipes: the server itself,
+  // not only npm, has exited.
+  const closed = new Promise<number | null>((resolve) =>
+    child.on('close', (code) => resolve(code)),
+  );
+  const url = `http://127.0.0.1:${port}`;
+  try {
+    await eventually(
+      async () => {
+        if (child.exitCode !== null)
+          throw new Error(`npm start exited with ${child.exitCode}: ${output}`);
+        return (await fetch(`${url}/healthz`).catch(() => undefined))?.status === 200;
+      },
+      timeoutMs,
+      `npm start to answer on ${url}`,
+    );
+  } catch (error) {
+    killGroup(child.pid!, 'SIGKILL');
+    throw error;
+  }
+  return {
+    child,
+    url,
+    output: () => output,
+    async stop(signal = 'SIGTERM') {
+      const started = Date.now();
+      killGroup(child.pid!, signal);
+      const code = await closed;
+      return { code, ms: Date.now() - started };
+    },
+  };
+}
+
+function killGroup(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, signal);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error; // already gone
+  }
+}
