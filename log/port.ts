@@ -161,9 +161,21 @@ export interface Consumer {
   close(): Promise<void>;
 }
 
+export interface PartitionStart {
+  partition: number;
+  /** The first offset to read. */
+  from: number;
+}
+
 export interface Log {
   readonly admin: LogAdmin;
   producer(options?: ProducerOptions): Promise<Producer>;
   consumer(options: ConsumerOptions): Consumer;
+  /**
+   * Reads partitions of a topic from the given offsets up to their ends as of the call
+   * (committed records only), outside any consumer group's offsets, then stops: how stores
+   * are restored from changelogs and how a replay reads history.
+   */
+  readPartitions(topic: string, starts: PartitionStart[]): AsyncGenerator<Batch>;
   close(): Promise<void>;
 }

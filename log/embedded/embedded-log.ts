@@ -7,6 +7,8 @@
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { join } from 'node:path';
 import type {
+  Batch,
+  PartitionStart,
   Consumer,
   ConsumerOptions,
   Log,
@@ -105,6 +107,19 @@ export class EmbeddedLog implements Log {
     const consumer = new EmbeddedConsumer(this.store, coordinator, options, this.logger);
     this.consumers.add(consumer);
     return consumer;
+  }
+
+  async *readPartitions(topic: string, starts: PartitionStart[]): AsyncGenerator<Batch> {
+    this.checkOpen();
+    const ends = starts.map((s) => this.store.end(topic, s.partition));
+    for (let i = 0; i < starts.length; i++) {
+      const { partition, from } = starts[i]!;
+      for await (const records of this.store.scan(topic, partition, from)) {
+        const upTo = records.filter((r) => r.offset < ends[i]!);
+        if (upTo.length > 0) yield { topic, partition, records: upTo, highWatermark: ends[i]! };
+        if (upTo.length < records.length) break;
+      }
+    }
   }
 
   /** Compacts compacted topics and applies retention now (the cleaner does it periodically). */

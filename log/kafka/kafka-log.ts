@@ -8,14 +8,18 @@ import kafkajs, {
   type Consumer as KafkaConsumer,
   type EachBatchPayload,
   type IHeaders,
+  type KafkaMessage,
   type LogEntry,
   type Message,
   type Producer as KafkaProducer,
   type Transaction as KafkaTransaction,
 } from 'kafkajs';
+import { randomUUID } from 'node:crypto';
 import type {
+  Batch,
   Consumer,
   ConsumerHandlers,
+  PartitionStart,
   ConsumerOptions,
   Headers,
   Log,
@@ -36,6 +40,7 @@ import { IllegalStateError, LogError, ProducerFencedError } from '../errors.ts';
 import { partitionFor } from '../partitioner.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
 import { coPartitionedAssigner } from './assigner.ts';
+import { AsyncQueue } from '../async-queue.ts';
 
 // kafkajs is CommonJS; Node's ESM loader does not see all of its named exports.
 const { ConfigResourceTypes, Kafka, logLevel: kafkaLogLevel } = kafkajs;
@@ -124,6 +129,65 @@ export class KafkaLog implements Log {
     );
     this.producers.add(producer);
     return producer;
+  }
+
+  /**
+   * A throwaway consumer in a group of its own, paused on every other partition and sought to
+   * the starts. kafkajs announces every batch it moves past, transaction markers included,
+   * which tells when each partition has reached its end.
+   */
+  async *readPartitions(topic: string, starts: PartitionStart[]): AsyncGenerator<Batch> {
+    const marks = await this.admin.watermarks(topic);
+    const ends = new Map(
+      starts.map((s) => [s.partition, marks.find((m) => m.partition === s.partition)?.high ?? 0]),
+    );
+    const position = new Map<number, number>();
+    for (const s of starts) if (s.from < ends.get(s.partition)!) position.set(s.partition, s.from);
+    if (position.size === 0) return;
+    const from = new Map(starts.map((s) => [s.partition, s.from]));
+    const queue = new AsyncQueue<Batch>();
+    const consumer = this.kafka.consumer({
+      groupId: `${this.options.clientId ?? 'kchat'}-reader-${randomUUID()}`,
+      readUncommitted: false,
+      allowAutoTopicCreation: false,
+      maxWaitTimeInMs: 100,
+      retry: { initialRetryTime: 100, retries: 10 },
+    });
+    const advance = (partition: number, next: number) => {
+      if (!position.has(partition)) return;
+      if (next >= ends.get(partition)!) position.delete(partition);
+      else position.set(partition, Math.max(position.get(partition)!, next));
+      if (position.size === 0) queue.end();
+    };
+    consumer.on(consumer.events.END_BATCH_PROCESS, ({ payload }) => {
+      if (payload.topic === topic) advance(payload.partition, Number(payload.lastOffset) + 1);
+    });
+    consumer.on(consumer.events.CRASH, ({ payload }) => queue.end(payload.error));
+    try {
+      await consumer.connect();
+      await consumer.subscribe({ topics: [topic], fromBeginning: true });
+      await consumer.run({
+        autoCommit: false,
+        eachBatch: async ({ batch }) => {
+          const start = from.get(batch.partition);
+          const end = ends.get(batch.partition);
+          if (start === undefined || end === undefined || !position.has(batch.partition)) return;
+          const records = batch.messages
+            .map((m) => toRecord(batch.topic, batch.partition, m))
+            .filter((r) => r.offset >= start && r.offset < end);
+          if (records.length > 0) {
+            queue.push({ topic, partition: batch.partition, records, highWatermark: end });
+          }
+        },
+      });
+      const others = marks.map((m) => m.partition).filter((p) => !position.has(p));
+      if (others.length > 0) consumer.pause([{ topic, partitions: others }]);
+      for (const [partition, offset] of position)
+        consumer.seek({ topic, partition, offset: String(offset) });
+      yield* queue;
+    } finally {
+      await consumer.disconnect();
+    }
   }
 
   consumer(options: ConsumerOptions): Consumer {
@@ -362,15 +426,7 @@ class KafkaLogConsumer implements Consumer {
       eachBatch: async ({ batch }: EachBatchPayload) => {
         await this.assignmentHandled;
         if (batch.messages.length === 0) return;
-        const records: LogRecord[] = batch.messages.map((m) => ({
-          topic: batch.topic,
-          partition: batch.partition,
-          offset: Number(m.offset),
-          key: m.key,
-          value: m.value,
-          headers: toHeaders(m.headers),
-          timestamp: Number(m.timestamp),
-        }));
+        const records = batch.messages.map((m) => toRecord(batch.topic, batch.partition, m));
         await handlers.eachBatch({
           topic: batch.topic,
           partition: batch.partition,
@@ -402,6 +458,18 @@ class KafkaLogConsumer implements Consumer {
     this.assigned = [];
     this.onClose();
   }
+}
+
+function toRecord(topic: string, partition: number, m: KafkaMessage): LogRecord {
+  return {
+    topic,
+    partition,
+    offset: Number(m.offset),
+    key: m.key,
+    value: m.value,
+    headers: toHeaders(m.headers),
+    timestamp: Number(m.timestamp),
+  };
 }
 
 function toHeaders(headers: IHeaders | undefined): Headers {

@@ -302,6 +302,50 @@ export function logConformance(
       assert.ok(seen.filter((v) => v === 'v8').length >= 1);
     });
 
+    it('reads chosen partitions from chosen offsets to their end, then stops, even after transactions', async () => {
+      const topic = uniqueName('read');
+      await log.admin.createTopics([{ topic, partitions: 3 }]);
+      const producer = await log.producer();
+      await producer.send(
+        [0, 1, 2].flatMap((partition) =>
+          [0, 1, 2, 3].map((i) => ({
+            topic,
+            key: null,
+            partition,
+            value: Buffer.from(`p${partition}-${i}`),
+          })),
+        ),
+      );
+      await producer.close();
+      // Partition 2 then ends with a committed and an aborted transaction: on Kafka its last
+      // offsets are transaction markers, which no reader is handed.
+      const tx = await log.producer({ transactionalId: uniqueName('tx') });
+      const committed = await tx.transaction();
+      await committed.send([{ topic, key: null, partition: 2, value: Buffer.from('p2-tx') }]);
+      await committed.commit();
+      const aborted = await tx.transaction();
+      await aborted.send([{ topic, key: null, partition: 2, value: Buffer.from('p2-aborted') }]);
+      await aborted.abort();
+      await tx.close();
+
+      const read: string[] = [];
+      for await (const batch of log.readPartitions(topic, [
+        { partition: 0, from: 1 },
+        { partition: 2, from: 0 },
+      ])) {
+        for (const r of batch.records) read.push(text(r.value)!);
+      }
+      assert.deepEqual(
+        read.sort(),
+        ['p0-1', 'p0-2', 'p0-3', 'p2-0', 'p2-1', 'p2-2', 'p2-3', 'p2-tx'].sort(),
+      );
+      const none: string[] = [];
+      for await (const batch of log.readPartitions(topic, [{ partition: 1, from: 4 }])) {
+        for (const r of batch.records) none.push(text(r.value)!);
+      }
+      assert.deepEqual(none, [], 'nothing after the end');
+    });
+
     it('hands a batch again when eachBatch throws, skipping nothing', async () => {
       const topic = uniqueName('retry');
       await log.admin.createTopics([{ topic, partitions: 1 }]);
