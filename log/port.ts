@@ -105,6 +105,11 @@ export interface Producer {
   close(): Promise<void>;
 }
 
+/**
+ * Records and consumer offsets that become visible together once `commit` resolves (on Kafka,
+ * the offsets reach OffsetFetch moments later, when the transaction markers are written; a new
+ * producer with the same transactional id waits for that before it may start).
+ */
 export interface Transaction {
   send(records: ProducerRecord[]): Promise<void>;
   /** Commits these consumer offsets (next offset to read) with the transaction. */
