@@ -1,0 +1,404 @@
+/**
+ * The stream-processing runtime (Kafka Streams' `KafkaStreams`): runs a topology as one member
+ * of the consumer group named by its application id, one task per partition number it is
+ * assigned.
+ *
+ * Exactly-once (the default): each task has a transactional producer whose id is the task id;
+ * every commit interval, the task's outputs, its changelog records and its input offsets commit
+ * in one transaction (one atomic batch on the embedded log). When a task moves, its new owner
+ * first creates that producer, which fences the old owner, and only then reads the committed
+ * offsets: whatever the old owner commits after that fails, whatever it committed before is
+ * seen. Store writes reach RocksDB only after their transaction commits.
+ *
+ * At-least-once (for comparison): one plain producer; outputs are sent, then offsets committed.
+ */
+import type { Batch, Log, Producer, TopicPartition } from '../../log/port.ts';
+import { ProducerFencedError } from '../../log/errors.ts';
+import { StateDb } from '../../state/state-db.ts';
+import { TaskStore } from '../../state/task-store.ts';
+import { jsonSerde } from '../../state/store.ts';
+import { silentLogger, type Logger } from '../../observability/logger.ts';
+import type { Metrics } from '../../observability/metrics.ts';
+import type { Topology } from './topology.ts';
+import { StreamTask, type TaskStateStore } from './task.ts';
+import { CoPartitioningError, StreamsError } from './errors.ts';
+
+export type ProcessingGuarantee = 'exactly_once' | 'at_least_once';
+
+export interface StreamsOptions {
+  applicationId: string;
+  log: Log;
+  /** Shared by every runtime of the process: one RocksDB database, keys prefixed per store. */
+  stateDb: StateDb;
+  guarantee?: ProcessingGuarantee;
+  /** How often tasks commit; the latency of every output. Default 100 ms. */
+  commitIntervalMs?: number;
+  /** A task commits early once it has processed this many records. Default 1000. */
+  maxUncommittedRecords?: number;
+  logger?: Logger;
+  metrics?: Metrics;
+  /**
+   * Called at each stage of a task's commit: crash tests kill the process at a chosen stage to
+   * prove that no stage loses or repeats anything.
+   */
+  onCommitStage?: (stage: CommitStage, taskId: string) => void;
+}
+
+/**
+ * - `sent`: outputs and changelog records are sent, offsets not yet committed
+ * - `committed`: the transaction (or the offset commit) is done, RocksDB not yet written
+ * - `flushed`: the store writes are in RocksDB
+ */
+export type CommitStage = 'sent' | 'committed' | 'flushed';
+
+const PUNCTUATE_TICK_MS = 50;
+const RESTORE_PROGRESS_MS = 1000;
+
+export const changelogTopic = (applicationId: string, store: string) =>
+  `${applicationId}-${store}-changelog`;
+export const deadLetterTopic = (applicationId: string) => `${applicationId}-dead-letters`;
+
+interface RunningTask {
+  task: StreamTask;
+  stores: Map<string, TaskStore<unknown>>;
+  producer: Producer | undefined;
+}
+
+export class StreamsRuntime {
+  private readonly tasks = new Map<number, RunningTask>();
+  private readonly guarantee: ProcessingGuarantee;
+  private readonly logger: Logger;
+  private consumer: ReturnType<Log['consumer']> | undefined;
+  private sharedProducer: Producer | undefined;
+  private timers: NodeJS.Timeout[] = [];
+  private lock: Promise<unknown> = Promise.resolve();
+  private closing = false;
+  private partitions = 0;
+  private readonly counters;
+
+  constructor(
+    private readonly topology: Topology,
+    private readonly options: StreamsOptions,
+  ) {
+    this.guarantee = options.guarantee ?? 'exactly_once';
+    this.logger = (options.logger ?? silentLogger).child({ application: options.applicationId });
+    const m = options.metrics;
+    const labels = ['application'];
+    this.counters = m && {
+      processed: m.counter(
+        'kchat_streams_records_processed_total',
+        'Records processed by stream tasks',
+        labels,
+      ),
+      deadLettered: m.counter(
+        'kchat_streams_dead_letters_total',
+        'Records sent to the dead-letter topic',
+        labels,
+      ),
+      commits: m.counter('kchat_streams_commits_total', 'Task commits', labels),
+      restored: m.counter(
+        'kchat_streams_records_restored_total',
+        'Changelog records restored into stores',
+        labels,
+      ),
+      commitSeconds: m.histogram(
+        'kchat_streams_commit_seconds',
+        'Time to commit a task',
+        [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1],
+        labels,
+      ),
+    };
+  }
+
+  get applicationId(): string {
+    return this.options.applicationId;
+  }
+
+  /** Partition numbers of the tasks this instance runs now. */
+  activeTasks(): number[] {
+    return [...this.tasks.keys()].sort((a, b) => a - b);
+  }
+
+  async start(): Promise<void> {
+    const { log, applicationId } = this.options;
+    const sources = this.topology.sourceTopics();
+    const counts = await Promise.all(
+      sources.map(async (topic) => {
+        const description = await log.admin.describeTopic(topic);
+        if (!description)
+          throw new StreamsError(`source topic "${topic}" of ${applicationId} does not exist`);
+        return { topic, partitions: description.partitions };
+      }),
+    );
+    if (new Set(counts.map((c) => c.partitions)).size > 1) throw new CoPartitioningError(counts);
+    this.partitions = counts[0]!.partitions;
+    await log.admin.createTopics([
+      ...[...this.topology.stores.keys()].map((store) => ({
+        topic: changelogTopic(applicationId, store),
+        partitions: this.partitions,
+        config: { 'cleanup.policy': 'compact' as const },
+      })),
+      {
+        topic: deadLetterTopic(applicationId),
+        partitions: this.partitions,
+        config: { 'retention.ms': '-1' },
+      },
+    ]);
+    if (this.guarantee === 'at_least_once') this.sharedProducer = await log.producer();
+    const consumer = log.consumer({ groupId: applicationId });
+    this.consumer = consumer;
+    await consumer.subscribe(sources);
+    await consumer.run({
+      onAssignment: (assignment) => this.exclusive(() => this.assigned(assignment)),
+      eachBatch: (batch) => this.exclusive(() => this.handle(batch)),
+    });
+    const interval = this.options.commitIntervalMs ?? 100;
+    this.timers.push(
+      setInterval(
+        () => void this.exclusive(() => this.commitAll()).catch(() => undefined),
+        interval,
+      ),
+    );
+    this.timers.push(
+      setInterval(
+        () => void this.exclusive(() => this.punctuateAll()).catch(() => undefined),
+        PUNCTUATE_TICK_MS,
+      ),
+    );
+    this.logger.info(
+      { sources, partitions: this.partitions, guarantee: this.guarantee },
+      'stream processing started',
+    );
+  }
+
+  /** Commits every task, writes checkpoints and leaves the group, so others take over at once. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    for (const timer of this.timers) clearInterval(timer);
+    await this.exclusive(async () => {
+      for (const running of [...this.tasks.values()]) await this.closeTask(running);
+    });
+    await this.consumer?.close();
+    await this.sharedProducer?.close();
+    this.logger.info('stream processing stopped');
+  }
+
+  /** Everything that touches tasks runs one at a time: batches, commits, punctuators, rebalances. */
+  private exclusive<T>(work: () => Promise<T>): Promise<T> {
+    const result = this.lock.then(work);
+    this.lock = result.catch(() => undefined);
+    return result;
+  }
+
+  private async assigned(assignment: TopicPartition[]): Promise<void> {
+    if (this.closing) return;
+    const wanted = new Set(assignment.map((tp) => tp.partition));
+    for (const [partition, running] of [...this.tasks]) {
+      if (!wanted.has(partition)) await this.closeTask(running);
+    }
+    for (const partition of [...wanted].sort((a, b) => a - b)) {
+      if (!this.tasks.has(partition)) await this.openTask(partition);
+    }
+    this.logger.info({ tasks: this.activeTasks() }, 'tasks assigned');
+  }
+
+  private async openTask(partition: number): Promise<void> {
+    const { log, applicationId, stateDb } = this.options;
+    // Fence first: from here on, a previous owner of this task can commit nothing.
+    const producer =
+      this.guarantee === 'exactly_once'
+        ? await log.producer({ transactionalId: `${applicationId}-${partition}` })
+        : undefined;
+    const stores = new Map<string, TaskStore<unknown>>();
+    for (const [name, spec] of this.topology.stores) {
+      const store = new TaskStore(
+        changelogTopic(applicationId, name),
+        partition,
+        stateDb,
+        spec.serde ?? jsonSerde(),
+      );
+      await this.restore(store);
+      stores.set(name, store);
+    }
+    const task = new StreamTask({
+      applicationId,
+      partition,
+      topology: this.topology,
+      stores: stores as unknown as Map<string, TaskStateStore>,
+      deadLetterTopic: deadLetterTopic(applicationId),
+      logger: this.logger,
+    });
+    // Then read the committed offsets, which no fenced owner can move any more.
+    for (const topic of new Set(this.topology.sourceTopics())) {
+      const committed =
+        (await log.admin.committedOffsets(applicationId, topic))[partition]?.offset ?? -1;
+      if (committed >= 0) {
+        task.setPosition(topic, committed);
+        this.consumer!.seek({ topic, partition, offset: committed });
+      }
+    }
+    await task.init();
+    this.tasks.set(partition, { task, stores, producer });
+  }
+
+  /**
+   * Brings a store's share up to the end of its changelog partition: from the local checkpoint
+   * when there is one, from the start when the local state was lost or does not belong to this
+   * changelog. Nothing is processed before it is done.
+   */
+  private async restore(store: TaskStore<unknown>): Promise<void> {
+    const { log, stateDb } = this.options;
+    const topic = store.name;
+    const partition = store.partition;
+    const marks = (await log.admin.watermarks(topic))[partition]!;
+    let from = await stateDb.checkpoint(topic, partition);
+    if (from === undefined || from > marks.high) {
+      await stateDb.drop(topic, partition);
+      from = 0;
+    }
+    const total = marks.high - from;
+    if (total > 0) {
+      const started = Date.now();
+      let restored = 0;
+      let lastReport = started;
+      for await (const batch of log.readPartitions(topic, [{ partition, from }])) {
+        const last = batch.records[batch.records.length - 1]!;
+        await stateDb.write(
+          topic,
+          partition,
+          batch.records.map((r) => ({ key: r.key?.toString('utf8') ?? '', value: r.value })),
+          last.offset + 1,
+        );
+        restored += batch.records.length;
+        this.counters?.restored.inc({ application: this.applicationId }, batch.records.length);
+        if (Date.now() - lastReport > RESTORE_PROGRESS_MS) {
+          lastReport = Date.now();
+          const seconds = (lastReport - started) / 1000;
+          this.logger.info(
+            {
+              store: topic,
+              partition,
+              records: restored,
+              recordsPerSecond: Math.round(restored / seconds),
+              remaining: marks.high - last.offset - 1,
+            },
+            'restoring',
+          );
+        }
+      }
+      this.logger.info(
+        { store: topic, partition, records: restored, ms: Date.now() - started },
+        'restored',
+      );
+    }
+    await stateDb.setCheckpoint(topic, partition, marks.high);
+  }
+
+  private async handle(batch: Batch): Promise<void> {
+    if (this.closing) return; // not committed: the next owner processes these records
+    const running = this.tasks.get(batch.partition);
+    if (!running) return; // fenced and dropped; the coming rebalance moves the partition
+    let processed = 0;
+    for (const record of batch.records) {
+      const outcome = await running.task.process(record);
+      if (outcome === 'skipped') continue;
+      processed++;
+      if (outcome === 'dead-lettered')
+        this.counters?.deadLettered.inc({ application: this.applicationId });
+    }
+    this.counters?.processed.inc({ application: this.applicationId }, processed);
+    if (running.task.uncommitted >= (this.options.maxUncommittedRecords ?? 1000))
+      await this.commit(running);
+  }
+
+  private async commitAll(): Promise<void> {
+    for (const running of [...this.tasks.values()]) await this.commit(running);
+  }
+
+  private async punctuateAll(): Promise<void> {
+    if (this.closing) return;
+    const now = Date.now();
+    for (const running of this.tasks.values()) await running.task.punctuate(now);
+  }
+
+  /** Commits one task's work; false when the task was fenced and dropped. */
+  private async commit(running: RunningTask): Promise<boolean> {
+    const { task, stores } = running;
+    const dirty = [...stores.values()].filter((s) => s.dirty);
+    if (!task.hasWork && dirty.length === 0) return true;
+    const started = performance.now();
+    const writes = dirty.map((store) => ({ store, writes: store.writes() }));
+    const records = [
+      ...task.outputs,
+      ...writes.flatMap(({ store, writes }) =>
+        writes.map((w) => ({
+          topic: store.name,
+          partition: task.partition,
+          key: Buffer.from(w.key),
+          value: w.value,
+        })),
+      ),
+    ];
+    const offsets = task.committable();
+    try {
+      if (running.producer) {
+        const transaction = await running.producer.transaction();
+        try {
+          if (records.length > 0) await transaction.send(records);
+          this.options.onCommitStage?.('sent', task.id);
+          if (offsets.length > 0) await transaction.sendOffsets(this.applicationId, offsets);
+          await transaction.commit();
+        } catch (error) {
+          await transaction.abort().catch(() => undefined);
+          throw error;
+        }
+      } else {
+        if (records.length > 0) await this.sharedProducer!.send(records);
+        this.options.onCommitStage?.('sent', task.id);
+        if (offsets.length > 0) await this.consumer!.commit(offsets);
+      }
+    } catch (error) {
+      if (error instanceof ProducerFencedError) {
+        this.logger.warn(
+          { task: task.id },
+          'task fenced by a newer owner; dropping its uncommitted work',
+        );
+        for (const store of stores.values()) store.discard();
+        task.committed();
+        this.tasks.delete(task.partition);
+        await task.close();
+        await running.producer?.close().catch(() => undefined);
+        return false;
+      }
+      // Nothing of the transaction is visible: keep the work and try again at the next commit.
+      this.logger.error({ err: error, task: task.id }, 'commit failed; will retry');
+      return true;
+    }
+    this.options.onCommitStage?.('committed', task.id);
+    for (const { store, writes: w } of writes) await store.flush(w);
+    this.options.onCommitStage?.('flushed', task.id);
+    task.committed();
+    this.counters?.commits.inc({ application: this.applicationId });
+    this.counters?.commitSeconds.observe(
+      { application: this.applicationId },
+      (performance.now() - started) / 1000,
+    );
+    return true;
+  }
+
+  /** Commits, checkpoints each store at its changelog's end, and closes the task. */
+  private async closeTask(running: RunningTask): Promise<void> {
+    const { log, stateDb } = this.options;
+    const kept = await this.commit(running);
+    this.tasks.delete(running.task.partition);
+    if (kept) {
+      for (const store of running.stores.values()) {
+        const marks = (await log.admin.watermarks(store.name))[store.partition]!;
+        await stateDb.setCheckpoint(store.name, store.partition, marks.high);
+      }
+      await running.task.close();
+      await running.producer?.close();
+    }
+  }
+}

@@ -1,0 +1,101 @@
+/**
+ * The RocksDB database that holds every store of every task in one process: twelve partitions
+ * and four stores are one database, not forty-eight. Keys are prefixed by store and partition,
+ * so that each task's share can still be restored, checkpointed and dropped on its own:
+ *
+ *   s/<store>/<partition>/<key>   a value
+ *   c/<store>/<partition>         the changelog offset the local state has caught up to
+ */
+import { RocksLevel } from '@nxtedition/rocksdb';
+
+const pad = (n: number) => n.toString().padStart(5, '0');
+const prefix = (store: string, partition: number) => `s/${store}/${pad(partition)}/`;
+/** The first string after every key with this prefix ('/' + 1 is '0'). */
+const prefixEnd = (store: string, partition: number) => `s/${store}/${pad(partition)}0`;
+const checkpointKey = (store: string, partition: number) => `c/${store}/${pad(partition)}`;
+
+export type StateWrite = { key: string; value: Buffer | null };
+
+export class StateDb {
+  private readonly db: RocksLevel<string, Buffer>;
+
+  private constructor(readonly directory: string) {
+    this.db = new RocksLevel<string, Buffer>(directory, {
+      keyEncoding: 'utf8',
+      valueEncoding: 'buffer',
+    });
+  }
+
+  static async open(directory: string): Promise<StateDb> {
+    const stateDb = new StateDb(directory);
+    await stateDb.db.open({ createIfMissing: true });
+    return stateDb;
+  }
+
+  async get(store: string, partition: number, key: string): Promise<Buffer | undefined> {
+    try {
+      return await this.db.get(prefix(store, partition) + key);
+    } catch (error) {
+      if ((error as { code?: string }).code === 'LEVEL_NOT_FOUND') return undefined;
+      throw error;
+    }
+  }
+
+  /** Entries of one store partition with from <= key < to (to undefined: to the end). */
+  async range(
+    store: string,
+    partition: number,
+    from: string,
+    to?: string,
+  ): Promise<Array<[string, Buffer]>> {
+    const base = prefix(store, partition);
+    const entries = await this.db
+      .iterator({
+        gte: base + from,
+        lt: to === undefined ? prefixEnd(store, partition) : base + to,
+      })
+      .all();
+    return entries.map(([key, value]) => [key.slice(base.length), value]);
+  }
+
+  /** Applies writes (a null value deletes), and optionally a new checkpoint, atomically. */
+  async write(
+    store: string,
+    partition: number,
+    writes: StateWrite[],
+    checkpoint?: number,
+  ): Promise<void> {
+    const batch = this.db.batch();
+    const base = prefix(store, partition);
+    for (const { key, value } of writes) {
+      if (value === null) batch.del(base + key);
+      else batch.put(base + key, value);
+    }
+    if (checkpoint !== undefined)
+      batch.put(checkpointKey(store, partition), Buffer.from(String(checkpoint)));
+    await batch.write();
+  }
+
+  async checkpoint(store: string, partition: number): Promise<number | undefined> {
+    try {
+      return Number((await this.db.get(checkpointKey(store, partition))).toString('utf8'));
+    } catch (error) {
+      if ((error as { code?: string }).code === 'LEVEL_NOT_FOUND') return undefined;
+      throw error;
+    }
+  }
+
+  async setCheckpoint(store: string, partition: number, offset: number): Promise<void> {
+    await this.db.put(checkpointKey(store, partition), Buffer.from(String(offset)));
+  }
+
+  /** Forgets a store partition's state and checkpoint (before a restore from scratch). */
+  async drop(store: string, partition: number): Promise<void> {
+    await this.db.clear({ gte: prefix(store, partition), lt: prefixEnd(store, partition) });
+    await this.db.del(checkpointKey(store, partition));
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+  }
+}

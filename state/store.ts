@@ -1,0 +1,54 @@
+/**
+ * Key-value state stores, in Kafka Streams' words: a `KeyValueStore` has get, put, delete,
+ * range and all. Keys are strings (user ids, group ids, composite keys); values go through a
+ * Serde on their way to RocksDB and the changelog.
+ */
+
+export interface Serde<V> {
+  serialize(value: V): Buffer;
+  deserialize(data: Buffer): V;
+}
+
+export const jsonSerde = <V>(): Serde<V> => ({
+  serialize: (value) => Buffer.from(JSON.stringify(value)),
+  deserialize: (data) => JSON.parse(data.toString('utf8')) as V,
+});
+
+export interface KeyValueStore<V> {
+  readonly name: string;
+  get(key: string): Promise<V | undefined>;
+  put(key: string, value: V): void;
+  delete(key: string): void;
+  /** Entries with from <= key < to, in key order. */
+  range(from: string, to: string): Promise<Array<[string, V]>>;
+  all(): Promise<Array<[string, V]>>;
+}
+
+/** A store in memory, for unit tests of processors. */
+export class InMemoryKeyValueStore<V> implements KeyValueStore<V> {
+  private readonly entries = new Map<string, V>();
+
+  constructor(readonly name: string) {}
+
+  async get(key: string): Promise<V | undefined> {
+    return this.entries.get(key);
+  }
+
+  put(key: string, value: V): void {
+    this.entries.set(key, value);
+  }
+
+  delete(key: string): void {
+    this.entries.delete(key);
+  }
+
+  async range(from: string, to: string): Promise<Array<[string, V]>> {
+    return [...this.entries]
+      .filter(([k]) => k >= from && k < to)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  }
+
+  async all(): Promise<Array<[string, V]>> {
+    return [...this.entries].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  }
+}

@@ -1,0 +1,364 @@
+/**
+ * The stream-processing runtime's behaviour, on the embedded log (runtime.embedded.test.ts)
+ * and on Kafka (test/kafka/runtime.kafka.test.ts): the counting topology's output and state
+ * are exactly what one clean run gives, whatever crashes, moves and restarts come between.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import type { Log } from '../../log/port.ts';
+import { StateDb } from '../../state/state-db.ts';
+import {
+  StreamsRuntime,
+  changelogTopic,
+  deadLetterTopic,
+} from '../../processors/runtime/runtime.ts';
+import { CoPartitioningError } from '../../processors/runtime/errors.ts';
+import { countingTopology, POISON } from '../support/counting.ts';
+import { eventually, text, uniqueName } from '../support/log-helpers.ts';
+
+export interface RuntimeShape {
+  name: string;
+  /** Opens the log in this process (on the embedded shape, no child may hold it meanwhile). */
+  open(): Promise<Log>;
+  close(log: Log): Promise<void>;
+  /** The environment that points a child process at the same log. */
+  childEnv(): Record<string, string>;
+  settleMs: number;
+}
+
+const PARTITIONS = 12;
+const KEYS = 40;
+
+async function produceWords(
+  log: Log,
+  topic: string,
+  count: number,
+  from = 0,
+): Promise<Map<string, number>> {
+  const producer = await log.producer();
+  const perKey = new Map<string, number>();
+  for (let start = from; start < from + count; start += 1000) {
+    const records = [];
+    for (let i = start; i < Math.min(from + count, start + 1000); i++) {
+      const key = `k${i % KEYS}`;
+      perKey.set(key, (perKey.get(key) ?? 0) + 1);
+      records.push({ topic, key: Buffer.from(key), value: Buffer.from(`w${i}`) });
+    }
+    await producer.send(records);
+  }
+  await producer.close();
+  return perKey;
+}
+
+/** Reads a whole topic: per key, the values in offset order. */
+async function readAll(log: Log, topic: string): Promise<Map<string, string[]>> {
+  const marks = await log.admin.watermarks(topic);
+  const byKey = new Map<string, string[]>();
+  for await (const batch of log.readPartitions(
+    topic,
+    marks.map((m) => ({ partition: m.partition, from: 0 })),
+  )) {
+    for (const r of batch.records) {
+      const key = text(r.key)!;
+      byKey.set(key, [...(byKey.get(key) ?? []), text(r.value)!]);
+    }
+  }
+  return byKey;
+}
+
+function assertExactCounts(
+  output: Map<string, string[]>,
+  expected: Map<string, number>,
+  what: string,
+) {
+  for (const [key, n] of expected) {
+    const counts = (output.get(key) ?? []).map(Number);
+    assert.deepEqual(
+      counts,
+      Array.from({ length: n }, (_, i) => i + 1),
+      `${what}: key ${key} should count 1..${n} once each`,
+    );
+  }
+}
+
+interface Child {
+  exited: Promise<number | null>;
+  kill(signal: NodeJS.Signals): void;
+}
+
+async function startApp(env: Record<string, string>): Promise<Child> {
+  const child = spawn(process.execPath, ['--import', 'tsx', 'test/support/counting-app.ts'], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  await new Promise<void>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on('line', (line) => line === 'running' && resolve());
+    void exited.then((code) =>
+      reject(new Error(`counting app exited with ${code} before running`)),
+    );
+  });
+  return { exited, kill: (signal) => child.kill(signal) };
+}
+
+export function runtimeSuite(shape: RuntimeShape) {
+  describe(`stream-processing runtime: ${shape.name}`, function () {
+    this.timeout(180_000);
+    let stateRoot: string;
+
+    before(async () => {
+      stateRoot = await mkdtemp(join(tmpdir(), 'kchat-state-'));
+    });
+    after(async () => {
+      await rm(stateRoot, { recursive: true, force: true });
+    });
+
+    it('counts exactly once across kill -9 at random points, then rebuilds wiped state from the changelog', async () => {
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const stateDir = join(stateRoot, app);
+      let log = await shape.open();
+      await log.admin.createTopics([
+        { topic: input, partitions: PARTITIONS },
+        { topic: output, partitions: PARTITIONS },
+      ]);
+      const first = await produceWords(log, input, 20_000);
+      await shape.close(log);
+      const env = {
+        ...shape.childEnv(),
+        STATE_DIR: stateDir,
+        APP_ID: app,
+        INPUT: input,
+        OUTPUT: output,
+      };
+
+      const progressAtKill: number[] = [];
+      for (let crash = 0; crash < 3; crash++) {
+        const child = await startApp(env);
+        await new Promise((r) => setTimeout(r, 200 + Math.random() * 1200));
+        child.kill('SIGKILL');
+        await child.exited;
+        const probe = await shape.open();
+        const committed = await probe.admin.committedOffsets(app, input);
+        progressAtKill.push(committed.reduce((n, o) => n + Math.max(0, o.offset), 0));
+        await shape.close(probe);
+      }
+      // The kills must have landed mid-stream, or this test proves nothing.
+      assert.ok(
+        progressAtKill.some((n) => n > 0 && n < 20_000),
+        `committed input at each kill: ${progressAtKill.join(', ')}`,
+      );
+      const finish = await startApp({ ...env, EXPECTED: '20000' });
+      assert.equal(await finish.exited, 0);
+
+      log = await shape.open();
+      assertExactCounts(await readAll(log, output), first, 'after three crashes');
+      const changelog = await readAll(log, changelogTopic(app, 'counts'));
+      for (const [key, n] of first)
+        assert.equal(Number(changelog.get(key)!.at(-1)), n, `stored count of ${key}`);
+
+      // Wipe the local state: the next run must rebuild it from the changelog before it counts on.
+      await rm(stateDir, { recursive: true, force: true });
+      const second = await produceWords(log, input, 2_000, 20_000);
+      await shape.close(log);
+      const rebuild = await startApp({ ...env, EXPECTED: '22000' });
+      assert.equal(await rebuild.exited, 0);
+
+      log = await shape.open();
+      const total = new Map([...first].map(([k, n]) => [k, n + (second.get(k) ?? 0)]));
+      assertExactCounts(await readAll(log, output), total, 'after the state was rebuilt');
+      await shape.close(log);
+    });
+
+    for (const stage of ['sent', 'committed', 'flushed'] as const) {
+      it(`counts exactly once when the process is killed at the commit stage "${stage}"`, async () => {
+        const app = uniqueName('count');
+        const input = uniqueName('words');
+        const output = uniqueName('counts');
+        let log = await shape.open();
+        await log.admin.createTopics([
+          { topic: input, partitions: PARTITIONS },
+          { topic: output, partitions: PARTITIONS },
+        ]);
+        const expected = await produceWords(log, input, 5_000);
+        await shape.close(log);
+        const env = {
+          ...shape.childEnv(),
+          STATE_DIR: join(stateRoot, app),
+          APP_ID: app,
+          INPUT: input,
+          OUTPUT: output,
+          GUARANTEE: process.env.RUNTIME_TEST_GUARANTEE ?? 'exactly_once',
+        };
+        for (const nth of [3, 10]) {
+          const child = await startApp({ ...env, CRASH_AT: `${stage}:${nth}` });
+          assert.equal(await child.exited, null, `the app killed itself at ${stage}:${nth}`);
+        }
+        const finish = await startApp({ ...env, EXPECTED: '5000' });
+        assert.equal(await finish.exited, 0);
+        log = await shape.open();
+        try {
+          assertExactCounts(await readAll(log, output), expected, `after kills at "${stage}"`);
+        } finally {
+          await shape.close(log);
+        }
+      });
+    }
+
+    it('moves tasks between two instances and back, counting exactly once', async () => {
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic: input, partitions: PARTITIONS },
+          { topic: output, partitions: PARTITIONS },
+        ]);
+        const dbs = await Promise.all(
+          [0, 1, 2].map((i) => StateDb.open(join(stateRoot, `${app}-${i}`))),
+        );
+        const instance = (db: StateDb) =>
+          new StreamsRuntime(countingTopology(input, output), {
+            applicationId: app,
+            log,
+            stateDb: db,
+            commitIntervalMs: 50,
+          });
+        const a = instance(dbs[0]!);
+        const b = instance(dbs[1]!);
+        await a.start();
+        await b.start();
+        await eventually(
+          () =>
+            a.activeTasks().length + b.activeTasks().length === PARTITIONS &&
+            a.activeTasks().length > 0 &&
+            b.activeTasks().length > 0,
+          shape.settleMs + 30_000,
+          'the tasks to be shared',
+        );
+        const expected = new Map<string, number>();
+        const add = (m: Map<string, number>) =>
+          m.forEach((n, k) => expected.set(k, (expected.get(k) ?? 0) + n));
+        add(await produceWords(log, input, 5_000, 0));
+
+        await b.close(); // mid-stream: a takes every task over
+        await eventually(
+          () => a.activeTasks().length === PARTITIONS,
+          shape.settleMs + 30_000,
+          'a to own every task',
+        );
+        add(await produceWords(log, input, 5_000, 5_000));
+
+        const c = instance(dbs[2]!); // a new instance: tasks move back
+        await c.start();
+        await eventually(
+          () => c.activeTasks().length > 0,
+          shape.settleMs + 30_000,
+          'c to get tasks',
+        );
+        add(await produceWords(log, input, 5_000, 10_000));
+
+        await eventually(
+          async () => {
+            const committed = await log.admin.committedOffsets(app, input);
+            return committed.reduce((n, o) => n + Math.max(0, o.offset), 0) === 15_000;
+          },
+          60_000,
+          'every record to be committed',
+        );
+        await a.close();
+        await c.close();
+        for (const db of dbs) await db.close();
+        assertExactCounts(await readAll(log, output), expected, 'after the moves');
+      } finally {
+        await shape.close(log);
+      }
+    });
+
+    it('refuses to start when co-partitioned topics have different partition counts', async () => {
+      const left = uniqueName('left');
+      const right = uniqueName('right');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic: left, partitions: 12 },
+          { topic: right, partitions: 6 },
+        ]);
+        const db = await StateDb.open(join(stateRoot, uniqueName('db')));
+        const runtime = new StreamsRuntime(countingTopology([left, right], uniqueName('out')), {
+          applicationId: uniqueName('count'),
+          log,
+          stateDb: db,
+        });
+        await assert.rejects(
+          () => runtime.start(),
+          (error: unknown) =>
+            error instanceof CoPartitioningError &&
+            error.message.includes(`${left} (12)`) &&
+            error.message.includes(`${right} (6)`),
+        );
+        await db.close();
+      } finally {
+        await shape.close(log);
+      }
+    });
+
+    it('sends an undecodable record to the dead-letter topic with the reason, and goes on', async () => {
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic: input, partitions: 1 },
+          { topic: output, partitions: 1 },
+        ]);
+        const producer = await log.producer();
+        await producer.send(
+          ['a', POISON, 'b'].map((word) => ({
+            topic: input,
+            key: Buffer.from('k'),
+            value: Buffer.from(word),
+          })),
+        );
+        await producer.close();
+        const db = await StateDb.open(join(stateRoot, app));
+        const runtime = new StreamsRuntime(countingTopology(input, output), {
+          applicationId: app,
+          log,
+          stateDb: db,
+        });
+        await runtime.start();
+        await eventually(
+          async () => (await log.admin.committedOffsets(app, input))[0]!.offset === 3,
+          shape.settleMs + 20_000,
+          'all three records to be committed',
+        );
+        await runtime.close();
+        await db.close();
+        assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2']);
+        const marks = await log.admin.watermarks(deadLetterTopic(app));
+        const dead = [];
+        for await (const batch of log.readPartitions(
+          deadLetterTopic(app),
+          marks.map((m) => ({ partition: m.partition, from: 0 })),
+        )) {
+          dead.push(...batch.records);
+        }
+        assert.equal(dead.length, 1);
+        assert.equal(text(dead[0]!.value), POISON);
+        assert.equal(text(dead[0]!.headers['dlq.topic']!), input);
+        assert.equal(text(dead[0]!.headers['dlq.offset']!), '1');
+        assert.match(text(dead[0]!.headers['dlq.reason']!)!, /not a word/);
+      } finally {
+        await shape.close(log);
+      }
+    });
+  });
+}
