@@ -229,14 +229,12 @@ export class StreamsRuntime {
       deadLetterTopic: deadLetterTopic(applicationId),
       logger: this.logger,
     });
-    // Then read the committed offsets, which no fenced owner can move any more.
+    // Then read the committed offsets, which no fenced owner can move any more. The consumer
+    // may have read its start before the fence; the task skips whatever lies below these.
     for (const topic of new Set(this.topology.sourceTopics())) {
       const committed =
         (await log.admin.committedOffsets(applicationId, topic))[partition]?.offset ?? -1;
-      if (committed >= 0) {
-        task.setPosition(topic, committed);
-        this.consumer!.seek({ topic, partition, offset: committed });
-      }
+      if (committed >= 0) task.setPosition(topic, committed);
     }
     await task.init();
     this.tasks.set(partition, { task, stores, producer });

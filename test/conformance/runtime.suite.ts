@@ -16,7 +16,14 @@ import {
   changelogTopic,
   deadLetterTopic,
 } from '../../processors/runtime/runtime.ts';
-import { CoPartitioningError } from '../../processors/runtime/errors.ts';
+import { CoPartitioningError, RetriableError } from '../../processors/runtime/errors.ts';
+import { GlobalTable } from '../../processors/runtime/global-table.ts';
+import {
+  Topology,
+  type Processor,
+  type ProcessorContext,
+  type Record as StreamRecord,
+} from '../../processors/runtime/topology.ts';
 import { countingTopology, POISON } from '../support/counting.ts';
 import { eventually, text, uniqueName } from '../support/log-helpers.ts';
 
@@ -87,6 +94,8 @@ function assertExactCounts(
 
 interface Child {
   exited: Promise<number | null>;
+  /** Resolves once the app has committed this many times (task commits). */
+  commits(n: number): Promise<void>;
   kill(signal: NodeJS.Signals): void;
 }
 
@@ -96,13 +105,48 @@ async function startApp(env: Record<string, string>): Promise<Child> {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  await new Promise<void>((resolve, reject) => {
-    createInterface({ input: child.stdout! }).on('line', (line) => line === 'running' && resolve());
+  let commits = 0;
+  const waiters: Array<{ n: number; resolve: () => void }> = [];
+  const running = new Promise<void>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      if (line === 'running') resolve();
+      if (line === 'commit') {
+        commits++;
+        for (const w of waiters.filter((w) => commits >= w.n)) w.resolve();
+      }
+    });
     void exited.then((code) =>
       reject(new Error(`counting app exited with ${code} before running`)),
     );
   });
-  return { exited, kill: (signal) => child.kill(signal) };
+  await running;
+  return {
+    exited,
+    commits: (n) =>
+      new Promise<void>((resolve) => {
+        if (commits >= n) resolve();
+        else waiters.push({ n, resolve });
+        void exited.then(() => resolve());
+      }),
+    kill: (signal) => child.kill(signal),
+  };
+}
+
+/** Forwards each record (failing 'flaky' twice, retriably) and a tick every 100 ms. */
+class FlakyTicker implements Processor<string, string> {
+  private context!: ProcessorContext<string>;
+  constructor(private readonly fail: () => number) {}
+  init(context: ProcessorContext<string>): void {
+    this.context = context;
+    context.schedule(100, 'WALL_CLOCK_TIME', (now) =>
+      context.forward({ key: 'tick', value: 'tick', timestamp: now }),
+    );
+  }
+  async process(record: StreamRecord<string>): Promise<void> {
+    if (record.value === 'flaky' && this.fail() < 2)
+      throw new RetriableError('briefly unavailable');
+    await this.context.forward(record);
+  }
 }
 
 export function runtimeSuite(shape: RuntimeShape) {
@@ -139,8 +183,10 @@ export function runtimeSuite(shape: RuntimeShape) {
 
       const progressAtKill: number[] = [];
       for (let crash = 0; crash < 3; crash++) {
-        const child = await startApp(env);
-        await new Promise((r) => setTimeout(r, 200 + Math.random() * 1200));
+        const child = await startApp({ ...env, EXPECTED: '20000' });
+        // Killed after a random number of task commits, with more processed but not committed.
+        await child.commits(1 + Math.floor(Math.random() * 12));
+        await new Promise((r) => setTimeout(r, Math.random() * 30));
         child.kill('SIGKILL');
         await child.exited;
         const probe = await shape.open();
@@ -195,10 +241,13 @@ export function runtimeSuite(shape: RuntimeShape) {
           OUTPUT: output,
           GUARANTEE: process.env.RUNTIME_TEST_GUARANTEE ?? 'exactly_once',
         };
-        for (const nth of [3, 10]) {
-          const child = await startApp({ ...env, CRASH_AT: `${stage}:${nth}` });
-          assert.equal(await child.exited, null, `the app killed itself at ${stage}:${nth}`);
+        const crashed: boolean[] = [];
+        for (const nth of [2, 7]) {
+          // EXPECTED lets a run that finishes before its n-th commit exit instead of idling.
+          const child = await startApp({ ...env, CRASH_AT: `${stage}:${nth}`, EXPECTED: '5000' });
+          crashed.push((await child.exited) === null);
         }
+        assert.ok(crashed[0], `the app killed itself at ${stage}:2`);
         const finish = await startApp({ ...env, EXPECTED: '5000' });
         assert.equal(await finish.exited, 0);
         log = await shape.open();
@@ -304,6 +353,80 @@ export function runtimeSuite(shape: RuntimeShape) {
             error.message.includes(`${right} (6)`),
         );
         await db.close();
+      } finally {
+        await shape.close(log);
+      }
+    });
+
+    it('runs punctuators on wall-clock time and retries a retriable failure without a dead letter', async () => {
+      const app = uniqueName('tick');
+      const input = uniqueName('in');
+      const output = uniqueName('out');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic: input, partitions: 1 },
+          { topic: output, partitions: 1 },
+        ]);
+        let failures = 0;
+        const topology = new Topology()
+          .addSource('in', { topics: [input], decode: (v) => v?.toString('utf8') ?? '' })
+          .addProcessor('p', () => new FlakyTicker(() => failures++), 'in')
+          .addSink('out', { topic: output, encode: (v) => Buffer.from(String(v)) }, 'p');
+        const producer = await log.producer();
+        await producer.send([{ topic: input, key: Buffer.from('k'), value: Buffer.from('flaky') }]);
+        await producer.close();
+        const db = await StateDb.open(join(stateRoot, app));
+        const runtime = new StreamsRuntime(topology, { applicationId: app, log, stateDb: db });
+        await runtime.start();
+        await eventually(
+          async () => (await log.admin.committedOffsets(app, input))[0]!.offset === 1,
+          shape.settleMs + 30_000,
+          'the flaky record to be processed',
+        );
+        await new Promise((r) => setTimeout(r, 600));
+        await runtime.close();
+        await db.close();
+        const out = await readAll(log, output);
+        assert.deepEqual(out.get('k'), ['flaky'], 'processed once, after two retries');
+        assert.equal(failures, 3);
+        assert.ok((out.get('tick') ?? []).length >= 2, 'the punctuator ran');
+        assert.equal(
+          (await log.admin.watermarks(deadLetterTopic(app))).reduce((n, m) => n + m.high, 0),
+          0,
+        );
+      } finally {
+        await shape.close(log);
+      }
+    });
+
+    it('loads a global table whole, follows its updates and tombstones', async () => {
+      const topic = uniqueName('table');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic, partitions: 3, config: { 'cleanup.policy': 'compact' } },
+        ]);
+        const producer = await log.producer();
+        const put = (key: string, value: string | null) =>
+          producer.send([
+            { topic, key: Buffer.from(key), value: value === null ? null : Buffer.from(value) },
+          ]);
+        for (let i = 0; i < 30; i++) await put(`gw-${i}`, `v${i}`);
+        await put('gw-0', 'v0-new');
+        const table = new GlobalTable(log, topic, { decode: (v) => v.toString('utf8') });
+        await table.start();
+        assert.equal(table.size, 30, 'loaded whole before start resolves');
+        assert.equal(table.get('gw-0'), 'v0-new');
+        await put('gw-1', null);
+        await put('gw-new', 'fresh');
+        await eventually(
+          () => !table.has('gw-1') && table.get('gw-new') === 'fresh',
+          shape.settleMs + 20_000,
+          'updates',
+        );
+        await table.close();
+        await producer.close();
       } finally {
         await shape.close(log);
       }

@@ -4,7 +4,7 @@
  * Environment: LOG_DIR (embedded log) or KAFKA_BROKERS; STATE_DIR; APP_ID; INPUT; OUTPUT;
  * EXPECTED (exit 0 once that many input records are committed; unset: run until a signal);
  * GUARANTEE; COMMIT_INTERVAL_MS; CRASH_AT=<stage>:<n> (SIGKILL itself at the n-th time a commit
- * reaches that stage). Prints "running" once started.
+ * reaches that stage). Prints "running" once started and "commit" after each task commit.
  */
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import { KafkaLog } from '../../log/kafka/kafka-log.ts';
@@ -38,6 +38,7 @@ const runtime = new StreamsRuntime(countingTopology(env.INPUT!, env.OUTPUT!), {
   logger,
   onCommitStage: (stage) => {
     if (stage === crashStage && ++reached === Number(crashAt)) process.kill(process.pid, 'SIGKILL');
+    if (stage === 'flushed') process.stdout.write('commit\n');
   },
 });
 

@@ -1,0 +1,94 @@
+/**
+ * A global table: a compacted topic read whole by every instance and kept current, such as
+ * `chat.gateways` (which gateways are alive) or `chat.accounts` (which users exist). It loads
+ * every partition to its end before `start` resolves, then follows new records with a consumer
+ * of its own that starts exactly where the load ended. A tombstone removes the key.
+ */
+import { randomUUID } from 'node:crypto';
+import type { Consumer, Log } from '../../log/port.ts';
+import { silentLogger, type Logger } from '../../observability/logger.ts';
+
+export interface GlobalTableOptions<V> {
+  /** null for a tombstone; a value that fails to decode is logged and skipped. */
+  decode(value: Buffer): V | Promise<V>;
+  logger?: Logger;
+  /** Called after each change, e.g. to expire sessions of a silent gateway. */
+  onChange?(key: string, value: V | undefined): void;
+}
+
+export class GlobalTable<V> {
+  private readonly entries = new Map<string, V>();
+  private consumer: Consumer | undefined;
+  private readonly logger: Logger;
+
+  constructor(
+    private readonly log: Log,
+    readonly topic: string,
+    private readonly options: GlobalTableOptions<V>,
+  ) {
+    this.logger = (options.logger ?? silentLogger).child({ globalTable: topic });
+  }
+
+  async start(): Promise<void> {
+    const marks = await this.log.admin.watermarks(this.topic);
+    const ends = new Map(marks.map((m) => [m.partition, m.high]));
+    for await (const batch of this.log.readPartitions(
+      this.topic,
+      marks.map((m) => ({ partition: m.partition, from: 0 })),
+    )) {
+      for (const record of batch.records) await this.apply(record.key, record.value);
+    }
+    this.logger.info({ entries: this.entries.size }, 'global table loaded');
+    const consumer = this.log.consumer({
+      groupId: `global-${this.topic}-${randomUUID()}`,
+      startFrom: 'latest',
+    });
+    this.consumer = consumer;
+    await consumer.subscribe([this.topic]);
+    await consumer.run({
+      onAssignment: (assignment) => {
+        for (const tp of assignment) consumer.seek({ ...tp, offset: ends.get(tp.partition) ?? 0 });
+      },
+      eachBatch: async (batch) => {
+        for (const record of batch.records) await this.apply(record.key, record.value);
+      },
+    });
+  }
+
+  get(key: string): V | undefined {
+    return this.entries.get(key);
+  }
+
+  has(key: string): boolean {
+    return this.entries.has(key);
+  }
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  values(): IterableIterator<[string, V]> {
+    return this.entries.entries();
+  }
+
+  async close(): Promise<void> {
+    await this.consumer?.close();
+  }
+
+  private async apply(keyBytes: Buffer | null, value: Buffer | null): Promise<void> {
+    if (!keyBytes) return;
+    const key = keyBytes.toString('utf8');
+    if (value === null) {
+      this.entries.delete(key);
+      this.options.onChange?.(key, undefined);
+      return;
+    }
+    try {
+      const decoded = await this.options.decode(value);
+      this.entries.set(key, decoded);
+      this.options.onChange?.(key, decoded);
+    } catch (error) {
+      this.logger.error({ err: error, key }, 'global table record does not decode; skipped');
+    }
+  }
+}
