@@ -1,10 +1,11 @@
 /**
  * `npm run bench -- <name> [options]`: runs one benchmark and prints its figures with the
- * command line that produced them. Benchmarks: log.
+ * command line that produced them. Benchmarks: log, runtime.
  */
 const [name, ...args] = process.argv.slice(2);
 const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void> }>> = {
   log: () => import('./log.ts'),
+  runtime: () => import('./runtime.ts'),
 };
 const load = name ? benches[name] : undefined;
 if (!load) {
