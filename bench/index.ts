@@ -1,11 +1,12 @@
 /**
  * `npm run bench -- <name> [options]`: runs one benchmark and prints its figures with the
- * command line that produced them. Benchmarks: log, runtime.
+ * command line that produced them. Benchmarks: log, runtime, state-memory.
  */
 const [name, ...args] = process.argv.slice(2);
 const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void> }>> = {
   log: () => import('./log.ts'),
   runtime: () => import('./runtime.ts'),
+  'state-memory': () => import('./state-memory.ts'),
 };
 const load = name ? benches[name] : undefined;
 if (!load) {
