@@ -17,6 +17,11 @@ import * as keys from './keys.ts';
 
 /** Operations per slice when a write batch is built, between which the event loop may turn. */
 const BATCH_SLICE = 2000;
+/**
+ * This binding writes a batch synchronously on the main thread, so a write group is bounded:
+ * units are added until it holds this many bytes (a single unit is never split: it is atomic).
+ */
+const MAX_GROUP_BYTES = 4 * 1024 * 1024;
 /** Kafka's default `delete.retention.ms`: one day. */
 const DEFAULT_DELETE_RETENTION_MS = 86_400_000;
 /** Kafka's default `retention.ms` for delete-policy topics: seven days. */
@@ -198,8 +203,14 @@ export class PartitionStore {
 
   private async writeGroups(): Promise<void> {
     while (this.pending.length > 0) {
-      const group = this.pending;
-      this.pending = [];
+      let bytes = 0;
+      let count = 0;
+      while (count < this.pending.length && (count === 0 || bytes < MAX_GROUP_BYTES)) {
+        for (const record of this.pending[count]!.unit.records) bytes += record.encoded.length;
+        count++;
+      }
+      const group = this.pending.slice(0, count);
+      this.pending = this.pending.slice(count);
       try {
         await this.writeGroup(group);
       } catch (error) {

@@ -161,8 +161,8 @@ describe('embedded log', () => {
         key: Buffer.from(`k${i}`),
         value,
       }));
-      // Encoding is the synchronous part (the RocksDB write runs off the main thread): if it
-      // did not yield, no timer could fire before it returned.
+      // If encoding did not yield, no timer could fire before it returned. (The RocksDB write
+      // itself is synchronous in this binding; write groups are bounded in bytes instead.)
       await log.prepare(records);
       assert.ok(ticks > 0, 'a 1 ms timer ran while 50,000 records were encoded');
       await producer.send(records);

@@ -1,0 +1,80 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { StateDb } from '../../state/state-db.ts';
+import { TaskStore } from '../../state/task-store.ts';
+import { jsonSerde } from '../../state/store.ts';
+
+describe('task store', () => {
+  let dir: string;
+  let db: StateDb;
+  beforeEach(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'kchat-task-store-'));
+    db = await StateDb.open(dir);
+  });
+  afterEach(async () => {
+    await db.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it('shows its own uncommitted writes, and forgets them on discard without caching them', async () => {
+    const store = new TaskStore<number>('s', 0, db, jsonSerde());
+    store.put('a', 1);
+    assert.equal(await store.get('a'), 1);
+    store.discard();
+    assert.equal(await store.get('a'), undefined);
+    assert.equal(await db.get('s', 0, 'a'), undefined);
+  });
+
+  it('serves committed values and deletions from its cache, consistent with RocksDB', async () => {
+    const store = new TaskStore<number>('s', 0, db, jsonSerde(), 2);
+    store.put('a', 1);
+    store.put('b', 2);
+    await store.flush(store.writes());
+    store.delete('a');
+    await store.flush(store.writes());
+    assert.equal(await store.get('a'), undefined);
+    assert.equal(await store.get('b'), 2);
+    // Written behind the store's back: a cached key keeps its committed value, an evicted one
+    // is read again. (Only the task writes its share; this just shows where values come from.)
+    await db.write('s', 0, [{ key: 'c', value: Buffer.from('3') }]);
+    assert.equal(await store.get('c'), 3);
+    assert.deepEqual(await store.all(), [
+      ['b', 2],
+      ['c', 3],
+    ]);
+  });
+
+  it('undoes a failed record’s writes back to the savepoint', async () => {
+    const store = new TaskStore<number>('s', 0, db, jsonSerde());
+    store.put('a', 1);
+    store.savepoint();
+    store.put('a', 2);
+    store.delete('b');
+    store.rollback();
+    assert.equal(await store.get('a'), 1);
+    assert.deepEqual(
+      store.writes().map((w) => w.key),
+      ['a'],
+    );
+  });
+
+  it('keeps its share apart from other partitions and stores in the shared database', async () => {
+    const mine = new TaskStore<string>('s', 1, db, jsonSerde());
+    const other = new TaskStore<string>('s', 2, db, jsonSerde());
+    const otherStore = new TaskStore<string>('t', 1, db, jsonSerde());
+    for (const [store, value] of [
+      [mine, 'mine'],
+      [other, 'other'],
+      [otherStore, 'other store'],
+    ] as const) {
+      store.put('k', value);
+      await store.flush(store.writes());
+    }
+    assert.deepEqual(await mine.all(), [['k', 'mine']]);
+    await db.drop('s', 2);
+    assert.equal(await new TaskStore<string>('s', 2, db, jsonSerde()).get('k'), undefined);
+    assert.equal(await mine.get('k'), 'mine');
+  });
+});
