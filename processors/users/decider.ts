@@ -1,0 +1,443 @@
+/**
+ * The users actor as a decider: the single writer of each user's inbox.
+ *
+ * `decide(command, view)` answers what happens to one user; `evolve(meta, event)` what the
+ * actor knows afterwards. Inbox entries themselves are kept apart from the user's meta (one
+ * store record per entry), so that an append reads and writes only the meta; commands that need
+ * the entries (a connect, a sync, an ack, a prune) get them in the view, loaded by the
+ * processor around this code.
+ *
+ * Replays and the order of seq: a new session is not live until its sync has run. The gateway
+ * follows every CONNECTED with a Sync on `chat.user-commands`, the topic and partition that also
+ * carries the device's acks, so every ack made before the reconnect is applied before the
+ * replay: the replay starts above the device's last applied ack, and live deliveries start only
+ * after it, keeping seq order. A Sync that overtakes its CONNECTED (they travel on different
+ * topics) waits as pending until the session appears.
+ */
+import type { InboxEntry, PushRequest, Receipt, Typing } from '../../schemas/types.generated.ts';
+import { branchOf } from '../../schemas/avro.ts';
+import type { Decider } from '../runtime/decider.ts';
+
+export type EntryBody = InboxEntry['entry'];
+
+export interface Session {
+  deviceId: string;
+  gatewayId: string;
+  /** False until the session's sync has run: live deliveries wait for it. */
+  live: boolean;
+}
+
+export interface UserMeta {
+  /** The seq the next entry gets: 1, 2, 3... */
+  nextSeq: number;
+  /** The lowest seq still kept; everything below was pruned. */
+  firstKept: number;
+  /** `delivered` receipts have been owed for every message up to this seq. */
+  receiptedUpTo: number;
+  /** Every device that ever opened a WebSocket, with its cumulative ack. */
+  devices: Record<string, { ack: number }>;
+  /** Open connections, by connectionId. */
+  sessions: Record<string, Session>;
+  /** Syncs that arrived before their connection's CONNECTED. */
+  pendingSyncs: Record<string, { deviceId: string; after: number }>;
+  /** Devices registered for push, by deviceId. */
+  push: Record<string, { pushToken: string; platform: string | null }>;
+}
+
+export const newUserMeta = (): UserMeta => ({
+  nextSeq: 1,
+  firstKept: 1,
+  receiptedUpTo: 0,
+  devices: {},
+  sessions: {},
+  pendingSyncs: {},
+  push: {},
+});
+
+export interface UserView {
+  userId: string;
+  meta: UserMeta;
+  /** The kept entries in seq order, when the command needs them (else empty). */
+  entries: InboxEntry[];
+  /** For an append: the inbox already holds this entry (same dedup key). */
+  duplicate: boolean;
+  /** Gateways heard from lately: sessions on any other gateway count as offline. */
+  liveGateways: ReadonlySet<string>;
+}
+
+/** `after` of a Sync meaning "above the device's last applied ack". */
+export const FROM_ACK = -1;
+
+export type UserCommand =
+  | { kind: 'connected'; deviceId: string; gatewayId: string; connectionId: string; at: number }
+  | { kind: 'disconnected'; connectionId: string; at: number }
+  | { kind: 'append'; entry: EntryBody; dedupKey: string; at: number }
+  | { kind: 'ack'; deviceId: string; upTo: number; at: number }
+  /** view.entries holds the message when the inbox has it. */
+  | { kind: 'read'; deviceId: string; connectionId?: string; messageId: string; at: number }
+  | { kind: 'typing'; typing: Typing }
+  | { kind: 'sync'; deviceId: string; connectionId: string; after: number; at: number }
+  | { kind: 'device-registered'; deviceId: string; pushToken: string; platform: string | null }
+  | { kind: 'device-removed'; deviceId: string; pushToken: string | null }
+  | { kind: 'prune'; now: number; retentionMs: number };
+
+export interface Target {
+  deviceId: string;
+  connectionId: string;
+}
+
+export type UserEvent =
+  // Facts that change the meta:
+  | {
+      type: 'session-opened';
+      connectionId: string;
+      deviceId: string;
+      gatewayId: string;
+      live: boolean;
+    }
+  | { type: 'session-closed'; connectionId: string }
+  | { type: 'sync-pending'; connectionId: string; deviceId: string; after: number }
+  | { type: 'session-live'; connectionId: string }
+  | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
+  | { type: 'acked'; deviceId: string; upTo: number }
+  | { type: 'receipted'; upTo: number }
+  | { type: 'push-registered'; deviceId: string; pushToken: string; platform: string | null }
+  | { type: 'push-removed'; deviceId: string }
+  | { type: 'pruned'; below: number }
+  // Facts about what was sent, which the processor turns into records:
+  | { type: 'delivered'; gatewayId: string; targets: Target[]; entries: InboxEntry[] }
+  | { type: 'typing-relayed'; gatewayId: string; targets: Target[]; typing: Typing }
+  | {
+      type: 'refused';
+      gatewayId: string;
+      targets: Target[];
+      code: 'unknown_message';
+      message: string;
+    }
+  | { type: 'receipt-owed'; to: string; receipt: Receipt }
+  | { type: 'push-requested'; request: PushRequest };
+
+/** The sender of a message entry, when the entry is a message copy. */
+function messageOf(entry: InboxEntry) {
+  const { name, value } = branchOf(entry.entry);
+  return name === 'chat.v1.MessageCopy' ? value : undefined;
+}
+
+/** Live sessions on live gateways, grouped by gateway. */
+function liveTargets(view: UserView, only?: (s: Session, connectionId: string) => boolean) {
+  const byGateway = new Map<string, Target[]>();
+  for (const [connectionId, session] of Object.entries(view.meta.sessions)) {
+    if (!view.liveGateways.has(session.gatewayId)) continue;
+    if (only ? !only(session, connectionId) : !session.live) continue;
+    const list = byGateway.get(session.gatewayId) ?? [];
+    list.push({ deviceId: session.deviceId, connectionId });
+    byGateway.set(session.gatewayId, list);
+  }
+  return byGateway;
+}
+
+/** The replay of a sync: every kept entry above `after` (or the device's ack), to one session. */
+function replay(
+  view: UserView,
+  connectionId: string,
+  session: Session,
+  after: number,
+): UserEvent[] {
+  const from = after === FROM_ACK ? (view.meta.devices[session.deviceId]?.ack ?? 0) : after;
+  const entries = view.entries.filter((e) => e.seq > from);
+  const events: UserEvent[] = [];
+  if (entries.length > 0 && view.liveGateways.has(session.gatewayId)) {
+    events.push({
+      type: 'delivered',
+      gatewayId: session.gatewayId,
+      targets: [{ deviceId: session.deviceId, connectionId }],
+      entries,
+    });
+  }
+  if (!session.live) events.push({ type: 'session-live', connectionId });
+  return events;
+}
+
+export function decide(command: UserCommand, view: UserView): UserEvent[] {
+  const { meta } = view;
+  switch (command.kind) {
+    case 'connected': {
+      if (meta.sessions[command.connectionId]) return []; // a redelivered event
+      const session: Session = {
+        deviceId: command.deviceId,
+        gatewayId: command.gatewayId,
+        live: false,
+      };
+      const opened: UserEvent = {
+        type: 'session-opened',
+        connectionId: command.connectionId,
+        ...session,
+      };
+      const pending = meta.pendingSyncs[command.connectionId];
+      return pending
+        ? [opened, ...replay(view, command.connectionId, session, pending.after)]
+        : [opened];
+    }
+
+    case 'disconnected': {
+      const known = meta.sessions[command.connectionId] || meta.pendingSyncs[command.connectionId];
+      // Only the connection it names: a reconnect's new session is never removed by the old one.
+      return known ? [{ type: 'session-closed', connectionId: command.connectionId }] : [];
+    }
+
+    case 'sync': {
+      const session = meta.sessions[command.connectionId];
+      if (!session) {
+        return [
+          {
+            type: 'sync-pending',
+            connectionId: command.connectionId,
+            deviceId: command.deviceId,
+            after: command.after,
+          },
+        ];
+      }
+      return replay(view, command.connectionId, session, command.after);
+    }
+
+    case 'append': {
+      if (view.duplicate) return []; // exactly once in the inbox
+      const entry: InboxEntry = {
+        userId: view.userId,
+        seq: meta.nextSeq,
+        at: command.at,
+        entry: command.entry,
+      };
+      const events: UserEvent[] = [{ type: 'entry-appended', entry, dedupKey: command.dedupKey }];
+      const targets = liveTargets(view);
+      for (const [gatewayId, list] of targets)
+        events.push({ type: 'delivered', gatewayId, targets: list, entries: [entry] });
+      const message = messageOf(entry);
+      const online = Object.values(meta.sessions).some((s) => view.liveGateways.has(s.gatewayId));
+      const pushDevices = Object.entries(meta.push);
+      if (message && message.from !== view.userId && !online && pushDevices.length > 0) {
+        events.push({
+          type: 'push-requested',
+          request: {
+            userId: view.userId,
+            seq: entry.seq,
+            messageId: message.messageId,
+            from: message.from,
+            group: message.group,
+            devices: pushDevices.map(([deviceId, d]) => ({
+              deviceId,
+              pushToken: d.pushToken,
+              platform: d.platform,
+            })),
+            notification: { title: message.from, body: previewOf(message.body) },
+            at: command.at,
+          },
+        });
+      }
+      return events;
+    }
+
+    case 'ack': {
+      const device = meta.devices[command.deviceId];
+      // Acks are cumulative and cannot reach past what the inbox holds.
+      const upTo = Math.min(command.upTo, meta.nextSeq - 1);
+      if (device && upTo <= device.ack) return [];
+      const events: UserEvent[] = [{ type: 'acked', deviceId: command.deviceId, upTo }];
+      if (upTo > meta.receiptedUpTo) {
+        // One `delivered` per message and recipient: on the first ack of any device covering it.
+        for (const entry of view.entries) {
+          const message = messageOf(entry);
+          if (
+            !message ||
+            entry.seq <= meta.receiptedUpTo ||
+            entry.seq > upTo ||
+            message.from === view.userId
+          )
+            continue;
+          events.push({
+            type: 'receipt-owed',
+            to: message.from,
+            receipt: {
+              messageId: message.messageId,
+              by: view.userId,
+              status: 'delivered',
+              at: command.at,
+            },
+          });
+        }
+        events.push({ type: 'receipted', upTo });
+      }
+      return events;
+    }
+
+    case 'read': {
+      const message = view.entries.map(messageOf).find((m) => m?.messageId === command.messageId);
+      if (!message) {
+        const session = command.connectionId ? meta.sessions[command.connectionId] : undefined;
+        return session
+          ? [
+              {
+                type: 'refused',
+                gatewayId: session.gatewayId,
+                targets: [{ deviceId: session.deviceId, connectionId: command.connectionId! }],
+                code: 'unknown_message',
+                message: `no message ${command.messageId} in your inbox`,
+              },
+            ]
+          : [];
+      }
+      if (message.from === view.userId) return []; // reading one's own message owes no receipt
+      return [
+        {
+          type: 'receipt-owed',
+          to: message.from,
+          receipt: {
+            messageId: message.messageId,
+            by: view.userId,
+            status: 'read',
+            at: command.at,
+          },
+        },
+      ];
+    }
+
+    case 'typing': {
+      // Relayed to live devices only, never stored.
+      return [...liveTargets(view)].map(([gatewayId, targets]) => ({
+        type: 'typing-relayed' as const,
+        gatewayId,
+        targets,
+        typing: command.typing,
+      }));
+    }
+
+    case 'device-registered': {
+      const current = meta.push[command.deviceId];
+      if (current?.pushToken === command.pushToken && current.platform === command.platform)
+        return [];
+      return [
+        {
+          type: 'push-registered',
+          deviceId: command.deviceId,
+          pushToken: command.pushToken,
+          platform: command.platform,
+        },
+      ];
+    }
+
+    case 'device-removed': {
+      const current = meta.push[command.deviceId];
+      if (!current) return [];
+      // The push actor names the token it found invalid: one registered since is kept.
+      if (command.pushToken !== null && current.pushToken !== command.pushToken) return [];
+      return [{ type: 'push-removed', deviceId: command.deviceId }];
+    }
+
+    case 'prune': {
+      // Kept until every device that ever connected acked it, or until it is too old. Both
+      // rules remove a prefix of the inbox: acks are cumulative and seq follows time.
+      const devices = Object.values(meta.devices);
+      const ackedByAll = devices.length === 0 ? 0 : Math.min(...devices.map((d) => d.ack));
+      let below = Math.max(meta.firstKept, ackedByAll + 1);
+      for (const entry of view.entries) {
+        if (entry.seq >= below && command.now - entry.at > command.retentionMs)
+          below = entry.seq + 1;
+      }
+      below = Math.min(below, meta.nextSeq);
+      return below > meta.firstKept ? [{ type: 'pruned', below }] : [];
+    }
+  }
+}
+
+export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
+  switch (event.type) {
+    case 'session-opened': {
+      const devices = meta.devices[event.deviceId]
+        ? meta.devices
+        : { ...meta.devices, [event.deviceId]: { ack: 0 } };
+      const { [event.connectionId]: _pending, ...pendingSyncs } = meta.pendingSyncs;
+      return {
+        ...meta,
+        devices,
+        pendingSyncs,
+        sessions: {
+          ...meta.sessions,
+          [event.connectionId]: {
+            deviceId: event.deviceId,
+            gatewayId: event.gatewayId,
+            live: event.live,
+          },
+        },
+      };
+    }
+    case 'session-live': {
+      const session = meta.sessions[event.connectionId];
+      if (!session) return meta;
+      return {
+        ...meta,
+        sessions: { ...meta.sessions, [event.connectionId]: { ...session, live: true } },
+      };
+    }
+    case 'session-closed': {
+      const { [event.connectionId]: _session, ...sessions } = meta.sessions;
+      const { [event.connectionId]: _pending, ...pendingSyncs } = meta.pendingSyncs;
+      return { ...meta, sessions, pendingSyncs };
+    }
+    case 'sync-pending':
+      return {
+        ...meta,
+        pendingSyncs: {
+          ...meta.pendingSyncs,
+          [event.connectionId]: { deviceId: event.deviceId, after: event.after },
+        },
+      };
+    case 'entry-appended':
+      return { ...meta, nextSeq: event.entry.seq + 1 };
+    case 'acked':
+      return { ...meta, devices: { ...meta.devices, [event.deviceId]: { ack: event.upTo } } };
+    case 'receipted':
+      return { ...meta, receiptedUpTo: event.upTo };
+    case 'push-registered':
+      return {
+        ...meta,
+        push: {
+          ...meta.push,
+          [event.deviceId]: { pushToken: event.pushToken, platform: event.platform },
+        },
+      };
+    case 'push-removed': {
+      const { [event.deviceId]: _removed, ...push } = meta.push;
+      return { ...meta, push };
+    }
+    case 'pruned':
+      return { ...meta, firstKept: event.below };
+    default:
+      return meta; // facts about what was sent change nothing the actor knows
+  }
+}
+
+/**
+ * The users decider in the runtime's Decider shape (for replays of a user's history): the
+ * command comes with the parts of the view that are not the meta.
+ */
+export const usersDecider: Decider<
+  { command: UserCommand; view: Omit<UserView, 'meta'> },
+  UserMeta,
+  UserEvent
+> = {
+  initialState: newUserMeta,
+  decide: ({ command, view }, meta) => decide(command, { ...view, meta }),
+  evolve,
+};
+
+/** A push notification's text: the body's text when it has one, else a generic line. */
+function previewOf(body: string): string {
+  try {
+    const value = JSON.parse(body) as unknown;
+    const text = typeof value === 'string' ? value : (value as { text?: unknown } | null)?.text;
+    if (typeof text === 'string') return text.length > 120 ? `${text.slice(0, 117)}...` : text;
+  } catch {
+    // a body is JSON text by contract; a stored one that is not still gets a notification
+  }
+  return 'New message';
+}

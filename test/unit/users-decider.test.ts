@@ -1,0 +1,393 @@
+/**
+ * The users actor's logic as tables of command, state and expected events: no log, no store,
+ * no clock. A small harness plays the processor's part (entries and dedup keys kept beside the
+ * meta) for the scenarios that span several commands.
+ */
+import assert from 'node:assert/strict';
+import {
+  decide,
+  evolve,
+  FROM_ACK,
+  newUserMeta,
+  type EntryBody,
+  type UserCommand,
+  type UserEvent,
+  type UserMeta,
+  type UserView,
+} from '../../processors/users/decider.ts';
+import type { InboxEntry } from '../../schemas/types.generated.ts';
+
+const T = 1_800_000_000_000;
+const ALICE = 'alice';
+
+const message = (messageId: string, from: string, to = ALICE): EntryBody => ({
+  'chat.v1.MessageCopy': {
+    messageId,
+    from,
+    to,
+    group: null,
+    body: JSON.stringify({ text: `hi ${messageId}` }),
+    sentAt: T,
+  },
+});
+
+const view = (meta: UserMeta, extra: Partial<UserView> = {}): UserView => ({
+  userId: ALICE,
+  meta,
+  entries: [],
+  duplicate: false,
+  liveGateways: new Set(['gw1', 'gw2']),
+  ...extra,
+});
+
+const metaWith = (patch: Partial<UserMeta>): UserMeta => ({ ...newUserMeta(), ...patch });
+const types = (events: UserEvent[]) => events.map((e) => e.type);
+
+/** Plays the processor: meta through evolve, entries and dedup keys kept beside it. */
+class Inbox {
+  meta = newUserMeta();
+  entries: InboxEntry[] = [];
+  dedup = new Set<string>();
+  liveGateways = new Set(['gw1', 'gw2']);
+  sent: UserEvent[] = [];
+
+  run(command: UserCommand): UserEvent[] {
+    const duplicate = command.kind === 'append' && this.dedup.has(command.dedupKey);
+    const events = decide(
+      command,
+      view(this.meta, { entries: this.entries, duplicate, liveGateways: this.liveGateways }),
+    );
+    for (const event of events) {
+      this.meta = evolve(this.meta, event);
+      if (event.type === 'entry-appended') {
+        this.entries.push(event.entry);
+        this.dedup.add(event.dedupKey);
+      }
+      if (event.type === 'pruned') this.entries = this.entries.filter((e) => e.seq >= event.below);
+    }
+    this.sent.push(
+      ...events.filter((e) =>
+        ['delivered', 'receipt-owed', 'push-requested', 'refused', 'typing-relayed'].includes(
+          e.type,
+        ),
+      ),
+    );
+    return events;
+  }
+
+  append(id: string, from = 'bob', at = T): UserEvent[] {
+    return this.run({ kind: 'append', entry: message(id, from), dedupKey: `m:${id}`, at });
+  }
+
+  deliveredSeqs(connectionId: string): number[] {
+    return this.sent.flatMap((e) =>
+      e.type === 'delivered' && e.targets.some((t) => t.connectionId === connectionId)
+        ? e.entries.map((x) => x.seq)
+        : [],
+    );
+  }
+}
+
+describe('users actor: decide', () => {
+  const online = metaWith({
+    nextSeq: 4,
+    devices: { phone: { ack: 3 } },
+    sessions: { c1: { deviceId: 'phone', gatewayId: 'gw1', live: true } },
+  });
+
+  const table: Array<[string, UserCommand, UserView, string[]]> = [
+    [
+      'an append to an empty inbox gets seq 1 and nothing else when nobody is online',
+      { kind: 'append', entry: message('m1', 'bob'), dedupKey: 'm:m1', at: T },
+      view(newUserMeta()),
+      ['entry-appended'],
+    ],
+    [
+      'an entry the inbox holds is dropped',
+      { kind: 'append', entry: message('m1', 'bob'), dedupKey: 'm:m1', at: T },
+      view(online, { duplicate: true }),
+      [],
+    ],
+    [
+      'an append reaches a live session',
+      { kind: 'append', entry: message('m2', 'bob'), dedupKey: 'm:m2', at: T },
+      view(online),
+      ['entry-appended', 'delivered'],
+    ],
+    [
+      'an append waits for a session that has not synced yet',
+      { kind: 'append', entry: message('m2', 'bob'), dedupKey: 'm:m2', at: T },
+      view(metaWith({ sessions: { c1: { deviceId: 'phone', gatewayId: 'gw1', live: false } } })),
+      ['entry-appended'],
+    ],
+    [
+      'a session on a silent gateway counts as offline: push instead',
+      { kind: 'append', entry: message('m2', 'bob'), dedupKey: 'm:m2', at: T },
+      view(
+        { ...online, push: { phone: { pushToken: 'tok', platform: 'android' } } },
+        { liveGateways: new Set(['gw2']) },
+      ),
+      ['entry-appended', 'push-requested'],
+    ],
+    [
+      "one's own message asks for no push",
+      { kind: 'append', entry: message('m3', ALICE), dedupKey: 'm:m3', at: T },
+      view(metaWith({ push: { phone: { pushToken: 'tok', platform: null } } })),
+      ['entry-appended'],
+    ],
+    [
+      'a CONNECTED opens a session that is not live yet',
+      { kind: 'connected', deviceId: 'tablet', gatewayId: 'gw2', connectionId: 'c2', at: T },
+      view(online),
+      ['session-opened'],
+    ],
+    [
+      'a CONNECTED seen twice changes nothing',
+      { kind: 'connected', deviceId: 'phone', gatewayId: 'gw1', connectionId: 'c1', at: T },
+      view(online),
+      [],
+    ],
+    [
+      'a sync before its CONNECTED waits',
+      { kind: 'sync', deviceId: 'tablet', connectionId: 'c9', after: FROM_ACK, at: T },
+      view(online),
+      ['sync-pending'],
+    ],
+    [
+      'a DISCONNECTED of another connection removes nothing',
+      { kind: 'disconnected', connectionId: 'old', at: T },
+      view(online),
+      [],
+    ],
+    [
+      'an ack that does not move forward changes nothing',
+      { kind: 'ack', deviceId: 'phone', upTo: 2, at: T },
+      view(online),
+      [],
+    ],
+    [
+      'typing reaches live sessions only, never stored',
+      { kind: 'typing', typing: { from: 'bob', to: ALICE, group: null, state: 'start', at: T } },
+      view(online),
+      ['typing-relayed'],
+    ],
+    [
+      'the same push registration again changes nothing',
+      { kind: 'device-registered', deviceId: 'phone', pushToken: 'tok', platform: null },
+      view(metaWith({ push: { phone: { pushToken: 'tok', platform: null } } })),
+      [],
+    ],
+    [
+      'a removal naming an old token keeps the new one',
+      { kind: 'device-removed', deviceId: 'phone', pushToken: 'old' },
+      view(metaWith({ push: { phone: { pushToken: 'new', platform: null } } })),
+      [],
+    ],
+    [
+      'a removal without a token removes the registration',
+      { kind: 'device-removed', deviceId: 'phone', pushToken: null },
+      view(metaWith({ push: { phone: { pushToken: 'new', platform: null } } })),
+      ['push-removed'],
+    ],
+  ];
+  for (const [what, command, state, expected] of table) {
+    it(what, () => assert.deepEqual(types(decide(command, state)), expected));
+  }
+});
+
+describe('users actor: scenarios', () => {
+  it('numbers entries 1, 2, 3... with no gaps, and keeps a retried message once', () => {
+    const inbox = new Inbox();
+    inbox.append('m1');
+    inbox.append('m2');
+    assert.deepEqual(inbox.append('m1'), [], 'a retry of m1');
+    inbox.append('m3', ALICE);
+    assert.deepEqual(
+      inbox.entries.map((e) => e.seq),
+      [1, 2, 3],
+    );
+    assert.equal(inbox.meta.nextSeq, 4);
+  });
+
+  it('replays, after a (re)connect, every entry above the applied ack, then delivers live in seq order', () => {
+    const inbox = new Inbox();
+    for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    });
+    inbox.append('m4'); // arrives before the sync: not sent live, the replay covers it
+    inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+    inbox.append('m5');
+    assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3, 4, 5]);
+
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 4, at: T });
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw2',
+      connectionId: 'c2',
+      at: T,
+    }); // reconnect elsewhere
+    inbox.run({ kind: 'disconnected', connectionId: 'c1', at: T }); // the old connection's late close
+    inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c2', after: FROM_ACK, at: T });
+    assert.deepEqual(inbox.deliveredSeqs('c2'), [5], 'nothing at or below the applied ack');
+    assert.deepEqual(
+      Object.keys(inbox.meta.sessions),
+      ['c2'],
+      'the old close did not remove the new session',
+    );
+  });
+
+  it('handles a sync that overtook its CONNECTED', () => {
+    const inbox = new Inbox();
+    inbox.append('m1');
+    inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+    assert.deepEqual(inbox.deliveredSeqs('c1'), []);
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    });
+    assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
+    assert.equal(inbox.meta.sessions.c1?.live, true);
+    inbox.append('m2');
+    assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2]);
+  });
+
+  it('a first-time device gets every kept entry; a sync frame resends above its own `after`', () => {
+    const inbox = new Inbox();
+    for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'laptop',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    });
+    inbox.run({ kind: 'sync', deviceId: 'laptop', connectionId: 'c1', after: FROM_ACK, at: T });
+    inbox.run({ kind: 'sync', deviceId: 'laptop', connectionId: 'c1', after: 2, at: T });
+    assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3, 3]);
+  });
+
+  it('owes one `delivered` receipt per message, on the first ack of any device covering it', () => {
+    const inbox = new Inbox();
+    inbox.append('m1', 'bob');
+    inbox.append('m2', ALICE); // her own copy: no receipt
+    inbox.append('m3', 'carol');
+    for (const [device, connection] of [
+      ['phone', 'c1'],
+      ['laptop', 'c2'],
+    ]) {
+      inbox.run({
+        kind: 'connected',
+        deviceId: device!,
+        gatewayId: 'gw1',
+        connectionId: connection!,
+        at: T,
+      });
+    }
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2, at: T });
+    inbox.run({ kind: 'ack', deviceId: 'laptop', upTo: 3, at: T });
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 99, at: T }); // clamped to what the inbox holds
+    const receipts = inbox.sent.flatMap((e) =>
+      e.type === 'receipt-owed' ? [[e.to, e.receipt.messageId, e.receipt.status]] : [],
+    );
+    assert.deepEqual(receipts, [
+      ['bob', 'm1', 'delivered'],
+      ['carol', 'm3', 'delivered'],
+    ]);
+    assert.deepEqual(inbox.meta.devices, { phone: { ack: 3 }, laptop: { ack: 3 } });
+  });
+
+  it('owes a `read` receipt for a message in the inbox, and refuses one that is not', () => {
+    const inbox = new Inbox();
+    inbox.append('m1', 'bob');
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    });
+    inbox.run({ kind: 'read', deviceId: 'phone', connectionId: 'c1', messageId: 'm1', at: T });
+    inbox.run({ kind: 'read', deviceId: 'phone', connectionId: 'c1', messageId: 'nope', at: T });
+    const facts = inbox.sent.filter((e) => e.type === 'receipt-owed' || e.type === 'refused');
+    assert.deepEqual(
+      facts.map((e) =>
+        e.type === 'receipt-owed'
+          ? `${e.to}:${e.receipt.status}`
+          : `refused:${e.type === 'refused' && e.code}`,
+      ),
+      ['bob:read', 'refused:unknown_message'],
+    );
+  });
+
+  it('keeps entries until every device that ever connected acked them, or until they expire', () => {
+    const inbox = new Inbox();
+    const day = 86_400_000;
+    inbox.append('m1', 'bob', T - 40 * day);
+    inbox.append('m2', 'bob', T - 2 * day);
+    inbox.append('m3', 'bob', T);
+    for (const device of ['phone', 'laptop']) {
+      inbox.run({
+        kind: 'connected',
+        deviceId: device,
+        gatewayId: 'gw1',
+        connectionId: device,
+        at: T,
+      });
+    }
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3, at: T });
+    inbox.run({ kind: 'prune', now: T, retentionMs: 30 * day });
+    assert.deepEqual(
+      inbox.entries.map((e) => e.seq),
+      [2, 3],
+      'm1 expired; the laptop has not acked m2 and m3',
+    );
+    inbox.run({ kind: 'ack', deviceId: 'laptop', upTo: 2, at: T });
+    inbox.run({ kind: 'prune', now: T, retentionMs: 30 * day });
+    assert.deepEqual(
+      inbox.entries.map((e) => e.seq),
+      [3],
+    );
+    assert.equal(inbox.meta.firstKept, 3);
+    inbox.append('m4');
+    assert.equal(inbox.entries.at(-1)?.seq, 4, 'numbering goes on after a prune');
+  });
+
+  it('asks for a push on every registered device when no device is online', () => {
+    const inbox = new Inbox();
+    inbox.run({
+      kind: 'device-registered',
+      deviceId: 'phone',
+      pushToken: 't1',
+      platform: 'android',
+    });
+    inbox.run({ kind: 'device-registered', deviceId: 'tablet', pushToken: 't2', platform: null });
+    const events = inbox.append('m1', 'bob');
+    const push = events.find((e) => e.type === 'push-requested');
+    assert.ok(push && push.type === 'push-requested');
+    assert.deepEqual(
+      push.request.devices.map((d) => d.pushToken),
+      ['t1', 't2'],
+    );
+    assert.equal(push.request.notification.body, 'hi m1');
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    });
+    assert.ok(
+      !inbox.append('m2', 'bob').some((e) => e.type === 'push-requested'),
+      'online: no push',
+    );
+  });
+});
