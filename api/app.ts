@@ -1,0 +1,58 @@
+/**
+ * The REST API of PROTOCOL.md as a Koa application; the caller mounts `app.callback()` on its
+ * HTTP server (or `app.listen`s). Middleware, outermost first: errors, no caching, JSON body,
+ * then a router per resource.
+ */
+import Koa, { type Middleware } from 'koa';
+import { Router } from '@koa/router';
+import type { Logger } from '../observability/logger.ts';
+import type { Account, AccountRepository, RefreshTokenRepository } from '../state/accounts/port.ts';
+import { jsonBody } from './body.ts';
+import { errorHandler } from './errors.ts';
+import { PasswordHasher } from './passwords.ts';
+import { authRouter } from './routes/auth.ts';
+import { meRouter } from './routes/me.ts';
+import type { TokenService } from './tokens.ts';
+
+export interface ApiDeps {
+  accounts: AccountRepository;
+  refreshTokens: RefreshTokenRepository;
+  tokens: TokenService;
+  /** Publishes the public account to the compacted `chat.accounts` topic. */
+  publishAccount(account: Account): Promise<void>;
+  logger: Logger;
+  /** Defaults to scrypt at DEFAULT_PASSWORD_COST; tests pass a cheaper one. */
+  passwords?: PasswordHasher;
+  /** Milliseconds since the epoch. */
+  now?: () => number;
+}
+
+/** Answers carry tokens and private data: no cache may keep them (RFC 6749 §5.1). */
+const noStore: Middleware = async (ctx, next) => {
+  ctx.set('Cache-Control', 'no-store');
+  await next();
+};
+
+export function createApi(deps: ApiDeps): Koa {
+  const logger = deps.logger.child({ component: 'api' });
+  const resolved = {
+    ...deps,
+    logger,
+    passwords: deps.passwords ?? new PasswordHasher(),
+    now: deps.now ?? Date.now,
+  };
+  const routes = new Router();
+  routes.use(authRouter(resolved).routes());
+  routes.use(meRouter(resolved).routes());
+
+  const app = new Koa();
+  // Only what escapes errorHandler arrives here (a socket error while answering).
+  app.on('error', (error: unknown) => logger.warn({ err: error }, 'http error'));
+  app
+    .use(errorHandler(logger))
+    .use(noStore)
+    .use(jsonBody())
+    .use(routes.routes())
+    .use(routes.allowedMethods());
+  return app;
+}

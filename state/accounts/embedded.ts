@@ -1,0 +1,238 @@
+/**
+ * The accounts repositories on a RocksDB database of their own (the embedded twin of the
+ * MongoDB adapter). Keys:
+ *
+ *   a/<userId>             the account (AccountRecord)
+ *   t/<hash>               a refresh token's grant and state (active, used or revoked)
+ *   f/<familyId>/<hash>    the family index: every token of a family
+ *   r/<familyId>           the family is revoked (kept as long as its longest-lived token)
+ *
+ * Every read-check-write runs under a per-key lock (KeyedLock): accounts by userId, tokens by
+ * hash, families by familyId. Lock order is family before token, never the reverse.
+ */
+import { mkdir } from 'node:fs/promises';
+import { RocksLevel } from '@nxtedition/rocksdb';
+import { silentLogger, type Logger } from '../../observability/logger.ts';
+import { KeyedLock } from './keyed-lock.ts';
+import {
+  AccountExistsError,
+  type AccountRecord,
+  type AccountRepository,
+  type AccountStores,
+  type ConsumeOutcome,
+  type RefreshTokenGrant,
+  type RefreshTokenRepository,
+} from './port.ts';
+
+type TokenState = 'active' | 'used' | 'revoked';
+type StoredToken = RefreshTokenGrant & { state: TokenState };
+type FamilyRevocation = { expiresAt: number };
+
+const accountKey = (userId: string) => `a/${userId}`;
+const tokenKey = (hash: string) => `t/${hash}`;
+const familyPrefix = (familyId: string) => `f/${familyId}/`;
+const familyKey = (familyId: string, hash: string) => `${familyPrefix(familyId)}${hash}`;
+const revocationKey = (familyId: string) => `r/${familyId}`;
+/** The first string after every key that starts with `prefix` ('/' + 1 is '0'). */
+const after = (prefix: string) => `${prefix.slice(0, -1)}0`;
+
+/** A revoked family with no token left is still remembered this long. */
+const EMPTY_FAMILY_REVOCATION_MS = 24 * 3600_000;
+const DEFAULT_PURGE_INTERVAL_MS = 3600_000;
+
+export interface EmbeddedAccountStoresOptions {
+  now?: () => number;
+  logger?: Logger;
+  /** How often expired tokens are deleted; 0: only when purgeExpired() is called. */
+  purgeIntervalMs?: number;
+}
+
+export class EmbeddedAccountStores implements AccountStores {
+  readonly accounts: AccountRepository;
+  readonly refreshTokens: RefreshTokenRepository;
+  private readonly lock = new KeyedLock();
+  private readonly now: () => number;
+  private purgeTimer: NodeJS.Timeout | undefined;
+  private purging: Promise<number> | undefined;
+
+  private constructor(
+    private readonly db: RocksLevel<string, unknown>,
+    options: EmbeddedAccountStoresOptions,
+  ) {
+    this.now = options.now ?? Date.now;
+    this.accounts = {
+      create: (account) => this.createAccount(account),
+      get: (userId) => this.read<AccountRecord>(accountKey(userId)),
+      updateDisplayName: (userId, displayName) => this.updateDisplayName(userId, displayName),
+    };
+    this.refreshTokens = {
+      store: (hash, grant) => this.storeToken(hash, grant),
+      consume: (hash) => this.consumeToken(hash),
+      revoke: (hash) => this.revokeToken(hash),
+      revokeFamily: (familyId) => this.revokeFamily(familyId),
+    };
+  }
+
+  static async open(
+    directory: string,
+    options: EmbeddedAccountStoresOptions = {},
+  ): Promise<EmbeddedAccountStores> {
+    await mkdir(directory, { recursive: true });
+    const db = new RocksLevel<string, unknown>(directory, {
+      keyEncoding: 'utf8',
+      valueEncoding: 'json',
+    });
+    await db.open({ createIfMissing: true });
+    const stores = new EmbeddedAccountStores(db, options);
+    const interval = options.purgeIntervalMs ?? DEFAULT_PURGE_INTERVAL_MS;
+    const logger = options.logger ?? silentLogger;
+    if (interval > 0) {
+      stores.purgeTimer = setInterval(() => {
+        stores
+          .purgeExpired()
+          .then((purged) => purged > 0 && logger.debug({ purged }, 'expired refresh tokens purged'))
+          .catch((error: unknown) => logger.warn({ err: error }, 'refresh token purge failed'));
+      }, interval);
+      stores.purgeTimer.unref();
+    }
+    return stores;
+  }
+
+  /** Deletes the tokens and family revocations that have expired; answers how many tokens. */
+  purgeExpired(): Promise<number> {
+    this.purging ??= this.purge().finally(() => (this.purging = undefined));
+    return this.purging;
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.purgeTimer);
+    await this.purging?.catch(() => {});
+    await this.db.close();
+  }
+
+  private createAccount(account: AccountRecord): Promise<void> {
+    return this.lock.run(accountKey(account.userId), async () => {
+      if ((await this.read(accountKey(account.userId))) !== undefined)
+        throw new AccountExistsError(account.userId);
+      const { userId, displayName, createdAt, passwordHash } = account;
+      const record: AccountRecord = { userId, displayName, createdAt, passwordHash };
+      await this.db.put(accountKey(userId), record);
+    });
+  }
+
+  private updateDisplayName(
+    userId: string,
+    displayName: string,
+  ): Promise<AccountRecord | undefined> {
+    return this.lock.run(accountKey(userId), async () => {
+      const account = await this.read<AccountRecord>(accountKey(userId));
+      if (account === undefined) return undefined;
+      const updated = { ...account, displayName };
+      await this.db.put(accountKey(userId), updated);
+      return updated;
+    });
+  }
+
+  private storeToken(hash: string, grant: RefreshTokenGrant): Promise<void> {
+    return this.lock.run(revocationKey(grant.familyId), async () => {
+      const revocation = await this.read<FamilyRevocation>(revocationKey(grant.familyId));
+      const token: StoredToken = {
+        userId: grant.userId,
+        familyId: grant.familyId,
+        expiresAt: grant.expiresAt,
+        state: revocation === undefined ? 'active' : 'revoked',
+      };
+      const batch = this.db
+        .batch()
+        .put(tokenKey(hash), token)
+        .put(familyKey(grant.familyId, hash), '');
+      if (revocation !== undefined && revocation.expiresAt < grant.expiresAt)
+        batch.put(revocationKey(grant.familyId), { expiresAt: grant.expiresAt });
+      await batch.write();
+    });
+  }
+
+  private consumeToken(hash: string): Promise<ConsumeOutcome | undefined> {
+    return this.lock.run(tokenKey(hash), async () => {
+      const token = await this.read<StoredToken>(tokenKey(hash));
+      if (token === undefined) return undefined;
+      const { state, ...grant } = token;
+      if (state === 'revoked') return { state: 'revoked', grant };
+      if (state === 'used') return { state: 'reused', grant };
+      await this.db.put(tokenKey(hash), { ...token, state: 'used' });
+      return { state: 'consumed', grant };
+    });
+  }
+
+  private revokeToken(hash: string): Promise<void> {
+    return this.lock.run(tokenKey(hash), async () => {
+      await this.setRevoked(hash);
+    });
+  }
+
+  private revokeFamily(familyId: string): Promise<void> {
+    return this.lock.run(revocationKey(familyId), async () => {
+      const prefix = familyPrefix(familyId);
+      const hashes = await this.db
+        .keys({ gte: prefix, lt: after(prefix) })
+        .all()
+        .then((keys) => keys.map((key) => key.slice(prefix.length)));
+      let expiresAt = this.now() + EMPTY_FAMILY_REVOCATION_MS;
+      for (const hash of hashes) {
+        const token = await this.lock.run(tokenKey(hash), () => this.setRevoked(hash));
+        if (token !== undefined) expiresAt = Math.max(expiresAt, token.expiresAt);
+      }
+      const previous = await this.read<FamilyRevocation>(revocationKey(familyId));
+      if (previous !== undefined) expiresAt = Math.max(expiresAt, previous.expiresAt);
+      await this.db.put(revocationKey(familyId), { expiresAt });
+    });
+  }
+
+  /** Call under the token's lock. */
+  private async setRevoked(hash: string): Promise<StoredToken | undefined> {
+    const token = await this.read<StoredToken>(tokenKey(hash));
+    if (token === undefined || token.state === 'revoked') return token;
+    await this.db.put(tokenKey(hash), { ...token, state: 'revoked' });
+    return token;
+  }
+
+  private async purge(): Promise<number> {
+    const now = this.now();
+    let purged = 0;
+    const tokens = (await this.db.iterator({ gte: 't/', lt: 't0' }).all()) as Array<
+      [string, StoredToken]
+    >;
+    for (const [key, { familyId, expiresAt }] of tokens) {
+      if (expiresAt > now) continue;
+      const hash = key.slice('t/'.length);
+      await this.lock.run(revocationKey(familyId), () =>
+        this.lock.run(key, async () => {
+          const token = await this.read<StoredToken>(key);
+          if (token === undefined || token.expiresAt > now) return;
+          await this.db.batch().del(key).del(familyKey(familyId, hash)).write();
+          purged++;
+        }),
+      );
+    }
+    const revocations = (await this.db.iterator({ gte: 'r/', lt: 'r0' }).all()) as Array<
+      [string, FamilyRevocation]
+    >;
+    for (const [key, { expiresAt }] of revocations) {
+      if (expiresAt > now) continue;
+      await this.lock.run(key, async () => {
+        const revocation = await this.read<FamilyRevocation>(key);
+        if (revocation !== undefined && revocation.expiresAt <= now) await this.db.del(key);
+      });
+    }
+    return purged;
+  }
+
+  private async read<V>(key: string): Promise<V | undefined> {
+    try {
+      return (await this.db.get(key)) as V;
+    } catch (error) {
+      if ((error as { code?: string }).code === 'LEVEL_NOT_FOUND') return undefined;
+      throw error;
+    }
+  }
+}

@@ -1,0 +1,868 @@
+/**
+ * The accounts part of the REST API over real HTTP: the Koa app listening on a free port,
+ * Node's fetch as the client, the embedded repositories in a temporary directory. Only
+ * publishAccount is a fake (it records what would go to `chat.accounts`).
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { SignJWT } from 'jose';
+import { pino } from 'pino';
+import { createApi, type ApiDeps } from '../../api/app.ts';
+import { MAX_BODY_BYTES } from '../../api/body.ts';
+import { PasswordHasher, type PasswordCost } from '../../api/passwords.ts';
+import {
+  InvalidAccessTokenError,
+  TokenService,
+  jwtSecret,
+  loadOrCreateJwtSecret,
+} from '../../api/tokens.ts';
+import type { Logger } from '../../observability/logger.ts';
+import { EmbeddedAccountStores } from '../../state/accounts/embedded.ts';
+import type { Account } from '../../state/accounts/port.ts';
+
+/** scrypt at 1 MiB: fast enough for tests, the same code path as production. */
+const CHEAP: PasswordCost = { log2N: 10, r: 8, p: 1 };
+const SECRET = new TextEncoder().encode('a test secret of at least thirty-two bytes');
+const START = Date.UTC(2025, 0, 1);
+const DAY_S = 24 * 3600;
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  body: any;
+}
+
+/** A PasswordHasher that records every hash it is asked to verify against. */
+class CountingHasher extends PasswordHasher {
+  readonly verified: Array<string | undefined> = [];
+  override verify(password: string, encoded: string | undefined): Promise<boolean> {
+    this.verified.push(encoded);
+    return super.verify(password, encoded);
+  }
+}
+
+/** A running API on a fresh data directory, with a clock the test moves. */
+class Harness {
+  clock = START;
+  readonly published: Account[] = [];
+  readonly logLines: string[] = [];
+  readonly passwords = new CountingHasher(CHEAP);
+  readonly tokens = new TokenService({ secret: SECRET, now: () => this.clock });
+  private server!: Server;
+  private stores!: EmbeddedAccountStores;
+  private dir!: string;
+  base!: string;
+
+  async start(overrides: Partial<ApiDeps> = {}): Promise<this> {
+    this.dir = await mkdtemp(join(tmpdir(), 'kchat-api-'));
+    this.stores = await EmbeddedAccountStores.open(join(this.dir, 'accounts'));
+    const lines = this.logLines;
+    const logger: Logger = pino(
+      { level: 'debug' },
+      new Writable({
+        write(chunk: Buffer, _encoding, callback) {
+          lines.push(chunk.toString('utf8'));
+          callback();
+        },
+      }),
+    );
+    const app = createApi({
+      accounts: this.stores.accounts,
+      refreshTokens: this.stores.refreshTokens,
+      tokens: this.tokens,
+      passwords: this.passwords,
+      publishAccount: async (account) => {
+        this.published.push(account);
+      },
+      logger,
+      now: () => this.clock,
+      ...overrides,
+    });
+    this.server = app.listen(0, '127.0.0.1');
+    await once(this.server, 'listening');
+    this.base = `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+    return this;
+  }
+
+  async stop(): Promise<void> {
+    this.server.closeAllConnections();
+    await new Promise((resolve) => this.server.close(resolve));
+    await this.stores.close();
+    await rm(this.dir, { recursive: true, force: true });
+  }
+
+  async call(
+    method: string,
+    path: string,
+    options: { json?: unknown; raw?: BodyInit; token?: string; headers?: HeadersInit } = {},
+  ): Promise<Answer> {
+    const headers = new Headers(options.headers);
+    if (options.json !== undefined) headers.set('content-type', 'application/json');
+    if (options.token !== undefined) headers.set('authorization', `Bearer ${options.token}`);
+    const response = await fetch(this.base + path, {
+      method,
+      headers,
+      body: options.json !== undefined ? JSON.stringify(options.json) : options.raw,
+      ...(options.raw instanceof ReadableStream ? { duplex: 'half' } : {}),
+    } as RequestInit);
+    const text = await response.text();
+    return {
+      status: response.status,
+      headers: response.headers,
+      body: text === '' ? undefined : JSON.parse(text),
+    };
+  }
+
+  register(username: string, password = 'correct horse', displayName?: string) {
+    return this.call('POST', '/v1/auth/register', { json: { username, password, displayName } });
+  }
+
+  login(username: string, password = 'correct horse') {
+    return this.call('POST', '/v1/auth/login', { json: { username, password } });
+  }
+
+  refresh(refreshToken: string) {
+    return this.call('POST', '/v1/auth/refresh', { json: { refreshToken } });
+  }
+}
+
+/** Asserts PROTOCOL.md's error shape, exactly. */
+function assertError(answer: Answer, status: number, code: string, field?: string): void {
+  assert.equal(answer.status, status, JSON.stringify(answer.body));
+  assert.match(answer.headers.get('content-type') ?? '', /^application\/json/);
+  assert.deepEqual(Object.keys(answer.body), ['error']);
+  const { error } = answer.body;
+  assert.deepEqual(
+    Object.keys(error).sort(),
+    field === undefined ? ['code', 'message'] : ['code', 'field', 'message'],
+  );
+  assert.equal(error.code, code);
+  assert.equal(typeof error.message, 'string');
+  assert.ok(error.message.length > 0);
+  if (field !== undefined) assert.equal(error.field, field);
+}
+
+function assertTokenPair(answer: Answer, status: number, userId: string): void {
+  assert.equal(answer.status, status, JSON.stringify(answer.body));
+  assert.deepEqual(Object.keys(answer.body).sort(), [
+    'accessToken',
+    'expiresIn',
+    'refreshToken',
+    'userId',
+  ]);
+  assert.equal(answer.body.userId, userId);
+  assert.equal(answer.body.expiresIn, 900);
+  assert.match(answer.body.accessToken, /^[\w-]+\.[\w-]+\.[\w-]+$/);
+  assert.match(answer.body.refreshToken, /^[\w-]{43}$/, '32 bytes, base64url');
+  assert.equal(answer.headers.get('cache-control'), 'no-store');
+}
+
+let counter = 0;
+/** A username no other test uses. */
+const fresh = (prefix = 'user') => `${prefix}${++counter}`;
+
+describe('REST API: accounts', () => {
+  let api: Harness;
+  before(async () => {
+    api = await new Harness().start();
+  });
+  after(async () => {
+    await api.stop();
+  });
+  beforeEach(() => {
+    api.clock = START;
+  });
+
+  describe('POST /v1/auth/register', () => {
+    it('answers 201 with a token pair and publishes the public account', async () => {
+      const answer = await api.register('alice', 'correct horse', 'Alice Liddell');
+      assertTokenPair(answer, 201, 'alice');
+      assert.deepEqual(api.published.at(-1), {
+        userId: 'alice',
+        displayName: 'Alice Liddell',
+        createdAt: START,
+      });
+    });
+
+    it('case-folds the username to lower case; the displayName defaults to the userId', async () => {
+      const answer = await api.register('Bob.Smith_2-x');
+      assertTokenPair(answer, 201, 'bob.smith_2-x');
+      assert.deepEqual(api.published.at(-1), {
+        userId: 'bob.smith_2-x',
+        displayName: 'bob.smith_2-x',
+        createdAt: START,
+      });
+    });
+
+    it('trims the displayName; null means none', async () => {
+      await api.register(fresh(), 'correct horse', '  Carol  ');
+      assert.equal(api.published.at(-1)?.displayName, 'Carol');
+      const userId = fresh();
+      const answer = await api.call('POST', '/v1/auth/register', {
+        json: { username: userId, password: 'correct horse', displayName: null },
+      });
+      assert.equal(answer.status, 201);
+      assert.equal(api.published.at(-1)?.displayName, userId);
+    });
+
+    it('never publishes a password or its hash', async () => {
+      const published = api.published.length;
+      await api.register(fresh(), 'a secret password');
+      assert.equal(api.published.length, published + 1);
+      const account = api.published.at(-1)!;
+      assert.deepEqual(Object.keys(account).sort(), ['createdAt', 'displayName', 'userId']);
+      assert.doesNotMatch(JSON.stringify(api.published), /scrypt|a secret password/);
+    });
+
+    it('answers 409 for a taken username, also in another case, and publishes nothing', async () => {
+      const userId = fresh('dave');
+      assert.equal((await api.register(userId)).status, 201);
+      const published = api.published.length;
+      assertError(await api.register(userId, 'another password'), 409, 'conflict');
+      assertError(await api.register(userId.toUpperCase()), 409, 'conflict');
+      assert.equal(api.published.length, published);
+      // The first account keeps its password.
+      assert.equal((await api.login(userId, 'another password')).status, 401);
+      assert.equal((await api.login(userId)).status, 200);
+    });
+
+    it("'Alice' after 'alice' is a 409", async () => {
+      assertError(await api.register('Alice'), 409, 'conflict');
+    });
+
+    it('of 10 concurrent registrations of one username, one gets 201 and the others 409', async () => {
+      const userId = fresh('erin');
+      const answers = await Promise.all(
+        Array.from({ length: 10 }, (_, i) => api.register(i % 2 ? userId : userId.toUpperCase())),
+      );
+      assert.deepEqual(
+        answers.map((a) => a.status).sort(),
+        [201, 409, 409, 409, 409, 409, 409, 409, 409, 409],
+      );
+      assert.equal(api.published.filter((a) => a.userId === userId).length, 1);
+    });
+
+    const badUsernames: Array<[string, unknown]> = [
+      ['too short', 'ab'],
+      ['too long', 'a'.repeat(33)],
+      ['a space', 'al ice'],
+      ['an @', 'al@ice'],
+      ['a non-ASCII letter', 'zoë'],
+      ['the Kelvin sign, whose lower case is an ASCII k', 'mar\u212Aus'],
+      ['an empty string', ''],
+      ['a number', 12345],
+      ['null', null],
+      ['an object', { name: 'alice' }],
+    ];
+    for (const [what, username] of badUsernames) {
+      it(`answers 400 field username for ${what}`, async () => {
+        const answer = await api.call('POST', '/v1/auth/register', {
+          json: { username, password: 'correct horse' },
+        });
+        assertError(answer, 400, 'bad_request', 'username');
+      });
+    }
+
+    it('answers 400 field username when it is missing', async () => {
+      const answer = await api.call('POST', '/v1/auth/register', {
+        json: { password: 'correct horse' },
+      });
+      assertError(answer, 400, 'bad_request', 'username');
+      assert.match(answer.body.error.message, /required/);
+    });
+
+    it('accepts usernames of 3 and 32 characters', async () => {
+      assertTokenPair(await api.register('x_3'), 201, 'x_3');
+      const long = `${fresh('long')}-`.padEnd(32, 'z');
+      assertTokenPair(await api.register(long), 201, long);
+    });
+
+    const badPasswords: Array<[string, unknown]> = [
+      ['7 characters', '1234567'],
+      ['257 characters', 'p'.repeat(257)],
+      ['a number', 12345678],
+      ['missing', undefined],
+      ['null', null],
+    ];
+    for (const [what, password] of badPasswords) {
+      it(`answers 400 field password for ${what}`, async () => {
+        const answer = await api.call('POST', '/v1/auth/register', {
+          json: { username: fresh(), password },
+        });
+        assertError(answer, 400, 'bad_request', 'password');
+      });
+    }
+
+    it('accepts passwords of 8 and 256 characters, counted in code points', async () => {
+      for (const password of ['12345678', 'p'.repeat(256), '😀'.repeat(256), '😀'.repeat(8)]) {
+        const userId = fresh();
+        assert.equal((await api.register(userId, password)).status, 201, `${password.length}`);
+        assert.equal((await api.login(userId, password)).status, 200);
+      }
+      const answer = await api.register(fresh(), '😀'.repeat(7));
+      assertError(answer, 400, 'bad_request', 'password');
+    });
+
+    const badDisplayNames: Array<[string, unknown]> = [
+      ['empty', ''],
+      ['only spaces', '   '],
+      ['65 characters', 'd'.repeat(65)],
+      ['a newline', 'two\nlines'],
+      ['a number', 42],
+      ['an array', ['Zed']],
+    ];
+    for (const [what, displayName] of badDisplayNames) {
+      it(`answers 400 field displayName for ${what}`, async () => {
+        const answer = await api.call('POST', '/v1/auth/register', {
+          json: { username: fresh(), password: 'correct horse', displayName },
+        });
+        assertError(answer, 400, 'bad_request', 'displayName');
+      });
+    }
+
+    it('accepts a displayName of 64 characters, any script', async () => {
+      const displayName = 'Ж'.repeat(32) + '名'.repeat(31) + '😀';
+      assert.equal((await api.register(fresh(), 'correct horse', displayName)).status, 201);
+      assert.equal(api.published.at(-1)?.displayName, displayName);
+    });
+
+    it('names the first field at fault when several are', async () => {
+      const answer = await api.call('POST', '/v1/auth/register', {
+        json: { username: 1, password: 2 },
+      });
+      assertError(answer, 400, 'bad_request', 'username');
+    });
+
+    it('ignores unknown fields', async () => {
+      const userId = fresh();
+      const answer = await api.call('POST', '/v1/auth/register', {
+        json: { username: userId, password: 'correct horse', admin: true, passwordHash: 'x' },
+      });
+      assertTokenPair(answer, 201, userId);
+      assert.equal((await api.login(userId)).status, 200);
+    });
+
+    it('reads the body as JSON whatever its Content-Type', async () => {
+      const userId = fresh();
+      const answer = await api.call('POST', '/v1/auth/register', {
+        raw: JSON.stringify({ username: userId, password: 'correct horse' }),
+        headers: { 'content-type': 'text/plain' },
+      });
+      assertTokenPair(answer, 201, userId);
+    });
+
+    it('answers 400 without a field for malformed JSON', async () => {
+      const answer = await api.call('POST', '/v1/auth/register', {
+        raw: '{"username": "frank", "password": ',
+        headers: { 'content-type': 'application/json' },
+      });
+      assertError(answer, 400, 'bad_request');
+    });
+
+    it('answers 400 without a field for a body that is not an object', async () => {
+      for (const raw of ['[1, 2]', '"alice"', '42', 'null']) {
+        const answer = await api.call('POST', '/v1/auth/register', {
+          raw,
+          headers: { 'content-type': 'application/json' },
+        });
+        assertError(answer, 400, 'bad_request');
+      }
+    });
+
+    it('answers 400 field username for an empty body', async () => {
+      const answer = await api.call('POST', '/v1/auth/register');
+      assertError(answer, 400, 'bad_request', 'username');
+    });
+
+    it('answers 413 for a body over 1 MiB', async () => {
+      const raw = JSON.stringify({ username: fresh(), password: 'correct horse', pad: '' });
+      const over = raw.replace(
+        '"pad":""',
+        `"pad":"${'x'.repeat(MAX_BODY_BYTES - raw.length + 1)}"`,
+      );
+      assert.equal(Buffer.byteLength(over), MAX_BODY_BYTES + 1);
+      const answer = await api.call('POST', '/v1/auth/register', {
+        raw: over,
+        headers: { 'content-type': 'application/json' },
+      });
+      assertError(answer, 413, 'too_large');
+    });
+
+    it('answers 413 for a chunked body over 1 MiB, with no Content-Length', async () => {
+      const chunk = new Uint8Array(64 * 1024).fill(0x20);
+      let sent = 0;
+      const raw = new ReadableStream<Uint8Array>({
+        pull(controller) {
+          if (sent === 0) controller.enqueue(new TextEncoder().encode('{"pad": "'));
+          if (sent > 2 * MAX_BODY_BYTES) controller.close();
+          else controller.enqueue(chunk);
+          sent += chunk.length;
+        },
+      });
+      const answer = await api.call('POST', '/v1/auth/register', { raw });
+      assertError(answer, 413, 'too_large');
+    });
+
+    it('accepts a body of exactly 1 MiB', async () => {
+      const userId = fresh();
+      const raw = JSON.stringify({ username: userId, password: 'correct horse', pad: '' });
+      const exact = raw.replace('"pad":""', `"pad":"${'x'.repeat(MAX_BODY_BYTES - raw.length)}"`);
+      assert.equal(Buffer.byteLength(exact), MAX_BODY_BYTES);
+      const answer = await api.call('POST', '/v1/auth/register', {
+        raw: exact,
+        headers: { 'content-type': 'application/json' },
+      });
+      assertTokenPair(answer, 201, userId);
+    });
+  });
+
+  describe('POST /v1/auth/login', () => {
+    it('answers 200 with a token pair whose access token works', async () => {
+      const userId = fresh('gina');
+      await api.register(userId, 'gina password');
+      const answer = await api.login(userId, 'gina password');
+      assertTokenPair(answer, 200, userId);
+      const me = await api.call('GET', '/v1/me', { token: answer.body.accessToken });
+      assert.equal(me.status, 200);
+      assert.equal(me.body.userId, userId);
+    });
+
+    it('takes the username in any case', async () => {
+      const userId = fresh('hank');
+      await api.register(userId);
+      assertTokenPair(await api.login(userId.toUpperCase()), 200, userId);
+    });
+
+    it('answers the same 401 body for a wrong password and an unknown user', async () => {
+      const userId = fresh('ivan');
+      await api.register(userId);
+      const wrongPassword = await api.login(userId, 'not the password');
+      const unknownUser = await api.login(fresh('nobody'), 'correct horse');
+      assertError(wrongPassword, 401, 'unauthorized');
+      assertError(unknownUser, 401, 'unauthorized');
+      assert.deepEqual(wrongPassword.body, unknownUser.body);
+      assert.equal(
+        wrongPassword.headers.get('www-authenticate'),
+        unknownUser.headers.get('www-authenticate'),
+      );
+    });
+
+    it('spends a password verification for an unknown user too', async () => {
+      api.passwords.verified.length = 0;
+      await api.login(fresh('nobody'), 'correct horse');
+      // The first call has no hash to check; it checks the same password against a decoy.
+      assert.equal(api.passwords.verified.length, 2);
+      assert.equal(api.passwords.verified[0], undefined);
+      assert.match(api.passwords.verified[1]!, /^\$scrypt\$ln=10,r=8,p=1\$/);
+    });
+
+    it('normalizes passwords to NFC: a decomposed é matches a composed one', async () => {
+      const userId = fresh('jose');
+      await api.register(userId, 'caf\u00e9 au lait');
+      assert.equal((await api.login(userId, 'cafe\u0301 au lait')).status, 200);
+    });
+
+    it('answers 400 for a malformed username or password, 401 for a short password', async () => {
+      assertError(
+        await api.call('POST', '/v1/auth/login', { json: { username: 42, password: 'x' } }),
+        400,
+        'bad_request',
+        'username',
+      );
+      assertError(
+        await api.call('POST', '/v1/auth/login', { json: { username: 'alice' } }),
+        400,
+        'bad_request',
+        'password',
+      );
+      assertError(await api.login('alice', 'p'.repeat(257)), 400, 'bad_request', 'password');
+      assertError(await api.login('alice', 'short'), 401, 'unauthorized');
+    });
+  });
+
+  describe('POST /v1/auth/refresh', () => {
+    it('answers a new pair, rotating the refresh token every time', async () => {
+      const userId = fresh('kim');
+      const first = (await api.register(userId)).body;
+      const second = await api.refresh(first.refreshToken);
+      assertTokenPair(second, 200, userId);
+      assert.notEqual(second.body.refreshToken, first.refreshToken);
+      const third = await api.refresh(second.body.refreshToken);
+      assertTokenPair(third, 200, userId);
+      const me = await api.call('GET', '/v1/me', { token: third.body.accessToken });
+      assert.equal(me.body.userId, userId);
+    });
+
+    it('a used refresh token answers 401, and revokes the tokens rotated from it', async () => {
+      const userId = fresh('leo');
+      const first = (await api.register(userId)).body.refreshToken;
+      const second = (await api.refresh(first)).body.refreshToken;
+      const other = (await api.login(userId)).body.refreshToken; // another family
+      assertError(await api.refresh(first), 401, 'unauthorized');
+      assertError(await api.refresh(second), 401, 'unauthorized');
+      assertTokenPair(await api.refresh(other), 200, userId);
+      assert.ok(api.logLines.some((line) => line.includes('refresh token reused')));
+    });
+
+    it('a reuse after several rotations revokes the latest token of the family', async () => {
+      const userId = fresh('mia');
+      const tokens = [(await api.register(userId)).body.refreshToken as string];
+      for (let i = 0; i < 3; i++)
+        tokens.push((await api.refresh(tokens.at(-1)!)).body.refreshToken);
+      assertError(await api.refresh(tokens[1]!), 401, 'unauthorized');
+      assertError(await api.refresh(tokens.at(-1)!), 401, 'unauthorized');
+    });
+
+    it('answers 401 for an unknown refresh token', async () => {
+      assertError(
+        await api.refresh('bm90IGEgcmVmcmVzaCB0b2tlbiB3ZSBpc3N1ZWQ'),
+        401,
+        'unauthorized',
+      );
+    });
+
+    it('answers 401 for an expired refresh token (30 days)', async () => {
+      const userId = fresh('ned');
+      const { refreshToken } = (await api.register(userId)).body;
+      const { refreshToken: stillFresh } = (await api.login(userId)).body;
+      api.clock = START + 30 * DAY_S * 1000 - 1;
+      assertTokenPair(await api.refresh(stillFresh), 200, userId);
+      api.clock = START + 30 * DAY_S * 1000;
+      assertError(await api.refresh(refreshToken), 401, 'unauthorized');
+    });
+
+    it('answers 400 field refreshToken when it is missing or not a string', async () => {
+      for (const json of [{}, { refreshToken: 123 }, { refreshToken: '' }]) {
+        const answer = await api.call('POST', '/v1/auth/refresh', { json });
+        assertError(answer, 400, 'bad_request', 'refreshToken');
+      }
+    });
+  });
+
+  describe('POST /v1/auth/logout', () => {
+    it('answers 204 and revokes the refresh token, not the access token', async () => {
+      const userId = fresh('olga');
+      const { accessToken, refreshToken } = (await api.register(userId)).body;
+      const answer = await api.call('POST', '/v1/auth/logout', { json: { refreshToken } });
+      assert.equal(answer.status, 204);
+      assert.equal(answer.body, undefined);
+      assertError(await api.refresh(refreshToken), 401, 'unauthorized');
+      assert.equal((await api.call('GET', '/v1/me', { token: accessToken })).status, 200);
+    });
+
+    it('answers 204 for an unknown token, and for one already logged out', async () => {
+      const { refreshToken } = (await api.register(fresh())).body;
+      for (const token of ['unknown-token', refreshToken, refreshToken]) {
+        const answer = await api.call('POST', '/v1/auth/logout', {
+          json: { refreshToken: token },
+        });
+        assert.equal(answer.status, 204);
+      }
+    });
+
+    it('answers 400 field refreshToken when it is missing', async () => {
+      const answer = await api.call('POST', '/v1/auth/logout', { json: {} });
+      assertError(answer, 400, 'bad_request', 'refreshToken');
+    });
+  });
+
+  describe('GET /v1/auth/verify', () => {
+    let userId: string;
+    let accessToken: string;
+    before(async () => {
+      userId = fresh('pia');
+      api.clock = START;
+      ({ accessToken } = (await api.register(userId)).body);
+    });
+
+    it('answers 204 with X-User-Id for a valid bearer token', async () => {
+      const answer = await api.call('GET', '/v1/auth/verify', { token: accessToken });
+      assert.equal(answer.status, 204);
+      assert.equal(answer.headers.get('x-user-id'), userId);
+      assert.equal(answer.body, undefined);
+    });
+
+    it('takes the scheme in any case', async () => {
+      const answer = await api.call('GET', '/v1/auth/verify', {
+        headers: { authorization: `bearer ${accessToken}` },
+      });
+      assert.equal(answer.status, 204);
+    });
+
+    it('answers 401 without a token, saying how to authenticate', async () => {
+      const answer = await api.call('GET', '/v1/auth/verify');
+      assertError(answer, 401, 'unauthorized');
+      assert.equal(answer.headers.get('www-authenticate'), 'Bearer realm="kchat"');
+      assert.equal(answer.headers.get('x-user-id'), null);
+    });
+
+    it('answers 401 for another scheme', async () => {
+      const answer = await api.call('GET', '/v1/auth/verify', {
+        headers: { authorization: `Basic ${Buffer.from('pia:pw').toString('base64')}` },
+      });
+      assertError(answer, 401, 'unauthorized');
+      assert.match(answer.headers.get('www-authenticate')!, /error="invalid_request"/);
+    });
+
+    it('answers 401 for a tampered token', async () => {
+      const [header, payload, signature] = accessToken.split('.');
+      const claims = JSON.parse(Buffer.from(payload!, 'base64url').toString());
+      const forged = Buffer.from(JSON.stringify({ ...claims, sub: 'admin' })).toString('base64url');
+      const flipped = (signature!.startsWith('A') ? 'B' : 'A') + signature!.slice(1);
+      for (const token of [`${header}.${forged}.${signature}`, `${header}.${payload}.${flipped}`]) {
+        const answer = await api.call('GET', '/v1/auth/verify', { token });
+        assertError(answer, 401, 'unauthorized');
+        assert.match(answer.headers.get('www-authenticate')!, /error="invalid_token"/);
+      }
+    });
+
+    it('answers 401 for a token signed with another secret, or unsigned', async () => {
+      const iat = Math.floor(START / 1000);
+      const otherSecret = await new SignJWT({})
+        .setProtectedHeader({ alg: 'HS256' })
+        .setSubject(userId)
+        .setIssuedAt(iat)
+        .setExpirationTime(iat + 900)
+        .sign(new TextEncoder().encode('another secret of at least thirty-two bytes'));
+      const none = [
+        Buffer.from(JSON.stringify({ alg: 'none', typ: 'JWT' })).toString('base64url'),
+        Buffer.from(JSON.stringify({ sub: userId, iat, exp: iat + 900 })).toString('base64url'),
+        '',
+      ].join('.');
+      for (const token of [otherSecret, none, 'not-a-jwt']) {
+        assertError(await api.call('GET', '/v1/auth/verify', { token }), 401, 'unauthorized');
+      }
+    });
+
+    it('answers 401 once the access token has expired (900 s)', async () => {
+      api.clock = START + 899_000;
+      assert.equal((await api.call('GET', '/v1/auth/verify', { token: accessToken })).status, 204);
+      api.clock = START + 900_000;
+      assertError(
+        await api.call('GET', '/v1/auth/verify', { token: accessToken }),
+        401,
+        'unauthorized',
+      );
+    });
+  });
+
+  describe('GET /v1/me', () => {
+    it('answers the account', async () => {
+      const userId = fresh('quinn');
+      api.clock = START + 1234;
+      const { accessToken } = (await api.register(userId, 'correct horse', 'Quinn')).body;
+      const answer = await api.call('GET', '/v1/me', { token: accessToken });
+      assert.equal(answer.status, 200);
+      assert.deepEqual(answer.body, { userId, displayName: 'Quinn', createdAt: START + 1234 });
+    });
+
+    it('answers 401 without a token, with an expired token, with a tampered token', async () => {
+      const { accessToken } = (await api.register(fresh('rosa'))).body;
+      assertError(await api.call('GET', '/v1/me'), 401, 'unauthorized');
+      const tampered = accessToken.slice(0, -2) + (accessToken.endsWith('AA') ? 'BB' : 'AA');
+      assertError(await api.call('GET', '/v1/me', { token: tampered }), 401, 'unauthorized');
+      api.clock = START + 900_000;
+      assertError(await api.call('GET', '/v1/me', { token: accessToken }), 401, 'unauthorized');
+    });
+
+    it('answers 401 for a valid token whose account does not exist', async () => {
+      const { accessToken } = await api.tokens.issueAccessToken('ghost');
+      assertError(await api.call('GET', '/v1/me', { token: accessToken }), 401, 'unauthorized');
+    });
+  });
+
+  describe('errors', () => {
+    it('answers 404 not_found in the error shape for an unknown route', async () => {
+      for (const [method, path] of [
+        ['GET', '/'],
+        ['GET', '/v1/nothing'],
+        ['POST', '/v1/auth/nothing'],
+        ['GET', '/v2/me'],
+      ] as const) {
+        assertError(await api.call(method, path), 404, 'not_found');
+      }
+    });
+
+    it('answers 405 with Allow for a known path and another method', async () => {
+      const answer = await api.call('GET', '/v1/auth/login');
+      assertError(answer, 405, 'bad_request');
+      assert.match(answer.headers.get('allow') ?? '', /POST/);
+      assertError(await api.call('DELETE', '/v1/me'), 405, 'bad_request');
+    });
+
+    it('never logs a password, its hash, or a refresh token', async () => {
+      const password = 'a very secret passphrase';
+      const userId = fresh('sam');
+      const { refreshToken } = (await api.register(userId, password)).body;
+      await api.login(userId, password);
+      await api.login(userId, `${password}!`);
+      await api.refresh(refreshToken);
+      await api.refresh(refreshToken);
+      const logs = api.logLines.join('');
+      assert.ok(logs.includes(userId), 'the logs do mention the user');
+      assert.ok(!logs.includes('secret passphrase'));
+      assert.ok(!logs.includes('$scrypt$'));
+      assert.ok(!logs.includes(refreshToken));
+    });
+  });
+
+  describe('failures', () => {
+    let broken: Harness;
+    afterEach(async () => {
+      await broken.stop();
+    });
+
+    it('answers 500 internal without the cause, and logs it', async () => {
+      broken = await new Harness().start({
+        accounts: {
+          get: async () => {
+            throw new Error('disk on fire at /var/lib/secret-path');
+          },
+          create: async () => {},
+          updateDisplayName: async () => undefined,
+        },
+      });
+      const answer = await broken.login('alice');
+      assertError(answer, 500, 'internal');
+      assert.doesNotMatch(JSON.stringify(answer.body), /disk on fire|secret-path/);
+      assert.ok(broken.logLines.some((line) => line.includes('disk on fire')));
+    });
+
+    it('a failed publishAccount fails the registration', async () => {
+      broken = await new Harness().start({
+        publishAccount: async () => {
+          throw new Error('log unreachable');
+        },
+      });
+      assertError(await broken.register('tom'), 500, 'internal');
+    });
+  });
+});
+
+describe('PasswordHasher', () => {
+  const hasher = new PasswordHasher(CHEAP);
+
+  it('hashes to a PHC string with a fresh salt each time, and verifies', async () => {
+    const [a, b] = [await hasher.hash('correct horse'), await hasher.hash('correct horse')];
+    assert.match(a, /^\$scrypt\$ln=10,r=8,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$/);
+    assert.notEqual(a, b);
+    assert.equal(await hasher.verify('correct horse', a), true);
+    assert.equal(await hasher.verify('correct horse!', a), false);
+    assert.equal(await hasher.verify('correct horse', undefined), false);
+  });
+
+  it('verifies with the parameters stored in the hash, not its own', async () => {
+    const old = await new PasswordHasher({ log2N: 11, r: 4, p: 2 }).hash('correct horse');
+    assert.equal(await hasher.verify('correct horse', old), true);
+  });
+
+  it('refuses a stored hash that is not its format', async () => {
+    await assert.rejects(hasher.verify('x', 'plain text'), /not an scrypt PHC string/);
+  });
+});
+
+describe('TokenService', () => {
+  let now = START;
+  const tokens = new TokenService({ secret: SECRET, now: () => now });
+
+  it('issues access tokens with sub, iat and exp, valid for 900 s by default', async () => {
+    now = START;
+    const { accessToken, expiresIn } = await tokens.issueAccessToken('alice');
+    assert.equal(expiresIn, 900);
+    const header = JSON.parse(Buffer.from(accessToken.split('.')[0]!, 'base64url').toString());
+    const claims = JSON.parse(Buffer.from(accessToken.split('.')[1]!, 'base64url').toString());
+    assert.deepEqual(header, { alg: 'HS256', typ: 'JWT' });
+    assert.deepEqual(claims, { sub: 'alice', iat: START / 1000, exp: START / 1000 + 900 });
+    assert.equal(await tokens.verifyAccessToken(accessToken), 'alice');
+    now = START + 900_000;
+    await assert.rejects(tokens.verifyAccessToken(accessToken), InvalidAccessTokenError);
+  });
+
+  it('verifies as a plain function, as the gateway takes it', async () => {
+    now = START;
+    const { accessToken } = await tokens.issueAccessToken('carol');
+    const verify: (token: string) => Promise<string> = tokens.verifyAccessToken;
+    assert.equal(await verify(accessToken), 'carol');
+  });
+
+  it('refuses a well-signed token without an expiry or a subject', async () => {
+    now = START;
+    const iat = START / 1000;
+    const noExpiry = await new SignJWT({})
+      .setProtectedHeader({ alg: 'HS256' })
+      .setSubject('alice')
+      .setIssuedAt(iat)
+      .sign(SECRET);
+    const noSubject = await new SignJWT({})
+      .setProtectedHeader({ alg: 'HS256' })
+      .setIssuedAt(iat)
+      .setExpirationTime(iat + 900)
+      .sign(SECRET);
+    for (const token of [noExpiry, noSubject])
+      await assert.rejects(tokens.verifyAccessToken(token), InvalidAccessTokenError);
+  });
+
+  it('takes another lifetime', async () => {
+    const short = new TokenService({ secret: SECRET, accessTokenTtlS: 60, now: () => START });
+    assert.equal((await short.issueAccessToken('bob')).expiresIn, 60);
+  });
+
+  it('refuses a secret shorter than 32 bytes', () => {
+    assert.throws(() => new TokenService({ secret: 'short' }), /at least 32 bytes/);
+    assert.throws(() => new TokenService({ secret: new Uint8Array(31) }), /at least 32 bytes/);
+  });
+
+  it('makes refresh tokens of 32 random bytes, expiring in 30 days, stored by hash', () => {
+    now = START;
+    const a = tokens.newRefreshToken();
+    const b = tokens.newRefreshToken();
+    assert.equal(Buffer.from(a.refreshToken, 'base64url').length, 32);
+    assert.notEqual(a.refreshToken, b.refreshToken);
+    assert.match(a.hash, /^[0-9a-f]{64}$/);
+    assert.notEqual(a.hash, a.refreshToken);
+    assert.equal(a.expiresAt, START + 30 * DAY_S * 1000);
+  });
+
+  describe('the JWT secret', () => {
+    let dir: string;
+    beforeEach(async () => {
+      dir = await mkdtemp(join(tmpdir(), 'kchat-secret-'));
+    });
+    afterEach(async () => {
+      await rm(dir, { recursive: true, force: true });
+    });
+
+    it('is generated once per data directory, kept with mode 0600', async () => {
+      const dataDir = join(dir, 'data');
+      const first = await loadOrCreateJwtSecret(dataDir);
+      assert.equal(first.length, 32);
+      assert.equal((await stat(join(dataDir, 'jwt-secret'))).mode & 0o777, 0o600);
+      assert.deepEqual(await loadOrCreateJwtSecret(dataDir), first);
+      assert.notDeepEqual(await loadOrCreateJwtSecret(join(dir, 'other')), first);
+      // Tokens signed before a restart verify after it.
+      const before = new TokenService({ secret: first });
+      const after = new TokenService({ secret: await loadOrCreateJwtSecret(dataDir) });
+      const { accessToken } = await before.issueAccessToken('alice');
+      assert.equal(await after.verifyAccessToken(accessToken), 'alice');
+    });
+
+    it('is JWT_SECRET when set, and then nothing is written', async () => {
+      const secret = await jwtSecret('a configured secret of at least 32 bytes', dir);
+      assert.equal(new TextDecoder().decode(secret), 'a configured secret of at least 32 bytes');
+      await assert.rejects(readFile(join(dir, 'jwt-secret')), { code: 'ENOENT' });
+      assert.equal((await jwtSecret(undefined, dir)).length, 32);
+    });
+
+    it('refuses a damaged secret file instead of replacing it', async () => {
+      await writeFile(join(dir, 'jwt-secret'), 'short\n');
+      await assert.rejects(loadOrCreateJwtSecret(dir), /no valid JWT secret/);
+    });
+  });
+});
