@@ -74,7 +74,7 @@ export type UserCommand =
   | { kind: 'append'; entry: EntryBody; dedupKey: string; at: number }
   | { kind: 'ack'; deviceId: string; upTo: number; at: number }
   /** view.entries holds the message when the inbox has it. */
-  | { kind: 'read'; deviceId: string; connectionId?: string; messageId: string; at: number }
+  | { kind: 'read'; deviceId: string; messageId: string; at: number }
   | { kind: 'typing'; typing: Typing }
   | { kind: 'sync'; deviceId: string; connectionId: string; after: number; at: number }
   | { kind: 'device-registered'; deviceId: string; pushToken: string; platform: string | null }
@@ -273,18 +273,15 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     case 'read': {
       const message = view.entries.map(messageOf).find((m) => m?.messageId === command.messageId);
       if (!message) {
-        const session = command.connectionId ? meta.sessions[command.connectionId] : undefined;
-        return session
-          ? [
-              {
-                type: 'refused',
-                gatewayId: session.gatewayId,
-                targets: [{ deviceId: session.deviceId, connectionId: command.connectionId! }],
-                code: 'unknown_message',
-                message: `no message ${command.messageId} in your inbox`,
-              },
-            ]
-          : [];
+        // Answered on the device's connections (a Read names the device, not the connection).
+        const targets = liveTargets(view, (s) => s.deviceId === command.deviceId);
+        return [...targets].map(([gatewayId, list]) => ({
+          type: 'refused' as const,
+          gatewayId,
+          targets: list,
+          code: 'unknown_message' as const,
+          message: `no message ${command.messageId} in your inbox`,
+        }));
       }
       if (message.from === view.userId) return []; // reading one's own message owes no receipt
       return [

@@ -1,0 +1,301 @@
+/**
+ * The users actor on the runtime: the processor around the pure decider. It turns the three
+ * co-partitioned inputs into commands, loads what each command needs (the user's meta, the
+ * kept entries, a dedup key), runs decide/evolve, writes the stores and forwards the records the
+ * events call for.
+ *
+ *   chat.connections ─┐                      ┌─> chat.deliveries.<gatewayId>  (entries, typing)
+ *   chat.messages ────┼─> inbox ─[stores]────┼─> chat.messages                (receipts owed)
+ *   chat.user-commands┘   inbox-meta, inbox, ├─> chat.push                    (offline users)
+ *                         dedup              └─> chat.inbox-entries           (for the archive)
+ */
+import type {
+  ConnectionEvent,
+  Delivery,
+  InboxCommand,
+  InboxEntry,
+  PushRequest,
+  UserCommand as UserCommandRecord,
+} from '../../schemas/types.generated.ts';
+import { branchOf } from '../../schemas/avro.ts';
+import { deliveriesTopic, topics } from '../../schemas/topics.ts';
+import type { TopicCodec } from '../../schemas/codec.ts';
+import type { KeyValueStore } from '../../state/store.ts';
+import {
+  Topology,
+  type Processor,
+  type ProcessorContext,
+  type Record,
+} from '../runtime/topology.ts';
+import {
+  decide,
+  evolve,
+  newUserMeta,
+  type UserCommand,
+  type UserEvent,
+  type UserMeta,
+} from './decider.ts';
+
+export const USERS_APPLICATION = 'users';
+/** PROTOCOL's INBOX_RETENTION: 30 days. */
+export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
+const PRUNE_INTERVAL_MS = 60_000;
+
+export interface UsersCodecs {
+  connections: TopicCodec<ConnectionEvent>;
+  messages: TopicCodec<InboxCommand>;
+  userCommands: TopicCodec<UserCommandRecord>;
+  /** Any gateway's deliveries topic: they share one schema. */
+  deliveries: TopicCodec<Delivery>;
+  push: TopicCodec<PushRequest>;
+  inboxEntries: TopicCodec<InboxEntry>;
+}
+
+export interface UsersOptions {
+  codecs: UsersCodecs;
+  /** Gateways heard from lately (the chat.gateways global table). */
+  liveGateways(): ReadonlySet<string>;
+  retentionMs?: number;
+  now?: () => number;
+}
+
+type Input =
+  | { source: 'connection'; value: ConnectionEvent }
+  | { source: 'message'; value: InboxCommand }
+  | { source: 'command'; value: UserCommandRecord };
+
+/** What makes two entries the same, so that an inbox never holds one twice. */
+export function dedupKeyOf(entry: InboxEntry['entry']): string {
+  const { name, value } = branchOf(entry);
+  switch (name) {
+    case 'chat.v1.MessageCopy':
+      return `m:${value.messageId}`;
+    case 'chat.v1.Receipt':
+      return `r:${value.messageId}:${value.by}:${value.status}`;
+    case 'chat.v1.GroupEvent':
+      return `g:${value.groupId}:${value.version}`;
+    case 'chat.v1.Rejection':
+      return `x:${value.messageId}`;
+  }
+}
+
+const seqKey = (userId: string, seq: number) => `${userId}/${seq.toString().padStart(12, '0')}`;
+const entriesOf = (userId: string) => ({ from: `${userId}/`, to: `${userId}0` });
+
+function toCommand(input: Input, at: number): UserCommand | undefined {
+  if (input.source === 'connection') {
+    const e = input.value;
+    return e.state === 'CONNECTED'
+      ? {
+          kind: 'connected',
+          deviceId: e.deviceId,
+          gatewayId: e.gatewayId,
+          connectionId: e.connectionId,
+          at: e.at,
+        }
+      : { kind: 'disconnected', connectionId: e.connectionId, at: e.at };
+  }
+  if (input.source === 'message') {
+    return {
+      kind: 'append',
+      entry: input.value.entry,
+      dedupKey: dedupKeyOf(input.value.entry),
+      at,
+    };
+  }
+  const { name, value } = branchOf(input.value.command);
+  const when = input.value.at;
+  switch (name) {
+    case 'chat.v1.Ack':
+      return { kind: 'ack', deviceId: value.deviceId, upTo: value.upTo, at: when };
+    case 'chat.v1.Read':
+      return { kind: 'read', deviceId: value.deviceId, messageId: value.messageId, at: when };
+    case 'chat.v1.Typing':
+      return { kind: 'typing', typing: value };
+    case 'chat.v1.Sync':
+      return {
+        kind: 'sync',
+        deviceId: value.deviceId,
+        connectionId: value.connectionId,
+        after: value.after,
+        at: when,
+      };
+    case 'chat.v1.DeviceRegistered':
+      return {
+        kind: 'device-registered',
+        deviceId: value.deviceId,
+        pushToken: value.pushToken,
+        platform: value.platform,
+      };
+    case 'chat.v1.DeviceRemoved':
+      return { kind: 'device-removed', deviceId: value.deviceId, pushToken: value.pushToken };
+  }
+}
+
+/** Which commands need the user's kept entries in their view. */
+const needsEntries = new Set<UserCommand['kind']>(['connected', 'sync', 'ack', 'prune']);
+
+class InboxProcessor implements Processor<Input, unknown> {
+  private context!: ProcessorContext<unknown>;
+  private metas!: KeyValueStore<UserMeta>;
+  private entries!: KeyValueStore<InboxEntry>;
+  private dedup!: KeyValueStore<{ seq: number; at: number }>;
+
+  constructor(private readonly options: UsersOptions) {}
+
+  init(context: ProcessorContext<unknown>): void {
+    this.context = context;
+    this.metas = context.getStateStore('inbox-meta');
+    this.entries = context.getStateStore('inbox');
+    this.dedup = context.getStateStore('dedup');
+    context.schedule(PRUNE_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.prune(now));
+  }
+
+  async process(record: Record<Input>): Promise<void> {
+    const command = toCommand(record.value, record.timestamp);
+    if (command) await this.handle(record.key, command);
+  }
+
+  private async handle(userId: string, command: UserCommand): Promise<void> {
+    const meta = (await this.metas.get(userId)) ?? newUserMeta();
+    let entries: InboxEntry[] = [];
+    if (needsEntries.has(command.kind)) {
+      const { from, to } = entriesOf(userId);
+      entries = (await this.entries.range(from, to)).map(([, entry]) => entry);
+    } else if (command.kind === 'read') {
+      const found = await this.dedup.get(`${userId}/m:${command.messageId}`);
+      const entry = found && (await this.entries.get(seqKey(userId, found.seq)));
+      if (entry) entries = [entry];
+    }
+    const duplicate =
+      command.kind === 'append' &&
+      (await this.dedup.get(`${userId}/${command.dedupKey}`)) !== undefined;
+    const events = decide(command, {
+      userId,
+      meta,
+      entries,
+      duplicate,
+      liveGateways: this.options.liveGateways(),
+    });
+    let next = meta;
+    for (const event of events) {
+      next = evolve(next, event);
+      await this.apply(userId, event, entries);
+    }
+    if (next !== meta) this.metas.put(userId, next);
+  }
+
+  private async apply(userId: string, event: UserEvent, entries: InboxEntry[]): Promise<void> {
+    const { codecs } = this.options;
+    switch (event.type) {
+      case 'entry-appended':
+        this.entries.put(seqKey(userId, event.entry.seq), event.entry);
+        this.dedup.put(`${userId}/${event.dedupKey}`, { seq: event.entry.seq, at: event.entry.at });
+        return this.send('inbox-entries', userId, codecs.inboxEntries.encode(event.entry));
+      case 'pruned':
+        for (const entry of entries)
+          if (entry.seq < event.below) this.entries.delete(seqKey(userId, entry.seq));
+        return;
+      case 'delivered':
+        for (const entry of event.entries) {
+          const delivery: Delivery = {
+            userId,
+            targets: event.targets,
+            frame: { 'chat.v1.InboxEntry': entry },
+          };
+          await this.send(
+            'deliveries',
+            userId,
+            codecs.deliveries.encode(delivery),
+            event.gatewayId,
+          );
+        }
+        return;
+      case 'typing-relayed': {
+        const delivery: Delivery = {
+          userId,
+          targets: event.targets,
+          frame: { 'chat.v1.Typing': event.typing },
+        };
+        return this.send('deliveries', userId, codecs.deliveries.encode(delivery), event.gatewayId);
+      }
+      case 'receipt-owed': {
+        const command: InboxCommand = {
+          userId: event.to,
+          entry: { 'chat.v1.Receipt': event.receipt },
+        };
+        return this.send('receipts', event.to, codecs.messages.encode(command));
+      }
+      case 'push-requested':
+        return this.send('push', userId, codecs.push.encode(event.request));
+      case 'refused':
+        // TODO(chat core): the Delivery schema has no error frame yet, so the device's
+        // `unknown_message` answer cannot reach its gateway; it needs a Delivery branch.
+        return;
+      default:
+        return;
+    }
+  }
+
+  private send(
+    child: string,
+    key: string,
+    value: Buffer | null,
+    gatewayId?: string,
+  ): Promise<void> {
+    return this.context.forward(
+      { key, value: { value, gatewayId }, timestamp: this.options.now?.() ?? Date.now() },
+      child,
+    );
+  }
+
+  /** Drops acknowledged and expired entries, and dedup keys past retention. */
+  private async prune(now: number): Promise<void> {
+    const retentionMs = this.options.retentionMs ?? DEFAULT_RETENTION_MS;
+    for (const [userId, meta] of await this.metas.all()) {
+      if (meta.firstKept < meta.nextSeq)
+        await this.handle(userId, { kind: 'prune', now, retentionMs });
+    }
+    for (const [key, { at }] of await this.dedup.all())
+      if (now - at > retentionMs) this.dedup.delete(key);
+  }
+}
+
+/** Encoded records travel to the sinks as-is: the sink picks the topic. */
+type Encoded = { value: Buffer | null; gatewayId?: string };
+
+export function usersTopology(options: UsersOptions): Topology {
+  const { codecs } = options;
+  const source = <K extends Input['source']>(kind: K, codec: TopicCodec<unknown>) => ({
+    decode: async (value: Buffer | null) => {
+      if (value === null) throw new Error('a tombstone is not a command');
+      return { source: kind, value: await codec.decode(value) } as Input;
+    },
+  });
+  return new Topology()
+    .addSource('connections', {
+      topics: [topics.connections],
+      ...source('connection', codecs.connections),
+    })
+    .addSource('messages', { topics: [topics.messages], ...source('message', codecs.messages) })
+    .addSource('commands', {
+      topics: [topics.userCommands],
+      ...source('command', codecs.userCommands),
+    })
+    .addProcessor('inbox', () => new InboxProcessor(options), 'connections', 'messages', 'commands')
+    .addStateStore({ name: 'inbox-meta' }, 'inbox')
+    .addStateStore({ name: 'inbox' }, 'inbox')
+    .addStateStore({ name: 'dedup' }, 'inbox')
+    .addSink<Encoded>(
+      'deliveries',
+      { topic: (r) => deliveriesTopic(r.value.gatewayId!), encode: (e) => e.value },
+      'inbox',
+    )
+    .addSink<Encoded>('receipts', { topic: topics.messages, encode: (e) => e.value }, 'inbox')
+    .addSink<Encoded>('push', { topic: topics.push, encode: (e) => e.value }, 'inbox')
+    .addSink<Encoded>(
+      'inbox-entries',
+      { topic: topics.inboxEntries, encode: (e) => e.value },
+      'inbox',
+    );
+}

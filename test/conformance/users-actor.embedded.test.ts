@@ -1,0 +1,174 @@
+/**
+ * The users actor on the runtime and the embedded log, fed the records gateways would write:
+ * inbox entries numbered per user, delivered to synced sessions in order, a retried copy
+ * dropped, and an ack answered by a `delivered` receipt in the sender's inbox.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
+import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
+import { avroTypeOptions, branchOf, loadSchema } from '../../schemas/avro.ts';
+import { deliveriesTopic, topics } from '../../schemas/topics.ts';
+import type {
+  ConnectionEvent,
+  Delivery,
+  InboxCommand,
+  InboxEntry,
+  UserCommand,
+} from '../../schemas/types.generated.ts';
+import { bootstrap } from '../../app/bootstrap.ts';
+import { StateDb } from '../../state/state-db.ts';
+import { StreamsRuntime } from '../../processors/runtime/runtime.ts';
+import { usersTopology, USERS_APPLICATION } from '../../processors/users/topology.ts';
+import { FROM_ACK } from '../../processors/users/decider.ts';
+import { eventually } from '../support/log-helpers.ts';
+
+describe('users actor on the runtime (embedded log)', function () {
+  this.timeout(30_000);
+  let dir: string;
+  let log: EmbeddedLog;
+  let stateDb: StateDb;
+  let runtime: StreamsRuntime;
+  let codecs: Awaited<ReturnType<typeof bootstrap>>;
+  let deliveries: TopicCodec<Delivery>;
+  const T = Date.now();
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'kchat-users-'));
+    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+    const registry = await EmbeddedSchemaRegistry.open(log);
+    codecs = await bootstrap(log, registry, 12);
+    await log.admin.createTopics([{ topic: deliveriesTopic('gw1'), partitions: 12 }]);
+    deliveries = await new Codecs(registry).forTopic<Delivery>(
+      deliveriesTopic('gw1'),
+      loadSchema('Delivery'),
+      avroTypeOptions(),
+    );
+    stateDb = await StateDb.open(join(dir, 'state'));
+    runtime = new StreamsRuntime(
+      usersTopology({
+        codecs: {
+          connections: codecs[topics.connections] as TopicCodec<ConnectionEvent>,
+          messages: codecs[topics.messages] as TopicCodec<InboxCommand>,
+          userCommands: codecs[topics.userCommands] as TopicCodec<UserCommand>,
+          deliveries,
+          push: codecs[topics.push] as never,
+          inboxEntries: codecs[topics.inboxEntries] as TopicCodec<InboxEntry>,
+        },
+        liveGateways: () => new Set(['gw1']),
+      }),
+      { applicationId: USERS_APPLICATION, log, stateDb, commitIntervalMs: 20 },
+    );
+    await runtime.start();
+  });
+
+  after(async () => {
+    await runtime.close();
+    await stateDb.close();
+    await log.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  async function produce(topic: string, key: string, value: unknown) {
+    const producer = await log.producer();
+    await producer.send([
+      {
+        topic,
+        key: Buffer.from(key),
+        value: (codecs as Record<string, TopicCodec<unknown>>)[topic]!.encode(value),
+      },
+    ]);
+    await producer.close();
+  }
+
+  async function readAll<V>(topic: string, codec: TopicCodec<V>): Promise<V[]> {
+    const marks = await log.admin.watermarks(topic);
+    const values: V[] = [];
+    for await (const batch of log.readPartitions(
+      topic,
+      marks.map((m) => ({ partition: m.partition, from: 0 })),
+    )) {
+      for (const r of batch.records) values.push(await codec.decode(r.value!));
+    }
+    return values;
+  }
+
+  const copy = (owner: string, messageId: string): InboxCommand => ({
+    userId: owner,
+    entry: {
+      'chat.v1.MessageCopy': {
+        messageId,
+        from: 'alice',
+        to: 'bob',
+        group: null,
+        body: '{"text":"hi"}',
+        sentAt: T,
+      },
+    },
+  });
+
+  it('numbers, delivers after the sync, drops a retry, and turns an ack into a receipt for the sender', async () => {
+    await produce(topics.connections, 'bob', {
+      userId: 'bob',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      state: 'CONNECTED',
+      at: T,
+    });
+    await produce(topics.messages, 'bob', copy('bob', 'm1'));
+    await produce(topics.messages, 'alice', copy('alice', 'm1'));
+    await produce(topics.userCommands, 'bob', {
+      userId: 'bob',
+      at: T,
+      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId: 'c1', after: FROM_ACK } },
+    });
+    await produce(topics.messages, 'bob', copy('bob', 'm2'));
+    await produce(topics.messages, 'bob', copy('bob', 'm1')); // a retried send
+
+    const bobDeliveries = async () =>
+      (await readAll(deliveriesTopic('gw1'), deliveries))
+        .filter((d) => d.userId === 'bob')
+        .map((d) => branchOf(d.frame))
+        .flatMap((f) => (f.name === 'chat.v1.InboxEntry' ? [f.value.seq] : []));
+    await eventually(
+      async () => (await bobDeliveries()).length >= 2,
+      20_000,
+      'bob to get his entries',
+    );
+    assert.deepEqual(await bobDeliveries(), [1, 2], 'seq order, the retry dropped');
+
+    await produce(topics.userCommands, 'bob', {
+      userId: 'bob',
+      at: T,
+      command: { 'chat.v1.Ack': { deviceId: 'phone', upTo: 2 } },
+    });
+    const aliceEntries = async () =>
+      (
+        await readAll(topics.inboxEntries, codecs[topics.inboxEntries] as TopicCodec<InboxEntry>)
+      ).filter((e) => e.userId === 'alice');
+    await eventually(
+      async () => (await aliceEntries()).length === 3,
+      20_000,
+      "alice's two receipts",
+    );
+    const entries = await aliceEntries();
+    assert.deepEqual(
+      entries.map((e) => e.seq),
+      [1, 2, 3],
+    );
+    assert.deepEqual(
+      entries.slice(1).map((e) => {
+        const { name, value } = branchOf(e.entry);
+        return name === 'chat.v1.Receipt' ? [value.messageId, value.by, value.status] : name;
+      }),
+      [
+        ['m1', 'bob', 'delivered'],
+        ['m2', 'bob', 'delivered'],
+      ],
+    );
+  });
+});
