@@ -1,6 +1,7 @@
 /**
- * The operational HTTP face every process has: GET /healthz (alive), GET /readyz (ready to
- * serve), GET /metrics (Prometheus). The REST API and WebSocket gateway mount beside it.
+ * The process's one HTTP server: GET /healthz (alive), GET /readyz (ready to serve),
+ * GET /metrics (Prometheus); every other request goes to the REST API when the process serves
+ * it, else answers 404 in PROTOCOL's error shape. WebSocket upgrades are the gateway's.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Metrics } from '../observability/metrics.ts';
@@ -10,16 +11,28 @@ export interface Readiness {
   notReadyBecause(): Promise<string | undefined>;
 }
 
-export function createOpsServer(metrics: Metrics, readiness: Readiness): Server {
+type Handler = (request: IncomingMessage, response: ServerResponse) => void;
+
+const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics']);
+
+export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: Handler): Server {
   return createServer((request: IncomingMessage, response: ServerResponse) => {
-    void handle(request, response).catch(() => {
+    const path = new URL(request.url ?? '/', 'http://localhost').pathname;
+    if (api && !OPS_PATHS.has(path)) return api(request, response);
+    void handle(path, request, response).catch(() => {
       if (!response.headersSent)
         json(response, 500, { error: { code: 'internal', message: 'internal error' } });
     });
   });
 
-  async function handle(request: IncomingMessage, response: ServerResponse): Promise<void> {
-    const path = new URL(request.url ?? '/', 'http://localhost').pathname;
+  async function handle(
+    path: string,
+    request: IncomingMessage,
+    response: ServerResponse,
+  ): Promise<void> {
+    if (!OPS_PATHS.has(path)) {
+      return json(response, 404, { error: { code: 'not_found', message: `no route for ${path}` } });
+    }
     if (request.method !== 'GET' && request.method !== 'HEAD') {
       return json(response, 405, {
         error: { code: 'bad_request', message: `${request.method} is not allowed here` },
@@ -32,13 +45,9 @@ export function createOpsServer(metrics: Metrics, readiness: Readiness): Server 
         ? json(response, 200, { status: 'ready' })
         : json(response, 503, { error: { code: 'unavailable', message: reason } });
     }
-    if (path === '/metrics') {
-      const body = await metrics.text();
-      response.writeHead(200, { 'content-type': metrics.contentType });
-      response.end(body);
-      return;
-    }
-    json(response, 404, { error: { code: 'not_found', message: `no route for ${path}` } });
+    const body = await metrics.text();
+    response.writeHead(200, { 'content-type': metrics.contentType });
+    response.end(body);
   }
 }
 

@@ -5,18 +5,17 @@
  *
  * It opens the log and the registry (embedded, or Kafka and a Confluent-compatible registry
  * when KAFKA_BROKERS and SCHEMA_REGISTRY_URL are set), creates the chat topics, registers every
- * event schema, and serves /healthz, /readyz and /metrics on HOST:PORT. SIGTERM or SIGINT
- * closes it within 10 s, releasing PORT and DATA_DIR.
- *
- * The chat roles (gateway, api, processors) arrive with the chat core; until then `all` is
- * the foundation they run on, and the other role names are refused.
+ * event schema, starts the chat roles, and serves HTTP on HOST:PORT: /healthz, /readyz,
+ * /metrics and the REST API. SIGTERM or SIGINT closes it within 10 s, releasing PORT and
+ * DATA_DIR.
  */
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
 import { ConfigError, readConfig } from './config.ts';
 import { openInfrastructure, type Infrastructure } from './infrastructure.ts';
 import { bootstrap } from './bootstrap.ts';
-import { createOpsServer } from './http.ts';
+import { createHttpServer } from './http.ts';
+import { startChat, type Chat } from './chat.ts';
 import { createLogger } from '../observability/logger.ts';
 import { Metrics } from '../observability/metrics.ts';
 import { EmbeddedLog } from '../log/embedded/embedded-log.ts';
@@ -44,14 +43,9 @@ async function main(): Promise<void> {
   const metrics = new Metrics({ role });
   // Set once open; a signal during start-up closes whatever is open by then.
   let infrastructure: Infrastructure | undefined = undefined;
+  let chat: Chat | undefined = undefined;
   let ready = false;
-
-  const server = createOpsServer(metrics, {
-    async notReadyBecause() {
-      if (!ready) return 'starting: opening the log and registering schemas';
-      return undefined;
-    },
-  });
+  let server: ReturnType<typeof createHttpServer> | undefined = undefined;
 
   let stopping = false;
   const stop = async (signal: string) => {
@@ -64,9 +58,12 @@ async function main(): Promise<void> {
       process.exit(1);
     }, SHUTDOWN_DEADLINE_MS);
     deadline.unref();
-    if (server.listening) {
+    // The chat first: the gateway closes its sockets (1001) and records their DISCONNECTED
+    // while the log is still open; then the HTTP server lets go of PORT.
+    await chat?.close();
+    if (server?.listening) {
       server.closeAllConnections();
-      await new Promise<void>((resolve) => server.close(() => resolve()));
+      await new Promise<void>((resolve) => server!.close(() => resolve()));
     }
     await infrastructure?.close();
     logger.info('stopped');
@@ -88,9 +85,16 @@ async function main(): Promise<void> {
       (g) => g.set(store.recordsWritten),
     );
   }
-  await bootstrap(log, infrastructure.registry, config.partitions);
-  // Listen only once the log is open and the schemas registered: /healthz answering means the
-  // process accepts clients, and a second process on a locked DATA_DIR fails before it listens.
+  const codecs = await bootstrap(log, infrastructure.registry, config.partitions);
+  chat = await startChat(config, infrastructure, codecs, logger, metrics);
+  server = createHttpServer(
+    metrics,
+    { notReadyBecause: async () => (ready ? undefined : 'starting or stopping') },
+    chat.api.callback(),
+  );
+  chat.gateway.attach(server);
+  // Listen only once everything is open: /healthz answering means the process accepts
+  // clients, and a second process on a locked DATA_DIR fails before it listens.
   server.listen(config.port, config.host);
   await once(server, 'listening');
   const address = server.address() as AddressInfo;

@@ -17,6 +17,7 @@
 import type { InboxEntry, PushRequest, Receipt, Typing } from '../../schemas/types.generated.ts';
 import { branchOf } from '../../schemas/avro.ts';
 import type { Decider } from '../runtime/decider.ts';
+import { FROM_ACK } from '../../schemas/conventions.ts';
 
 export type EntryBody = InboxEntry['entry'];
 
@@ -65,8 +66,7 @@ export interface UserView {
   liveGateways: ReadonlySet<string>;
 }
 
-/** `after` of a Sync meaning "above the device's last applied ack". */
-export const FROM_ACK = -1;
+export { FROM_ACK } from '../../schemas/conventions.ts';
 
 export type UserCommand =
   | { kind: 'connected'; deviceId: string; gatewayId: string; connectionId: string; at: number }

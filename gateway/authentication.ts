@@ -1,0 +1,112 @@
+/**
+ * Who opens a WebSocket: the access token (from `Authorization: Bearer`, or the `access_token`
+ * query parameter, which browsers need since they cannot set headers) and the `deviceId` of the
+ * query. Refusals are plain HTTP answers written before the upgrade, with PROTOCOL.md's error
+ * body.
+ */
+import { STATUS_CODES, type IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { MAX_DEVICE_ID } from './limits.ts';
+
+/** Resolves to the token's userId; rejects when the token is invalid or expired. */
+export type VerifyAccessToken = (token: string) => Promise<string>;
+
+export interface Identity {
+  userId: string;
+  deviceId: string;
+}
+
+export const DEFAULT_DEVICE_ID = 'default';
+const DEVICE_ID = new RegExp(`^[A-Za-z0-9_-]{1,${MAX_DEVICE_ID}}$`);
+const BEARER = /^Bearer[ \t]+(\S+)[ \t]*$/i;
+
+/** An upgrade refused with an HTTP status and PROTOCOL.md's error body. */
+export class HandshakeRefusal extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly field?: string,
+  ) {
+    super(message);
+    this.name = 'HandshakeRefusal';
+  }
+
+  body(): { error: { code: string; message: string; field?: string } } {
+    return {
+      error: {
+        code: this.code,
+        message: this.message,
+        ...(this.field === undefined ? {} : { field: this.field }),
+      },
+    };
+  }
+}
+
+/** The bearer token of the header, else the `access_token` query parameter. */
+export function accessTokenOf(request: IncomingMessage, url: URL): string | undefined {
+  const header = request.headers.authorization;
+  const bearer = header === undefined ? undefined : BEARER.exec(header)?.[1];
+  if (bearer !== undefined) return bearer;
+  const query = url.searchParams.get('access_token');
+  return query === null || query === '' ? undefined : query;
+}
+
+/** The `deviceId` query parameter, `default` when absent. */
+export function deviceIdOf(url: URL): string {
+  const deviceId = url.searchParams.get('deviceId');
+  if (deviceId === null) return DEFAULT_DEVICE_ID;
+  if (!DEVICE_ID.test(deviceId)) {
+    throw new HandshakeRefusal(
+      400,
+      'bad_request',
+      `deviceId must be 1 to ${MAX_DEVICE_ID} characters of A-Z, a-z, 0-9, "_" and "-"`,
+      'deviceId',
+    );
+  }
+  return deviceId;
+}
+
+/**
+ * The identity of an upgrade request, or a HandshakeRefusal: 401 for a missing, invalid or
+ * expired token (checked first), 400 for a bad deviceId.
+ */
+export async function authenticate(
+  request: IncomingMessage,
+  verifyAccessToken: VerifyAccessToken,
+): Promise<Identity> {
+  const url = new URL(request.url ?? '/', 'http://localhost');
+  const token = accessTokenOf(request, url);
+  if (token === undefined) {
+    throw new HandshakeRefusal(
+      401,
+      'unauthorized',
+      'an access token is required (Authorization: Bearer, or access_token in the query)',
+    );
+  }
+  let userId: string;
+  try {
+    userId = await verifyAccessToken(token);
+  } catch {
+    throw new HandshakeRefusal(401, 'unauthorized', 'the access token is invalid or expired');
+  }
+  return { userId, deviceId: deviceIdOf(url) };
+}
+
+/** Answers an upgrade request with a plain HTTP response and closes its socket. */
+export function refuseUpgrade(socket: Duplex, refusal: HandshakeRefusal): void {
+  if (socket.destroyed || !socket.writable) {
+    socket.destroy();
+    return;
+  }
+  const body = JSON.stringify(refusal.body());
+  const headers = [
+    `HTTP/1.1 ${refusal.status} ${STATUS_CODES[refusal.status] ?? ''}`,
+    'Connection: close',
+    'Content-Type: application/json; charset=utf-8',
+    `Content-Length: ${Buffer.byteLength(body)}`,
+    ...(refusal.status === 401 ? ['WWW-Authenticate: Bearer'] : []),
+  ];
+  socket.once('finish', () => socket.destroy());
+  socket.end(`${headers.join('\r\n')}\r\n\r\n${body}`);
+}

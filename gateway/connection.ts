@@ -1,0 +1,401 @@
+/**
+ * One WebSocket connection of one device: its client frames, handled strictly one after
+ * another (an `ack` is durable before the next frame is handled, `sent` answers come back in
+ * send order), and the frames written to it, never more than the send buffer limit.
+ *
+ * The connection is `opening` until the gateway has made its CONNECTED event durable and
+ * calls `start`: then `ready` is written first, and the frames that arrived before it follow.
+ */
+import { WebSocket, type RawData } from 'ws';
+import type { Producer, ProducerRecord } from '../log/port.ts';
+import type { TopicCodec } from '../schemas/codec.ts';
+import { topics } from '../schemas/topics.ts';
+import {
+  fullNames,
+  type GroupMessage,
+  type InboxCommand,
+  type MessageCopy,
+  type UserCommand,
+} from '../schemas/types.generated.ts';
+import type { Logger } from '../observability/logger.ts';
+import {
+  errorFrame,
+  parseClientFrame,
+  pongFrame,
+  readyFrame,
+  sentFrame,
+  serialize,
+  type ClientFrame,
+  type FrameError,
+  type ParsedFrame,
+  type SendFrame,
+  type ServerFrame,
+  type TypingFrameIn,
+} from './frames.ts';
+import {
+  MAX_HELD_BEFORE_READY_BYTES,
+  MAX_QUEUED_FRAMES,
+  SLOW_CONSUMER_CLOSE_CODE,
+} from './limits.ts';
+import { messageIdFor } from './message-id.ts';
+import { rateLimitedTypes, TokenBucket } from './rate-limit.ts';
+import type { Identity } from './authentication.ts';
+import type { GatewayInstruments } from './metrics.ts';
+
+/** What a connection produces to, and how it decides. Shared by every connection. */
+export interface ConnectionContext {
+  producer: Producer;
+  codecs: {
+    messages: TopicCodec<InboxCommand>;
+    userCommands: TopicCodec<UserCommand>;
+    groupMessages: TopicCodec<GroupMessage>;
+  };
+  userExists(userId: string): boolean | Promise<boolean>;
+  /** Absent: every group is accepted (the groups actor rejects what it does not know). */
+  groupExists?(groupId: string): boolean | Promise<boolean>;
+  rateLimitPerSecond: number;
+  sendBufferLimitBytes: number;
+  closeTimeoutMs: number;
+  now(): number;
+  logger: Logger;
+  instruments: GatewayInstruments;
+}
+
+export interface ConnectionIdentity extends Identity {
+  connectionId: string;
+}
+
+type State = 'opening' | 'ready' | 'closed';
+
+const utf8 = new TextDecoder('utf-8', { fatal: true });
+
+export class Connection {
+  /** Cleared when a ping is sent, set by its pong (or any frame): see `ping`. */
+  private alive = true;
+  private state: State = 'opening';
+  private closing = false;
+  private readonly queue: ParsedFrame[] = [];
+  private draining = false;
+  private handling: Promise<void> = Promise.resolve();
+  private paused = false;
+  /** Deliveries that came before `ready` was written (in practice none: see `deliver`). */
+  private held: string[] = [];
+  private heldBytes = 0;
+  private readonly bucket: TokenBucket;
+  private closeTimer: NodeJS.Timeout | undefined;
+  private readonly logger: Logger;
+
+  constructor(
+    readonly ws: WebSocket,
+    readonly identity: ConnectionIdentity,
+    private readonly context: ConnectionContext,
+  ) {
+    this.bucket = new TokenBucket(context.rateLimitPerSecond, context.now);
+    this.logger = context.logger.child({
+      connectionId: identity.connectionId,
+      userId: identity.userId,
+      deviceId: identity.deviceId,
+    });
+    ws.on('pong', () => (this.alive = true));
+  }
+
+  get connectionId(): string {
+    return this.identity.connectionId;
+  }
+
+  get userId(): string {
+    return this.identity.userId;
+  }
+
+  /** A WebSocket message arrived: parsed and charged to the rate limit now, handled in turn. */
+  receive(data: RawData, isBinary: boolean): void {
+    if (this.state === 'closed' || this.closing) return;
+    this.alive = true;
+    let parsed = this.parse(data, isBinary);
+    this.context.instruments.frameReceived(parsed.frame?.type ?? 'invalid');
+    if (parsed.frame && rateLimitedTypes.has(parsed.frame.type) && !this.bucket.take()) {
+      parsed = {
+        error: {
+          code: 'rate_limited',
+          message: `over ${this.context.rateLimitPerSecond} send and typing frames per second`,
+          ...(parsed.frame.id === undefined ? {} : { id: parsed.frame.id }),
+        },
+      };
+    }
+    this.queue.push(parsed);
+    if (this.queue.length >= MAX_QUEUED_FRAMES && !this.paused) {
+      this.paused = true;
+      this.ws.pause();
+    }
+    this.drain();
+  }
+
+  /** The gateway made CONNECTED durable: `ready` first, then what arrived meanwhile. */
+  start(): void {
+    if (this.state !== 'opening') return;
+    this.state = 'ready';
+    this.write(readyFrame(this.identity.userId, this.identity.deviceId));
+    const held = this.held;
+    this.held = [];
+    this.heldBytes = 0;
+    for (const text of held) this.write(text);
+    this.drain();
+  }
+
+  /**
+   * Writes a delivered frame. Before `ready` it is held: the users actor cannot address this
+   * connection before its CONNECTED is durable, and `start` follows that at once, but the
+   * order of `ready` first must not rest on timing.
+   */
+  deliver(text: string): void {
+    if (this.state === 'closed' || this.closing) return;
+    if (this.state === 'opening') {
+      this.heldBytes += Buffer.byteLength(text);
+      if (this.heldBytes > MAX_HELD_BEFORE_READY_BYTES) {
+        this.closeSlowConsumer();
+        return;
+      }
+      this.held.push(text);
+      return;
+    }
+    this.write(text);
+  }
+
+  /**
+   * The liveness check, every PING_INTERVAL_MS: a peer that has not answered the previous ping
+   * (nor sent anything since) is terminated. Returns false when it was.
+   */
+  ping(): boolean {
+    if (this.state === 'closed') return false;
+    if (!this.alive) {
+      this.logger.info('no pong to the previous ping; terminating');
+      this.ws.terminate();
+      return false;
+    }
+    this.alive = false;
+    if (this.ws.readyState === WebSocket.OPEN) this.ws.ping();
+    return true;
+  }
+
+  /** Starts the closing handshake; a peer that does not finish it in time is cut off. */
+  close(code: number, reason: string): void {
+    if (this.state === 'closed' || this.closing) return;
+    this.closing = true;
+    this.queue.length = 0;
+    this.ws.close(code, reason);
+    this.closeTimer = setTimeout(() => this.ws.terminate(), this.context.closeTimeoutMs);
+    this.closeTimer.unref();
+  }
+
+  /** The socket closed (ws 'close'): nothing more is handled or written. */
+  closed(): void {
+    this.state = 'closed';
+    clearTimeout(this.closeTimer);
+    this.queue.length = 0;
+    this.held = [];
+  }
+
+  // ---- handling, one frame at a time ----
+
+  /** Resolves once the frame being handled, if any, is done (and its records produced). */
+  settled(): Promise<void> {
+    return this.handling;
+  }
+
+  private drain(): void {
+    if (this.draining || this.state !== 'ready') return;
+    this.draining = true;
+    this.handling = this.handleQueued();
+  }
+
+  private async handleQueued(): Promise<void> {
+    try {
+      while (this.queue.length > 0 && this.state === 'ready' && !this.closing) {
+        await this.handle(this.queue.shift()!);
+        if (this.paused && this.queue.length <= MAX_QUEUED_FRAMES / 2) {
+          this.paused = false;
+          this.ws.resume();
+        }
+      }
+    } finally {
+      this.draining = false;
+    }
+  }
+
+  private async handle(parsed: ParsedFrame): Promise<void> {
+    if (parsed.error) return this.refuse(parsed.error);
+    const frame = parsed.frame;
+    try {
+      await this.handleFrame(frame);
+    } catch (error) {
+      this.logger.error({ err: error, frame: frame.type }, 'frame failed');
+      this.refuse({
+        code: 'internal',
+        message:
+          frame.type === 'send'
+            ? 'the message could not be stored; send it again with the same id'
+            : `the ${frame.type} frame could not be handled; send it again`,
+        ...(frame.id === undefined ? {} : { id: frame.id }),
+      });
+    }
+  }
+
+  private async handleFrame(frame: ClientFrame): Promise<void> {
+    const { userId, deviceId, connectionId } = this.identity;
+    switch (frame.type) {
+      case 'send':
+        return this.send(frame);
+      case 'ack':
+        return this.command({ [fullNames.Ack]: { deviceId, upTo: frame.upTo } });
+      case 'read':
+        return this.command({ [fullNames.Read]: { deviceId, messageId: frame.messageId } });
+      case 'typing':
+        return this.typing(frame);
+      case 'sync':
+        return this.command({ [fullNames.Sync]: { deviceId, connectionId, after: frame.after } });
+      case 'ping':
+        this.write(pongFrame(frame.id));
+        return;
+      default:
+        throw new TypeError(`unhandled frame of ${userId}: ${(frame as { type: string }).type}`);
+    }
+  }
+
+  /**
+   * 1:1: the recipient's copy and the sender's own, in one produce, keyed by each inbox owner.
+   * Group: one GroupSend keyed by the group, for the groups actor to fan out. `sent` only once
+   * the records are durable.
+   */
+  private async send(frame: SendFrame): Promise<void> {
+    const { userId, deviceId } = this.identity;
+    const messageId = messageIdFor(userId, deviceId, frame.id);
+    const at = this.context.now();
+    const { codecs } = this.context;
+    if (frame.recipient.kind === 'user') {
+      const to = frame.recipient.userId;
+      if (!(await this.context.userExists(to))) return this.unknownUser(to, frame.id);
+      const copy: MessageCopy = {
+        messageId,
+        from: userId,
+        to,
+        group: null,
+        body: frame.body,
+        sentAt: at,
+      };
+      const entry = { [fullNames.MessageCopy]: copy };
+      await this.context.producer.send([
+        record(topics.messages, to, codecs.messages.encode({ userId: to, entry })),
+        record(topics.messages, userId, codecs.messages.encode({ userId, entry })),
+      ]);
+    } else {
+      const { groupId } = frame.recipient;
+      if (!(await this.groupExists(groupId))) return this.unknownGroup(groupId, frame.id);
+      const payload = {
+        [fullNames.GroupSend]: {
+          messageId,
+          id: frame.id,
+          from: userId,
+          body: frame.body,
+          sentAt: at,
+        },
+      };
+      await this.context.producer.send([
+        record(topics.groupMessages, groupId, codecs.groupMessages.encode({ groupId, payload })),
+      ]);
+    }
+    this.write(sentFrame(frame.id, messageId, at));
+  }
+
+  /** 1:1 typing goes to the users actor keyed by the recipient; group typing to the group. */
+  private async typing(frame: TypingFrameIn): Promise<void> {
+    const from = this.identity.userId;
+    const at = this.context.now();
+    if (frame.recipient.kind === 'user') {
+      const to = frame.recipient.userId;
+      if (!(await this.context.userExists(to))) return this.unknownUser(to, frame.id);
+      const typing = { from, to, group: null, state: frame.state, at };
+      const command: UserCommand = { userId: to, at, command: { [fullNames.Typing]: typing } };
+      await this.context.producer.send([
+        record(topics.userCommands, to, this.context.codecs.userCommands.encode(command)),
+      ]);
+      return;
+    }
+    const { groupId } = frame.recipient;
+    if (!(await this.groupExists(groupId))) return this.unknownGroup(groupId, frame.id);
+    const typing = { from, to: null, group: groupId, state: frame.state, at };
+    const message: GroupMessage = { groupId, payload: { [fullNames.Typing]: typing } };
+    await this.context.producer.send([
+      record(topics.groupMessages, groupId, this.context.codecs.groupMessages.encode(message)),
+    ]);
+  }
+
+  /** A UserCommand about this user, keyed by it; resolves once durable. */
+  private async command(command: UserCommand['command']): Promise<void> {
+    const { userId } = this.identity;
+    const value: UserCommand = { userId, at: this.context.now(), command };
+    await this.context.producer.send([
+      record(topics.userCommands, userId, this.context.codecs.userCommands.encode(value)),
+    ]);
+  }
+
+  private async groupExists(groupId: string): Promise<boolean> {
+    return this.context.groupExists ? await this.context.groupExists(groupId) : true;
+  }
+
+  private unknownUser(userId: string, id: string | undefined): void {
+    this.refuse({ code: 'unknown_recipient', message: `no user "${userId}"`, ...idOf(id) });
+  }
+
+  private unknownGroup(groupId: string, id: string | undefined): void {
+    this.refuse({ code: 'unknown_recipient', message: `no group "${groupId}"`, ...idOf(id) });
+  }
+
+  private refuse(error: FrameError): void {
+    this.context.instruments.errorSent(error.code);
+    this.write(errorFrame(error));
+  }
+
+  // ---- writing ----
+
+  /** Writes a frame unless that would take the send buffer over its limit: then it closes. */
+  private write(frame: ServerFrame | string): void {
+    if (this.state === 'closed' || this.closing || this.ws.readyState !== WebSocket.OPEN) return;
+    const text = typeof frame === 'string' ? frame : serialize(frame);
+    if (this.ws.bufferedAmount + Buffer.byteLength(text) > this.context.sendBufferLimitBytes) {
+      this.closeSlowConsumer();
+      return;
+    }
+    this.ws.send(text);
+  }
+
+  private closeSlowConsumer(): void {
+    this.logger.warn(
+      { bufferedAmount: this.ws.bufferedAmount, limit: this.context.sendBufferLimitBytes },
+      'the client does not read its frames; closing',
+    );
+    this.context.instruments.slowConsumerClosed();
+    this.close(SLOW_CONSUMER_CLOSE_CODE, 'send buffer limit exceeded');
+  }
+
+  private parse(data: RawData, isBinary: boolean): ParsedFrame {
+    const bytes = Array.isArray(data)
+      ? Buffer.concat(data)
+      : data instanceof ArrayBuffer
+        ? Buffer.from(data)
+        : data;
+    if (!isBinary) return parseClientFrame(bytes.toString('utf8')); // ws checked the UTF-8
+    let text: string;
+    try {
+      text = utf8.decode(bytes);
+    } catch {
+      return { error: { code: 'bad_frame', message: 'a frame must be UTF-8 JSON text' } };
+    }
+    return parseClientFrame(text);
+  }
+}
+
+function record(topic: string, key: string, value: Buffer): ProducerRecord {
+  return { topic, key: Buffer.from(key, 'utf8'), value };
+}
+
+const idOf = (id: string | undefined) => (id === undefined ? {} : { id });

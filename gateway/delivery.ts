@@ -1,0 +1,102 @@
+/**
+ * The delivery consumer: reads `chat.deliveries.<gatewayId>`, where the users actor puts what
+ * the connections of this gateway must get (inbox entries, typing), and writes each frame to
+ * the connections it targets.
+ *
+ * It starts at the end of the topic and commits nothing: a delivery is for a connection of
+ * this run, and connections do not survive a restart (their devices get the entries again
+ * after `ready`, from the inbox).
+ */
+import type { Batch, Consumer, Log } from '../log/port.ts';
+import { DecodeError, type TopicCodec } from '../schemas/codec.ts';
+import { deliveriesTopic } from '../schemas/topics.ts';
+import type { Delivery } from '../schemas/types.generated.ts';
+import type { Logger } from '../observability/logger.ts';
+import { deliveryFrame, serialize } from './frames.ts';
+import type { Connection } from './connection.ts';
+import type { GatewayInstruments } from './metrics.ts';
+
+export interface DeliveryConsumerOptions {
+  log: Log;
+  gatewayId: string;
+  /** The partition count of the topic when this gateway creates it. */
+  partitions: number;
+  codec: TopicCodec<Delivery>;
+  /** The open connection with this id, if this gateway holds it. */
+  connection(connectionId: string): Connection | undefined;
+  logger: Logger;
+  instruments: GatewayInstruments;
+}
+
+export class DeliveryConsumer {
+  readonly topic: string;
+  readonly groupId: string;
+  private consumer: Consumer | undefined;
+
+  constructor(private readonly options: DeliveryConsumerOptions) {
+    this.topic = deliveriesTopic(options.gatewayId);
+    this.groupId = `gateway-${options.gatewayId}`;
+  }
+
+  /** Resolves once the consumer holds its partitions: every later delivery reaches it. */
+  async start(): Promise<void> {
+    const { log, partitions } = this.options;
+    await log.admin.createTopics([{ topic: this.topic, partitions }]);
+    const consumer = log.consumer({ groupId: this.groupId, startFrom: 'latest' });
+    this.consumer = consumer;
+    let assigned!: () => void;
+    const firstAssignment = new Promise<void>((resolve) => (assigned = resolve));
+    await consumer.subscribe([this.topic]);
+    await consumer.run({
+      onAssignment: () => assigned(),
+      eachBatch: (batch) => this.deliver(batch),
+    });
+    await firstAssignment;
+  }
+
+  async close(): Promise<void> {
+    await this.consumer?.close();
+  }
+
+  /**
+   * Writes each record's frame to its targets. A record that does not decode is skipped; any
+   * other failure (the registry unreachable) throws, and the batch is handed again: at least
+   * once on the wire, as PROTOCOL.md allows.
+   */
+  private async deliver(batch: Batch): Promise<void> {
+    const { codec, instruments, logger } = this.options;
+    for (const record of batch.records) {
+      if (record.value === null) continue;
+      let delivery: Delivery;
+      try {
+        delivery = await codec.decode(record.value);
+      } catch (error) {
+        if (!(error instanceof DecodeError)) throw error;
+        logger.error(
+          { err: error, partition: batch.partition, offset: record.offset },
+          'delivery does not decode; skipped',
+        );
+        instruments.deliverySkipped('undecodable');
+        continue;
+      }
+      const text = serialize(deliveryFrame(delivery.frame));
+      for (const target of delivery.targets) {
+        const connection = this.options.connection(target.connectionId);
+        if (connection === undefined) {
+          instruments.deliverySkipped('unknown_connection');
+          continue;
+        }
+        if (connection.userId !== delivery.userId) {
+          logger.warn(
+            { connectionId: target.connectionId, userId: delivery.userId },
+            'delivery targets a connection of another user; skipped',
+          );
+          instruments.deliverySkipped('other_user');
+          continue;
+        }
+        connection.deliver(text);
+        instruments.delivered();
+      }
+    }
+  }
+}

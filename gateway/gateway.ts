@@ -1,0 +1,378 @@
+/**
+ * The WebSocket gateway of PROTOCOL.md: authenticates upgrades on `/v1/ws`, registers each
+ * connection (CONNECTED, then `ready`; DISCONNECTED on close) on `chat.connections`, hands
+ * client frames to their Connection, delivers what the users actor sends to
+ * `chat.deliveries.<gatewayId>`, pings its peers and beats on `chat.gateways`.
+ *
+ *   const gateway = createGateway({ gatewayId, log, codecs, registry, verifyAccessToken, ... });
+ *   await gateway.start();
+ *   gateway.attach(httpServer);
+ *   ...
+ *   await gateway.close();   // 1001 to every client, DISCONNECTED for each
+ */
+import { randomUUID } from 'node:crypto';
+import type { IncomingMessage, Server } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { WebSocketServer, type WebSocket } from 'ws';
+import type { Log, Producer, ProducerRecord } from '../log/port.ts';
+import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
+import { Codecs, type TopicCodec } from '../schemas/codec.ts';
+import type { SchemaRegistry } from '../schemas/registry/port.ts';
+import { deliveriesTopic, topics } from '../schemas/topics.ts';
+import { FROM_ACK } from '../schemas/conventions.ts';
+import type {
+  ConnectionEvent,
+  ConnectionState,
+  Delivery,
+  GatewayHeartbeat,
+  GroupMessage,
+  InboxCommand,
+  UserCommand,
+} from '../schemas/types.generated.ts';
+import { silentLogger, type Logger } from '../observability/logger.ts';
+import type { Metrics } from '../observability/metrics.ts';
+import {
+  authenticate,
+  HandshakeRefusal,
+  refuseUpgrade,
+  type Identity,
+  type VerifyAccessToken,
+} from './authentication.ts';
+import { Connection, type ConnectionContext } from './connection.ts';
+import { DeliveryConsumer } from './delivery.ts';
+import { Heartbeat } from './heartbeat.ts';
+import {
+  CLOSE_TIMEOUT_MS,
+  DEFAULT_RATE_LIMIT_PER_S,
+  GOING_AWAY_CLOSE_CODE,
+  HEARTBEAT_INTERVAL_MS,
+  INTERNAL_ERROR_CLOSE_CODE,
+  MAX_FRAME_BYTES,
+  PER_MESSAGE_DEFLATE,
+  PING_INTERVAL_MS,
+  SEND_BUFFER_LIMIT_BYTES,
+} from './limits.ts';
+import { gatewayInstruments, type GatewayInstruments } from './metrics.ts';
+
+/** Where clients connect (PROTOCOL.md). */
+export const WS_PATH = '/v1/ws';
+
+/** The codecs of the topics the gateway writes: app/bootstrap.ts's ChatCodecs has them all. */
+export interface GatewayCodecs {
+  'chat.messages': TopicCodec<unknown>;
+  'chat.user-commands': TopicCodec<unknown>;
+  'chat.group-messages': TopicCodec<unknown>;
+  'chat.connections': TopicCodec<unknown>;
+  'chat.gateways': TopicCodec<unknown>;
+}
+
+/** The limits a deployment (or a test) may change; each defaults to its constant of limits.ts. */
+export interface GatewayLimits {
+  sendBufferLimitBytes?: number;
+  pingIntervalMs?: number;
+  heartbeatIntervalMs?: number;
+  closeTimeoutMs?: number;
+}
+
+export interface GatewayDeps {
+  /** Names this gateway's deliveries topic, consumer group and heartbeat. */
+  gatewayId: string;
+  log: Log;
+  codecs: GatewayCodecs;
+  /**
+   * The codec of `chat.deliveries.<gatewayId>`; when absent it is built (and its schema
+   * registered) from `registry`.
+   */
+  deliveryCodec?: TopicCodec<Delivery>;
+  registry?: SchemaRegistry;
+  /** Resolves to the token's userId; rejects when the token is invalid or expired. */
+  verifyAccessToken: VerifyAccessToken;
+  /** Whether an account exists (e.g. the `chat.accounts` global table). */
+  userExists(userId: string): boolean | Promise<boolean>;
+  /** Whether a group exists; absent, every group is accepted and the groups actor decides. */
+  groupExists?(groupId: string): boolean | Promise<boolean>;
+  /** RATE_LIMIT_PER_S (limits.ts `rateLimitPerSecond()` reads it); default 50. */
+  rateLimitPerSecond?: number;
+  /** Partitions of `chat.deliveries.<gatewayId>` when the gateway creates it (PARTITIONS). */
+  partitions: number;
+  logger?: Logger;
+  metrics?: Metrics;
+  now?: () => number;
+  limits?: GatewayLimits;
+}
+
+export interface Gateway {
+  readonly gatewayId: string;
+  /** Open connections (registered or being registered). */
+  readonly connectionCount: number;
+  /** Creates the deliveries topic, starts its consumer and the heartbeat; then accepts upgrades. */
+  start(): Promise<void>;
+  /**
+   * Serves upgrades of `server` on WS_PATH; other paths answer 404. Returns the function that
+   * detaches it.
+   */
+  attach(server: Server): () => void;
+  /** Handles one upgrade request (for a caller that routes upgrades itself). */
+  handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): void;
+  /**
+   * Closes every connection with 1001 (a peer that does not answer within CLOSE_TIMEOUT_MS is
+   * cut off), produces their DISCONNECTED events, stops the consumer and the heartbeat.
+   */
+  close(): Promise<void>;
+}
+
+export function createGateway(deps: GatewayDeps): Gateway {
+  return new WebSocketGateway(deps);
+}
+
+type Phase = 'created' | 'starting' | 'running' | 'closed';
+
+class WebSocketGateway implements Gateway {
+  readonly gatewayId: string;
+  private phase: Phase = 'created';
+  private readonly connections = new Map<string, Connection>();
+  /** Resolves when the socket closed and its DISCONNECTED was produced (or failed). */
+  private readonly closings = new Set<Promise<void>>();
+  private readonly wss: WebSocketServer;
+  private readonly logger: Logger;
+  private readonly instruments: GatewayInstruments;
+  private readonly now: () => number;
+  private readonly limits: Required<GatewayLimits>;
+  private producer: Producer | undefined;
+  private context: ConnectionContext | undefined;
+  private deliveries: DeliveryConsumer | undefined;
+  private heartbeat: Heartbeat | undefined;
+  private pinger: NodeJS.Timeout | undefined;
+  private starting: Promise<void> | undefined;
+  private closing: Promise<void> | undefined;
+
+  constructor(private readonly deps: GatewayDeps) {
+    this.gatewayId = deps.gatewayId;
+    this.logger = (deps.logger ?? silentLogger).child({
+      component: 'gateway',
+      gatewayId: deps.gatewayId,
+    });
+    this.instruments = gatewayInstruments(deps.metrics, () => this.connections.size);
+    this.now = deps.now ?? Date.now;
+    this.limits = {
+      sendBufferLimitBytes: deps.limits?.sendBufferLimitBytes ?? SEND_BUFFER_LIMIT_BYTES,
+      pingIntervalMs: deps.limits?.pingIntervalMs ?? PING_INTERVAL_MS,
+      heartbeatIntervalMs: deps.limits?.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS,
+      closeTimeoutMs: deps.limits?.closeTimeoutMs ?? CLOSE_TIMEOUT_MS,
+    };
+    this.wss = new WebSocketServer({
+      noServer: true,
+      clientTracking: false,
+      maxPayload: MAX_FRAME_BYTES,
+      perMessageDeflate: PER_MESSAGE_DEFLATE,
+    });
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  async start(): Promise<void> {
+    if (this.phase !== 'created') throw new Error(`the gateway cannot start: it is ${this.phase}`);
+    this.phase = 'starting';
+    this.starting = this.run();
+    await this.starting;
+  }
+
+  private async run(): Promise<void> {
+    const { deps } = this;
+    const producer = await deps.log.producer();
+    this.producer = producer;
+    this.context = {
+      producer,
+      codecs: {
+        messages: deps.codecs['chat.messages'] as TopicCodec<InboxCommand>,
+        userCommands: deps.codecs['chat.user-commands'] as TopicCodec<UserCommand>,
+        groupMessages: deps.codecs['chat.group-messages'] as TopicCodec<GroupMessage>,
+      },
+      userExists: deps.userExists,
+      groupExists: deps.groupExists,
+      rateLimitPerSecond: deps.rateLimitPerSecond ?? DEFAULT_RATE_LIMIT_PER_S,
+      sendBufferLimitBytes: this.limits.sendBufferLimitBytes,
+      closeTimeoutMs: this.limits.closeTimeoutMs,
+      now: this.now,
+      logger: this.logger,
+      instruments: this.instruments,
+    };
+    this.deliveries = new DeliveryConsumer({
+      log: deps.log,
+      gatewayId: this.gatewayId,
+      partitions: deps.partitions,
+      codec: await this.deliveryCodec(),
+      connection: (connectionId) => this.connections.get(connectionId),
+      logger: this.logger,
+      instruments: this.instruments,
+    });
+    await this.deliveries.start();
+    this.heartbeat = new Heartbeat(
+      this.gatewayId,
+      producer,
+      deps.codecs['chat.gateways'] as TopicCodec<GatewayHeartbeat>,
+      this.limits.heartbeatIntervalMs,
+      this.now,
+      this.logger,
+      this.instruments,
+    );
+    await this.heartbeat.start();
+    this.pinger = setInterval(() => {
+      for (const connection of this.connections.values()) connection.ping();
+    }, this.limits.pingIntervalMs);
+    this.pinger.unref();
+    this.phase = 'running';
+    this.logger.info({ deliveries: this.deliveries.topic }, 'gateway started');
+  }
+
+  attach(server: Server): () => void {
+    const listener = (request: IncomingMessage, socket: Duplex, head: Buffer) => {
+      const path = new URL(request.url ?? '/', 'http://localhost').pathname;
+      if (path !== WS_PATH) {
+        refuseUpgrade(socket, new HandshakeRefusal(404, 'not_found', `no WebSocket at ${path}`));
+        return;
+      }
+      this.handleUpgrade(request, socket, head);
+    };
+    server.on('upgrade', listener);
+    return () => server.off('upgrade', listener);
+  }
+
+  handleUpgrade(request: IncomingMessage, socket: Duplex, head: Buffer): void {
+    // Until ws owns the socket, a reset during authentication must not be an unhandled error.
+    const onError = (err: Error) => this.logger.debug({ err }, 'socket error before upgrade');
+    socket.on('error', onError);
+    this.upgrade(request, socket, head)
+      .catch((error: unknown) => {
+        if (error instanceof HandshakeRefusal) return refuseUpgrade(socket, error);
+        this.logger.error({ err: error }, 'upgrade failed');
+        refuseUpgrade(socket, new HandshakeRefusal(500, 'internal', 'the upgrade failed'));
+      })
+      .finally(() => socket.off('error', onError));
+  }
+
+  async close(): Promise<void> {
+    this.closing ??= this.shutDown();
+    return this.closing;
+  }
+
+  private async shutDown(): Promise<void> {
+    await this.starting?.catch(() => undefined); // what a half-done start opened is closed below
+    this.phase = 'closed'; // upgrades from now on answer 503
+    clearInterval(this.pinger);
+    for (const connection of this.connections.values()) {
+      connection.close(GOING_AWAY_CLOSE_CODE, 'the server is shutting down');
+    }
+    await Promise.all([
+      Promise.all(this.closings),
+      this.deliveries?.close().catch((err: unknown) => {
+        this.logger.error({ err }, 'the delivery consumer did not close cleanly');
+      }),
+    ]);
+    await this.heartbeat?.stop();
+    await this.producer?.close();
+    this.wss.close();
+    this.logger.info('gateway closed');
+  }
+
+  private async upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
+    this.mustAccept();
+    const identity = await authenticate(request, this.deps.verifyAccessToken);
+    this.mustAccept(); // it may have closed during the verification
+    if (socket.destroyed) return;
+    this.wss.handleUpgrade(request, socket, head, (ws) => this.connected(ws, identity));
+  }
+
+  private mustAccept(): void {
+    if (this.phase !== 'running') {
+      throw new HandshakeRefusal(
+        503,
+        'unavailable',
+        this.phase === 'closed' ? 'the server is shutting down' : 'the server is starting',
+      );
+    }
+  }
+
+  /**
+   * A new connection: CONNECTED is made durable before `ready` is written, so that the users
+   * actor knows the session before the client does anything with it; frames that arrive
+   * meanwhile wait in the connection's queue.
+   */
+  private connected(ws: WebSocket, identity: Identity): void {
+    const connectionId = randomUUID();
+    const connection = new Connection(ws, { ...identity, connectionId }, this.context!);
+    this.connections.set(connectionId, connection);
+    ws.on('message', (data, isBinary) => connection.receive(data, isBinary));
+    ws.on('error', (err) => this.logger.debug({ err, connectionId }, 'WebSocket error'));
+    const registered = this.connectionEvent(connection, 'CONNECTED');
+    registered.then(
+      () => connection.start(),
+      (err: unknown) => {
+        this.logger.error({ err, connectionId }, 'CONNECTED was not produced; closing');
+        connection.close(INTERNAL_ERROR_CLOSE_CODE, 'internal error; connect again');
+      },
+    );
+    const closing = new Promise<void>((resolve) => {
+      ws.once('close', (code) => {
+        connection.closed();
+        this.connections.delete(connectionId);
+        this.logger.debug({ connectionId, code }, 'connection closed');
+        // After CONNECTED (same key, so the same partition): the users actor sees them in order.
+        // After the frame in hand too: the producer stays open until its records are written.
+        Promise.all([registered.catch(() => undefined), connection.settled()])
+          .then(() => this.connectionEvent(connection, 'DISCONNECTED'))
+          .catch((err: unknown) => {
+            this.logger.error({ err, connectionId }, 'DISCONNECTED was not produced');
+          })
+          .finally(resolve);
+      });
+    });
+    this.closings.add(closing);
+    void closing.finally(() => this.closings.delete(closing));
+    this.logger.debug({ connectionId, ...identity }, 'connection opened');
+  }
+
+  private async connectionEvent(connection: Connection, state: ConnectionState): Promise<void> {
+    const { userId, deviceId, connectionId } = connection.identity;
+    const event: ConnectionEvent = {
+      userId,
+      deviceId,
+      gatewayId: this.gatewayId,
+      connectionId,
+      state,
+      at: this.now(),
+    };
+    const codec = this.deps.codecs['chat.connections'] as TopicCodec<ConnectionEvent>;
+    const key = Buffer.from(userId, 'utf8');
+    const records: ProducerRecord[] = [
+      { topic: topics.connections, key, value: codec.encode(event) },
+    ];
+    if (state === 'CONNECTED') {
+      // The replay a new connection gets is asked for on chat.user-commands, behind every ack
+      // this device made before (acks travel there too): the users actor replays from the
+      // device's last applied ack, whichever of CONNECTED and this it sees first.
+      const sync: UserCommand = {
+        userId,
+        at: event.at,
+        command: { 'chat.v1.Sync': { deviceId, connectionId, after: FROM_ACK } },
+      };
+      const commands = this.deps.codecs['chat.user-commands'] as TopicCodec<UserCommand>;
+      records.push({ topic: topics.userCommands, key, value: commands.encode(sync) });
+    }
+    await this.producer!.send(records);
+  }
+
+  private async deliveryCodec(): Promise<TopicCodec<Delivery>> {
+    if (this.deps.deliveryCodec) return this.deps.deliveryCodec;
+    if (!this.deps.registry) {
+      throw new Error('the gateway needs deliveryCodec or a registry to build it from');
+    }
+    return new Codecs(this.deps.registry).forTopic<Delivery>(
+      deliveriesTopic(this.gatewayId),
+      loadSchema('Delivery'),
+      avroTypeOptions(),
+    );
+  }
+}

@@ -1,0 +1,107 @@
+import type { PerMessageDeflateOptions } from 'ws';
+
+/**
+ * Every bound of the gateway, named, in one place (as `maxPayload` is in ws). What the client
+ * contract fixes (PROTOCOL.md) is marked so; the rest are this gateway's choices.
+ */
+
+/**
+ * The largest frame a client may send (PROTOCOL.md), after any permessage-deflate
+ * decompression: ws's `maxPayload`. ws itself closes the connection with 1009 when a frame, or
+ * the inflated form of a compressed one, is larger.
+ */
+export const MAX_FRAME_BYTES = 65_536;
+
+/**
+ * permessage-deflate is offered to clients that ask for it, bounded: what a compressed frame
+ * inflates to counts against MAX_FRAME_BYTES (ws stops inflating past it and closes with 1009);
+ * no compression context is kept between messages in either direction, so a connection holds
+ * no sliding window while idle; small frames are sent as they are; at most ten zlib jobs run at
+ * once in the process (ws's queue).
+ */
+export const PER_MESSAGE_DEFLATE: PerMessageDeflateOptions = {
+  threshold: 1024,
+  serverNoContextTakeover: true,
+  clientNoContextTakeover: true,
+  concurrencyLimit: 10,
+};
+
+/** The largest `body` of a `send` frame, as UTF-8 bytes of its JSON serialization (PROTOCOL.md). */
+export const MAX_BODY_BYTES = 16_384;
+
+/** The longest client message id `id`: 1 to 64 printable ASCII characters (PROTOCOL.md). */
+export const MAX_CLIENT_ID = 64;
+
+/**
+ * The longest server-chosen id a client may name (`messageId` of `read`, `group` of `send` and
+ * `typing`). Server ids are opaque but short; a longer one cannot exist.
+ */
+export const MAX_SERVER_ID = 128;
+
+/**
+ * The bytes a connection may have waiting to be written (ws.bufferedAmount plus the frame about
+ * to be written). A client that does not read that much is closed with
+ * SLOW_CONSUMER_CLOSE_CODE: it reconnects and gets everything it has not acknowledged again.
+ */
+export const SEND_BUFFER_LIMIT_BYTES = 1 << 20;
+
+/**
+ * 1013 "Try Again Later": the close code for a client over SEND_BUFFER_LIMIT_BYTES. Not 1008
+ * (policy violation): the client did nothing wrong that a reconnect would not cure.
+ */
+export const SLOW_CONSUMER_CLOSE_CODE = 1013;
+
+/** 1001 "Going Away": the gateway is shutting down. */
+export const GOING_AWAY_CLOSE_CODE = 1001;
+
+/** 1011 "Internal Error": the connection could not be registered (the log refused CONNECTED). */
+export const INTERNAL_ERROR_CLOSE_CODE = 1011;
+
+/**
+ * How long a closing handshake may take before the socket is destroyed: a client that does not
+ * read never answers the close frame, and its buffered bytes must not outlive it.
+ */
+export const CLOSE_TIMEOUT_MS = 2_000;
+
+/** How often each connection is pinged; a peer that has not answered the previous ping is cut. */
+export const PING_INTERVAL_MS = 15_000;
+
+/** How often the gateway writes its GatewayHeartbeat to `chat.gateways`. */
+export const HEARTBEAT_INTERVAL_MS = 5_000;
+
+/**
+ * Client frames received and not yet handled, per connection. At this many the gateway stops
+ * reading the socket (ws.pause) until the queue is half empty: TCP then pushes back on the
+ * client. The frames of one socket read already in hand are still queued, so the bound is this
+ * plus one read (at most 64 KiB of frames).
+ */
+export const MAX_QUEUED_FRAMES = 64;
+
+/**
+ * Entries delivered before `ready` has been written are held until it has, up to this many
+ * bytes; beyond it the connection is closed as a slow consumer.
+ */
+export const MAX_HELD_BEFORE_READY_BYTES = SEND_BUFFER_LIMIT_BYTES;
+
+/** `send` and `typing` frames per second a connection may make (PROTOCOL.md: RATE_LIMIT_PER_S). */
+export const DEFAULT_RATE_LIMIT_PER_S = 50;
+
+/** The token bucket holds this many seconds' worth of frames (PROTOCOL.md: four times the rate). */
+export const RATE_LIMIT_BURST_FACTOR = 4;
+
+/** `deviceId`: 1 to 64 characters of [A-Za-z0-9_-] (PROTOCOL.md). */
+export const MAX_DEVICE_ID = 64;
+
+/**
+ * The rate limit of the process interface: RATE_LIMIT_PER_S, a positive number of frames per
+ * second, DEFAULT_RATE_LIMIT_PER_S when unset.
+ */
+export function rateLimitPerSecond(env: NodeJS.ProcessEnv = process.env): number {
+  const raw = env.RATE_LIMIT_PER_S;
+  if (raw === undefined || raw.trim() === '') return DEFAULT_RATE_LIMIT_PER_S;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value <= 0) {
+    throw new RangeError(`RATE_LIMIT_PER_S must be a positive number, not "${raw}"`);
+  }
+  return value;
+}

@@ -1,0 +1,65 @@
+/**
+ * The gateway's Prometheus instruments: open connections, client frames by type, error frames
+ * by code, slow consumers closed, deliveries written and skipped. Without a Metrics registry
+ * (tests, tools) they count nothing.
+ */
+import type { Metrics } from '../observability/metrics.ts';
+import type { ErrorCode } from './frames.ts';
+
+export interface GatewayInstruments {
+  /** A client frame arrived: its type, or `invalid` when it has none we know. */
+  frameReceived(type: string): void;
+  errorSent(code: ErrorCode): void;
+  slowConsumerClosed(): void;
+  /** A Delivery frame was written to one connection. */
+  delivered(): void;
+  /** A Delivery target this gateway does not hold (closed meanwhile, or never here). */
+  deliverySkipped(reason: 'unknown_connection' | 'other_user' | 'undecodable'): void;
+  heartbeatFailed(): void;
+}
+
+export const noInstruments: GatewayInstruments = {
+  frameReceived() {},
+  errorSent() {},
+  slowConsumerClosed() {},
+  delivered() {},
+  deliverySkipped() {},
+  heartbeatFailed() {},
+};
+
+export function gatewayInstruments(
+  metrics: Metrics | undefined,
+  connectionCount: () => number,
+): GatewayInstruments {
+  if (!metrics) return noInstruments;
+  metrics.gauge('kchat_gateway_connections', 'Open WebSocket connections', (g) =>
+    g.set(connectionCount()),
+  );
+  const frames = metrics.counter('kchat_gateway_frames_total', 'Client frames received', ['type']);
+  const errors = metrics.counter('kchat_gateway_errors_total', 'Error frames sent', ['code']);
+  const slow = metrics.counter(
+    'kchat_gateway_slow_consumers_total',
+    'Connections closed because the client did not read its frames',
+  );
+  const delivered = metrics.counter(
+    'kchat_gateway_deliveries_total',
+    'Delivery frames written to a connection',
+  );
+  const skipped = metrics.counter(
+    'kchat_gateway_deliveries_skipped_total',
+    'Delivery targets not written: unknown connection, another user, undecodable record',
+    ['reason'],
+  );
+  const heartbeats = metrics.counter(
+    'kchat_gateway_heartbeat_failures_total',
+    'GatewayHeartbeat records the log refused',
+  );
+  return {
+    frameReceived: (type) => frames.inc({ type }),
+    errorSent: (code) => errors.inc({ code }),
+    slowConsumerClosed: () => slow.inc(),
+    delivered: () => delivered.inc(),
+    deliverySkipped: (reason) => skipped.inc({ reason }),
+    heartbeatFailed: () => heartbeats.inc(),
+  };
+}

@@ -1,0 +1,1020 @@
+// The WebSocket gateway end to end: real `ws` clients against a real http.Server on
+// 127.0.0.1, the gateway attached, on a real embedded log and registry.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { rm } from 'node:fs/promises';
+import { mkdtemp } from 'node:fs/promises';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { jwtVerify, SignJWT } from 'jose';
+import { WebSocket, type ClientOptions } from 'ws';
+import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
+import { bootstrap, type ChatCodecs } from '../../app/bootstrap.ts';
+import { avroTypeOptions, loadSchema } from '../../schemas/avro.ts';
+import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
+import { deliveriesTopic, topics } from '../../schemas/topics.ts';
+import { FROM_ACK } from '../../schemas/conventions.ts';
+import {
+  fullNames,
+  type ConnectionEvent,
+  type Delivery,
+  type GatewayHeartbeat,
+  type GroupMessage,
+  type InboxCommand,
+  type UserCommand,
+} from '../../schemas/types.generated.ts';
+import { Metrics } from '../../observability/metrics.ts';
+import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
+import { messageIdFor } from '../../gateway/message-id.ts';
+import { eventually, uniqueName } from '../support/log-helpers.ts';
+
+const PARTITIONS = 12;
+const secret = new TextEncoder().encode('a test secret of thirty-two bytes or more');
+
+async function tokenFor(userId: string, expiresAt: number | string = '1h'): Promise<string> {
+  return new SignJWT({})
+    .setProtectedHeader({ alg: 'HS256' })
+    .setSubject(userId)
+    .setIssuedAt()
+    .setExpirationTime(expiresAt)
+    .sign(secret);
+}
+
+async function verifyAccessToken(token: string): Promise<string> {
+  const { payload } = await jwtVerify(token, secret, { algorithms: ['HS256'] });
+  if (typeof payload.sub !== 'string') throw new Error('no subject');
+  return payload.sub;
+}
+
+/** A decoded record as plain objects (avsc decodes records into class instances). */
+const plain = <T>(value: unknown): T => JSON.parse(JSON.stringify(value)) as T;
+
+type Frame = { type: string } & Record<string, unknown>;
+
+/** A WebSocket client that keeps every frame it receives, read in order with `next`. */
+class TestClient {
+  readonly frames: Frame[] = [];
+  readonly closed: Promise<{ code: number; reason: string }>;
+  private cursor = 0;
+  private wake: (() => void) | undefined;
+
+  constructor(readonly ws: WebSocket) {
+    ws.on('message', (data) => {
+      this.frames.push(JSON.parse(data.toString()) as Frame);
+      this.wake?.();
+    });
+    this.closed = new Promise((resolve) =>
+      ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })),
+    );
+  }
+
+  send(frame: object | string): void {
+    this.ws.send(typeof frame === 'string' ? frame : JSON.stringify(frame));
+  }
+
+  async next(timeoutMs = 5000): Promise<Frame> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.cursor >= this.frames.length) {
+      if (Date.now() > deadline) {
+        throw new Error(`no frame within ${timeoutMs} ms after ${JSON.stringify(this.frames)}`);
+      }
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+        setTimeout(resolve, 50);
+      });
+    }
+    return this.frames[this.cursor++]!;
+  }
+
+  async request(frame: object | string): Promise<Frame> {
+    this.send(frame);
+    return this.next();
+  }
+
+  /** A ping answered by a pong: the connection still works. */
+  async alive(): Promise<void> {
+    assert.deepEqual(await this.request({ type: 'ping', id: 'alive?' }), {
+      type: 'pong',
+      id: 'alive?',
+    });
+  }
+
+  close(): void {
+    this.ws.close();
+  }
+}
+
+interface Running {
+  gateway: Gateway;
+  server: Server;
+  base: string;
+  metrics: Metrics;
+  stop(): Promise<void>;
+}
+
+describe('gateway (WebSocket, embedded log)', function () {
+  this.timeout(30_000);
+  let dir: string;
+  let log: EmbeddedLog;
+  let registry: EmbeddedSchemaRegistry;
+  let codecs: ChatCodecs;
+  const users = new Set<string>();
+  const groups = new Set<string>();
+  const running: Running[] = [];
+  let main: Running;
+
+  async function startGateway(overrides: Partial<GatewayDeps> = {}): Promise<Running> {
+    const metrics = new Metrics();
+    const gateway = createGateway({
+      gatewayId: uniqueName('gw'),
+      log,
+      codecs,
+      registry,
+      verifyAccessToken,
+      userExists: (userId) => {
+        if (userId === 'explode') throw new Error('the accounts table is unreachable');
+        return users.has(userId);
+      },
+      groupExists: (groupId) => groups.has(groupId),
+      partitions: PARTITIONS,
+      metrics,
+      ...overrides,
+    });
+    await gateway.start();
+    const server = createServer((_request, response) => response.writeHead(404).end());
+    gateway.attach(server);
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as AddressInfo;
+    const started: Running = {
+      gateway,
+      server,
+      base: `ws://127.0.0.1:${port}`,
+      metrics,
+      async stop() {
+        await gateway.close();
+        server.closeAllConnections();
+        await new Promise((resolve) => server.close(resolve));
+      },
+    };
+    running.push(started);
+    return started;
+  }
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'kchat-gateway-'));
+    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+    registry = await EmbeddedSchemaRegistry.open(log);
+    codecs = await bootstrap(log, registry, PARTITIONS);
+    main = await startGateway({ rateLimitPerSecond: 10, limits: { heartbeatIntervalMs: 100 } });
+  });
+
+  after(async () => {
+    for (const r of running) await r.stop();
+    await registry?.close();
+    await log?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  const newUser = (prefix = 'u') => {
+    const userId = uniqueName(prefix);
+    users.add(userId);
+    return userId;
+  };
+
+  function wsUrl(at: Running, query: Record<string, string> = {}, path = '/v1/ws'): string {
+    const search = new URLSearchParams(query).toString();
+    return `${at.base}${path}${search ? `?${search}` : ''}`;
+  }
+
+  /** Opens a connection; `onOpen` runs as soon as the socket is open, before anything arrives. */
+  async function open(
+    userId: string,
+    options: {
+      at?: Running;
+      deviceId?: string;
+      via?: 'header' | 'query';
+      ws?: ClientOptions;
+      onOpen?: (client: TestClient) => void;
+    } = {},
+  ): Promise<TestClient> {
+    const at = options.at ?? main;
+    const token = await tokenFor(userId);
+    const query: Record<string, string> = options.deviceId ? { deviceId: options.deviceId } : {};
+    if (options.via === 'query') query.access_token = token;
+    const headers: Record<string, string> =
+      options.via === 'query' ? {} : { authorization: `Bearer ${token}` };
+    const ws = new WebSocket(wsUrl(at, query), { ...options.ws, headers });
+    const client = new TestClient(ws);
+    await new Promise<void>((resolve, reject) => {
+      ws.once('open', () => {
+        options.onOpen?.(client);
+        resolve();
+      });
+      ws.once('error', reject);
+      ws.once('unexpected-response', (_request, response) =>
+        reject(new Error(`upgrade refused with ${response.statusCode}`)),
+      );
+    });
+    return client;
+  }
+
+  /** Opens a connection and reads its `ready`. */
+  async function connect(userId: string, deviceId = 'default', at = main): Promise<TestClient> {
+    const client = await open(userId, { deviceId, at });
+    assert.deepEqual(await client.next(), { type: 'ready', userId, deviceId });
+    return client;
+  }
+
+  /** The HTTP answer to an upgrade request that is refused. */
+  async function refusedUpgrade(
+    url: string,
+    headers: Record<string, string> = {},
+  ): Promise<{ status: number; body: unknown }> {
+    const ws = new WebSocket(url, { headers });
+    return new Promise((resolve, reject) => {
+      ws.once('open', () => reject(new Error('the upgrade was accepted')));
+      ws.once('error', reject);
+      ws.once('unexpected-response', (_request, response) => {
+        let text = '';
+        response.on('data', (chunk: Buffer) => (text += chunk.toString()));
+        response.on('end', () =>
+          resolve({ status: response.statusCode ?? 0, body: JSON.parse(text) as unknown }),
+        );
+      });
+    });
+  }
+
+  /** Every record of a topic, decoded. */
+  async function records<T>(
+    topic: string,
+    codec: TopicCodec<unknown>,
+  ): Promise<{ key: string; value: T | null; partition: number }[]> {
+    const marks = await log.admin.watermarks(topic);
+    const out: { key: string; value: T | null; partition: number }[] = [];
+    const starts = marks.map((m) => ({ partition: m.partition, from: m.low }));
+    for await (const batch of log.readPartitions(topic, starts)) {
+      for (const record of batch.records) {
+        out.push({
+          key: record.key?.toString('utf8') ?? '',
+          value: record.value === null ? null : plain<T>(await codec.decode(record.value)),
+          partition: batch.partition,
+        });
+      }
+    }
+    return out;
+  }
+
+  const inboxCommands = () => records<InboxCommand>(topics.messages, codecs[topics.messages]);
+  const userCommands = () => records<UserCommand>(topics.userCommands, codecs[topics.userCommands]);
+  const connectionEvents = () =>
+    records<ConnectionEvent>(topics.connections, codecs[topics.connections]);
+
+  async function connectionIdOf(at: Running, userId: string, deviceId: string): Promise<string> {
+    const events = (await connectionEvents()).filter(
+      (e) =>
+        e.value?.userId === userId &&
+        e.value.deviceId === deviceId &&
+        e.value.gatewayId === at.gateway.gatewayId &&
+        e.value.state === 'CONNECTED',
+    );
+    assert.ok(events.length > 0, `no CONNECTED event of ${userId}/${deviceId}`);
+    return events[events.length - 1]!.value!.connectionId;
+  }
+
+  async function counter(at: Running, name: string, labels: Record<string, string> = {}) {
+    const metric = at.metrics.registry.getSingleMetric(name);
+    const { values } = await metric!.get();
+    return values
+      .filter((v) => Object.entries(labels).every(([k, l]) => v.labels[k] === l))
+      .reduce((sum, v) => sum + v.value, 0);
+  }
+
+  // ---- authentication ----
+
+  describe('authentication, before the upgrade', () => {
+    const unauthorized = (message: string) => ({
+      status: 401,
+      body: { error: { code: 'unauthorized', message } },
+    });
+    const invalid = 'the access token is invalid or expired';
+
+    it('refuses a missing token with 401', async () => {
+      assert.deepEqual(
+        await refusedUpgrade(wsUrl(main)),
+        unauthorized(
+          'an access token is required (Authorization: Bearer, or access_token in the query)',
+        ),
+      );
+    });
+
+    it('refuses a bad token with 401, in the header or in the query', async () => {
+      assert.deepEqual(
+        await refusedUpgrade(wsUrl(main), { authorization: 'Bearer not.a.token' }),
+        unauthorized(invalid),
+      );
+      const forged = await new SignJWT({})
+        .setProtectedHeader({ alg: 'HS256' })
+        .setSubject('alice')
+        .setExpirationTime('1h')
+        .sign(new TextEncoder().encode('another secret of thirty-two bytes or more'));
+      assert.deepEqual(
+        await refusedUpgrade(wsUrl(main, { access_token: forged })),
+        unauthorized(invalid),
+      );
+    });
+
+    it('refuses an expired token with 401', async () => {
+      const expired = await tokenFor(newUser(), Math.floor(Date.now() / 1000) - 60);
+      assert.deepEqual(
+        await refusedUpgrade(wsUrl(main), { authorization: `Bearer ${expired}` }),
+        unauthorized(invalid),
+      );
+    });
+
+    it('refuses a bad deviceId with 400 naming the field', async () => {
+      const token = await tokenFor(newUser());
+      const refused = await refusedUpgrade(wsUrl(main, { deviceId: 'a.b' }), {
+        authorization: `Bearer ${token}`,
+      });
+      assert.equal(refused.status, 400);
+      assert.deepEqual((refused.body as { error: { field: string } }).error.field, 'deviceId');
+    });
+
+    it('answers 404 on another path', async () => {
+      const token = await tokenFor(newUser());
+      const refused = await refusedUpgrade(wsUrl(main, {}, '/v1/elsewhere'), {
+        authorization: `Bearer ${token}`,
+      });
+      assert.equal(refused.status, 404);
+    });
+
+    it('accepts a token in the header and in the query; deviceId defaults to "default"', async () => {
+      const userId = newUser();
+      const byHeader = await open(userId, { via: 'header' });
+      assert.deepEqual(await byHeader.next(), { type: 'ready', userId, deviceId: 'default' });
+      const byQuery = await open(userId, { via: 'query', deviceId: 'browser-1' });
+      assert.deepEqual(await byQuery.next(), { type: 'ready', userId, deviceId: 'browser-1' });
+      byHeader.close();
+      byQuery.close();
+    });
+  });
+
+  // ---- the connection ----
+
+  describe('a connection', () => {
+    it('writes ready first, and handles a frame sent on open after it', async () => {
+      const userId = newUser();
+      const client = await open(userId, {
+        deviceId: 'd1',
+        onOpen: (c) => c.send({ type: 'ping', id: 'early' }),
+      });
+      assert.deepEqual(await client.next(), { type: 'ready', userId, deviceId: 'd1' });
+      assert.deepEqual(await client.next(), { type: 'pong', id: 'early' });
+      client.close();
+    });
+
+    it('produces CONNECTED before ready and DISCONNECTED on close, with one connectionId', async () => {
+      const userId = newUser();
+      const client = await connect(userId, 'phone');
+      const connectionId = await connectionIdOf(main, userId, 'phone');
+      client.close();
+      await client.closed;
+      await eventually(
+        async () =>
+          (await connectionEvents()).some(
+            (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
+          ),
+        5000,
+        'DISCONNECTED',
+      );
+      const events = (await connectionEvents()).filter((e) => e.value?.userId === userId);
+      assert.deepEqual(
+        events.map((e) => [e.key, e.value!.state, e.value!.connectionId, e.value!.gatewayId]),
+        [
+          [userId, 'CONNECTED', connectionId, main.gateway.gatewayId],
+          [userId, 'DISCONNECTED', connectionId, main.gateway.gatewayId],
+        ],
+      );
+    });
+
+    it('answers every one of a thousand pipelined frames, in order', async () => {
+      const client = await connect(newUser());
+      // Few socket reads hold them all: the queue passes its bound, reading pauses, resumes.
+      for (let i = 0; i < 1000; i++) client.send({ type: 'ping', id: `p${i}` });
+      for (let i = 0; i < 1000; i++)
+        assert.deepEqual(await client.next(), { type: 'pong', id: `p${i}` });
+      client.close();
+    });
+
+    it('writes heartbeats to chat.gateways', async () => {
+      await eventually(
+        async () => {
+          const beats = (
+            await records<GatewayHeartbeat>(topics.gateways, codecs[topics.gateways])
+          ).filter((r) => r.key === main.gateway.gatewayId);
+          return (
+            beats.length >= 3 && beats.every((b) => b.value?.gatewayId === main.gateway.gatewayId)
+          );
+        },
+        5000,
+        'three heartbeats',
+      );
+    });
+  });
+
+  // ---- send ----
+
+  describe('send', () => {
+    it('answers sent once both copies are stored: one keyed by the recipient, one by the sender', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await connect(alice, 'phone');
+      const before = Date.now();
+      const sent = await client.request({
+        type: 'send',
+        id: 'c1',
+        to: bob.toUpperCase(),
+        from: 'mallory', // ignored: the sender is the token's user
+        body: { text: 'hello', n: [1, 2] },
+      });
+      const messageId = messageIdFor(alice, 'phone', 'c1');
+      assert.deepEqual(sent, { type: 'sent', id: 'c1', messageId, at: sent.at });
+      assert.ok((sent.at as number) >= before);
+      // Durable before `sent`: read back at once.
+      const stored = (await inboxCommands()).filter((r) => {
+        const entry = r.value?.entry;
+        return (
+          entry !== undefined &&
+          fullNames.MessageCopy in entry &&
+          entry[fullNames.MessageCopy].messageId === messageId
+        );
+      });
+      const copy = {
+        [fullNames.MessageCopy]: {
+          messageId,
+          from: alice,
+          to: bob,
+          group: null,
+          body: '{"text":"hello","n":[1,2]}',
+          sentAt: sent.at,
+        },
+      };
+      const byKey = (a: { key: string }, b: { key: string }) => a.key.localeCompare(b.key);
+      assert.deepEqual(
+        stored.map((r) => ({ key: r.key, value: r.value })).sort(byKey),
+        [
+          { key: bob, value: { userId: bob, entry: copy } },
+          { key: alice, value: { userId: alice, entry: copy } },
+        ].sort(byKey),
+      );
+      assert.equal(stored.length, 2);
+      client.close();
+    });
+
+    it('gives a retry of the same id the same messageId, even on another connection', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const first = await connect(alice, 'tablet');
+      const a = await first.request({ type: 'send', id: 'retry-1', to: bob, body: 'x' });
+      first.close();
+      const second = await connect(alice, 'tablet');
+      const b = await second.request({ type: 'send', id: 'retry-1', to: bob, body: 'x' });
+      assert.equal(a.type, 'sent');
+      assert.equal(b.type, 'sent');
+      assert.equal(a.messageId, b.messageId);
+      const other = await second.request({ type: 'send', id: 'retry-2', to: bob, body: 'x' });
+      assert.notEqual(other.messageId, a.messageId);
+      second.close();
+    });
+
+    it('answers sent in send order', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await connect(alice);
+      const ids = Array.from({ length: 20 }, (_, i) => `o-${i}`);
+      for (const id of ids) client.send({ type: 'send', id, to: bob, body: { i: id } });
+      const answers = [];
+      for (const _ of ids) answers.push(await client.next());
+      assert.deepEqual(
+        answers.map((a) => [a.type, a.id]),
+        ids.map((id) => ['sent', id]),
+      );
+      client.close();
+    });
+
+    it('refuses an unknown recipient and stores nothing', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      assert.deepEqual(
+        await client.request({ type: 'send', id: 'c9', to: 'nobody-here', body: 1 }),
+        { type: 'error', id: 'c9', code: 'unknown_recipient', message: 'no user "nobody-here"' },
+      );
+      const messageId = messageIdFor(alice, 'phone', 'c9');
+      assert.equal(
+        (await inboxCommands()).filter((r) => JSON.stringify(r.value).includes(messageId)).length,
+        0,
+      );
+      await client.alive();
+      client.close();
+    });
+
+    it('refuses a body over 16 KiB with too_large and stores nothing', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await connect(alice, 'phone');
+      const answer = await client.request({
+        type: 'send',
+        id: 'big',
+        to: bob,
+        body: { text: 'x'.repeat(17 * 1024) },
+      });
+      assert.equal(answer.type, 'error');
+      assert.equal(answer.code, 'too_large');
+      assert.equal(answer.id, 'big');
+      const messageId = messageIdFor(alice, 'phone', 'big');
+      assert.equal(
+        (await inboxCommands()).filter((r) => JSON.stringify(r.value).includes(messageId)).length,
+        0,
+      );
+      await client.alive();
+      client.close();
+    });
+
+    it('sends to a group as one GroupSend keyed by the group; an unknown group is refused', async () => {
+      const alice = newUser('alice');
+      const groupId = uniqueName('g');
+      groups.add(groupId);
+      const client = await connect(alice, 'phone');
+      const sent = await client.request({ type: 'send', id: 'g1', group: groupId, body: [1] });
+      const messageId = messageIdFor(alice, 'phone', 'g1');
+      assert.deepEqual(sent, { type: 'sent', id: 'g1', messageId, at: sent.at });
+      const stored = (
+        await records<GroupMessage>(topics.groupMessages, codecs[topics.groupMessages])
+      ).filter((r) => r.key === groupId);
+      assert.deepEqual(
+        stored.map((r) => r.value),
+        [
+          {
+            groupId,
+            payload: {
+              [fullNames.GroupSend]: {
+                messageId,
+                id: 'g1',
+                from: alice,
+                body: '[1]',
+                sentAt: sent.at,
+              },
+            },
+          },
+        ],
+      );
+      assert.deepEqual(
+        await client.request({ type: 'send', id: 'g2', group: 'no-group', body: 1 }),
+        {
+          type: 'error',
+          id: 'g2',
+          code: 'unknown_recipient',
+          message: 'no group "no-group"',
+        },
+      );
+      client.close();
+    });
+
+    it('answers internal, with the id and never sent, when the frame cannot be handled', async () => {
+      const client = await connect(newUser());
+      const answer = await client.request({ type: 'send', id: 'boom', to: 'explode', body: 1 });
+      assert.equal(answer.type, 'error');
+      assert.equal(answer.code, 'internal');
+      assert.equal(answer.id, 'boom');
+      await client.alive();
+      client.close();
+    });
+  });
+
+  // ---- bad input ----
+
+  describe('bad input', () => {
+    const cases: [string, string, { code: string; id?: string }][] = [
+      ['text that is not JSON', 'hello', { code: 'bad_frame' }],
+      ['an array', '[]', { code: 'bad_frame' }],
+      ['no type', '{"id":"b1"}', { code: 'bad_frame', id: 'b1' }],
+      ['an unknown type', '{"type":"shout","id":"b2"}', { code: 'bad_frame', id: 'b2' }],
+      [
+        'an invalid id',
+        JSON.stringify({ type: 'ping', id: 'x'.repeat(65) }),
+        { code: 'bad_frame' },
+      ],
+      ['a send without id', '{"type":"send","to":"bob","body":1}', { code: 'bad_frame' }],
+      [
+        'a send with to and group',
+        '{"type":"send","id":"b3","to":"bob","group":"g","body":1}',
+        { code: 'bad_frame', id: 'b3' },
+      ],
+      ['a send to neither', '{"type":"send","id":"b4","body":1}', { code: 'bad_frame', id: 'b4' }],
+      [
+        'a send to an invalid userId',
+        '{"type":"send","id":"b5","to":"b!","body":1}',
+        { code: 'bad_frame', id: 'b5' },
+      ],
+      [
+        'a send without body',
+        '{"type":"send","id":"b6","to":"bob"}',
+        { code: 'bad_frame', id: 'b6' },
+      ],
+      ['an ack without upTo', '{"type":"ack","id":"b7"}', { code: 'bad_frame', id: 'b7' }],
+      [
+        'an ack with a negative upTo',
+        '{"type":"ack","id":"b8","upTo":-1}',
+        { code: 'bad_frame', id: 'b8' },
+      ],
+      ['a read without messageId', '{"type":"read","id":"b9"}', { code: 'bad_frame', id: 'b9' }],
+      [
+        'a typing with a bad state',
+        '{"type":"typing","id":"b10","to":"bob","state":"x"}',
+        { code: 'bad_frame', id: 'b10' },
+      ],
+      [
+        'a sync with a string after',
+        '{"type":"sync","id":"b11","after":"3"}',
+        { code: 'bad_frame', id: 'b11' },
+      ],
+      [
+        'a typing to an unknown user',
+        '{"type":"typing","id":"b12","to":"nobody-here","state":"start"}',
+        { code: 'unknown_recipient', id: 'b12' },
+      ],
+    ];
+
+    it('answers each with its error (and id), and the connection keeps working', async () => {
+      const client = await connect(newUser());
+      for (const [what, text, expected] of cases) {
+        const answer = await client.request(text);
+        assert.equal(answer.type, 'error', what);
+        assert.equal(answer.code, expected.code, what);
+        assert.equal(answer.id, expected.id, what);
+        assert.equal(typeof answer.message, 'string', what);
+        await client.alive();
+      }
+      client.close();
+    });
+
+    it('accepts a binary frame holding UTF-8 JSON, and refuses one that is not UTF-8', async () => {
+      const client = await connect(newUser());
+      client.ws.send(Buffer.from('{"type":"ping","id":"bin"}'), { binary: true });
+      assert.deepEqual(await client.next(), { type: 'pong', id: 'bin' });
+      client.ws.send(Buffer.from([0xff, 0xfe, 0x7b]), { binary: true });
+      assert.equal((await client.next()).code, 'bad_frame');
+      await client.alive();
+      client.close();
+    });
+
+    it('closes with 1009 on a frame over 64 KiB', async () => {
+      const client = await connect(newUser());
+      client.ws.send(JSON.stringify({ type: 'ping', pad: randomBytes(36_000).toString('hex') }));
+      assert.equal((await client.closed).code, 1009);
+    });
+
+    it('closes with 1009 on a compressed frame that inflates past 64 KiB', async () => {
+      const client = await open(newUser(), { ws: { perMessageDeflate: true } });
+      assert.match(client.ws.extensions, /permessage-deflate/);
+      assert.equal((await client.next()).type, 'ready');
+      // About 100 KiB of text that deflates to a few hundred bytes on the wire.
+      client.send(JSON.stringify({ type: 'ping', pad: 'a'.repeat(100_000) }));
+      assert.equal((await client.closed).code, 1009);
+    });
+
+    it('takes a compressed frame under the limit', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await open(alice, { ws: { perMessageDeflate: true } });
+      assert.equal((await client.next()).type, 'ready');
+      const answer = await client.request({
+        type: 'send',
+        id: 'z1',
+        to: bob,
+        body: 'a'.repeat(16_000),
+      });
+      assert.equal(answer.type, 'sent');
+      client.close();
+    });
+
+    it('drops send and typing frames over the rate limit with rate_limited and their id', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await connect(alice);
+      // 10 per second, a bucket of 40: a burst of 60 typing frames has about 20 too many (fewer
+      // if the burst takes long enough for the bucket to refill a little).
+      for (let i = 0; i < 60; i++) {
+        client.send({ type: 'typing', id: `t${i}`, to: bob, state: i % 2 ? 'stop' : 'start' });
+      }
+      client.send({ type: 'ping', id: 'end' });
+      const answers: Frame[] = [];
+      for (let frame = await client.next(); frame.type !== 'pong'; frame = await client.next()) {
+        answers.push(frame);
+      }
+      assert.ok(answers.length >= 15 && answers.length <= 20, `${answers.length} refusals`);
+      for (const answer of answers) {
+        assert.equal(answer.type, 'error');
+        assert.equal(answer.code, 'rate_limited');
+        assert.match(answer.id as string, /^t\d+$/);
+      }
+      // The refused are the last ones: the first 40 went through.
+      assert.ok(answers.every((a) => Number((a.id as string).slice(1)) >= 40));
+      const typing = (await userCommands()).filter(
+        (r) => r.key === bob && r.value && fullNames.Typing in r.value.command,
+      );
+      assert.equal(typing.length, 60 - answers.length);
+      client.close();
+    });
+  });
+
+  // ---- user commands ----
+
+  describe('ack, read, typing, sync', () => {
+    it('makes an ack durable before the next frame is answered', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      client.send({ type: 'ack', upTo: 42 });
+      assert.deepEqual(await client.request({ type: 'ping' }), { type: 'pong' });
+      // No waiting: the pong came after the Ack was durable.
+      // The connection's own Sync comes first (with CONNECTED), then the Ack.
+      const commands = (await userCommands()).filter((r) => r.key === alice);
+      assert.equal(commands.length, 2);
+      assert.deepEqual(Object.keys(commands[0]!.value!.command), [fullNames.Sync]);
+      assert.deepEqual(commands[1]!.value!.command, {
+        [fullNames.Ack]: { deviceId: 'phone', upTo: 42 },
+      });
+      client.close();
+    });
+
+    it('produces Read and Sync keyed by the user, Typing keyed by the recipient', async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const groupId = uniqueName('g');
+      groups.add(groupId);
+      const client = await connect(alice, 'laptop');
+      const connectionId = await connectionIdOf(main, alice, 'laptop');
+      client.send({ type: 'read', messageId: 'm-123' });
+      client.send({ type: 'typing', to: bob, state: 'start' });
+      client.send({ type: 'typing', group: groupId, state: 'stop' });
+      client.send({ type: 'sync', after: 7 });
+      await client.alive();
+      const commands = (await userCommands()).filter((r) => r.key === alice || r.key === bob);
+      const byKey = (key: string) =>
+        commands
+          .filter((r) => r.key === key)
+          .map((r) => ({ userId: r.value!.userId, command: r.value!.command }));
+      assert.deepEqual(byKey(alice), [
+        {
+          // Asked for with CONNECTED: replay from the device's last applied ack.
+          userId: alice,
+          command: { [fullNames.Sync]: { deviceId: 'laptop', connectionId, after: FROM_ACK } },
+        },
+        {
+          userId: alice,
+          command: { [fullNames.Read]: { deviceId: 'laptop', messageId: 'm-123' } },
+        },
+        {
+          userId: alice,
+          command: { [fullNames.Sync]: { deviceId: 'laptop', connectionId, after: 7 } },
+        },
+      ]);
+      const [typing] = byKey(bob);
+      assert.equal(typing!.userId, bob);
+      const relayed = (typing!.command as { [fullNames.Typing]: { from: string } })[
+        fullNames.Typing
+      ];
+      assert.deepEqual(
+        { ...relayed, at: 0 },
+        { from: alice, to: bob, group: null, state: 'start', at: 0 },
+      );
+      const groupTyping = (
+        await records<GroupMessage>(topics.groupMessages, codecs[topics.groupMessages])
+      ).filter((r) => r.key === groupId);
+      assert.equal(groupTyping.length, 1);
+      const payload = groupTyping[0]!.value!.payload as { [fullNames.Typing]: object };
+      assert.deepEqual(
+        { ...payload[fullNames.Typing], at: 0 },
+        { from: alice, to: null, group: groupId, state: 'stop', at: 0 },
+      );
+      client.close();
+    });
+  });
+
+  // ---- deliveries ----
+
+  describe('deliveries', () => {
+    let deliveryCodec: TopicCodec<Delivery>;
+    before(async () => {
+      deliveryCodec = await new Codecs(registry).forTopic<Delivery>(
+        deliveriesTopic(main.gateway.gatewayId),
+        loadSchema('Delivery'),
+        avroTypeOptions(),
+      );
+    });
+
+    async function produceDeliveries(at: Running, deliveries: Delivery[]): Promise<void> {
+      const producer = await log.producer();
+      await producer.send(
+        deliveries.map((d) => ({
+          topic: deliveriesTopic(at.gateway.gatewayId),
+          key: Buffer.from(d.userId),
+          value: deliveryCodec.encode(d),
+        })),
+      );
+      await producer.close();
+    }
+
+    it('writes each delivery to exactly the connections it targets', async () => {
+      const alice = newUser('alice');
+      const a = await connect(alice, 'phone');
+      const b = await connect(alice, 'laptop');
+      const phone = await connectionIdOf(main, alice, 'phone');
+      const laptop = await connectionIdOf(main, alice, 'laptop');
+      const skippedBefore = await counter(main, 'kchat_gateway_deliveries_skipped_total', {
+        reason: 'unknown_connection',
+      });
+      const sentAt = Date.now();
+      await produceDeliveries(main, [
+        {
+          userId: alice,
+          targets: [
+            { deviceId: 'phone', connectionId: phone },
+            { deviceId: 'gone', connectionId: 'no-such-connection' },
+          ],
+          frame: {
+            [fullNames.InboxEntry]: {
+              userId: alice,
+              seq: 1,
+              at: sentAt,
+              entry: {
+                [fullNames.MessageCopy]: {
+                  messageId: 'm-1',
+                  from: 'bob',
+                  to: alice,
+                  group: null,
+                  body: '{"text":"hi"}',
+                  sentAt,
+                },
+              },
+            },
+          },
+        },
+        {
+          userId: alice,
+          targets: [{ deviceId: 'laptop', connectionId: laptop }],
+          frame: {
+            [fullNames.Typing]: { from: 'bob', to: alice, group: null, state: 'start', at: sentAt },
+          },
+        },
+      ]);
+      assert.deepEqual(await a.next(), {
+        type: 'message',
+        seq: 1,
+        messageId: 'm-1',
+        from: 'bob',
+        to: alice,
+        body: { text: 'hi' },
+        sentAt,
+      });
+      // Same key, same partition: the laptop's first delivery is the second record, so the
+      // first never reached it; and the phone's next frame is its own pong, not the typing.
+      assert.deepEqual(await b.next(), { type: 'typing', from: 'bob', to: alice, state: 'start' });
+      await a.alive();
+      assert.equal(
+        (await counter(main, 'kchat_gateway_deliveries_skipped_total', {
+          reason: 'unknown_connection',
+        })) - skippedBefore,
+        1,
+      );
+      a.close();
+      b.close();
+    });
+
+    it('closes a client that does not read once over the send buffer limit; the rest goes on', async () => {
+      const slow = await startGateway({
+        limits: { sendBufferLimitBytes: 256 * 1024, closeTimeoutMs: 300 },
+      });
+      const codec = await new Codecs(registry).forTopic<Delivery>(
+        deliveriesTopic(slow.gateway.gatewayId),
+        loadSchema('Delivery'),
+        avroTypeOptions(),
+      );
+      const alice = newUser('alice');
+      const client = await open(alice, {
+        at: slow,
+        deviceId: 'slow',
+        ws: { perMessageDeflate: false },
+      });
+      assert.equal((await client.next()).type, 'ready');
+      const connectionId = await connectionIdOf(slow, alice, 'slow');
+      // Stop reading: the kernel buffers fill, then the gateway's send buffer.
+      (client.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket.pause();
+      const producer = await log.producer();
+      let seq = 0;
+      for (let round = 0; round < 200 && slow.gateway.connectionCount > 0; round++) {
+        await producer.send(
+          Array.from({ length: 20 }, () => {
+            seq++;
+            const delivery: Delivery = {
+              userId: alice,
+              targets: [{ deviceId: 'slow', connectionId }],
+              frame: {
+                [fullNames.InboxEntry]: {
+                  userId: alice,
+                  seq,
+                  at: Date.now(),
+                  entry: {
+                    [fullNames.MessageCopy]: {
+                      messageId: `m-${seq}`,
+                      from: 'bob',
+                      to: alice,
+                      group: null,
+                      body: JSON.stringify(randomBytes(6000).toString('base64')),
+                      sentAt: Date.now(),
+                    },
+                  },
+                },
+              },
+            };
+            return {
+              topic: deliveriesTopic(slow.gateway.gatewayId),
+              key: Buffer.from(alice),
+              value: codec.encode(delivery),
+            };
+          }),
+        );
+        await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      await producer.close();
+      await eventually(() => slow.gateway.connectionCount === 0, 5000, 'the slow client closed');
+      assert.equal(await counter(slow, 'kchat_gateway_slow_consumers_total'), 1);
+      await eventually(
+        async () =>
+          (await connectionEvents()).some(
+            (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
+          ),
+        5000,
+        'DISCONNECTED of the slow client',
+      );
+      (client.ws as unknown as { _socket: { resume(): void } })._socket.resume();
+      const { code } = await client.closed;
+      assert.ok(code === 1013 || code === 1006, `closed with ${code}`);
+      // The gateway itself is fine.
+      const other = await connect(newUser(), 'default', slow);
+      await other.alive();
+      other.close();
+    });
+  });
+
+  // ---- liveness and shutdown ----
+
+  describe('liveness and shutdown', () => {
+    it('terminates a peer that does not answer pings, and keeps one that does', async () => {
+      const pinging = await startGateway({ limits: { pingIntervalMs: 200 } });
+      const silent = await open(newUser(), { at: pinging, ws: { autoPong: false } });
+      const answering = await open(newUser(), { at: pinging });
+      assert.equal((await silent.next()).type, 'ready');
+      assert.equal((await answering.next()).type, 'ready');
+      assert.equal((await silent.closed).code, 1006);
+      await new Promise((resolve) => setTimeout(resolve, 700)); // three more pings
+      assert.equal(answering.ws.readyState, WebSocket.OPEN);
+      await answering.alive();
+      answering.close();
+    });
+
+    it('close() closes every socket with 1001 and produces their DISCONNECTED', async () => {
+      const closing = await startGateway();
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const a = await connect(alice, 'one', closing);
+      const b = await connect(bob, 'two', closing);
+      const ids = [
+        await connectionIdOf(closing, alice, 'one'),
+        await connectionIdOf(closing, bob, 'two'),
+      ];
+      await closing.gateway.close();
+      assert.equal((await a.closed).code, 1001);
+      assert.equal((await b.closed).code, 1001);
+      assert.equal(closing.gateway.connectionCount, 0);
+      const disconnected = (await connectionEvents())
+        .filter((e) => e.value?.state === 'DISCONNECTED')
+        .map((e) => e.value!.connectionId);
+      for (const id of ids) assert.ok(disconnected.includes(id), `DISCONNECTED of ${id}`);
+      // Its heartbeat key is deleted: the gateway is gone, not silent.
+      const beats = (
+        await records<GatewayHeartbeat>(topics.gateways, codecs[topics.gateways])
+      ).filter((r) => r.key === closing.gateway.gatewayId);
+      assert.equal(beats[beats.length - 1]!.value, null);
+      // New upgrades are refused.
+      const token = await tokenFor(alice);
+      assert.equal(
+        (await refusedUpgrade(wsUrl(closing), { authorization: `Bearer ${token}` })).status,
+        503,
+      );
+    });
+  });
+});
