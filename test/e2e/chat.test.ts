@@ -1,0 +1,185 @@
+/**
+ * The first working chat, end to end on `npm start` with real HTTP and WebSocket clients:
+ * two users register, exchange messages with gapless seqs, get receipts, retry a send, go
+ * offline and come back, and open a second device.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { WebSocket } from 'ws';
+import { freePort, startServer, type Started } from '../support/process.ts';
+import { eventually } from '../support/log-helpers.ts';
+
+type Frame = { type: string; [field: string]: unknown };
+
+class Client {
+  readonly frames: Frame[] = [];
+  private constructor(readonly ws: WebSocket) {
+    ws.on('message', (data) => this.frames.push(JSON.parse(data.toString()) as Frame));
+  }
+
+  static async open(url: string, token: string, deviceId: string): Promise<Client> {
+    const ws = new WebSocket(`${url.replace('http', 'ws')}/v1/ws?deviceId=${deviceId}`, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    const client = new Client(ws);
+    await new Promise<void>((resolve, reject) => {
+      ws.once('open', () => resolve());
+      ws.once('error', reject);
+    });
+    await client.next((f) => f.type === 'ready');
+    return client;
+  }
+
+  send(frame: Frame): void {
+    this.ws.send(JSON.stringify(frame));
+  }
+
+  async next(match: (f: Frame) => boolean, timeoutMs = 15_000): Promise<Frame> {
+    let found: Frame | undefined;
+    await eventually(() => (found = this.frames.find(match)) !== undefined, timeoutMs, 'a frame');
+    return found!;
+  }
+
+  /** The `message` and `receipt` entries seen so far, by seq. */
+  entries(): Frame[] {
+    return this.frames.filter((f) => f.type === 'message' || f.type === 'receipt');
+  }
+
+  async close(): Promise<void> {
+    const closed = new Promise((resolve) => this.ws.once('close', resolve));
+    this.ws.close();
+    await closed;
+  }
+}
+
+describe('chat end to end (npm start, embedded shape)', function () {
+  this.timeout(120_000);
+  let dataDir: string;
+  let server: Started;
+  const tokens = new Map<string, string>();
+
+  before(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), 'kchat-chat-'));
+    server = await startServer({
+      PORT: String(await freePort()),
+      DATA_DIR: dataDir,
+      LOG_LEVEL: 'warn',
+    });
+    for (const username of ['alice', 'bob']) {
+      const response = await fetch(`${server.url}/v1/auth/register`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ username, password: 'a good password' }),
+      });
+      assert.equal(response.status, 201);
+      tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
+    }
+  });
+
+  after(async () => {
+    await server?.stop();
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('delivers messages both ways with gapless seqs, receipts, and one inbox entry per retried send', async () => {
+    const alice = await Client.open(server.url, tokens.get('alice')!, 'phone');
+    const bob = await Client.open(server.url, tokens.get('bob')!, 'phone');
+    // Recipients are known from the accounts table, which the gateway follows.
+    await eventually(
+      async () => {
+        alice.send({ type: 'send', id: 'probe', to: 'nobody-here', body: 1 });
+        return (
+          (await alice.next((f) => f.type === 'error' && f.id === 'probe')).code ===
+          'unknown_recipient'
+        );
+      },
+      10_000,
+      'the unknown_recipient answer',
+    );
+
+    alice.send({ type: 'send', id: 'c1', to: 'bob', body: { text: 'hello bob' } });
+    const sent = await alice.next((f) => f.type === 'sent' && f.id === 'c1');
+    const atBob = await bob.next((f) => f.type === 'message' && f.messageId === sent.messageId);
+    assert.deepEqual(
+      { seq: atBob.seq, from: atBob.from, to: atBob.to, body: atBob.body },
+      {
+        seq: 1,
+        from: 'alice',
+        to: 'bob',
+        body: { text: 'hello bob' },
+      },
+    );
+    const own = await alice.next((f) => f.type === 'message' && f.messageId === sent.messageId);
+    assert.equal(own.seq, 1, "the sender's own copy is in her inbox too");
+
+    // A retry of c1 gets the same messageId and no second entry anywhere.
+    alice.send({ type: 'send', id: 'c1', to: 'bob', body: { text: 'hello bob' } });
+    await eventually(
+      () => alice.frames.filter((f) => f.type === 'sent' && f.id === 'c1').length === 2,
+      10_000,
+      'the retry',
+    );
+    assert.equal(
+      alice.frames.filter((f) => f.type === 'sent' && f.id === 'c1')[1]!.messageId,
+      sent.messageId,
+    );
+
+    bob.send({ type: 'send', id: 'b1', to: 'alice', body: 'hi alice' });
+    const reply = await alice.next((f) => f.type === 'message' && f.from === 'bob');
+    assert.equal(reply.seq, 2, 'no entry was used up by the retry');
+
+    bob.send({ type: 'ack', upTo: 2 });
+    const receipt = await alice.next((f) => f.type === 'receipt');
+    assert.deepEqual(
+      { seq: receipt.seq, messageId: receipt.messageId, by: receipt.by, status: receipt.status },
+      {
+        seq: 3,
+        messageId: sent.messageId,
+        by: 'bob',
+        status: 'delivered',
+      },
+    );
+    bob.send({ type: 'read', messageId: sent.messageId });
+    const read = await alice.next((f) => f.type === 'receipt' && f.status === 'read');
+    assert.equal(read.seq, 4);
+    assert.deepEqual(
+      bob.entries().map((f) => f.seq),
+      [1, 2],
+    );
+    await alice.close();
+    await bob.close();
+  });
+
+  it('gives a user who was offline everything in order, never what it acked, and all of it to a new device', async () => {
+    const alice = await Client.open(server.url, tokens.get('alice')!, 'phone');
+    for (let i = 1; i <= 5; i++)
+      alice.send({ type: 'send', id: `offline-${i}`, to: 'bob', body: { n: i } });
+    await alice.next((f) => f.type === 'sent' && f.id === 'offline-5');
+
+    const bob = await Client.open(server.url, tokens.get('bob')!, 'phone');
+    await bob.next((f) => f.type === 'message' && (f.body as { n?: number }).n === 5);
+    const replayed = bob.entries();
+    assert.deepEqual(
+      replayed.map((f) => f.seq),
+      [3, 4, 5, 6, 7],
+      'above the ack of 2, in order',
+    );
+    assert.deepEqual(
+      replayed.map((f) => (f.body as { n: number }).n),
+      [1, 2, 3, 4, 5],
+    );
+
+    const tablet = await Client.open(server.url, tokens.get('bob')!, 'tablet');
+    await tablet.next((f) => f.type === 'message' && f.seq === 7);
+    assert.deepEqual(
+      tablet.entries().map((f) => f.seq),
+      [1, 2, 3, 4, 5, 6, 7],
+      'a first-time device gets every kept entry',
+    );
+    await alice.close();
+    await bob.close();
+    await tablet.close();
+  });
+});
