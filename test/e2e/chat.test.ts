@@ -48,6 +48,7 @@ class Client {
   }
 
   async close(): Promise<void> {
+    if (this.ws.readyState === WebSocket.CLOSED) return; // e.g. its server was killed
     const closed = new Promise((resolve) => this.ws.once('close', resolve));
     this.ws.close();
     await closed;
@@ -58,15 +59,19 @@ describe('chat end to end (npm start, embedded shape)', function () {
   this.timeout(120_000);
   let dataDir: string;
   let server: Started;
+  let env: Record<string, string>;
   const tokens = new Map<string, string>();
 
   before(async () => {
     dataDir = await mkdtemp(join(tmpdir(), 'kchat-chat-'));
-    server = await startServer({
+    // The load test sends faster than the default 50 send frames a second a connection may.
+    env = {
       PORT: String(await freePort()),
       DATA_DIR: dataDir,
       LOG_LEVEL: 'warn',
-    });
+      RATE_LIMIT_PER_S: '5000',
+    };
+    server = await startServer(env);
     for (const username of ['alice', 'bob']) {
       const response = await fetch(`${server.url}/v1/auth/register`, {
         method: 'POST',
@@ -181,5 +186,86 @@ describe('chat end to end (npm start, embedded shape)', function () {
     await alice.close();
     await bob.close();
     await tablet.close();
+  });
+
+  it('loses nothing acknowledged and duplicates nothing when the process is killed under load', async () => {
+    const total = 300;
+    const alice = await Client.open(server.url, tokens.get('alice')!, 'laptop');
+    // A steady load: up to 16 sends in flight, each answered by `sent` once durable.
+    let next = 1;
+    const inFlight = () =>
+      next -
+      1 -
+      alice.frames.filter((f) => f.type === 'sent' && String(f.id).startsWith('load-')).length;
+    const killAfter = 60 + Math.floor(Math.random() * 120);
+    while (
+      alice.frames.filter((f) => f.type === 'sent' && String(f.id).startsWith('load-')).length <
+      killAfter
+    ) {
+      while (next <= total && inFlight() < 16)
+        alice.send({ type: 'send', id: `load-${next}`, to: 'bob', body: { load: next++ } });
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    await server.stop('SIGKILL');
+    const acknowledged = alice.frames.filter(
+      (f) => f.type === 'sent' && String(f.id).startsWith('load-'),
+    );
+    assert.ok(
+      acknowledged.length < next - 1 || next <= total,
+      'killed with sends still unanswered or to come',
+    );
+
+    server = await startServer(env); // the same PORT and DATA_DIR
+    // The client retries every send that got no `sent`, then sends the rest.
+    const again = await Client.open(server.url, tokens.get('alice')!, 'laptop');
+    const answered = new Set(acknowledged.map((f) => f.id));
+    for (let i = 1; i <= total; i++) {
+      if (!answered.has(`load-${i}`))
+        again.send({ type: 'send', id: `load-${i}`, to: 'bob', body: { load: i } });
+    }
+    await again
+      .next((f) => f.type === 'sent' && f.id === `load-${total}`, 30_000)
+      .catch((error) => {
+        const kinds = again.frames.map((f) => `${f.type}${f.code ? `:${f.code}` : ''}`);
+        throw new Error(
+          `${(error as Error).message}; the retrying client got ${kinds.length} frames: ${[...new Set(kinds)].join(', ')} ${JSON.stringify(again.frames.find((f) => f.type === 'error'))}`,
+        );
+      });
+    await eventually(
+      () => again.frames.filter((f) => f.type === 'sent').length === total - answered.size,
+      30_000,
+      'every retry answered',
+    );
+    const bob = await Client.open(server.url, tokens.get('bob')!, 'watch'); // first time: every kept entry
+    await eventually(
+      () =>
+        bob.frames.filter(
+          (f) => f.type === 'message' && (f.body as { load?: number }).load !== undefined,
+        ).length >= total,
+      30_000,
+      'bob to receive the load',
+    );
+    await new Promise((r) => setTimeout(r, 500)); // anything extra would show up now
+    const loads = bob.frames.filter(
+      (f) => f.type === 'message' && (f.body as { load?: number }).load !== undefined,
+    );
+    const numbers = loads.map((f) => (f.body as { load: number }).load);
+    assert.equal(new Set(numbers).size, numbers.length, 'no message twice in the inbox');
+    assert.equal(numbers.length, total, 'every message, acknowledged or retried, once');
+    const seqs = bob.entries().map((f) => f.seq as number);
+    assert.deepEqual(
+      seqs,
+      Array.from({ length: seqs.length }, (_, i) => seqs[0]! + i),
+      'gapless seq',
+    );
+    // Messages acknowledged before the crash appear in the order they were sent.
+    const acknowledgedOrder = numbers.filter((n) => answered.has(`load-${n}`));
+    assert.deepEqual(
+      acknowledgedOrder,
+      [...acknowledgedOrder].sort((a, b) => a - b),
+    );
+    await again.close();
+    await bob.close();
+    await alice.close();
   });
 });
