@@ -248,7 +248,15 @@ export class Connection {
       case 'ack':
         return this.command({ [fullNames.Ack]: { deviceId, upTo: frame.upTo } });
       case 'read':
-        return this.command({ [fullNames.Read]: { deviceId, messageId: frame.messageId } });
+        // The users actor answers `unknown_message` on this connection, with the frame's id.
+        return this.command({
+          [fullNames.Read]: {
+            deviceId,
+            messageId: frame.messageId,
+            connectionId,
+            id: frame.id ?? null,
+          },
+        });
       case 'typing':
         return this.typing(frame);
       case 'sync':

@@ -421,13 +421,20 @@ export function typingFrame(typing: Typing): TypingFrameOut {
 }
 
 /** The frame a Delivery carries. */
-export function deliveryFrame(frame: Delivery['frame']): InboxEntryFrame | TypingFrameOut {
+export function deliveryFrame(
+  frame: Delivery['frame'],
+): InboxEntryFrame | TypingFrameOut | ErrorFrame {
   const branch = branchOf(frame);
   switch (branch.name) {
     case fullNames.InboxEntry:
       return inboxEntryFrame(branch.value);
     case fullNames.Typing:
       return typingFrame(branch.value);
+    case fullNames.ErrorFrame: {
+      // An actor's answer (e.g. unknown_message); the code is one of PROTOCOL's by contract.
+      const { id, code, message } = branch.value;
+      return errorFrame({ id: id ?? undefined, code: code as ErrorCode, message });
+    }
   }
   throw new TypeError(`unknown delivery frame branch ${(branch as { name: string }).name}`);
 }

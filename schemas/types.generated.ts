@@ -269,6 +269,13 @@ export interface Read {
   deviceId: string;
   /** The message read; it must be in the reader's inbox. */
   messageId: string;
+  /**
+   * The connection the read frame came on, where an `unknown_message` error is answered;
+   * null when unknown.
+   */
+  connectionId: string | null;
+  /** The read frame's own `id`, echoed in an error answer; null when the frame had none. */
+  id: string | null;
 }
 
 /** A device asked for push notifications: `PUT /v1/devices/:deviceId`. */
@@ -507,9 +514,12 @@ export interface Delivery {
   targets: DeliveryTarget[];
   /**
    * What to send: an inbox entry (a `message`, `receipt`, `group` or `rejected` frame) or a
-   * `typing` frame.
+   * `typing` frame. Or an `error` frame an actor answers for one connection.
    */
-  frame: { 'chat.v1.InboxEntry': InboxEntry } | { 'chat.v1.Typing': Typing };
+  frame:
+    | { 'chat.v1.InboxEntry': InboxEntry }
+    | { 'chat.v1.Typing': Typing }
+    | { 'chat.v1.ErrorFrame': ErrorFrame };
 }
 
 /** One connection of the user on this gateway. */
@@ -544,6 +554,19 @@ export interface InboxEntry {
     | { 'chat.v1.Receipt': Receipt }
     | { 'chat.v1.GroupEvent': GroupEvent }
     | { 'chat.v1.Rejection': Rejection };
+}
+
+/**
+ * An `error` frame for one connection, answered by an actor rather than the gateway (for
+ * example `unknown_message` for a `read` of a message the inbox does not hold).
+ */
+export interface ErrorFrame {
+  /** The `id` of the frame refused, when it had one. */
+  id: string | null;
+  /** The error code of PROTOCOL.md, for example `unknown_message`. */
+  code: string;
+  /** Human text. */
+  message: string;
 }
 
 /**
@@ -663,6 +686,7 @@ export const fullNames = {
   Delivery: 'chat.v1.Delivery',
   DeliveryTarget: 'chat.v1.DeliveryTarget',
   InboxEntry: 'chat.v1.InboxEntry',
+  ErrorFrame: 'chat.v1.ErrorFrame',
   Account: 'chat.v1.Account',
   GatewayHeartbeat: 'chat.v1.GatewayHeartbeat',
   PushRequest: 'chat.v1.PushRequest',

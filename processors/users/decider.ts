@@ -74,7 +74,15 @@ export type UserCommand =
   | { kind: 'append'; entry: EntryBody; dedupKey: string; at: number }
   | { kind: 'ack'; deviceId: string; upTo: number; at: number }
   /** view.entries holds the message when the inbox has it. */
-  | { kind: 'read'; deviceId: string; messageId: string; at: number }
+  | {
+      kind: 'read';
+      deviceId: string;
+      messageId: string;
+      /** Where the read frame came on, and its id: the error answer goes there. */
+      connectionId: string | null;
+      id: string | null;
+      at: number;
+    }
   | { kind: 'typing'; typing: Typing }
   | { kind: 'sync'; deviceId: string; connectionId: string; after: number; at: number }
   | { kind: 'device-registered'; deviceId: string; pushToken: string; platform: string | null }
@@ -111,6 +119,7 @@ export type UserEvent =
       type: 'refused';
       gatewayId: string;
       targets: Target[];
+      id: string | null;
       code: 'unknown_message';
       message: string;
     }
@@ -273,12 +282,17 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     case 'read': {
       const message = view.entries.map(messageOf).find((m) => m?.messageId === command.messageId);
       if (!message) {
-        // Answered on the device's connections (a Read names the device, not the connection).
-        const targets = liveTargets(view, (s) => s.deviceId === command.deviceId);
+        // Answered on the connection the read came on (or, when unknown, the device's).
+        const targets = liveTargets(view, (s, connectionId) =>
+          command.connectionId
+            ? connectionId === command.connectionId
+            : s.deviceId === command.deviceId,
+        );
         return [...targets].map(([gatewayId, list]) => ({
           type: 'refused' as const,
           gatewayId,
           targets: list,
+          id: command.id,
           code: 'unknown_message' as const,
           message: `no message ${command.messageId} in your inbox`,
         }));

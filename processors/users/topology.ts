@@ -109,7 +109,14 @@ function toCommand(input: Input, at: number): UserCommand | undefined {
     case 'chat.v1.Ack':
       return { kind: 'ack', deviceId: value.deviceId, upTo: value.upTo, at: when };
     case 'chat.v1.Read':
-      return { kind: 'read', deviceId: value.deviceId, messageId: value.messageId, at: when };
+      return {
+        kind: 'read',
+        deviceId: value.deviceId,
+        messageId: value.messageId,
+        connectionId: value.connectionId,
+        id: value.id,
+        at: when,
+      };
     case 'chat.v1.Typing':
       return { kind: 'typing', typing: value };
     case 'chat.v1.Sync':
@@ -228,10 +235,16 @@ class InboxProcessor implements Processor<Input, unknown> {
       }
       case 'push-requested':
         return this.send('push', userId, codecs.push.encode(event.request));
-      case 'refused':
-        // TODO(chat core): the Delivery schema has no error frame yet, so the device's
-        // `unknown_message` answer cannot reach its gateway; it needs a Delivery branch.
-        return;
+      case 'refused': {
+        const delivery: Delivery = {
+          userId,
+          targets: event.targets,
+          frame: {
+            'chat.v1.ErrorFrame': { id: event.id, code: event.code, message: event.message },
+          },
+        };
+        return this.send('deliveries', userId, codecs.deliveries.encode(delivery), event.gatewayId);
+      }
       default:
         return;
     }

@@ -149,6 +149,10 @@ describe('chat end to end (npm start, embedded shape)', function () {
     bob.send({ type: 'read', messageId: sent.messageId });
     const read = await alice.next((f) => f.type === 'receipt' && f.status === 'read');
     assert.equal(read.seq, 4);
+    // A read of a message not in bob's inbox: the users actor answers on bob's connection.
+    bob.send({ type: 'read', id: 'r1', messageId: 'no-such-message' });
+    const refused = await bob.next((f) => f.type === 'error' && f.id === 'r1');
+    assert.equal(refused.code, 'unknown_message');
     assert.deepEqual(
       bob.entries().map((f) => f.seq),
       [1, 2],

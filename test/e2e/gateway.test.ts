@@ -775,7 +775,9 @@ describe('gateway (WebSocket, embedded log)', function () {
         },
         {
           userId: alice,
-          command: { [fullNames.Read]: { deviceId: 'laptop', messageId: 'm-123' } },
+          command: {
+            [fullNames.Read]: { deviceId: 'laptop', messageId: 'm-123', connectionId, id: null },
+          },
         },
         {
           userId: alice,

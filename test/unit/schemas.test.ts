@@ -107,7 +107,9 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
     {
       userId: 'bob',
       at: t0,
-      command: { [fullNames.Read]: { deviceId: 'phone', messageId: 'm-1' } },
+      command: {
+        [fullNames.Read]: { deviceId: 'phone', messageId: 'm-1', connectionId: 'c-1', id: 'r1' },
+      },
     },
     {
       userId: 'bob',
@@ -248,6 +250,13 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
         { deviceId: 'phone', connectionId: 'c-9' },
       ],
       frame: { [fullNames.Typing]: typing },
+    },
+    {
+      userId: 'bob',
+      targets: [{ deviceId: 'phone', connectionId: 'c-9' }],
+      frame: {
+        [fullNames.ErrorFrame]: { id: 'r1', code: 'unknown_message', message: 'no such message' },
+      },
     },
   ],
   Account: [{ userId: 'alice', displayName: 'Alice', createdAt: t0 }],

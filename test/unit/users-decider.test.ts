@@ -315,8 +315,22 @@ describe('users actor: scenarios', () => {
       connectionId: 'c1',
       at: T,
     });
-    inbox.run({ kind: 'read', deviceId: 'phone', connectionId: 'c1', messageId: 'm1', at: T });
-    inbox.run({ kind: 'read', deviceId: 'phone', connectionId: 'c1', messageId: 'nope', at: T });
+    inbox.run({
+      kind: 'read',
+      deviceId: 'phone',
+      messageId: 'm1',
+      connectionId: 'c1',
+      id: null,
+      at: T,
+    });
+    inbox.run({
+      kind: 'read',
+      deviceId: 'phone',
+      messageId: 'nope',
+      connectionId: 'c1',
+      id: 'r9',
+      at: T,
+    });
     const facts = inbox.sent.filter((e) => e.type === 'receipt-owed' || e.type === 'refused');
     assert.deepEqual(
       facts.map((e) =>
