@@ -36,6 +36,10 @@ function integer(
 }
 
 export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  if (env.KAFKA_BROKERS && !env.JWT_SECRET) {
+    // Every process must verify the tokens any other signed (PROTOCOL: required when distributed).
+    throw new ConfigError('JWT_SECRET is required with KAFKA_BROKERS (the distributed deployment)');
+  }
   const brokers = env.KAFKA_BROKERS?.split(',')
     .map((b) => b.trim())
     .filter(Boolean);

@@ -52,6 +52,9 @@ export interface KafkaLogOptions {
   logger?: Logger;
 }
 
+/** Attempts of a retriable admin call after the first (with backoff up to 2 s: about 10 s). */
+const ADMIN_RETRIES = 8;
+
 const FENCED = new Set([
   'PRODUCER_FENCED',
   'INVALID_PRODUCER_EPOCH',
@@ -493,6 +496,22 @@ class KafkaAdmin implements LogAdmin {
     return this.admin;
   }
 
+  /**
+   * Runs an admin call, again with backoff when Kafka answers with a retriable error: just after
+   * a topic is created, its partitions may have no leader yet (NOT_LEADER_FOR_PARTITION).
+   */
+  private async call<T>(work: (admin: Admin) => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await work(await this.ready());
+      } catch (error) {
+        if ((error as { retriable?: boolean }).retriable !== true || attempt >= ADMIN_RETRIES)
+          throw error;
+        await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** attempt)));
+      }
+    }
+  }
+
   async createTopics(topics: TopicSpec[]): Promise<void> {
     const admin = await this.ready();
     await admin.createTopics({
@@ -508,7 +527,7 @@ class KafkaAdmin implements LogAdmin {
   }
 
   async deleteTopics(topics: string[]): Promise<void> {
-    await (await this.ready()).deleteTopics({ topics });
+    await this.call((admin) => admin.deleteTopics({ topics }));
   }
 
   async listTopics(): Promise<string[]> {
@@ -536,21 +555,21 @@ class KafkaAdmin implements LogAdmin {
   }
 
   async watermarks(topic: string): Promise<PartitionWatermarks[]> {
-    const offsets = await (await this.ready()).fetchTopicOffsets(topic);
+    const offsets = await this.call((admin) => admin.fetchTopicOffsets(topic));
     return offsets
       .map((o) => ({ partition: o.partition, low: Number(o.low), high: Number(o.high) }))
       .sort((a, b) => a.partition - b.partition);
   }
 
   async committedOffsets(groupId: string, topic: string): Promise<TopicPartitionOffset[]> {
-    const result = await (await this.ready()).fetchOffsets({ groupId, topics: [topic] });
+    const result = await this.call((admin) => admin.fetchOffsets({ groupId, topics: [topic] }));
     return (result[0]?.partitions ?? [])
       .map((p) => ({ topic, partition: p.partition, offset: Number(p.offset) }))
       .sort((a, b) => a.partition - b.partition);
   }
 
   async offsetsForTime(topic: string, timestamp: number): Promise<TopicPartitionOffset[]> {
-    const result = await (await this.ready()).fetchTopicOffsetsByTimestamp(topic, timestamp);
+    const result = await this.call((admin) => admin.fetchTopicOffsetsByTimestamp(topic, timestamp));
     return result
       .map((p) => ({ topic, partition: p.partition, offset: Number(p.offset) }))
       .sort((a, b) => a.partition - b.partition);

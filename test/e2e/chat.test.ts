@@ -7,53 +7,9 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { WebSocket } from 'ws';
 import { freePort, startServer, type Started } from '../support/process.ts';
 import { eventually } from '../support/log-helpers.ts';
-
-type Frame = { type: string; [field: string]: unknown };
-
-class Client {
-  readonly frames: Frame[] = [];
-  private constructor(readonly ws: WebSocket) {
-    ws.on('message', (data) => this.frames.push(JSON.parse(data.toString()) as Frame));
-  }
-
-  static async open(url: string, token: string, deviceId: string): Promise<Client> {
-    const ws = new WebSocket(`${url.replace('http', 'ws')}/v1/ws?deviceId=${deviceId}`, {
-      headers: { authorization: `Bearer ${token}` },
-    });
-    const client = new Client(ws);
-    await new Promise<void>((resolve, reject) => {
-      ws.once('open', () => resolve());
-      ws.once('error', reject);
-    });
-    await client.next((f) => f.type === 'ready');
-    return client;
-  }
-
-  send(frame: Frame): void {
-    this.ws.send(JSON.stringify(frame));
-  }
-
-  async next(match: (f: Frame) => boolean, timeoutMs = 15_000): Promise<Frame> {
-    let found: Frame | undefined;
-    await eventually(() => (found = this.frames.find(match)) !== undefined, timeoutMs, 'a frame');
-    return found!;
-  }
-
-  /** The `message` and `receipt` entries seen so far, by seq. */
-  entries(): Frame[] {
-    return this.frames.filter((f) => f.type === 'message' || f.type === 'receipt');
-  }
-
-  async close(): Promise<void> {
-    if (this.ws.readyState === WebSocket.CLOSED) return; // e.g. its server was killed
-    const closed = new Promise((resolve) => this.ws.once('close', resolve));
-    this.ws.close();
-    await closed;
-  }
-}
+import { Client } from '../support/chat-client.ts';
 
 describe('chat end to end (npm start, embedded shape)', function () {
   this.timeout(120_000);

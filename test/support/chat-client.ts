@@ -1,0 +1,47 @@
+/** A WebSocket chat client for end-to-end tests: it keeps every frame it receives. */
+import { WebSocket } from 'ws';
+import { eventually } from './log-helpers.ts';
+
+export type Frame = { type: string; [field: string]: unknown };
+
+export class Client {
+  readonly frames: Frame[] = [];
+  private constructor(readonly ws: WebSocket) {
+    ws.on('message', (data) => this.frames.push(JSON.parse(data.toString()) as Frame));
+  }
+
+  static async open(url: string, token: string, deviceId: string): Promise<Client> {
+    const ws = new WebSocket(`${url.replace('http', 'ws')}/v1/ws?deviceId=${deviceId}`, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    const client = new Client(ws);
+    await new Promise<void>((resolve, reject) => {
+      ws.once('open', () => resolve());
+      ws.once('error', reject);
+    });
+    await client.next((f) => f.type === 'ready');
+    return client;
+  }
+
+  send(frame: Frame): void {
+    this.ws.send(JSON.stringify(frame));
+  }
+
+  async next(match: (f: Frame) => boolean, timeoutMs = 15_000): Promise<Frame> {
+    let found: Frame | undefined;
+    await eventually(() => (found = this.frames.find(match)) !== undefined, timeoutMs, 'a frame');
+    return found!;
+  }
+
+  /** The `message` and `receipt` entries seen so far, by seq. */
+  entries(): Frame[] {
+    return this.frames.filter((f) => f.type === 'message' || f.type === 'receipt');
+  }
+
+  async close(): Promise<void> {
+    if (this.ws.readyState === WebSocket.CLOSED) return; // e.g. its server was killed
+    const closed = new Promise((resolve) => this.ws.once('close', resolve));
+    this.ws.close();
+    await closed;
+  }
+}
