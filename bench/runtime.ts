@@ -55,6 +55,22 @@ async function fill(log: Log, topic: string, count: number, label: string): Prom
   await producer.close();
 }
 
+/** An input and an output topic, the input filled with `records` records. */
+async function openTopics(
+  shape: Shape,
+  records: number,
+): Promise<{ log: Log; input: string; output: string }> {
+  const log = await shape.open();
+  const input = `bench-in-${stamp()}`;
+  const output = `bench-out-${stamp()}`;
+  await log.admin.createTopics([
+    { topic: input, partitions: PARTITIONS },
+    { topic: output, partitions: PARTITIONS },
+  ]);
+  if (records > 0) await fill(log, input, records, 'input');
+  return { log, input, output };
+}
+
 async function waitCommitted(
   log: Log,
   group: string,
@@ -84,14 +100,7 @@ async function runtimeThroughput(
   commitMs: number,
   seconds: number,
 ) {
-  const log = await shape.open();
-  const input = `bench-in-${stamp()}`;
-  const output = `bench-out-${stamp()}`;
-  await log.admin.createTopics([
-    { topic: input, partitions: PARTITIONS },
-    { topic: output, partitions: PARTITIONS },
-  ]);
-  await fill(log, input, records, 'input');
+  const { log, input, output } = await openTopics(shape, records);
   const dir = await mkdtemp(join(tmpdir(), 'kchat-bench-state-'));
   const stateDb = await StateDb.open(dir);
   const app = `bench-${guarantee}-${stamp()}`;
@@ -115,14 +124,7 @@ async function runtimeThroughput(
 
 /** The same records consumed and produced on, offsets committed, no runtime, no state. */
 async function bareBaseline(shape: Shape, records: number, seconds: number) {
-  const log = await shape.open();
-  const input = `bench-in-${stamp()}`;
-  const output = `bench-out-${stamp()}`;
-  await log.admin.createTopics([
-    { topic: input, partitions: PARTITIONS },
-    { topic: output, partitions: PARTITIONS },
-  ]);
-  await fill(log, input, records, 'input');
+  const { log, input, output } = await openTopics(shape, records);
   const group = `bench-bare-${stamp()}`;
   const consumer = log.consumer({ groupId: group });
   const producer = await log.producer();
@@ -201,13 +203,7 @@ async function restore(shape: Shape, entries: number, seconds: number) {
 }
 
 async function latency(shape: Shape, rate: number, seconds: number, commitMs: number) {
-  const log = await shape.open();
-  const input = `bench-in-${stamp()}`;
-  const output = `bench-out-${stamp()}`;
-  await log.admin.createTopics([
-    { topic: input, partitions: PARTITIONS },
-    { topic: output, partitions: PARTITIONS },
-  ]);
+  const { log, input, output } = await openTopics(shape, 0);
   const dir = await mkdtemp(join(tmpdir(), 'kchat-bench-state-'));
   const stateDb = await StateDb.open(dir);
   const runtime = new StreamsRuntime(countingTopology(input, output), {
