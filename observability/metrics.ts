@@ -12,8 +12,15 @@ export class Metrics {
     collectDefaultMetrics({ register: this.registry, prefix: 'kchat_' });
   }
 
+  /**
+   * A metric is registered once per name: parts that run several times in one process (a
+   * runtime per actor) share it and tell themselves apart by label.
+   */
   counter(name: string, help: string, labelNames: string[] = []): Counter {
-    return new Counter({ name, help, labelNames, registers: [this.registry] });
+    return (
+      (this.registry.getSingleMetric(name) as Counter | undefined) ??
+      new Counter({ name, help, labelNames, registers: [this.registry] })
+    );
   }
 
   gauge(name: string, help: string, collect?: (gauge: Gauge) => void): Gauge {
@@ -30,7 +37,10 @@ export class Metrics {
   }
 
   histogram(name: string, help: string, buckets: number[], labelNames: string[] = []): Histogram {
-    return new Histogram({ name, help, buckets, labelNames, registers: [this.registry] });
+    return (
+      (this.registry.getSingleMetric(name) as Histogram | undefined) ??
+      new Histogram({ name, help, buckets, labelNames, registers: [this.registry] })
+    );
   }
 
   text(): Promise<string> {
