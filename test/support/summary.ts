@@ -1,6 +1,7 @@
 /**
  * A mocha root-hook plugin: after the run, prints how many tests ran on each adapter (from the
- * "...conformance: <adapter>" suite titles) and a closing line `tests: N passed, N failed`.
+ * "...conformance: <adapter>" and "...runtime: <adapter>" suite titles) and a closing line
+ * `tests: N passed, N failed`.
  * With TEST_SUMMARY_FILE set, it also appends the counts there, for .ci/run's grand total.
  */
 import { appendFileSync } from 'node:fs';
@@ -13,7 +14,8 @@ let pending = 0;
 
 function adapterOf(test: Mocha.Runnable | undefined): string {
   for (let suite = test?.parent; suite; suite = suite.parent) {
-    const match = /conformance: (.+)$/.exec(suite.title);
+    // "log port conformance: kafka (...)", "stream-processing runtime: embedded"...
+    const match = /(?:conformance|runtime): (.+)$/.exec(suite.title);
     if (match) return match[1]!;
   }
   return 'unit and adapter-specific';
