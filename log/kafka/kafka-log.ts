@@ -52,8 +52,24 @@ export interface KafkaLogOptions {
   logger?: Logger;
 }
 
-/** Attempts of a retriable admin call after the first (with backoff up to 2 s: about 10 s). */
-const ADMIN_RETRIES = 8;
+/** Attempts of a retriable call after the first (with backoff up to 2 s: about 10 s). */
+const RETRIES = 8;
+
+/**
+ * Runs a call again with backoff while Kafka answers with a retriable error, for the calls
+ * kafkajs does not retry itself (admin calls, subscribe): just after a topic is created, or on
+ * a broker that has just started, its partitions may have no leader or no metadata yet.
+ */
+async function retrying<T>(work: () => Promise<T>): Promise<T> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await work();
+    } catch (error) {
+      if ((error as { retriable?: boolean }).retriable !== true || attempt >= RETRIES) throw error;
+      await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** attempt)));
+    }
+  }
+}
 
 const FENCED = new Set([
   'PRODUCER_FENCED',
@@ -168,7 +184,7 @@ export class KafkaLog implements Log {
     consumer.on(consumer.events.CRASH, ({ payload }) => queue.end(payload.error));
     try {
       await consumer.connect();
-      await consumer.subscribe({ topics: [topic], fromBeginning: true });
+      await retrying(() => consumer.subscribe({ topics: [topic], fromBeginning: true }));
       await consumer.run({
         autoCommit: false,
         eachBatch: async ({ batch }) => {
@@ -408,10 +424,12 @@ class KafkaLogConsumer implements Consumer {
     if (this.running) throw new IllegalStateError('the consumer is already running');
     this.running = true;
     await this.consumer.connect();
-    await this.consumer.subscribe({
-      topics: this.topics,
-      fromBeginning: this.options.startFrom !== 'latest',
-    });
+    await retrying(() =>
+      this.consumer.subscribe({
+        topics: this.topics,
+        fromBeginning: this.options.startFrom !== 'latest',
+      }),
+    );
     this.consumer.on(this.consumer.events.GROUP_JOIN, ({ payload }) => {
       const assignment: TopicPartition[] = [];
       for (const [topic, partitions] of Object.entries(payload.memberAssignment)) {
@@ -501,19 +519,15 @@ class KafkaAdmin implements LogAdmin {
    * a topic is created, its partitions may have no leader yet (NOT_LEADER_FOR_PARTITION).
    */
   private async call<T>(work: (admin: Admin) => Promise<T>): Promise<T> {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        return await work(await this.ready());
-      } catch (error) {
-        if ((error as { retriable?: boolean }).retriable !== true || attempt >= ADMIN_RETRIES)
-          throw error;
-        await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** attempt)));
-      }
-    }
+    return retrying(async () => work(await this.ready()));
   }
 
+  /** Retried as a whole: topics that already exist are left as they are, so it is idempotent. */
   async createTopics(topics: TopicSpec[]): Promise<void> {
-    const admin = await this.ready();
+    await this.call((admin) => this.create(admin, topics));
+  }
+
+  private async create(admin: Admin, topics: TopicSpec[]): Promise<void> {
     await admin.createTopics({
       waitForLeaders: true,
       topics: topics.map((t) => ({
@@ -531,11 +545,14 @@ class KafkaAdmin implements LogAdmin {
   }
 
   async listTopics(): Promise<string[]> {
-    return (await this.ready()).listTopics();
+    return this.call((admin) => admin.listTopics());
   }
 
   async describeTopic(topic: string): Promise<TopicDescription | undefined> {
-    const admin = await this.ready();
+    return this.call((admin) => this.describe(admin, topic));
+  }
+
+  private async describe(admin: Admin, topic: string): Promise<TopicDescription | undefined> {
     if (!(await admin.listTopics()).includes(topic)) return undefined;
     const metadata = await admin.fetchTopicMetadata({ topics: [topic] });
     const configs = await admin.describeConfigs({
