@@ -167,6 +167,39 @@ function replay(
   return events;
 }
 
+/**
+ * The seqs [from, to) of kept entries a command's decision reads, for the processor to load
+ * (none: undefined). `read` finds its one entry by messageId instead. An ack reads only what it
+ * may owe receipts for, and a CONNECTED only what a pending sync replays: neither costs the
+ * whole inbox.
+ */
+export function entriesNeeded(
+  command: UserCommand,
+  meta: UserMeta,
+): { from: number; to: number } | undefined {
+  const replayFrom = (deviceId: string, after: number) =>
+    (after === FROM_ACK ? (meta.devices[deviceId]?.ack ?? 0) : after) + 1;
+  const upToEnd = (from: number) => (from < meta.nextSeq ? { from, to: meta.nextSeq } : undefined);
+  switch (command.kind) {
+    case 'connected': {
+      const pending = meta.pendingSyncs[command.connectionId];
+      return pending && upToEnd(replayFrom(pending.deviceId, pending.after));
+    }
+    case 'sync':
+      return meta.sessions[command.connectionId]
+        ? upToEnd(replayFrom(command.deviceId, command.after))
+        : undefined;
+    case 'ack': {
+      const upTo = Math.min(command.upTo, meta.nextSeq - 1);
+      return upTo > meta.receiptedUpTo ? { from: meta.receiptedUpTo + 1, to: upTo + 1 } : undefined;
+    }
+    case 'prune':
+      return upToEnd(meta.firstKept);
+    default:
+      return undefined;
+  }
+}
+
 export function decide(command: UserCommand, view: UserView): UserEvent[] {
   const { meta } = view;
   switch (command.kind) {

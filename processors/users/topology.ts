@@ -29,6 +29,7 @@ import {
 } from '../runtime/topology.ts';
 import {
   decide,
+  entriesNeeded,
   evolve,
   newUserMeta,
   type UserCommand,
@@ -80,7 +81,6 @@ export function dedupKeyOf(entry: InboxEntry['entry']): string {
 }
 
 const seqKey = (userId: string, seq: number) => `${userId}/${seq.toString().padStart(12, '0')}`;
-const entriesOf = (userId: string) => ({ from: `${userId}/`, to: `${userId}0` });
 
 function toCommand(input: Input, at: number): UserCommand | undefined {
   if (input.source === 'connection') {
@@ -139,9 +139,6 @@ function toCommand(input: Input, at: number): UserCommand | undefined {
   }
 }
 
-/** Which commands need the user's kept entries in their view. */
-const needsEntries = new Set<UserCommand['kind']>(['connected', 'sync', 'ack', 'prune']);
-
 class InboxProcessor implements Processor<Input, unknown> {
   private context!: ProcessorContext<unknown>;
   private metas!: KeyValueStore<UserMeta>;
@@ -166,9 +163,13 @@ class InboxProcessor implements Processor<Input, unknown> {
   private async handle(userId: string, command: UserCommand): Promise<void> {
     const meta = (await this.metas.get(userId)) ?? newUserMeta();
     let entries: InboxEntry[] = [];
-    if (needsEntries.has(command.kind)) {
-      const { from, to } = entriesOf(userId);
-      entries = (await this.entries.range(from, to)).map(([, entry]) => entry);
+    const needed = entriesNeeded(command, meta);
+    if (needed) {
+      const range = await this.entries.range(
+        seqKey(userId, needed.from),
+        seqKey(userId, needed.to),
+      );
+      entries = range.map(([, entry]) => entry);
     } else if (command.kind === 'read') {
       const found = await this.dedup.get(`${userId}/m:${command.messageId}`);
       const entry = found && (await this.entries.get(seqKey(userId, found.seq)));

@@ -4,8 +4,10 @@
  * meta) for the scenarios that span several commands.
  */
 import assert from 'node:assert/strict';
+import { branchOf } from '../../schemas/avro.ts';
 import {
   decide,
+  entriesNeeded,
   evolve,
   FROM_ACK,
   newUserMeta,
@@ -43,6 +45,11 @@ const view = (meta: UserMeta, extra: Partial<UserView> = {}): UserView => ({
 const metaWith = (patch: Partial<UserMeta>): UserMeta => ({ ...newUserMeta(), ...patch });
 const types = (events: UserEvent[]) => events.map((e) => e.type);
 
+const messageIdOf = (entry: InboxEntry) => {
+  const { name, value } = branchOf(entry.entry);
+  return name === 'chat.v1.MessageCopy' ? value.messageId : undefined;
+};
+
 /** Plays the processor: meta through evolve, entries and dedup keys kept beside it. */
 class Inbox {
   meta = newUserMeta();
@@ -53,9 +60,16 @@ class Inbox {
 
   run(command: UserCommand): UserEvent[] {
     const duplicate = command.kind === 'append' && this.dedup.has(command.dedupKey);
+    // Only what the processor would load: the range entriesNeeded names, or a read's one entry.
+    const needed = entriesNeeded(command, this.meta);
+    const entries = needed
+      ? this.entries.filter((e) => e.seq >= needed.from && e.seq < needed.to)
+      : command.kind === 'read'
+        ? this.entries.filter((e) => messageIdOf(e) === command.messageId)
+        : [];
     const events = decide(
       command,
-      view(this.meta, { entries: this.entries, duplicate, liveGateways: this.liveGateways }),
+      view(this.meta, { entries, duplicate, liveGateways: this.liveGateways }),
     );
     for (const event of events) {
       this.meta = evolve(this.meta, event);
