@@ -8,6 +8,7 @@ import type { SchemaRegistry } from '../schemas/registry/port.ts';
 import { Codecs, type TopicCodec } from '../schemas/codec.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
 import { topicSpecs, type TopicName } from '../schemas/topics.ts';
+import type { SchemaValues } from '../schemas/types.generated.ts';
 
 export function chatTopicSpecs(partitions: number): TopicSpec[] {
   return Object.entries(topicSpecs).map(([topic, spec]) => ({
@@ -23,7 +24,10 @@ export function chatTopicSpecs(partitions: number): TopicSpec[] {
   }));
 }
 
-export type ChatCodecs = Record<TopicName, TopicCodec<unknown>>;
+/** Each chat topic's codec, typed by the event the topic table says it holds. */
+export type ChatCodecs = {
+  readonly [T in TopicName]: TopicCodec<SchemaValues[(typeof topicSpecs)[T]['value']]>;
+};
 
 export async function bootstrap(
   log: Log,

@@ -10,7 +10,6 @@ import type { ChatCodecs } from './bootstrap.ts';
 import type { Config } from './config.ts';
 import type { Logger } from '../observability/logger.ts';
 import type { Metrics } from '../observability/metrics.ts';
-import type { TopicCodec } from '../schemas/codec.ts';
 import { Codecs } from '../schemas/codec.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
 import { deliveriesTopicPrefix, topics } from '../schemas/topics.ts';
@@ -60,7 +59,7 @@ export async function startChat(
     const tokens = new TokenService({
       secret: await jwtSecret(process.env.JWT_SECRET, config.dataDir),
     });
-    const accountsCodec = codecs[topics.accounts] as TopicCodec<Account>;
+    const accountsCodec = codecs[topics.accounts];
     const producer = await log.producer();
     closers.push(() => producer.close());
     const api = createApi({
@@ -85,7 +84,7 @@ export async function startChat(
     });
     await accounts.start();
     closers.push(() => accounts.close());
-    const heartbeatsCodec = codecs[topics.gateways] as TopicCodec<GatewayHeartbeat>;
+    const heartbeatsCodec = codecs[topics.gateways];
     const gateways = new GlobalTable<GatewayHeartbeat>(log, topics.gateways, {
       decode: (v) => heartbeatsCodec.decode(v),
       logger,
@@ -107,12 +106,12 @@ export async function startChat(
     const users = new StreamsRuntime(
       usersTopology({
         codecs: {
-          connections: codecs[topics.connections] as never,
-          messages: codecs[topics.messages] as never,
-          userCommands: codecs[topics.userCommands] as never,
+          connections: codecs[topics.connections],
+          messages: codecs[topics.messages],
+          userCommands: codecs[topics.userCommands],
           deliveries: deliveryCodec,
-          push: codecs[topics.push] as never,
-          inboxEntries: codecs[topics.inboxEntries] as never,
+          push: codecs[topics.push],
+          inboxEntries: codecs[topics.inboxEntries],
         },
         liveGateways: () => {
           const now = Date.now();
@@ -130,7 +129,7 @@ export async function startChat(
     const gateway = createGateway({
       gatewayId: gatewayIdOf(config),
       log,
-      codecs: codecs as never,
+      codecs,
       deliveryCodec,
       verifyAccessToken: tokens.verifyAccessToken,
       userExists: (userId) => accounts.has(userId),

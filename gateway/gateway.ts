@@ -17,6 +17,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { Log, Producer, ProducerRecord } from '../log/port.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
 import { Codecs, type TopicCodec } from '../schemas/codec.ts';
+import type { ChatCodecs } from '../app/bootstrap.ts';
 import type { SchemaRegistry } from '../schemas/registry/port.ts';
 import { deliveriesTopic, topics } from '../schemas/topics.ts';
 import { FROM_ACK } from '../schemas/conventions.ts';
@@ -24,9 +25,6 @@ import type {
   ConnectionEvent,
   ConnectionState,
   Delivery,
-  GatewayHeartbeat,
-  GroupMessage,
-  InboxCommand,
   UserCommand,
 } from '../schemas/types.generated.ts';
 import { silentLogger, type Logger } from '../observability/logger.ts';
@@ -57,14 +55,15 @@ import { gatewayInstruments, type GatewayInstruments } from './metrics.ts';
 /** Where clients connect (PROTOCOL.md). */
 export const WS_PATH = '/v1/ws';
 
-/** The codecs of the topics the gateway writes: app/bootstrap.ts's ChatCodecs has them all. */
-export interface GatewayCodecs {
-  'chat.messages': TopicCodec<unknown>;
-  'chat.user-commands': TopicCodec<unknown>;
-  'chat.group-messages': TopicCodec<unknown>;
-  'chat.connections': TopicCodec<unknown>;
-  'chat.gateways': TopicCodec<unknown>;
-}
+/** The codecs of the topics the gateway writes. */
+export type GatewayCodecs = Pick<
+  ChatCodecs,
+  | 'chat.messages'
+  | 'chat.user-commands'
+  | 'chat.group-messages'
+  | 'chat.connections'
+  | 'chat.gateways'
+>;
 
 /** The limits a deployment (or a test) may change; each defaults to its constant of limits.ts. */
 export interface GatewayLimits {
@@ -186,9 +185,9 @@ class WebSocketGateway implements Gateway {
     this.context = {
       producer,
       codecs: {
-        messages: deps.codecs['chat.messages'] as TopicCodec<InboxCommand>,
-        userCommands: deps.codecs['chat.user-commands'] as TopicCodec<UserCommand>,
-        groupMessages: deps.codecs['chat.group-messages'] as TopicCodec<GroupMessage>,
+        messages: deps.codecs['chat.messages'],
+        userCommands: deps.codecs['chat.user-commands'],
+        groupMessages: deps.codecs['chat.group-messages'],
       },
       userExists: deps.userExists,
       groupExists: deps.groupExists,
@@ -212,7 +211,7 @@ class WebSocketGateway implements Gateway {
     this.heartbeat = new Heartbeat(
       this.gatewayId,
       producer,
-      deps.codecs['chat.gateways'] as TopicCodec<GatewayHeartbeat>,
+      deps.codecs['chat.gateways'],
       this.limits.heartbeatIntervalMs,
       this.now,
       this.logger,
@@ -344,7 +343,7 @@ class WebSocketGateway implements Gateway {
       state,
       at: this.now(),
     };
-    const codec = this.deps.codecs['chat.connections'] as TopicCodec<ConnectionEvent>;
+    const codec = this.deps.codecs['chat.connections'];
     const key = Buffer.from(userId, 'utf8');
     const records: ProducerRecord[] = [
       { topic: topics.connections, key, value: codec.encode(event) },
@@ -358,7 +357,7 @@ class WebSocketGateway implements Gateway {
         at: event.at,
         command: { 'chat.v1.Sync': { deviceId, connectionId, after: FROM_ACK } },
       };
-      const commands = this.deps.codecs['chat.user-commands'] as TopicCodec<UserCommand>;
+      const commands = this.deps.codecs['chat.user-commands'];
       records.push({ topic: topics.userCommands, key, value: commands.encode(sync) });
     }
     await this.producer!.send(records);

@@ -34,7 +34,7 @@ export function deliveriesTopic(gatewayId: string): `chat.deliveries.${string}` 
   return `${deliveriesTopicPrefix}${gatewayId}`;
 }
 
-export const topicSpecs: Readonly<Record<TopicName, TopicSpec>> = {
+export const topicSpecs = {
   'chat.connections': { value: 'ConnectionEvent', key: 'userId', compacted: false },
   'chat.messages': { value: 'InboxCommand', key: 'userId of the inbox owner', compacted: false },
   'chat.user-commands': {
@@ -55,7 +55,7 @@ export const topicSpecs: Readonly<Record<TopicName, TopicSpec>> = {
   'chat.gateways': { value: 'GatewayHeartbeat', key: 'gatewayId', compacted: true },
   'chat.push': { value: 'PushRequest', key: 'userId', compacted: false },
   'chat.inbox-entries': { value: 'InboxEntry', key: 'userId of the inbox owner', compacted: false },
-};
+} as const satisfies Readonly<Record<TopicName, TopicSpec>>;
 
 export const deliveriesTopicSpec: TopicSpec = {
   value: 'Delivery',

@@ -12,13 +12,7 @@ import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
 import { avroTypeOptions, branchOf, loadSchema } from '../../schemas/avro.ts';
 import { deliveriesTopic, topics } from '../../schemas/topics.ts';
-import type {
-  ConnectionEvent,
-  Delivery,
-  InboxCommand,
-  InboxEntry,
-  UserCommand,
-} from '../../schemas/types.generated.ts';
+import type { Delivery, InboxCommand } from '../../schemas/types.generated.ts';
 import { bootstrap } from '../../app/bootstrap.ts';
 import { StateDb } from '../../state/state-db.ts';
 import { StreamsRuntime } from '../../processors/runtime/runtime.ts';
@@ -51,12 +45,12 @@ describe('users actor on the runtime (embedded log)', function () {
     runtime = new StreamsRuntime(
       usersTopology({
         codecs: {
-          connections: codecs[topics.connections] as TopicCodec<ConnectionEvent>,
-          messages: codecs[topics.messages] as TopicCodec<InboxCommand>,
-          userCommands: codecs[topics.userCommands] as TopicCodec<UserCommand>,
+          connections: codecs[topics.connections],
+          messages: codecs[topics.messages],
+          userCommands: codecs[topics.userCommands],
           deliveries,
-          push: codecs[topics.push] as never,
-          inboxEntries: codecs[topics.inboxEntries] as TopicCodec<InboxEntry>,
+          push: codecs[topics.push],
+          inboxEntries: codecs[topics.inboxEntries],
         },
         liveGateways: () => new Set(['gw1']),
       }),
@@ -147,9 +141,9 @@ describe('users actor on the runtime (embedded log)', function () {
       command: { 'chat.v1.Ack': { deviceId: 'phone', upTo: 2 } },
     });
     const aliceEntries = async () =>
-      (
-        await readAll(topics.inboxEntries, codecs[topics.inboxEntries] as TopicCodec<InboxEntry>)
-      ).filter((e) => e.userId === 'alice');
+      (await readAll(topics.inboxEntries, codecs[topics.inboxEntries])).filter(
+        (e) => e.userId === 'alice',
+      );
     await eventually(
       async () => (await aliceEntries()).length === 3,
       20_000,
