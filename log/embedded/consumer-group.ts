@@ -40,7 +40,6 @@ export class GroupCoordinator {
   private readonly members = new Map<string, EmbeddedConsumer>();
   private nextMemberId = 0;
   private rebalancing: Promise<void> = Promise.resolve();
-  generation = 0;
 
   constructor(
     readonly groupId: string,
@@ -68,7 +67,6 @@ export class GroupCoordinator {
     const members = [...this.members.entries()];
     // Every member stops between batches before any partition moves.
     await Promise.all(members.map(([, m]) => m.suspend()));
-    this.generation++;
     const topics = new Map<string, number>();
     for (const [, m] of members) {
       for (const topic of m.topics) topics.set(topic, this.store.partitionCount(topic));
@@ -81,7 +79,7 @@ export class GroupCoordinator {
     );
     for (const [id, m] of members) {
       const mine = (assignment.get(id) ?? []).filter((tp) => m.topics.includes(tp.topic));
-      m.resume(this.generation, mine);
+      m.resume(mine);
     }
   }
 }
@@ -95,8 +93,7 @@ export class EmbeddedConsumer implements Consumer {
   private readonly positions = new Map<string, number>();
   /** Bumped by seek, so that a batch in flight does not move a position that was just set. */
   private readonly seeks = new Map<string, number>();
-  private appliedGeneration = 0;
-  private pendingAssignment: { generation: number; partitions: TopicPartition[] } | undefined;
+  private pendingAssignment: TopicPartition[] | undefined;
   private suspended = false;
   private parked: (() => void) | undefined;
   private running = false;
@@ -174,8 +171,8 @@ export class EmbeddedConsumer implements Consumer {
     });
   }
 
-  resume(generation: number, partitions: TopicPartition[]): void {
-    this.pendingAssignment = { generation, partitions };
+  resume(partitions: TopicPartition[]): void {
+    this.pendingAssignment = partitions;
     this.suspended = false;
     this.wakeup.wake();
   }
@@ -219,10 +216,9 @@ export class EmbeddedConsumer implements Consumer {
   }
 
   private async applyAssignment(): Promise<boolean> {
-    const { generation, partitions } = this.pendingAssignment!;
+    const partitions = this.pendingAssignment!;
     this.pendingAssignment = undefined;
     this.assigned = partitions;
-    this.appliedGeneration = generation;
     this.positions.clear();
     for (const tp of partitions) {
       const committed = await this.store.committedOffset(
@@ -247,7 +243,7 @@ export class EmbeddedConsumer implements Consumer {
         { err: error, groupId: this.options.groupId },
         'onAssignment failed; retrying',
       );
-      this.pendingAssignment = { generation, partitions };
+      this.pendingAssignment = partitions;
       await sleep(RETRY_BACKOFF_MS.initial);
       return false;
     }
@@ -285,9 +281,5 @@ export class EmbeddedConsumer implements Consumer {
       this.positions.set(id, records[records.length - 1]!.offset + 1);
     }
     return 'handed';
-  }
-
-  get generation(): number {
-    return this.appliedGeneration;
   }
 }

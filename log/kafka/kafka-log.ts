@@ -222,10 +222,6 @@ export class KafkaLog implements Log {
     await Promise.all([...this.producers].map((p) => p.close()));
     await this.admin.close();
   }
-
-  get brokers(): string[] {
-    return this.options.brokers;
-  }
 }
 
 /** kafkajs messages grouped by topic, and each record's message in the caller's order. */

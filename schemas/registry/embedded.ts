@@ -132,15 +132,6 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
     return list?.[list.length - 1];
   }
 
-  /** The versions of a subject, oldest first (for the HTTP face). */
-  subjectVersions(subject: string): RegisteredSchema[] {
-    return [...(this.versions.get(subject) ?? [])];
-  }
-
-  subjects(): string[] {
-    return [...this.versions.keys()];
-  }
-
   async close(): Promise<void> {
     await this.queue;
   }
