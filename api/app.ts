@@ -6,7 +6,8 @@
 import Koa, { type Middleware } from 'koa';
 import { Router } from '@koa/router';
 import type { Logger } from '../observability/logger.ts';
-import type { Account, AccountRepository, RefreshTokenRepository } from '../state/accounts/port.ts';
+import type { AccountRepository, RefreshTokenRepository } from '../state/accounts/port.ts';
+import type { AccountOutbox } from './account-outbox.ts';
 import { jsonBody } from './body.ts';
 import { errorHandler } from './errors.ts';
 import { PasswordHasher } from './passwords.ts';
@@ -18,8 +19,8 @@ export interface ApiDeps {
   accounts: AccountRepository;
   refreshTokens: RefreshTokenRepository;
   tokens: TokenService;
-  /** Publishes the public account to the compacted `chat.accounts` topic. */
-  publishAccount(account: Account): Promise<void>;
+  /** Publishes public accounts to the compacted `chat.accounts` topic. */
+  outbox: AccountOutbox;
   logger: Logger;
   /** Defaults to scrypt at DEFAULT_PASSWORD_COST; tests pass a cheaper one. */
   passwords?: PasswordHasher;

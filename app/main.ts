@@ -1,12 +1,14 @@
 /**
- * The program. `npm start` runs every role in one process on the embedded default:
+ * The program. `npm start` runs every role in one process on the embedded default; each role
+ * also runs alone, against Kafka (an embedded log belongs to one process):
  *
- *   tsx app/main.ts [all]
+ *   tsx app/main.ts [all | api | gateway | processor users]
+ *   npm start -- gateway
  *
  * It opens the log and the registry (embedded, or Kafka and a Confluent-compatible registry
  * when KAFKA_BROKERS and SCHEMA_REGISTRY_URL are set), creates the chat topics, registers every
- * event schema, starts the chat roles, and serves HTTP on HOST:PORT: /healthz, /readyz,
- * /metrics and the REST API. SIGTERM or SIGINT closes it within 10 s, releasing PORT and
+ * event schema, starts its roles, and serves HTTP on HOST:PORT: /healthz, /readyz,
+ * /metrics, and the REST API (api) and /v1/ws (gateway) when it runs them. SIGTERM or SIGINT closes it within 10 s, releasing PORT and
  * DATA_DIR.
  */
 import { once } from 'node:events';
@@ -15,18 +17,19 @@ import { ConfigError, readConfig } from './config.ts';
 import { openInfrastructure, type Infrastructure } from './infrastructure.ts';
 import { bootstrap } from './bootstrap.ts';
 import { createHttpServer } from './http.ts';
-import { startChat, type Chat } from './chat.ts';
+import { parseRole, ROLES, startRoles, type Roles } from './roles.ts';
 import { createLogger } from '../observability/logger.ts';
 import { Metrics } from '../observability/metrics.ts';
 import { EmbeddedLog } from '../log/embedded/embedded-log.ts';
 
 const SHUTDOWN_DEADLINE_MS = 9000;
-const ROLES = ['all'];
 
 async function main(): Promise<void> {
-  const role = process.argv[2] ?? 'all';
-  if (!ROLES.includes(role)) {
-    console.error(`unknown role "${role}"; this build runs: ${ROLES.join(', ')}`);
+  const role = parseRole(process.argv.slice(2));
+  if (role === undefined) {
+    console.error(
+      `unknown role "${process.argv.slice(2).join(' ')}"; this build runs: ${ROLES.join(', ')}`,
+    );
     process.exit(2);
   }
   let config;
@@ -39,11 +42,17 @@ async function main(): Promise<void> {
     }
     throw error;
   }
+  if (role !== 'all' && !config.kafkaBrokers) {
+    console.error(
+      `the ${role} role runs alone only against Kafka (set KAFKA_BROKERS); without it, run all`,
+    );
+    process.exit(2);
+  }
   const logger = createLogger({ level: config.logLevel });
-  const metrics = new Metrics({ role });
+  const metrics = new Metrics({ role: role.replace(' ', '-') });
   // Set once open; a signal during start-up closes whatever is open by then.
   let infrastructure: Infrastructure | undefined = undefined;
-  let chat: Chat | undefined = undefined;
+  let roles: Roles | undefined = undefined;
   let ready = false;
   let server: ReturnType<typeof createHttpServer> | undefined = undefined;
 
@@ -58,9 +67,9 @@ async function main(): Promise<void> {
       process.exit(1);
     }, SHUTDOWN_DEADLINE_MS);
     deadline.unref();
-    // The chat first: the gateway closes its sockets (1001) and records their DISCONNECTED
+    // The roles first: a gateway closes its sockets (1001) and records their DISCONNECTED
     // while the log is still open; then the HTTP server lets go of PORT.
-    await chat?.close();
+    await roles?.close();
     if (server?.listening) {
       server.closeAllConnections();
       await new Promise<void>((resolve) => server!.close(() => resolve()));
@@ -86,13 +95,13 @@ async function main(): Promise<void> {
     );
   }
   const codecs = await bootstrap(log, infrastructure.registry, config.partitions);
-  chat = await startChat(config, infrastructure, codecs, logger, metrics);
+  roles = await startRoles(role, config, infrastructure, codecs, logger, metrics);
   server = createHttpServer(
     metrics,
     { notReadyBecause: async () => (ready ? undefined : 'starting or stopping') },
-    chat.api.callback(),
+    roles.api?.callback(),
   );
-  chat.gateway.attach(server);
+  roles.gateway?.attach(server);
   // Listen only once everything is open: /healthz answering means the process accepts
   // clients, and a second process on a locked DATA_DIR fails before it listens.
   server.listen(config.port, config.host);
@@ -102,7 +111,7 @@ async function main(): Promise<void> {
   const shown = config.host === '0.0.0.0' ? '127.0.0.1' : config.host;
   logger.info({ ...infrastructure.describe(), role }, 'ready');
   console.log(
-    `kchat listening on http://${shown}:${address.port} (log: ${infrastructure.describe().log})`,
+    `kchat ${role} listening on http://${shown}:${address.port} (log: ${infrastructure.describe().log})`,
   );
 }
 

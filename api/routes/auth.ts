@@ -13,6 +13,7 @@ import {
 } from '../../state/accounts/port.ts';
 import { requireUser, type AuthenticatedState } from '../auth-middleware.ts';
 import { HttpError } from '../errors.ts';
+import type { AccountOutbox } from '../account-outbox.ts';
 import type { PasswordHasher } from '../passwords.ts';
 import { hashRefreshToken, type TokenService } from '../tokens.ts';
 import { loginBody, refreshBody, registerBody, validate } from '../validation.ts';
@@ -22,7 +23,7 @@ export interface AuthRoutesDeps {
   refreshTokens: RefreshTokenRepository;
   tokens: TokenService;
   passwords: PasswordHasher;
-  publishAccount(account: Account): Promise<void>;
+  outbox: AccountOutbox;
   logger: Logger;
   now: () => number;
 }
@@ -60,8 +61,9 @@ export function authRouter(deps: AuthRoutesDeps): Router {
       if (error instanceof AccountExistsError) throw taken(userId);
       throw error;
     }
-    // Published before answering: once registered, the user exists for everyone.
-    await deps.publishAccount(account);
+    // Published before answering when the log takes it: once registered, the user exists for
+    // everyone. When it does not, the account is in the outbox, which publishes it later.
+    await deps.outbox.publish(account);
     logger.info({ userId }, 'account registered');
     ctx.status = 201;
     ctx.body = await issue(userId, randomUUID());

@@ -3,6 +3,7 @@
  * MongoDB adapter). Keys:
  *
  *   a/<userId>             the account (AccountRecord)
+ *   o/<userId>             the outbox: its public Account, until published to chat.accounts
  *   t/<hash>               a refresh token's grant and state (active, used or revoked)
  *   f/<familyId>/<hash>    the family index: every token of a family
  *   r/<familyId>           the family is revoked (kept as long as its longest-lived token)
@@ -16,6 +17,7 @@ import { silentLogger, type Logger } from '../../observability/logger.ts';
 import { KeyedLock } from './keyed-lock.ts';
 import {
   AccountExistsError,
+  type Account,
   type AccountRecord,
   type AccountRepository,
   type AccountStores,
@@ -29,12 +31,21 @@ type StoredToken = RefreshTokenGrant & { state: TokenState };
 type FamilyRevocation = { expiresAt: number };
 
 const accountKey = (userId: string) => `a/${userId}`;
+const outboxKey = (userId: string) => `o/${userId}`;
 const tokenKey = (hash: string) => `t/${hash}`;
 const familyPrefix = (familyId: string) => `f/${familyId}/`;
 const familyKey = (familyId: string, hash: string) => `${familyPrefix(familyId)}${hash}`;
 const revocationKey = (familyId: string) => `r/${familyId}`;
 /** The first string after every key that starts with `prefix` ('/' + 1 is '0'). */
 const after = (prefix: string) => `${prefix.slice(0, -1)}0`;
+
+const publicPart = ({ userId, displayName, createdAt }: Account): Account => ({
+  userId,
+  displayName,
+  createdAt,
+});
+const samePublicAccount = (a: Account, b: Account) =>
+  a.userId === b.userId && a.displayName === b.displayName && a.createdAt === b.createdAt;
 
 /** A revoked family with no token left is still remembered this long. */
 const EMPTY_FAMILY_REVOCATION_MS = 24 * 3600_000;
@@ -64,6 +75,8 @@ export class EmbeddedAccountStores implements AccountStores {
       create: (account) => this.createAccount(account),
       get: (userId) => this.read<AccountRecord>(accountKey(userId)),
       updateDisplayName: (userId, displayName) => this.updateDisplayName(userId, displayName),
+      unpublished: (limit) => this.unpublished(limit),
+      markPublished: (account) => this.markPublished(account),
     };
     this.refreshTokens = {
       store: (hash, grant) => this.storeToken(hash, grant),
@@ -116,7 +129,24 @@ export class EmbeddedAccountStores implements AccountStores {
         throw new AccountExistsError(account.userId);
       const { userId, displayName, createdAt, passwordHash } = account;
       const record: AccountRecord = { userId, displayName, createdAt, passwordHash };
-      await this.db.put(accountKey(userId), record);
+      await this.db
+        .batch()
+        .put(accountKey(userId), record)
+        .put(outboxKey(userId), publicPart(record))
+        .write();
+    });
+  }
+
+  private async unpublished(limit: number): Promise<Account[]> {
+    const entries = await this.db.values({ gte: 'o/', lt: 'o0', limit }).all();
+    return entries as Account[];
+  }
+
+  private markPublished(account: Account): Promise<void> {
+    return this.lock.run(accountKey(account.userId), async () => {
+      const pending = await this.read<Account>(outboxKey(account.userId));
+      if (pending === undefined || !samePublicAccount(pending, account)) return;
+      await this.db.del(outboxKey(account.userId));
     });
   }
 
@@ -128,7 +158,11 @@ export class EmbeddedAccountStores implements AccountStores {
       const account = await this.read<AccountRecord>(accountKey(userId));
       if (account === undefined) return undefined;
       const updated = { ...account, displayName };
-      await this.db.put(accountKey(userId), updated);
+      await this.db
+        .batch()
+        .put(accountKey(userId), updated)
+        .put(outboxKey(userId), publicPart(updated))
+        .write();
       return updated;
     });
   }

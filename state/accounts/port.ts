@@ -23,6 +23,18 @@ export interface AccountRepository {
   get(userId: string): Promise<AccountRecord | undefined>;
   /** Sets the display name and answers the updated account; undefined when there is none. */
   updateDisplayName(userId: string, displayName: string): Promise<AccountRecord | undefined>;
+  /**
+   * The outbox of `chat.accounts`: every public account that `create` or `updateDisplayName`
+   * changed and whose publication `markPublished` has not yet confirmed, at most `limit`.
+   * create and update write the account and its outbox entry atomically, so an account is never
+   * stored without being, sooner or later, published.
+   */
+  unpublished(limit: number): Promise<Account[]>;
+  /**
+   * Confirms that `account` is on `chat.accounts`. Removes its outbox entry only when the entry
+   * still holds this same public account (a change made meanwhile stays to be published).
+   */
+  markPublished(account: Account): Promise<void>;
 }
 
 /** What a refresh token stands for. */

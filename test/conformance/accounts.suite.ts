@@ -98,6 +98,31 @@ export function accountsConformance(
         assert.deepEqual(await stores.accounts.get(created.userId), updated);
       });
 
+      it('keeps every created or renamed account in the outbox until its publication is confirmed', async () => {
+        const created = account(uniqueName('olga'));
+        const pending = async () =>
+          (await stores.accounts.unpublished(100_000)).filter((a) => a.userId === created.userId);
+        await stores.accounts.create(created);
+        const { passwordHash: _hash, ...publicPart } = created;
+        assert.deepEqual(await pending(), [publicPart], 'the public part, never the hash');
+
+        await stores.accounts.markPublished(publicPart);
+        assert.deepEqual(await pending(), []);
+
+        await stores.accounts.updateDisplayName(created.userId, 'Olga');
+        assert.deepEqual(await pending(), [{ ...publicPart, displayName: 'Olga' }]);
+        // A confirmation of the old name (a publication racing the rename) keeps the new one.
+        await stores.accounts.markPublished(publicPart);
+        assert.deepEqual(await pending(), [{ ...publicPart, displayName: 'Olga' }]);
+        await stores.accounts.markPublished({ ...publicPart, displayName: 'Olga' });
+        assert.deepEqual(await pending(), []);
+      });
+
+      it('answers at most limit outbox entries', async () => {
+        for (let i = 0; i < 3; i++) await stores.accounts.create(account(uniqueName('pia')));
+        assert.equal((await stores.accounts.unpublished(2)).length, 2);
+      });
+
       it('answers undefined when updating an account that does not exist, creating none', async () => {
         const userId = uniqueName('nobody');
         assert.equal(await stores.accounts.updateDisplayName(userId, 'Ghost'), undefined);

@@ -1,7 +1,7 @@
 /**
  * The accounts part of the REST API over real HTTP: the Koa app listening on a free port,
- * Node's fetch as the client, the embedded repositories in a temporary directory. Only
- * publishAccount is a fake (it records what would go to `chat.accounts`).
+ * Node's fetch as the client, the embedded repositories in a temporary directory. Only the
+ * outbox's send is a fake (it records what would go to `chat.accounts`).
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
@@ -14,6 +14,7 @@ import { Writable } from 'node:stream';
 import { SignJWT } from 'jose';
 import { pino } from 'pino';
 import { createApi, type ApiDeps } from '../../api/app.ts';
+import { AccountOutbox } from '../../api/account-outbox.ts';
 import { MAX_BODY_BYTES } from '../../api/body.ts';
 import { PasswordHasher, type PasswordCost } from '../../api/passwords.ts';
 import {
@@ -52,6 +53,9 @@ class CountingHasher extends PasswordHasher {
 class Harness {
   clock = START;
   readonly published: Account[] = [];
+  outbox!: AccountOutbox;
+  /** While set, sending to `chat.accounts` fails with it (the log unreachable). */
+  sendFails: Error | undefined;
   readonly logLines: string[] = [];
   readonly passwords = new CountingHasher(CHEAP);
   readonly tokens = new TokenService({ secret: SECRET, now: () => this.clock });
@@ -73,14 +77,20 @@ class Harness {
         },
       }),
     );
+    this.outbox = new AccountOutbox({
+      accounts: overrides.accounts ?? this.stores.accounts,
+      send: async (account) => {
+        if (this.sendFails) throw this.sendFails;
+        this.published.push(account);
+      },
+      logger,
+    });
     const app = createApi({
       accounts: this.stores.accounts,
       refreshTokens: this.stores.refreshTokens,
       tokens: this.tokens,
       passwords: this.passwords,
-      publishAccount: async (account) => {
-        this.published.push(account);
-      },
+      outbox: this.outbox,
       logger,
       now: () => this.clock,
       ...overrides,
@@ -727,6 +737,8 @@ describe('REST API: accounts', () => {
           },
           create: async () => {},
           updateDisplayName: async () => undefined,
+          unpublished: async () => [],
+          markPublished: async () => {},
         },
       });
       const answer = await broken.login('alice');
@@ -735,13 +747,23 @@ describe('REST API: accounts', () => {
       assert.ok(broken.logLines.some((line) => line.includes('disk on fire')));
     });
 
-    it('a failed publishAccount fails the registration', async () => {
-      broken = await new Harness().start({
-        publishAccount: async () => {
-          throw new Error('log unreachable');
-        },
-      });
-      assertError(await broken.register('tom'), 500, 'internal');
+    it('registers while chat.accounts is unreachable, and the outbox publishes the account once it is back', async () => {
+      broken = await new Harness().start();
+      broken.sendFails = new Error('log unreachable');
+      assertTokenPair(await broken.register('tom'), 201, 'tom');
+      assertTokenPair(await broken.register('uma', 'correct horse', 'Uma'), 201, 'uma');
+      assert.equal(broken.published.length, 0);
+      assert.ok(broken.logLines.some((line) => line.includes('log unreachable')));
+      assert.equal(await broken.outbox.flush(), 0, 'still down: nothing published');
+
+      broken.sendFails = undefined;
+      assert.equal(await broken.outbox.flush(), 2);
+      assert.deepEqual(broken.published.map((a) => [a.userId, a.displayName]).sort(), [
+        ['tom', 'tom'],
+        ['uma', 'Uma'],
+      ]);
+      assert.equal(await broken.outbox.flush(), 0, 'confirmed: the outbox is empty');
+      assertTokenPair(await broken.login('tom'), 200, 'tom');
     });
   });
 });

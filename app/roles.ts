@@ -1,0 +1,209 @@
+/**
+ * The roles of PROTOCOL.md's process interface, each started on the opened infrastructure:
+ *
+ *   api              the REST API (accounts), publishing each public account to chat.accounts
+ *   gateway          the WebSocket gateway, with the accounts table it answers unknown_recipient from
+ *   processor users  the users actor (sessions and inboxes), with the table of live gateways
+ *
+ * `all` is every role in one process (what `npm start` runs). A role's `close` stops what it
+ * started, in reverse order.
+ */
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import type Koa from 'koa';
+import type { Infrastructure } from './infrastructure.ts';
+import type { ChatCodecs } from './bootstrap.ts';
+import type { Config } from './config.ts';
+import type { Logger } from '../observability/logger.ts';
+import type { Metrics } from '../observability/metrics.ts';
+import { Codecs, type TopicCodec } from '../schemas/codec.ts';
+import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
+import { deliveriesTopicPrefix, topics } from '../schemas/topics.ts';
+import type { Account, Delivery, GatewayHeartbeat } from '../schemas/types.generated.ts';
+import { createApi } from '../api/app.ts';
+import { AccountOutbox } from '../api/account-outbox.ts';
+import { TokenService, jwtSecret } from '../api/tokens.ts';
+import { EmbeddedAccountStores } from '../state/accounts/embedded.ts';
+import { StateDb } from '../state/state-db.ts';
+import { StreamsRuntime } from '../processors/runtime/runtime.ts';
+import { GlobalTable } from '../processors/runtime/global-table.ts';
+import { usersTopology, USERS_APPLICATION } from '../processors/users/topology.ts';
+import { GATEWAY_SILENCE_MS } from '../schemas/conventions.ts';
+import { createGateway, type Gateway } from '../gateway/gateway.ts';
+import { rateLimitPerSecond } from '../gateway/limits.ts';
+
+/** What `main` may be asked to run: `processor` roles name their processor. */
+export const ROLES = ['all', 'api', 'gateway', 'processor users'] as const;
+export type Role = (typeof ROLES)[number];
+
+export function parseRole(argv: readonly string[]): Role | undefined {
+  const role = argv.length === 0 ? 'all' : argv.join(' ');
+  return (ROLES as readonly string[]).includes(role) ? (role as Role) : undefined;
+}
+
+/** What the started roles hand the HTTP server. */
+export interface Roles {
+  /** The REST API, when this process serves it. */
+  api?: Koa;
+  /** The gateway, when this process serves WebSocket clients. */
+  gateway?: Gateway;
+  close(): Promise<void>;
+}
+
+interface RoleContext {
+  config: Config;
+  infrastructure: Infrastructure;
+  codecs: ChatCodecs;
+  logger: Logger;
+  metrics: Metrics;
+  /** Each role pushes what it opened; Roles.close runs them backwards. */
+  closers: Array<() => Promise<void>>;
+}
+
+/** GATEWAY_ID, else one derived from the host and port (a gateway's deliveries topic is named by it). */
+export function gatewayIdOf(config: Config): string {
+  const id = process.env.GATEWAY_ID ?? `${hostname()}-${config.port}`;
+  return id
+    .toLowerCase()
+    .replace(/[^a-z0-9_-]/g, '-')
+    .slice(0, 100);
+}
+
+export async function startRoles(
+  role: Role,
+  config: Config,
+  infrastructure: Infrastructure,
+  codecs: ChatCodecs,
+  logger: Logger,
+  metrics: Metrics,
+): Promise<Roles> {
+  const closers: Array<() => Promise<void>> = [];
+  const close = async () => {
+    for (const closer of closers.reverse())
+      await closer().catch((err) => logger.error({ err }, 'close failed'));
+  };
+  const context: RoleContext = { config, infrastructure, codecs, logger, metrics, closers };
+  try {
+    const all = role === 'all';
+    const tokens = new TokenService({
+      secret: await jwtSecret(process.env.JWT_SECRET, config.dataDir),
+    });
+    // The users actor first: a gateway's CONNECTED then finds its tasks running.
+    if (all || role === 'processor users') await startUsersProcessor(context);
+    const api = all || role === 'api' ? await startApi(context, tokens) : undefined;
+    const gateway = all || role === 'gateway' ? await startGateway(context, tokens) : undefined;
+    return { api, gateway, close };
+  } catch (error) {
+    await close();
+    throw error;
+  }
+}
+
+async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa> {
+  const { config, infrastructure, codecs, logger, closers } = context;
+  // Until the MongoDB adapter: accounts live under this process's DATA_DIR, so a deployment
+  // runs one api process (docs/deployment.md).
+  const stores = await EmbeddedAccountStores.open(join(config.dataDir, 'accounts'), { logger });
+  closers.push(() => stores.close());
+  const accountsCodec = codecs[topics.accounts];
+  const producer = await infrastructure.log.producer();
+  closers.push(() => producer.close());
+  const outbox = new AccountOutbox({
+    accounts: stores.accounts,
+    async send(account) {
+      await producer.send([
+        {
+          topic: topics.accounts,
+          key: Buffer.from(account.userId),
+          value: accountsCodec.encode(account),
+        },
+      ]);
+    },
+    logger: logger.child({ component: 'account-outbox' }),
+  });
+  outbox.start();
+  closers.push(() => outbox.close());
+  return createApi({
+    accounts: stores.accounts,
+    refreshTokens: stores.refreshTokens,
+    tokens,
+    outbox,
+    logger: logger.child({ component: 'api' }),
+  });
+}
+
+async function startGateway(context: RoleContext, tokens: TokenService): Promise<Gateway> {
+  const { config, infrastructure, codecs, logger, metrics, closers } = context;
+  const accountsCodec = codecs[topics.accounts];
+  const accounts = new GlobalTable<Account>(infrastructure.log, topics.accounts, {
+    decode: (v) => accountsCodec.decode(v),
+    logger,
+  });
+  await accounts.start();
+  closers.push(() => accounts.close());
+  const gateway = createGateway({
+    gatewayId: gatewayIdOf(config),
+    log: infrastructure.log,
+    codecs,
+    deliveryCodec: await deliveryCodecOf(infrastructure),
+    verifyAccessToken: tokens.verifyAccessToken,
+    userExists: (userId) => accounts.has(userId),
+    rateLimitPerSecond: rateLimitPerSecond(process.env),
+    partitions: config.partitions,
+    logger: logger.child({ component: 'gateway' }),
+    metrics,
+  });
+  await gateway.start();
+  closers.push(() => gateway.close());
+  return gateway;
+}
+
+async function startUsersProcessor(context: RoleContext): Promise<void> {
+  const { config, infrastructure, codecs, logger, metrics, closers } = context;
+  const { log } = infrastructure;
+  const heartbeatsCodec = codecs[topics.gateways];
+  const gateways = new GlobalTable<GatewayHeartbeat>(log, topics.gateways, {
+    decode: (v) => heartbeatsCodec.decode(v),
+    logger,
+  });
+  await gateways.start();
+  closers.push(() => gateways.close());
+
+  const stateDb = await StateDb.open(join(config.dataDir, 'state'));
+  closers.push(() => stateDb.close());
+  const users = new StreamsRuntime(
+    usersTopology({
+      codecs: {
+        connections: codecs[topics.connections],
+        messages: codecs[topics.messages],
+        userCommands: codecs[topics.userCommands],
+        deliveries: await deliveryCodecOf(infrastructure),
+        push: codecs[topics.push],
+        inboxEntries: codecs[topics.inboxEntries],
+      },
+      liveGateways: () => {
+        const now = Date.now();
+        const live = new Set<string>();
+        for (const [id, heartbeat] of gateways.values())
+          if (now - heartbeat.at <= GATEWAY_SILENCE_MS) live.add(id);
+        return live;
+      },
+    }),
+    { applicationId: USERS_APPLICATION, log, stateDb, logger, metrics },
+  );
+  await users.start();
+  closers.push(() => users.close());
+}
+
+/**
+ * Every gateway's deliveries topic holds Delivery records: the users actor encodes them with the
+ * schema registered under `chat.deliveries-value`; each gateway registers the same schema under
+ * its own topic's subject, and a schema has one global id.
+ */
+function deliveryCodecOf(infrastructure: Infrastructure): Promise<TopicCodec<Delivery>> {
+  return new Codecs(infrastructure.registry).forTopic<Delivery>(
+    deliveriesTopicPrefix.slice(0, -1),
+    loadSchema('Delivery'),
+    avroTypeOptions(),
+  );
+}
