@@ -2,7 +2,7 @@
 # A one-node KRaft Apache Kafka (combined broker+controller) on 127.0.0.1, run straight from the
 # Maven Central jars of org.apache.kafka:kafka_2.13 — no Docker, no tarball download.
 #
-#   deploy/kafka-local/kafka.sh start | stop | status | logs [-f|N] | fetch | env
+#   deploy/kafka-local/kafka.sh start | stop | restart [--kill] | status | logs [-f|N] | fetch | env
 #
 # See README.md beside this file for the environment variables.
 set -euo pipefail
@@ -40,10 +40,11 @@ die() {
 
 usage() {
   cat <<EOF
-usage: $0 start|stop|status|logs [-f|N]|fetch|env
+usage: $0 start|stop|restart [--kill]|status|logs [-f|N]|fetch|env
   start   fetch the Kafka $KAFKA_VERSION jars if not cached, format a fresh KRaft log dir, start the
           broker on $HOST:$PORT (controller $HOST:$CONTROLLER_PORT) and wait until it answers clients
   stop    stop the broker (TERM, then KILL after ${STOP_TIMEOUT}s) and delete $DATA_DIR
+  restart stop the broker (TERM; KILL with --kill, as a crash) and start it again on its data
   status  exit 0 when the broker is running and answering on $HOST:$PORT
   logs    print the broker log (last 200 lines; 'logs N' for N lines, 'logs -f' to follow)
   fetch   only download the jars into $LIBS
@@ -292,22 +293,48 @@ cmd_start() {
       die "kafka.tools.StorageTool format failed; log: $LOG_FILE"
     }
 
+  pid=$(launch_broker)
+  say "started Kafka $KAFKA_VERSION (pid $pid, cluster id $cluster_id), waiting for $HOST:$PORT"
+  wait_ready "$pid" "$t0"
+}
+
+# Starts the broker on the formatted data dir and prints its pid.
+launch_broker() {
   # setsid: the broker outlives this script and the caller's process group; the child writes its
   # own pid (exec keeps it) so the pid file is exact.
-  local heap jvm
+  local heap jvm i
   read -r -a heap <<<"$HEAP_OPTS"
   read -r -a jvm <<<"$JVM_OPTS"
+  rm -f "$PID_FILE"
   # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
   setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$PID_FILE" \
     java "${heap[@]}" "${jvm[@]}" -Dlog4j2.configurationFile="$LOG4J" -cp "$LIBS/*" kafka.Kafka "$PROPS" \
     >>"$LOG_FILE" 2>&1 </dev/null 8>&- 9>&- &
-  local i
   for ((i = 0; i < 50; i++)); do
     [[ -s "$PID_FILE" ]] && break
     sleep 0.1
   done
-  pid=$(cat "$PID_FILE" 2>/dev/null) || die "the broker did not start; log: $LOG_FILE"
-  say "started Kafka $KAFKA_VERSION (pid $pid, cluster id $cluster_id), waiting for $HOST:$PORT"
+  cat "$PID_FILE" 2>/dev/null || die "the broker did not start; log: $LOG_FILE"
+}
+
+# Stops the running broker (TERM, or KILL with --kill: a crash) and starts it again on the same
+# data, as after a reboot: what it acknowledged must still be there.
+cmd_restart() {
+  local t0=$SECONDS pid
+  lock_data_dir
+  pid=$(broker_pid) || die "not running: nothing to restart"
+  if [[ "${1:-}" == --kill ]]; then
+    say "killing Kafka (pid $pid) with SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while pid_alive "$pid"; do sleep 0.1; done
+  else
+    say "stopping Kafka (pid $pid)"
+    kill_broker "$pid"
+  fi
+  # broker_ready reads the log for the start line: the new run starts a new log.
+  mv "$LOG_FILE" "$LOG_FILE.previous"
+  pid=$(launch_broker)
+  say "restarted Kafka on its data (pid $pid), waiting for $HOST:$PORT"
   wait_ready "$pid" "$t0"
 }
 
@@ -364,6 +391,7 @@ cmd_logs() {
 case "${1:-}" in
 start) cmd_start ;;
 stop) cmd_stop ;;
+restart) cmd_restart "${2:-}" ;;
 status) cmd_status ;;
 logs) cmd_logs "${2:-}" ;;
 fetch)

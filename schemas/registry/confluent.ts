@@ -44,9 +44,7 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
     parseSchema(schema); // refuses invalid Avro before any request
     const text = JSON.stringify(JSON.parse(schema));
     if (!this.configured.has(subject)) {
-      await this.call(() =>
-        this.api.Subject.updateConfig({ subject, body: { compatibility: this.compatibility } }),
-      );
+      await this.configure(subject);
       this.configured.add(subject);
     }
     try {
@@ -106,13 +104,25 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
 
   async close(): Promise<void> {}
 
-  private async call(request: () => Promise<Response>): Promise<Response> {
-    try {
-      return await request();
-    } catch (error) {
-      throw new SchemaRegistryError(`schema registry request failed: ${reasonOf(error)}`, {
-        cause: error,
-      });
+  /**
+   * Sets the subject's compatibility level. Processes starting side by side configure the same
+   * subjects at once: Apicurio then answers 409 to all but one (the rule was created meanwhile),
+   * and the same PUT again updates the rule that now exists.
+   */
+  private async configure(subject: string): Promise<void> {
+    const update = () =>
+      this.api.Subject.updateConfig({ subject, body: { compatibility: this.compatibility } });
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await update();
+        return;
+      } catch (error) {
+        if ((error as ResponseError).status !== 409 || attempt === 5)
+          throw new SchemaRegistryError(`schema registry request failed: ${reasonOf(error)}`, {
+            cause: error,
+          });
+        await new Promise((resolve) => setTimeout(resolve, 20 * attempt * Math.random()));
+      }
     }
   }
 }

@@ -17,4 +17,5 @@ runtimeSuite({
   close: (log: Log) => log.close(),
   childEnv: () => ({ LOG_DIR: dir! }),
   settleMs: 0,
+  shared: false,
 });

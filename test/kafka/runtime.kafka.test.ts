@@ -10,4 +10,5 @@ runtimeSuite({
   close: (log: Log) => log.close(),
   childEnv: () => ({ KAFKA_BROKERS: brokers }),
   settleMs: 15_000,
+  shared: true,
 });

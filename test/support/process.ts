@@ -1,4 +1,7 @@
-/** Starts `npm start` as a user would, in its own process group, for end-to-end tests. */
+/**
+ * Starts `npm start` as a user would, in its own process group, for end-to-end tests; `role`
+ * runs one role alone (`npm start -- gateway`).
+ */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { eventually } from './log-helpers.ts';
@@ -22,9 +25,11 @@ export interface Started {
 export async function startServer(
   env: Record<string, string>,
   timeoutMs = 30000,
+  role: string[] = [],
 ): Promise<Started> {
   const port = Number(env.PORT);
-  const child = spawn('npm', ['start', '--silent'], {
+  const args = role.length > 0 ? ['start', '--silent', '--', ...role] : ['start', '--silent'];
+  const child = spawn('npm', args, {
     env: { ...process.env, HOST: '127.0.0.1', LOG_LEVEL: 'info', ...env },
     detached: true, // its own process group, as a terminal or a supervisor would run it
     stdio: ['ignore', 'pipe', 'pipe'],
