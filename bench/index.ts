@@ -1,12 +1,13 @@
 /**
  * `npm run bench -- <name> [options]`: runs one benchmark and prints its figures with the
- * command line that produced them. Benchmarks: log, runtime, state-memory.
+ * command line that produced them. Benchmarks: log, runtime, state-memory, chat.
  */
 const [name, ...args] = process.argv.slice(2);
 const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void> }>> = {
   log: () => import('./log.ts'),
   runtime: () => import('./runtime.ts'),
   'state-memory': () => import('./state-memory.ts'),
+  chat: () => import('./chat.ts'),
 };
 const load = name ? benches[name] : undefined;
 if (!load) {

@@ -16,6 +16,20 @@ const checkpointKey = (store: string, partition: number) => `c/${store}/${pad(pa
 
 export type StateWrite = { key: string; value: Buffer | null };
 
+/**
+ * The binding's synchronous reads. A task reads its state record by record, one read awaited
+ * before the next: through the thread pool each read costs a round trip (~56 µs idle, far more
+ * under load), inline a few µs from the memtable or block cache. Kafka Streams reads RocksDB
+ * inline in its stream thread for the same reason. Writes stay batched and asynchronous.
+ */
+interface SyncReads {
+  _getManySync(keys: string[], options: object): Array<Buffer | undefined>;
+  querySync(options: { gte: Buffer; lt: Buffer; keyEncoding: 'utf8'; valueEncoding: 'buffer' }): {
+    rows: Array<string | Buffer>;
+    finished: boolean;
+  };
+}
+
 export class StateDb {
   private readonly db: RocksLevel<string, Buffer>;
 
@@ -33,12 +47,8 @@ export class StateDb {
   }
 
   async get(store: string, partition: number, key: string): Promise<Buffer | undefined> {
-    try {
-      return await this.db.get(prefix(store, partition) + key);
-    } catch (error) {
-      if ((error as { code?: string }).code === 'LEVEL_NOT_FOUND') return undefined;
-      throw error;
-    }
+    this.assertOpen();
+    return this.reads._getManySync([prefix(store, partition) + key], {})[0] ?? undefined;
   }
 
   /** Entries of one store partition with from <= key < to (to undefined: to the end). */
@@ -48,14 +58,26 @@ export class StateDb {
     from: string,
     to?: string,
   ): Promise<Array<[string, Buffer]>> {
+    this.assertOpen();
     const base = prefix(store, partition);
-    const entries = await this.db
-      .iterator({
-        gte: base + from,
-        lt: to === undefined ? prefixEnd(store, partition) : base + to,
-      })
-      .all();
-    return entries.map(([key, value]) => [key.slice(base.length), value]);
+    const { rows } = this.reads.querySync({
+      gte: Buffer.from(base + from),
+      lt: Buffer.from(to === undefined ? prefixEnd(store, partition) : base + to),
+      keyEncoding: 'utf8',
+      valueEncoding: 'buffer',
+    });
+    const entries: Array<[string, Buffer]> = [];
+    for (let i = 0; i < rows.length; i += 2)
+      entries.push([(rows[i] as string).slice(base.length), rows[i + 1] as Buffer]);
+    return entries;
+  }
+
+  private get reads(): SyncReads {
+    return this.db as unknown as SyncReads;
+  }
+
+  private assertOpen(): void {
+    if (this.db.status !== 'open') throw new Error(`the state database is ${this.db.status}`);
   }
 
   /** Applies writes (a null value deletes), and optionally a new checkpoint, atomically. */

@@ -254,8 +254,21 @@ function translate(error: unknown, transactionalId?: string): unknown {
   return new LogError((error as Error).message ?? String(error), { retriable, cause: error });
 }
 
+/** A group of sends goes out as one request up to about this many bytes of keys and values. */
+const SEND_GROUP_BYTES = 512 * 1024;
+
+interface QueuedSend {
+  records: ProducerRecord[];
+  resolve(metadata: RecordMetadata[]): void;
+  reject(error: unknown): void;
+}
+
 class KafkaLogProducer implements Producer {
   private open: KafkaLogTransaction | undefined;
+  /** Sends waiting for the request in flight to finish. */
+  private readonly queue: QueuedSend[] = [];
+  /** Set while sends are being sent; close waits for them. */
+  private draining: Promise<void> | undefined;
 
   constructor(
     private readonly producer: KafkaProducer,
@@ -264,10 +277,48 @@ class KafkaLogProducer implements Producer {
     private readonly onClose: () => void,
   ) {}
 
-  async send(records: ProducerRecord[]): Promise<RecordMetadata[]> {
+  /**
+   * Group commit, as the Java client's accumulator does: the idempotent producer has one
+   * request in flight, so the sends made meanwhile (and those of the same event-loop turn) go
+   * out together as the next request, in the order they were made. Each resolves with its own
+   * records' offsets; a failed request fails every send in it.
+   */
+  send(records: ProducerRecord[]): Promise<RecordMetadata[]> {
     if (this.transactionalId !== undefined) {
-      throw new IllegalStateError('a transactional producer sends inside a transaction');
+      return Promise.reject(
+        new IllegalStateError('a transactional producer sends inside a transaction'),
+      );
     }
+    return new Promise((resolve, reject) => {
+      this.queue.push({ records, resolve, reject });
+      this.draining ??= new Promise<void>((done) => setImmediate(done)).then(() => this.drain());
+    });
+  }
+
+  private async drain(): Promise<void> {
+    while (this.queue.length > 0) {
+      const group: QueuedSend[] = [];
+      let bytes = 0;
+      while (this.queue.length > 0 && (group.length === 0 || bytes < SEND_GROUP_BYTES)) {
+        const next = this.queue.shift()!;
+        group.push(next);
+        for (const r of next.records) bytes += (r.key?.length ?? 0) + (r.value?.length ?? 0);
+      }
+      try {
+        const metadata = await this.sendNow(group.flatMap((g) => g.records));
+        let at = 0;
+        for (const g of group) {
+          g.resolve(metadata.slice(at, at + g.records.length));
+          at += g.records.length;
+        }
+      } catch (error) {
+        for (const g of group) g.reject(error);
+      }
+    }
+    this.draining = undefined;
+  }
+
+  private async sendNow(records: ProducerRecord[]): Promise<RecordMetadata[]> {
     const { byTopic, inOrder } = toMessages(records);
     let results;
     try {
@@ -309,6 +360,7 @@ class KafkaLogProducer implements Producer {
 
   async close(): Promise<void> {
     await this.open?.abort().catch(() => undefined);
+    await this.draining;
     await this.producer.disconnect();
     this.onClose();
   }

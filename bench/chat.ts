@@ -1,0 +1,188 @@
+/**
+ * The chat benchmark.
+ *
+ *   npm run bench -- chat [--pairs P] [--window W] [--seconds S] [--warmup S] [--idle N]
+ *                         [--shapes relay,embedded,kafka] [--profile DIR]
+ *
+ * For each shape, a server process and a load generator in its own process (bench/chat/load.ts):
+ * P pairs of users, each sender keeping at most W messages in flight until its recipient has
+ * them, ~100-byte bodies, a warm-up and then S measured seconds. Shapes:
+ * - relay: bench/chat/relay.ts, a bare `ws` relay (no auth, no log, no durability): the ceiling
+ *   a Node WebSocket path reaches on this machine, and the baseline of every ratio;
+ * - embedded: `npm start`'s process on the embedded log;
+ * - kafka: the same process on Apache Kafka (KAFKA_BROKERS; SCHEMA_REGISTRY_URL when set).
+ * It prints delivered messages/s and its ratio to the relay, latency from send to receipt at the
+ * recipient, `sent` latency, lost and duplicated messages, and the server's RSS per idle
+ * connection (N connections that only wait). --profile DIR writes each server's CPU profile
+ * (node --cpu-prof) and prints where its time went.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import type { LoadConfig, LoadResult } from './chat/load.ts';
+import { summarizeProfile } from './profile.ts';
+
+type ShapeName = 'relay' | 'embedded' | 'kafka';
+
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const { port } = server.address() as { port: number };
+  await new Promise((r) => server.close(r));
+  return port;
+}
+
+interface Server {
+  child: ChildProcess;
+  url: string;
+  stop(): Promise<void>;
+}
+
+async function startServer(
+  shape: ShapeName,
+  dataDir: string,
+  profileDir?: string,
+): Promise<Server> {
+  const port = await freePort();
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    PORT: String(port),
+    HOST: '127.0.0.1',
+    DATA_DIR: dataDir,
+    LOG_LEVEL: 'warn',
+    RATE_LIMIT_PER_S: '1000000',
+    GATEWAY_ID: `bench-${randomBytes(3).toString('hex')}`,
+  };
+  if (shape === 'kafka') env.JWT_SECRET = randomBytes(32).toString('base64url');
+  else delete env.KAFKA_BROKERS;
+  if (shape !== 'kafka') delete env.SCHEMA_REGISTRY_URL;
+  const script = shape === 'relay' ? 'bench/chat/relay.ts' : 'app/main.ts';
+  const profile = profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, shape)}`] : [];
+  const child = spawn(process.execPath, ['--import', 'tsx', ...profile, script], {
+    env,
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let errors = '';
+  child.stderr!.on('data', (d) => (errors = (errors + d).slice(-4000)));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const url = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 120_000;
+  for (;;) {
+    if (child.exitCode !== null) throw new Error(`${shape} server exited: ${errors}`);
+    const ok = await fetch(`${url}/healthz`).then(
+      (r) => r.ok,
+      () => false,
+    );
+    if (ok) break;
+    if (Date.now() > deadline) throw new Error(`${shape} server did not start: ${errors}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return {
+    child,
+    url,
+    async stop() {
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
+
+async function runLoad(config: LoadConfig): Promise<LoadResult> {
+  const child = spawn(
+    process.execPath,
+    ['--import', 'tsx', 'bench/chat/load.ts', JSON.stringify(config)],
+    {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    },
+  );
+  let output = '';
+  child.stdout!.on('data', (d) => (output += d));
+  const code = await new Promise<number | null>((r) => child.once('exit', r));
+  if (code !== 0) throw new Error(`the load generator exited with ${code}`);
+  return JSON.parse(output.trim().split('\n').at(-1)!) as LoadResult;
+}
+
+const fmt = (n: number, digits = 0) =>
+  Number.isFinite(n)
+    ? n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits })
+    : '-';
+
+export async function run(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      pairs: { type: 'string', default: '50' },
+      window: { type: 'string', default: '16' },
+      seconds: { type: 'string', default: '20' },
+      warmup: { type: 'string', default: '5' },
+      idle: { type: 'string', default: '1000' },
+      shapes: { type: 'string' },
+      profile: { type: 'string' },
+    },
+  });
+  const shapes = (values.shapes?.split(',') ?? [
+    'relay',
+    'embedded',
+    ...(process.env.KAFKA_BROKERS ? ['kafka'] : []),
+  ]) as ShapeName[];
+  if (shapes.includes('kafka') && !process.env.KAFKA_BROKERS)
+    throw new Error('the kafka shape needs KAFKA_BROKERS');
+  const profileDir = values.profile ? resolve(values.profile) : undefined;
+  const results = new Map<ShapeName, LoadResult>();
+  for (const shape of shapes) {
+    console.error(`\n${shape}:`);
+    const dataDir = await mkdtemp(join(tmpdir(), `kchat-bench-chat-${shape}-`));
+    const server = await startServer(shape, dataDir, profileDir);
+    try {
+      results.set(
+        shape,
+        await runLoad({
+          url: server.url,
+          kind: shape === 'relay' ? 'relay' : 'chat',
+          pairs: Number(values.pairs),
+          window: Number(values.window),
+          warmupS: Number(values.warmup),
+          seconds: Number(values.seconds),
+          idle: Number(values.idle),
+          bodyBytes: 100,
+          serverPid: server.child.pid!,
+        }),
+      );
+    } finally {
+      await server.stop();
+      await rm(dataDir, { recursive: true, force: true });
+    }
+  }
+
+  const baseline = results.get('relay')?.perSecond;
+  console.log(
+    `\nP=${values.pairs} pairs, W=${values.window} in flight per sender, ${values.seconds} s measured after ${values.warmup} s warm-up, ~100-byte bodies; ${values.idle} idle connections\n`,
+  );
+  console.log(
+    '| shape | delivered msg/s | vs relay | latency p50 / p99 / max ms | `sent` p50 / p99 ms | lost | duplicated | errors | RSS per idle connection | CPU server / load |',
+  );
+  console.log('| --- | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | --- |');
+  for (const [shape, r] of results) {
+    console.log(
+      `| ${shape} | ${fmt(r.perSecond)} | ${baseline ? fmt(r.perSecond / baseline, 2) : '-'} | ${fmt(r.latencyMs.p50)} / ${fmt(r.latencyMs.p99)} / ${fmt(r.latencyMs.max)} | ${fmt(r.sentLatencyMs.p50)} / ${fmt(r.sentLatencyMs.p99)} | ${r.lost} | ${r.duplicated} | ${
+        Object.entries(r.errors)
+          .map(([c, n]) => `${c}: ${n}`)
+          .join(', ') || '-'
+      } | ${fmt(r.rssPerIdleKiB, 1)} KiB | ${fmt(r.serverCpuPercent)} % / ${fmt(r.loadCpuPercent)} % |`,
+    );
+  }
+  if (profileDir) {
+    for (const shape of results.keys()) {
+      const dir = join(profileDir, shape);
+      const files = (await readdir(dir)).filter((f) => f.endsWith('.cpuprofile'));
+      for (const file of files) {
+        console.log(`\n${shape} server CPU profile (${join(dir, file)}):`);
+        console.log(summarizeProfile(JSON.parse(await readFile(join(dir, file), 'utf8'))));
+      }
+    }
+  }
+}

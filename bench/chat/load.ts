@@ -1,0 +1,324 @@
+/**
+ * The chat benchmark's load generator, in its own process (bench/chat.ts starts it):
+ *
+ *   node --import tsx bench/chat/load.ts '<json LoadConfig>'
+ *
+ * 1. Users: 2P accounts registered over REST (chat), or names (relay).
+ * 2. Idle connections: the server's RSS before and after N more connections that only wait.
+ * 3. Load: P senders, each to its own recipient, each keeping at most W messages in flight (in
+ *    flight until its recipient has it) with ~100-byte bodies; warm-up, then a measured window,
+ *    then a drain. Recipients ack as clients do (cumulative, every 32 messages or 50 ms).
+ * Prints one JSON line: LoadResult.
+ */
+import { readFileSync } from 'node:fs';
+import { WebSocket } from 'ws';
+
+export interface LoadConfig {
+  url: string;
+  kind: 'chat' | 'relay';
+  pairs: number;
+  window: number;
+  warmupS: number;
+  seconds: number;
+  idle: number;
+  bodyBytes: number;
+  serverPid: number;
+}
+
+export interface LoadResult {
+  delivered: number;
+  seconds: number;
+  perSecond: number;
+  latencyMs: { p50: number; p99: number; max: number };
+  sentLatencyMs: { p50: number; p99: number; max: number };
+  /** Acknowledged by `sent` but never received by the recipient. */
+  lost: number;
+  /** Received twice by the recipient. */
+  duplicated: number;
+  errors: Record<string, number>;
+  idle: number;
+  rssPerIdleKiB: number;
+  serverRssMiB: number;
+  /** The server's CPU use in the measured window, in % of one core, and the load generator's. */
+  serverCpuPercent: number;
+  loadCpuPercent: number;
+}
+
+const config = JSON.parse(process.argv[2]!) as LoadConfig;
+const run = Math.random().toString(36).slice(2, 8);
+const wsUrl = `${config.url.replace('http', 'ws')}/v1/ws`;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const progress = (text: string) => process.stderr.write(`  [load] ${text}\n`);
+
+type Frame = { type: string; [field: string]: unknown };
+
+/** CPU seconds (user + system) a process has used: /proc/<pid>/stat fields 14 and 15. */
+function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // clock ticks: 100 a second on Linux
+}
+
+function rssKiB(pid: number): number {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  return Number(/VmRSS:\s+(\d+)/.exec(status)![1]);
+}
+
+async function register(username: string): Promise<string> {
+  for (let attempt = 0; ; attempt++) {
+    const response = await fetch(`${config.url}/v1/auth/register`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ username, password: 'benchmark password' }),
+    });
+    if (response.status === 201)
+      return ((await response.json()) as { accessToken: string }).accessToken;
+    if (attempt > 20) throw new Error(`register ${username}: ${response.status}`);
+    await sleep(200);
+  }
+}
+
+async function connect(user: string, token: string | undefined, deviceId: string) {
+  const query = config.kind === 'relay' ? `user=${user}` : `deviceId=${deviceId}`;
+  const ws = new WebSocket(`${wsUrl}?${query}`, {
+    headers: token ? { authorization: `Bearer ${token}` } : {},
+    perMessageDeflate: false,
+  });
+  await new Promise<void>((resolve, reject) => {
+    ws.on('message', function first(data) {
+      if ((JSON.parse(data.toString()) as Frame).type === 'ready') {
+        ws.off('message', first);
+        resolve();
+      }
+    });
+    ws.once('error', reject);
+    ws.once('close', () => reject(new Error(`${user} closed before ready`)));
+  });
+  return ws;
+}
+
+async function inBatches<T>(items: T[], size: number, work: (item: T) => Promise<void>) {
+  for (let i = 0; i < items.length; i += size)
+    await Promise.all(items.slice(i, i + size).map(work));
+}
+
+function percentiles(values: number[]) {
+  const sorted = Float64Array.from(values).sort();
+  const at = (q: number) =>
+    sorted.length ? sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]! : NaN;
+  return { p50: at(0.5), p99: at(0.99), max: sorted.length ? sorted[sorted.length - 1]! : NaN };
+}
+
+// 1. Users.
+const senders = Array.from({ length: config.pairs }, (_, i) => `s${i}-${run}`);
+const recipients = Array.from({ length: config.pairs }, (_, i) => `r${i}-${run}`);
+const tokens = new Map<string, string | undefined>();
+if (config.kind === 'chat') {
+  progress(`registering ${2 * config.pairs} users`);
+  await inBatches(
+    [...senders, ...recipients],
+    4,
+    async (u) => void tokens.set(u, await register(u)),
+  );
+}
+
+// 2. Idle connections: what one costs the server.
+const before = rssKiB(config.serverPid);
+const idle: WebSocket[] = [];
+const idleUsers = config.kind === 'chat' ? recipients : [];
+await inBatches(
+  Array.from({ length: config.idle }, (_, i) => i),
+  50,
+  async (i) => {
+    const user = config.kind === 'chat' ? idleUsers[i % idleUsers.length]! : `idle${i}-${run}`;
+    idle.push(await connect(user, tokens.get(user), `idle-${i}`));
+  },
+);
+await sleep(3000);
+const after = rssKiB(config.serverPid);
+const rssPerIdleKiB = config.idle > 0 ? (after - before) / config.idle : NaN;
+progress(
+  `${config.idle} idle connections: server RSS ${before} → ${after} KiB, ${rssPerIdleKiB.toFixed(1)} KiB each`,
+);
+for (const ws of idle) ws.close();
+await sleep(1000);
+
+// 3. Load.
+const pad = 'x'.repeat(Math.max(0, config.bodyBytes - 60));
+type Pair = {
+  index: number;
+  out: WebSocket;
+  in: WebSocket;
+  next: number;
+  inFlight: Map<number, number>; // n → sent at
+  received: Set<number>;
+  acknowledged: Set<number>;
+  sentAt: Map<number, number>;
+  highestSeq: number;
+  ackedSeq: number;
+};
+const pairs: Pair[] = [];
+await inBatches(
+  Array.from({ length: config.pairs }, (_, i) => i),
+  10,
+  async (i) => {
+    const out = await connect(senders[i]!, tokens.get(senders[i]!), 'bench');
+    const inbound = await connect(recipients[i]!, tokens.get(recipients[i]!), 'bench');
+    pairs[i] = {
+      index: i,
+      out,
+      in: inbound,
+      next: 1,
+      inFlight: new Map(),
+      received: new Set(),
+      acknowledged: new Set(),
+      sentAt: new Map(),
+      highestSeq: 0,
+      ackedSeq: 0,
+    };
+  },
+);
+
+let phase: 'probe' | 'warmup' | 'measure' | 'drain' = 'probe';
+let measureStarted = 0;
+let measureEnded = 0;
+let delivered = 0;
+let duplicated = 0;
+const latencies: number[] = [];
+const sentLatencies: number[] = [];
+const errors: Record<string, number> = {};
+/** Messages first sent in the measured window: n ≥ this per pair. */
+const measuredFrom: number[] = [];
+
+function pump(pair: Pair): void {
+  while (pair.inFlight.size < config.window && (phase === 'warmup' || phase === 'measure')) {
+    const n = pair.next++;
+    const now = Date.now();
+    pair.inFlight.set(n, now);
+    pair.out.send(
+      JSON.stringify({
+        type: 'send',
+        id: `b${n}`,
+        to: recipients[pair.index],
+        body: { n, t: now, pad },
+      }),
+    );
+  }
+}
+
+for (const pair of pairs) {
+  pair.out.on('message', (data) => {
+    const frame = JSON.parse(data.toString()) as Frame;
+    if (typeof frame.id !== 'string' || !frame.id.startsWith('b')) return; // the probe
+    if (frame.type === 'sent') {
+      const n = Number(frame.id.slice(1));
+      pair.acknowledged.add(n);
+      const at = pair.inFlight.get(n);
+      if (at !== undefined && n >= (measuredFrom[pair.index] ?? Infinity))
+        sentLatencies.push(Date.now() - at);
+    } else if (frame.type === 'error') {
+      const code = String(frame.code);
+      errors[code] = (errors[code] ?? 0) + 1;
+      const n = Number(frame.id.slice(1));
+      if (pair.inFlight.delete(n)) pump(pair); // refused, not accepted: not in flight any more
+    }
+  });
+  pair.in.on('message', (data) => {
+    const frame = JSON.parse(data.toString()) as Frame;
+    if (frame.type !== 'message') return;
+    const body = frame.body as { n?: number; t?: number };
+    if (typeof body.n !== 'number') return;
+    if (typeof frame.seq === 'number') pair.highestSeq = Math.max(pair.highestSeq, frame.seq);
+    if (pair.received.has(body.n)) {
+      duplicated++;
+      return;
+    }
+    pair.received.add(body.n);
+    // Throughput: what arrives in the measured window; latency: every message sent in it.
+    if (phase === 'measure') delivered++;
+    if (body.n >= (measuredFrom[pair.index] ?? Infinity)) latencies.push(Date.now() - body.t!);
+    pair.inFlight.delete(body.n);
+    if (config.kind === 'chat' && pair.highestSeq - pair.ackedSeq >= 32) ack(pair);
+    pump(pair);
+  });
+}
+
+function ack(pair: Pair): void {
+  if (pair.highestSeq <= pair.ackedSeq) return;
+  pair.ackedSeq = pair.highestSeq;
+  pair.in.send(JSON.stringify({ type: 'ack', upTo: pair.highestSeq }));
+}
+const acker = config.kind === 'chat' ? setInterval(() => pairs.forEach(ack), 50) : undefined;
+
+// The gateway answers unknown_recipient until its accounts table has the registrations: probe
+// every pair with a single message first.
+if (config.kind === 'chat') {
+  progress('waiting for the gateway to know every recipient');
+  const deadline = Date.now() + 60_000;
+  for (const pair of pairs) {
+    for (;;) {
+      const answered = new Promise<Frame>((resolve) => {
+        const listen = (data: WebSocket.RawData) => {
+          const frame = JSON.parse(data.toString()) as Frame;
+          if (frame.id === 'probe') {
+            pair.out.off('message', listen);
+            resolve(frame);
+          }
+        };
+        pair.out.on('message', listen);
+      });
+      pair.out.send(
+        JSON.stringify({ type: 'send', id: 'probe', to: recipients[pair.index], body: 'probe' }),
+      );
+      if ((await answered).type === 'sent') break;
+      if (Date.now() > deadline) throw new Error('recipients stayed unknown');
+      await sleep(200);
+    }
+  }
+  for (const key of Object.keys(errors)) delete errors[key];
+}
+
+progress(`warm-up ${config.warmupS} s`);
+phase = 'warmup';
+pairs.forEach(pump);
+await sleep(config.warmupS * 1000);
+progress(`measuring ${config.seconds} s: ${config.pairs} pairs, ${config.window} in flight each`);
+pairs.forEach((pair) => (measuredFrom[pair.index] = pair.next));
+phase = 'measure';
+measureStarted = Date.now();
+const cpuBefore = [cpuSeconds(config.serverPid), cpuSeconds(process.pid)];
+await sleep(config.seconds * 1000);
+measureEnded = Date.now();
+const cpuAfter = [cpuSeconds(config.serverPid), cpuSeconds(process.pid)];
+const cpuPercent = (i: number) =>
+  (100 * (cpuAfter[i]! - cpuBefore[i]!)) / ((measureEnded - measureStarted) / 1000);
+phase = 'drain';
+const drainDeadline = Date.now() + 15_000;
+while (Date.now() < drainDeadline && pairs.some((p) => p.inFlight.size > 0)) await sleep(50);
+await sleep(500); // a duplicate would show up now
+clearInterval(acker);
+
+let lost = 0;
+for (const pair of pairs) for (const n of pair.acknowledged) if (!pair.received.has(n)) lost++;
+
+const result: LoadResult = {
+  delivered,
+  seconds: (measureEnded - measureStarted) / 1000,
+  perSecond: delivered / ((measureEnded - measureStarted) / 1000),
+  latencyMs: percentiles(latencies),
+  sentLatencyMs: percentiles(sentLatencies),
+  lost,
+  duplicated,
+  errors,
+  idle: config.idle,
+  rssPerIdleKiB,
+  serverRssMiB: rssKiB(config.serverPid) / 1024,
+  serverCpuPercent: cpuPercent(0),
+  loadCpuPercent: cpuPercent(1),
+};
+for (const pair of pairs) {
+  pair.out.terminate();
+  pair.in.terminate();
+}
+console.log(JSON.stringify(result));
+process.exit(0);
