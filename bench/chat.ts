@@ -39,6 +39,7 @@ async function freePort(): Promise<number> {
 interface Server {
   child: ChildProcess;
   url: string;
+  jwtSecret: string;
   stop(): Promise<void>;
 }
 
@@ -57,8 +58,8 @@ async function startServer(
     RATE_LIMIT_PER_S: '1000000',
     GATEWAY_ID: `bench-${randomBytes(3).toString('hex')}`,
   };
-  if (shape === 'kafka') env.JWT_SECRET = randomBytes(32).toString('base64url');
-  else delete env.KAFKA_BROKERS;
+  env.JWT_SECRET = randomBytes(32).toString('base64url');
+  if (shape !== 'kafka') delete env.KAFKA_BROKERS;
   if (shape !== 'kafka') delete env.SCHEMA_REGISTRY_URL;
   const script = shape === 'relay' ? 'bench/chat/relay.ts' : 'app/main.ts';
   const profile = profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, shape)}`] : [];
@@ -84,6 +85,7 @@ async function startServer(
   return {
     child,
     url,
+    jwtSecret: env.JWT_SECRET,
     async stop() {
       child.kill('SIGTERM');
       await exited;
@@ -150,6 +152,7 @@ export async function run(args: string[]): Promise<void> {
           idle: Number(values.idle),
           bodyBytes: 100,
           serverPid: server.child.pid!,
+          jwtSecret: shape === 'relay' ? undefined : server.jwtSecret,
         }),
       );
     } finally {

@@ -1,7 +1,10 @@
 /**
- * Where a V8 CPU profile (node --cpu-prof) spent its time: self time by function and by the
- * package or source folder it belongs to, as two short markdown tables.
+ * Where a V8 CPU profile (node --cpu-prof) spent its time, as short markdown tables: self time
+ * by the package or source folder it belongs to, self time by function, and the time spent in
+ * and under this repository's own functions (inclusive), as shares of the busy (not idle) time.
  */
+const REPOSITORY = new URL('..', import.meta.url).href;
+
 interface ProfileNode {
   id: number;
   callFrame: { functionName: string; url: string; lineNumber: number };
@@ -40,14 +43,39 @@ export function summarizeProfile(profile: CpuProfile, top = 15): string {
     const area = areaOf(url, functionName);
     byArea.set(area, (byArea.get(area) ?? 0) + micros);
   }
-  const table = (title: string, rows: Map<string, number>) =>
+  const table = (title: string, rows: Map<string, number>, column = 'self %') =>
     [
-      `| ${title} | self % |`,
+      `| ${title} | ${column} |`,
       '| --- | ---: |',
       ...[...rows]
         .sort((a, b) => b[1] - a[1])
         .slice(0, top)
         .map(([k, v]) => `| ${k} | ${((100 * v) / total).toFixed(1)} |`),
     ].join('\n');
-  return `${table('where', byArea)}\n\n${table('function', byFunction)}`;
+  // Inclusive: each busy sample counts once for every function of ours on its stack.
+  const parent = new Map<number, number>();
+  for (const node of profile.nodes)
+    for (const child of node.children ?? []) parent.set(child, node.id);
+  const inclusive = new Map<string, number>();
+  let busy = 0;
+  for (const [id, micros] of self) {
+    if (byId.get(id)!.callFrame.functionName === '(idle)') continue;
+    busy += micros;
+    const seen = new Set<string>();
+    for (let at: number | undefined = id; at !== undefined; at = parent.get(at)) {
+      const { functionName, url } = byId.get(at)!.callFrame;
+      if (!url.startsWith(REPOSITORY) || url.includes('node_modules')) continue;
+      const key = `${functionName || '(anonymous)'} ${url.slice(REPOSITORY.length)}`;
+      if (seen.has(key)) continue;
+      seen.add(key);
+      inclusive.set(key, (inclusive.get(key) ?? 0) + micros);
+    }
+  }
+  const ofBusy = new Map([...inclusive].map(([k, v]) => [k, (v * total) / busy]));
+  return [
+    `busy ${(busy / 1e6).toFixed(1)} s of ${(total / 1e6).toFixed(1)} s profiled`,
+    table('where', byArea),
+    table('function', byFunction),
+    table('our function, with what it calls', ofBusy, '% of busy'),
+  ].join('\n\n');
 }
