@@ -1,11 +1,23 @@
 /**
  * The embedded schema registry: subjects, versions and ids kept in a compacted topic of the log
- * (`_schemas`, as Confluent's registry does on Kafka), read whole at start. One process writes
- * it, so ids are handed out from memory and the topic is the durable record.
+ * (`_schemas`, as Confluent's registry does on Kafka), read whole at start and caught up
+ * whenever an id or subject may have moved on.
+ *
+ * Several processes may share it (every role on Kafka without SCHEMA_REGISTRY_URL), so nothing
+ * is handed out from one process's memory:
+ * - a schema's id is derived from its canonical form (31 bits of its SHA-256): every process
+ *   gives one schema the same id, and two schemas never get the same one (a collision, about one
+ *   in 20 million for 100 schemas, is refused, not overwritten);
+ * - a subject's versions are numbered in the topic's order, which every reader sees alike; the
+ *   key `<subject>/<id>` keeps every distinct registration through compaction.
+ * Two processes registering incompatible schemas under one subject at the same instant could
+ * both pass the check; Confluent's registry avoids that with a single leader.
  */
+import { createHash } from 'node:crypto';
 import type { Log } from '../../log/port.ts';
 import {
   IncompatibleSchemaError,
+  SchemaRegistryError,
   UnknownSchemaError,
   type RegisteredSchema,
   type SchemaRegistry,
@@ -21,17 +33,26 @@ export const SCHEMAS_TOPIC = '_schemas';
 
 interface SchemaRecord {
   subject: string;
+  /** As the writer numbered it; readers number versions by the topic's order. */
   version: number;
   id: number;
   schema: string;
+}
+
+/** 31 bits of the canonical schema's SHA-256, never 0 (ids are positive int32s). */
+export function schemaIdOf(canonical: string): number {
+  const id = createHash('sha256').update(canonical).digest().readUInt32BE(0) & 0x7fffffff;
+  return id === 0 ? 1 : id;
 }
 
 export class EmbeddedSchemaRegistry implements SchemaRegistry {
   private readonly byId = new Map<number, string>();
   private readonly idByCanonical = new Map<string, number>();
   private readonly versions = new Map<string, RegisteredSchema[]>();
-  /** Registrations run one at a time, so that ids and versions never collide. */
+  /** Registrations and catch-ups run one at a time. */
   private queue: Promise<unknown> = Promise.resolve();
+  /** The next offset of `_schemas` to read. */
+  private position = 0;
 
   private constructor(
     private readonly log: Log,
@@ -46,48 +67,54 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
     await log.admin.createTopics([
       { topic: SCHEMAS_TOPIC, partitions: 1, config: { 'cleanup.policy': 'compact' } },
     ]);
-    await registry.load();
+    await registry.catchUp();
     return registry;
   }
 
-  /** Reads `_schemas` from the start to its end. */
-  private async load(): Promise<void> {
+  /** Reads `_schemas` from where this instance stopped to its current end. */
+  private async catchUp(): Promise<void> {
     const high = (await this.log.admin.watermarks(SCHEMAS_TOPIC))[0]!.high;
-    if (high === 0) return;
-    const consumer = this.log.consumer({ groupId: `_schemas-reader-${process.pid}-${Date.now()}` });
-    await consumer.subscribe([SCHEMAS_TOPIC]);
-    let done!: () => void;
-    const finished = new Promise<void>((resolve) => (done = resolve));
-    await consumer.run({
-      eachBatch: async (batch) => {
-        for (const record of batch.records) {
-          if (record.value) this.apply(JSON.parse(record.value.toString('utf8')) as SchemaRecord);
-          if (record.offset + 1 >= high) done();
-        }
-      },
-    });
-    await finished;
-    await consumer.close();
+    if (high <= this.position) return;
+    for await (const batch of this.log.readPartitions(SCHEMAS_TOPIC, [
+      { partition: 0, from: this.position },
+    ])) {
+      for (const record of batch.records) {
+        if (record.value) this.apply(JSON.parse(record.value.toString('utf8')) as SchemaRecord);
+        this.position = record.offset + 1;
+      }
+      if (this.position >= high) break;
+    }
   }
 
   private apply(record: SchemaRecord): void {
     this.byId.set(record.id, record.schema);
     this.idByCanonical.set(canonicalSchema(record.schema), record.id);
     const list = this.versions.get(record.subject) ?? [];
-    if (!list.some((v) => v.version === record.version)) list.push({ ...record });
-    list.sort((a, b) => a.version - b.version);
+    // The topic's order numbers a subject's versions; a schema registered twice keeps its first.
+    if (!list.some((v) => v.id === record.id))
+      list.push({
+        subject: record.subject,
+        id: record.id,
+        schema: record.schema,
+        version: list.length + 1,
+      });
     this.versions.set(record.subject, list);
   }
 
-  register(subject: string, schema: string): Promise<number> {
-    const result = this.queue.then(() => this.doRegister(subject, schema));
+  private serially<T>(work: () => Promise<T>): Promise<T> {
+    const result = this.queue.then(work);
     this.queue = result.catch(() => undefined);
     return result;
+  }
+
+  register(subject: string, schema: string): Promise<number> {
+    return this.serially(() => this.doRegister(subject, schema));
   }
 
   private async doRegister(subject: string, schema: string): Promise<number> {
     const type = parseSchema(schema);
     const canonical = canonicalSchema(schema);
+    await this.catchUp();
     const list = this.versions.get(subject) ?? [];
     const existingId = this.idByCanonical.get(canonical);
     const already = list.find((v) => v.id === existingId);
@@ -97,37 +124,47 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
       const reason = incompatibility(this.compatibility, type, parseSchema(latest.schema));
       if (reason) throw new IncompatibleSchemaError(subject, reason);
     }
-    const id = existingId ?? Math.max(0, ...this.byId.keys()) + 1;
-    const record: SchemaRecord = {
-      subject,
-      version: (latest?.version ?? 0) + 1,
-      id,
-      schema: canonical,
-    };
+    // Ids given before ids were derived from the schema stay as they were.
+    const id = existingId ?? schemaIdOf(canonical);
+    const taken = this.byId.get(id);
+    if (taken !== undefined && canonicalSchema(taken) !== canonical)
+      throw new SchemaRegistryError(
+        `schema id ${id} of "${subject}" collides with another schema's; change the schema (a doc string will do)`,
+      );
+    const record: SchemaRecord = { subject, version: list.length + 1, id, schema: canonical };
     const producer = await this.log.producer();
+    let offset: number;
     try {
-      await producer.send([
+      const [written] = await producer.send([
         {
           topic: SCHEMAS_TOPIC,
           partition: 0,
-          key: Buffer.from(`${subject}/${record.version}`),
+          key: Buffer.from(`${subject}/${id}`),
           value: Buffer.from(JSON.stringify(record)),
         },
       ]);
+      offset = written!.offset;
     } finally {
       await producer.close();
     }
-    this.apply(record);
-    return id;
+    if (offset === this.position) {
+      // Nothing came between: the record is where this instance stands, no need to read it.
+      this.apply(record);
+      this.position = offset + 1;
+    } else await this.catchUp();
+    return this.idByCanonical.get(canonical) ?? id;
   }
 
   async schemaById(id: number): Promise<string> {
+    // Another process may have registered it since this one last read `_schemas`.
+    if (!this.byId.has(id)) await this.serially(() => this.catchUp());
     const schema = this.byId.get(id);
     if (schema === undefined) throw new UnknownSchemaError(id);
     return schema;
   }
 
   async latest(subject: string): Promise<RegisteredSchema | undefined> {
+    await this.serially(() => this.catchUp());
     const list = this.versions.get(subject);
     return list?.[list.length - 1];
   }

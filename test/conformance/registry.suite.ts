@@ -13,6 +13,8 @@ import {
 } from '../../schemas/registry/port.ts';
 import { Codecs, DecodeError, EncodeError } from '../../schemas/codec.ts';
 import { uniqueName } from '../support/log-helpers.ts';
+import type { Log } from '../../log/port.ts';
+import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 
 const v1: avro.Schema = {
   type: 'record',
@@ -149,6 +151,55 @@ export function registryConformance(
         () => codec.encode({ id: 'x', text: 42 } as unknown as { id: string; text: string }),
         (e: unknown) => e instanceof EncodeError && e.paths.includes('text'),
       );
+    });
+  });
+}
+
+/**
+ * The embedded registry shared by several processes (every role on Kafka without
+ * SCHEMA_REGISTRY_URL): two instances on one log, each standing for a process.
+ */
+export function sharedRegistryConformance(
+  adapter: string,
+  openLog: () => Promise<{ log: Log; close(): Promise<void> }>,
+) {
+  describe(`embedded schema registry shared by two processes: ${adapter}`, function () {
+    this.timeout(60_000);
+
+    it('gives one schema one id in every process, and resolves ids the other registered', async () => {
+      const { log, close } = await openLog();
+      try {
+        const [a, b] = [
+          await EmbeddedSchemaRegistry.open(log),
+          await EmbeddedSchemaRegistry.open(log),
+        ];
+        const subject = `${uniqueName('shared')}-value`;
+        const other = `${uniqueName('other')}-value`;
+        // Side by side: the same schema from both, and different subjects from each.
+        const [fromA, fromB, otherFromB] = await Promise.all([
+          a.register(subject, json(v1)),
+          b.register(subject, json(v1)),
+          b.register(other, json(retyped)),
+        ]);
+        assert.equal(fromA, fromB, 'one schema, one id, whichever process registered it');
+        assert.notEqual(fromA, otherFromB);
+        assert.equal(
+          JSON.parse(await a.schemaById(otherFromB)).fields[1].type,
+          'int',
+          'a reads what b registered',
+        );
+        const next = await a.register(subject, json(v2WithDefault));
+        assert.deepEqual(await b.latest(subject), {
+          subject,
+          version: 2,
+          id: next,
+          schema: (await a.latest(subject))!.schema,
+        });
+        await assert.rejects(b.register(subject, json(removedText)), IncompatibleSchemaError);
+        await Promise.all([a.close(), b.close()]);
+      } finally {
+        await close();
+      }
     });
   });
 }
