@@ -98,7 +98,9 @@ async function main(): Promise<void> {
   roles = await startRoles(role, config, infrastructure, codecs, logger, metrics);
   server = createHttpServer(
     metrics,
-    { notReadyBecause: async () => (ready ? undefined : 'starting or stopping') },
+    {
+      notReadyBecause: async () => (ready ? roles?.notReadyBecause() : 'starting or stopping'),
+    },
     roles.api?.callback(),
   );
   roles.gateway?.attach(server);

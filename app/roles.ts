@@ -47,6 +47,8 @@ export interface Roles {
   api?: Koa;
   /** The gateway, when this process serves WebSocket clients. */
   gateway?: Gateway;
+  /** Why the process cannot serve yet (a processor restoring its tasks), or undefined. */
+  notReadyBecause(): string | undefined;
   close(): Promise<void>;
 }
 
@@ -58,6 +60,8 @@ interface RoleContext {
   metrics: Metrics;
   /** Each role pushes what it opened; Roles.close runs them backwards. */
   closers: Array<() => Promise<void>>;
+  /** Each role may add why it is not ready. */
+  readiness: Array<() => string | undefined>;
 }
 
 /** GATEWAY_ID, else one derived from the host and port (a gateway's deliveries topic is named by it). */
@@ -82,7 +86,16 @@ export async function startRoles(
     for (const closer of closers.reverse())
       await closer().catch((err) => logger.error({ err }, 'close failed'));
   };
-  const context: RoleContext = { config, infrastructure, codecs, logger, metrics, closers };
+  const readiness: RoleContext['readiness'] = [];
+  const context: RoleContext = {
+    config,
+    infrastructure,
+    codecs,
+    logger,
+    metrics,
+    closers,
+    readiness,
+  };
   try {
     const all = role === 'all';
     const tokens = new TokenService({
@@ -92,7 +105,8 @@ export async function startRoles(
     if (all || role === 'processor users') await startUsersProcessor(context);
     const api = all || role === 'api' ? await startApi(context, tokens) : undefined;
     const gateway = all || role === 'gateway' ? await startGateway(context, tokens) : undefined;
-    return { api, gateway, close };
+    const notReadyBecause = () => readiness.map((why) => why()).find((why) => why !== undefined);
+    return { api, gateway, notReadyBecause, close };
   } catch (error) {
     await close();
     throw error;
@@ -159,7 +173,7 @@ async function startGateway(context: RoleContext, tokens: TokenService): Promise
 }
 
 async function startUsersProcessor(context: RoleContext): Promise<void> {
-  const { config, infrastructure, codecs, logger, metrics, closers } = context;
+  const { config, infrastructure, codecs, logger, metrics, closers, readiness } = context;
   const { log } = infrastructure;
   const heartbeatsCodec = codecs[topics.gateways];
   const gateways = new GlobalTable<GatewayHeartbeat>(log, topics.gateways, {
@@ -195,6 +209,7 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
   );
   await users.start();
   closers.push(() => users.close());
+  readiness.push(() => users.notRunningBecause);
 }
 
 /**

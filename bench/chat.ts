@@ -74,7 +74,8 @@ async function startServer(
   const deadline = Date.now() + 120_000;
   for (;;) {
     if (child.exitCode !== null) throw new Error(`${shape} server exited: ${errors}`);
-    const ok = await fetch(`${url}/healthz`).then(
+    // Ready, not only alive: a users processor restores its stores before it serves.
+    const ok = await fetch(`${url}/readyz`).then(
       (r) => r.ok,
       () => false,
     );

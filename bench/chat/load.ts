@@ -7,7 +7,7 @@
  * 2. Idle connections: the server's RSS as 2N connections that only wait open, N at a time.
  * 3. Load: P senders, each to its own recipient, each keeping at most W messages in flight (in
  *    flight until its recipient has it) with ~100-byte bodies; warm-up, then a measured window,
- *    then a drain. Recipients ack as clients do (cumulative, every 32 messages or 50 ms).
+ *    then a drain. Both sides ack their inbox as clients do (cumulative, every 32 entries or 50 ms).
  * Prints one JSON line: LoadResult.
  */
 import { readFileSync } from 'node:fs';
@@ -168,9 +168,11 @@ type Pair = {
   received: Set<number>;
   acknowledged: Set<number>;
   sentAt: Map<number, number>;
-  highestSeq: number;
-  ackedSeq: number;
+  /** What each side has seen of its inbox and acked, as a client does. */
+  outSeq: Seqs;
+  inSeq: Seqs;
 };
+type Seqs = { ws: WebSocket; highest: number; acked: number };
 const pairs: Pair[] = [];
 await inBatches(
   Array.from({ length: config.pairs }, (_, i) => i),
@@ -187,8 +189,8 @@ await inBatches(
       received: new Set(),
       acknowledged: new Set(),
       sentAt: new Map(),
-      highestSeq: 0,
-      ackedSeq: 0,
+      outSeq: { ws: out, highest: 0, acked: 0 },
+      inSeq: { ws: inbound, highest: 0, acked: 0 },
     };
   },
 );
@@ -223,6 +225,8 @@ function pump(pair: Pair): void {
 for (const pair of pairs) {
   pair.out.on('message', (data) => {
     const frame = JSON.parse(data.toString()) as Frame;
+    // The sender's own copies and its receipts are entries of its inbox: acked like any.
+    if (typeof frame.seq === 'number') seen(pair.outSeq, frame.seq);
     if (typeof frame.id !== 'string' || !frame.id.startsWith('b')) return; // the probe
     if (frame.type === 'sent') {
       const n = Number(frame.id.slice(1));
@@ -242,7 +246,7 @@ for (const pair of pairs) {
     if (frame.type !== 'message') return;
     const body = frame.body as { n?: number; t?: number };
     if (typeof body.n !== 'number') return;
-    if (typeof frame.seq === 'number') pair.highestSeq = Math.max(pair.highestSeq, frame.seq);
+    if (typeof frame.seq === 'number') seen(pair.inSeq, frame.seq);
     if (pair.received.has(body.n)) {
       duplicated++;
       return;
@@ -252,17 +256,24 @@ for (const pair of pairs) {
     if (phase === 'measure') delivered++;
     if (body.n >= (measuredFrom[pair.index] ?? Infinity)) latencies.push(Date.now() - body.t!);
     pair.inFlight.delete(body.n);
-    if (config.kind === 'chat' && pair.highestSeq - pair.ackedSeq >= 32) ack(pair);
     pump(pair);
   });
 }
 
-function ack(pair: Pair): void {
-  if (pair.highestSeq <= pair.ackedSeq) return;
-  pair.ackedSeq = pair.highestSeq;
-  pair.in.send(JSON.stringify({ type: 'ack', upTo: pair.highestSeq }));
+function seen(seqs: Seqs, seq: number): void {
+  seqs.highest = Math.max(seqs.highest, seq);
+  if (config.kind === 'chat' && seqs.highest - seqs.acked >= 32) ack(seqs);
 }
-const acker = config.kind === 'chat' ? setInterval(() => pairs.forEach(ack), 50) : undefined;
+
+function ack(seqs: Seqs): void {
+  if (seqs.highest <= seqs.acked) return;
+  seqs.acked = seqs.highest;
+  seqs.ws.send(JSON.stringify({ type: 'ack', upTo: seqs.highest }));
+}
+const acker =
+  config.kind === 'chat'
+    ? setInterval(() => pairs.forEach((pair) => (ack(pair.outSeq), ack(pair.inSeq))), 50)
+    : undefined;
 
 // The gateway answers unknown_recipient until its accounts table has the registrations: probe
 // every pair with a single message first.

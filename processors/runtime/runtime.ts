@@ -79,6 +79,8 @@ export class StreamsRuntime {
   private lock: Promise<unknown> = Promise.resolve();
   private closing = false;
   private commitQueued = false;
+  private assigning = false;
+  private everAssigned = false;
   private partitions = 0;
   private readonly counters;
 
@@ -118,6 +120,16 @@ export class StreamsRuntime {
 
   get applicationId(): string {
     return this.options.applicationId;
+  }
+
+  /**
+   * Why this instance is not processing yet (undefined once it is): it has not been given its
+   * tasks yet, or it is opening them (restoring their stores). For readiness probes.
+   */
+  get notRunningBecause(): string | undefined {
+    if (!this.everAssigned) return `${this.applicationId}: waiting for its tasks`;
+    if (this.assigning) return `${this.applicationId}: restoring its tasks`;
+    return undefined;
   }
 
   /** Partition numbers of the tasks this instance runs now. */
@@ -222,12 +234,18 @@ export class StreamsRuntime {
 
   private async assigned(assignment: TopicPartition[]): Promise<void> {
     if (this.closing) return;
-    const wanted = new Set(assignment.map((tp) => tp.partition));
-    for (const [partition, running] of [...this.tasks]) {
-      if (!wanted.has(partition)) await this.closeTask(running);
-    }
-    for (const partition of [...wanted].sort((a, b) => a - b)) {
-      if (!this.tasks.has(partition)) await this.openTask(partition);
+    this.assigning = true;
+    try {
+      const wanted = new Set(assignment.map((tp) => tp.partition));
+      for (const [partition, running] of [...this.tasks]) {
+        if (!wanted.has(partition)) await this.closeTask(running);
+      }
+      for (const partition of [...wanted].sort((a, b) => a - b)) {
+        if (!this.tasks.has(partition)) await this.openTask(partition);
+      }
+      this.everAssigned = true;
+    } finally {
+      this.assigning = false;
     }
     this.logger.info({ tasks: this.activeTasks() }, 'tasks assigned');
   }
