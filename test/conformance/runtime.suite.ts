@@ -391,7 +391,13 @@ export function runtimeSuite(shape: RuntimeShape) {
         await producer.close();
         const db = await StateDb.open(join(stateRoot, app));
         const runtime = new StreamsRuntime(topology, { applicationId: app, log, stateDb: db });
+        assert.match(runtime.notRunningBecause ?? '', /waiting for its tasks/, 'not ready');
         await runtime.start();
+        await eventually(
+          () => runtime.notRunningBecause === undefined,
+          shape.settleMs + 30_000,
+          'the runtime to report itself running (readiness)',
+        );
         await eventually(
           async () => (await log.admin.committedOffsets(app, input))[0]!.offset === 1,
           shape.settleMs + 30_000,
