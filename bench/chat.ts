@@ -12,9 +12,11 @@
  * - embedded: `npm start`'s process on the embedded log;
  * - kafka: the same process on Apache Kafka (KAFKA_BROKERS; SCHEMA_REGISTRY_URL when set).
  * It prints delivered messages/s and its ratio to the relay, latency from send to receipt at the
- * recipient, `sent` latency, lost and duplicated messages, and the server's RSS per idle
- * connection (N connections that only wait). --profile DIR writes each server's CPU profile
- * (node --cpu-prof) and prints where its time went.
+ * recipient, `sent` latency, lost and duplicated messages, the server's and the load
+ * generator's CPU use, and the server's RSS per idle connection: 2N connections that only wait,
+ * each its own user, opened N at a time; the larger of the two rounds' growth per connection.
+ * Defaults: P=50, W=16, 20 s after 5 s of warm-up, N=5000. --profile DIR writes each server's
+ * CPU profile (node --cpu-prof) and prints where its time went.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -122,7 +124,7 @@ export async function run(args: string[]): Promise<void> {
       window: { type: 'string', default: '16' },
       seconds: { type: 'string', default: '20' },
       warmup: { type: 'string', default: '5' },
-      idle: { type: 'string', default: '1000' },
+      idle: { type: 'string', default: '5000' },
       shapes: { type: 'string' },
       profile: { type: 'string' },
     },
@@ -167,12 +169,12 @@ export async function run(args: string[]): Promise<void> {
     `\nP=${values.pairs} pairs, W=${values.window} in flight per sender, ${values.seconds} s measured after ${values.warmup} s warm-up, ~100-byte bodies; ${values.idle} idle connections\n`,
   );
   console.log(
-    '| shape | delivered msg/s | vs relay | latency p50 / p99 / max ms | `sent` p50 / p99 ms | lost | duplicated | errors | RSS per idle connection | CPU server / load |',
+    '| shape | delivered msg/s | vs relay | latency p50 / p99 / max ms | `sent` p50 / p99 ms | lost | duplicated | gaps synced | errors | RSS per idle connection | CPU server / load |',
   );
-  console.log('| --- | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | --- |');
+  console.log('| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | --- |');
   for (const [shape, r] of results) {
     console.log(
-      `| ${shape} | ${fmt(r.perSecond)} | ${baseline ? fmt(r.perSecond / baseline, 2) : '-'} | ${fmt(r.latencyMs.p50)} / ${fmt(r.latencyMs.p99)} / ${fmt(r.latencyMs.max)} | ${fmt(r.sentLatencyMs.p50)} / ${fmt(r.sentLatencyMs.p99)} | ${r.lost} | ${r.duplicated} | ${
+      `| ${shape} | ${fmt(r.perSecond)} | ${baseline ? fmt(r.perSecond / baseline, 2) : '-'} | ${fmt(r.latencyMs.p50)} / ${fmt(r.latencyMs.p99)} / ${fmt(r.latencyMs.max)} | ${fmt(r.sentLatencyMs.p50)} / ${fmt(r.sentLatencyMs.p99)} | ${r.lost} | ${r.duplicated} | ${r.syncs} | ${
         Object.entries(r.errors)
           .map(([c, n]) => `${c}: ${n}`)
           .join(', ') || '-'

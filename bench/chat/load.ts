@@ -34,10 +34,13 @@ export interface LoadResult {
   perSecond: number;
   latencyMs: { p50: number; p99: number; max: number };
   sentLatencyMs: { p50: number; p99: number; max: number };
-  /** Acknowledged by `sent` but never received by the recipient. */
+  /** Acknowledged by `sent` but never received by the recipient, even after a sync. */
   lost: number;
   /** Received twice by the recipient. */
+  /** Held in the recipient's inbox twice (two seqs); a replay of one seq is no duplicate. */
   duplicated: number;
+  /** Gaps in the seqs a device received live, which it filled with a `sync`. */
+  syncs: number;
   errors: Record<string, number>;
   idle: number;
   rssPerIdleKiB: number;
@@ -165,14 +168,34 @@ type Pair = {
   in: WebSocket;
   next: number;
   inFlight: Map<number, number>; // n → sent at
-  received: Set<number>;
+  /** Message number → the seq it came with. */
+  received: Map<number, number>;
   acknowledged: Set<number>;
   sentAt: Map<number, number>;
   /** What each side has seen of its inbox and acked, as a client does. */
   outSeq: Seqs;
   inSeq: Seqs;
 };
-type Seqs = { ws: WebSocket; highest: number; acked: number };
+/**
+ * A device's view of its inbox, as a client keeps it: everything up to `contiguous` received,
+ * `ahead` the seqs above a gap. It acks only what is contiguous, and a gap that lasts
+ * GAP_SYNC_MS makes it ask for the rest with `sync`.
+ */
+type Seqs = {
+  ws: WebSocket;
+  contiguous: number;
+  ahead: Set<number>;
+  acked: number;
+  gapSince: number | undefined;
+};
+const GAP_SYNC_MS = 1000;
+const seqs = (ws: WebSocket): Seqs => ({
+  ws,
+  contiguous: 0,
+  ahead: new Set(),
+  acked: 0,
+  gapSince: undefined,
+});
 const pairs: Pair[] = [];
 await inBatches(
   Array.from({ length: config.pairs }, (_, i) => i),
@@ -186,11 +209,11 @@ await inBatches(
       in: inbound,
       next: 1,
       inFlight: new Map(),
-      received: new Set(),
+      received: new Map(),
       acknowledged: new Set(),
       sentAt: new Map(),
-      outSeq: { ws: out, highest: 0, acked: 0 },
-      inSeq: { ws: inbound, highest: 0, acked: 0 },
+      outSeq: seqs(out),
+      inSeq: seqs(inbound),
     };
   },
 );
@@ -200,6 +223,7 @@ let measureStarted = 0;
 let measureEnded = 0;
 let delivered = 0;
 let duplicated = 0;
+let syncs = 0;
 const latencies: number[] = [];
 const sentLatencies: number[] = [];
 const errors: Record<string, number> = {};
@@ -243,15 +267,16 @@ for (const pair of pairs) {
   });
   pair.in.on('message', (data) => {
     const frame = JSON.parse(data.toString()) as Frame;
+    if (typeof frame.seq === 'number') seen(pair.inSeq, frame.seq); // every entry, the probe too
     if (frame.type !== 'message') return;
     const body = frame.body as { n?: number; t?: number };
     if (typeof body.n !== 'number') return;
-    if (typeof frame.seq === 'number') seen(pair.inSeq, frame.seq);
-    if (pair.received.has(body.n)) {
-      duplicated++;
+    const before = pair.received.get(body.n);
+    if (before !== undefined) {
+      if (before !== frame.seq) duplicated++; // a second inbox entry; the same seq is a replay
       return;
     }
-    pair.received.add(body.n);
+    pair.received.set(body.n, frame.seq as number);
     // Throughput: what arrives in the measured window; latency: every message sent in it.
     if (phase === 'measure') delivered++;
     if (body.n >= (measuredFrom[pair.index] ?? Infinity)) latencies.push(Date.now() - body.t!);
@@ -260,19 +285,36 @@ for (const pair of pairs) {
   });
 }
 
-function seen(seqs: Seqs, seq: number): void {
-  seqs.highest = Math.max(seqs.highest, seq);
-  if (config.kind === 'chat' && seqs.highest - seqs.acked >= 32) ack(seqs);
+function seen(device: Seqs, seq: number): void {
+  if (seq <= device.contiguous) return; // a replay
+  device.ahead.add(seq);
+  while (device.ahead.delete(device.contiguous + 1)) device.contiguous++;
+  device.gapSince = device.ahead.size > 0 ? (device.gapSince ?? Date.now()) : undefined;
+  if (config.kind === 'chat' && device.contiguous - device.acked >= 32) ack(device);
 }
 
-function ack(seqs: Seqs): void {
-  if (seqs.highest <= seqs.acked) return;
-  seqs.acked = seqs.highest;
-  seqs.ws.send(JSON.stringify({ type: 'ack', upTo: seqs.highest }));
+function ack(device: Seqs): void {
+  if (device.contiguous <= device.acked) return;
+  device.acked = device.contiguous;
+  device.ws.send(JSON.stringify({ type: 'ack', upTo: device.contiguous }));
 }
+
+function syncGap(device: Seqs): void {
+  if (device.gapSince === undefined || Date.now() - device.gapSince < GAP_SYNC_MS) return;
+  syncs++;
+  device.gapSince = Date.now();
+  device.ws.send(JSON.stringify({ type: 'sync', after: device.contiguous }));
+}
+
 const acker =
   config.kind === 'chat'
-    ? setInterval(() => pairs.forEach((pair) => (ack(pair.outSeq), ack(pair.inSeq))), 50)
+    ? setInterval(() => {
+        for (const pair of pairs)
+          for (const device of [pair.outSeq, pair.inSeq]) {
+            ack(device);
+            syncGap(device);
+          }
+      }, 50)
     : undefined;
 
 // The gateway answers unknown_recipient until its accounts table has the registrations: probe
@@ -334,6 +376,7 @@ const result: LoadResult = {
   sentLatencyMs: percentiles(sentLatencies),
   lost,
   duplicated,
+  syncs,
   errors,
   idle: config.idle,
   rssPerIdleKiB,

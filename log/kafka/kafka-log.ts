@@ -246,6 +246,39 @@ function toMessages(records: ProducerRecord[]): {
   return { byTopic, inOrder };
 }
 
+/**
+ * A request's records, at most this many bytes of keys, values and headers. The broker refuses
+ * a record batch over `message.max.bytes` (1 MiB by default), and kafkajs sends each partition's
+ * records of one call as one batch, so a large call (a task's commit after a burst) is split.
+ */
+const REQUEST_BYTES = 512 * 1024;
+
+function sizeOf(record: ProducerRecord): number {
+  let bytes = (record.key?.length ?? 0) + (record.value?.length ?? 0);
+  for (const [name, value] of Object.entries(record.headers ?? {}))
+    bytes += name.length + (value?.length ?? 0);
+  return bytes;
+}
+
+/** Consecutive slices of at most REQUEST_BYTES each (a larger record alone in its slice). */
+export function inRequests(records: ProducerRecord[]): ProducerRecord[][] {
+  const requests: ProducerRecord[][] = [];
+  let current: ProducerRecord[] = [];
+  let bytes = 0;
+  for (const record of records) {
+    const size = sizeOf(record);
+    if (current.length > 0 && bytes + size > REQUEST_BYTES) {
+      requests.push(current);
+      current = [];
+      bytes = 0;
+    }
+    current.push(record);
+    bytes += size;
+  }
+  if (current.length > 0) requests.push(current);
+  return requests;
+}
+
 function translate(error: unknown, transactionalId?: string): unknown {
   const type = (error as { type?: string }).type;
   if (transactionalId !== undefined && type && FENCED.has(type))
@@ -319,6 +352,12 @@ class KafkaLogProducer implements Producer {
   }
 
   private async sendNow(records: ProducerRecord[]): Promise<RecordMetadata[]> {
+    const metadata: RecordMetadata[] = [];
+    for (const request of inRequests(records)) metadata.push(...(await this.sendRequest(request)));
+    return metadata;
+  }
+
+  private async sendRequest(records: ProducerRecord[]): Promise<RecordMetadata[]> {
     const { byTopic, inOrder } = toMessages(records);
     let results;
     try {
@@ -378,13 +417,14 @@ class KafkaLogTransaction implements Transaction {
   async send(records: ProducerRecord[]): Promise<void> {
     this.checkOpen();
     try {
-      await this.transaction.sendBatch({
-        acks: -1,
-        topicMessages: [...toMessages(records).byTopic].map(([topic, messages]) => ({
-          topic,
-          messages,
-        })),
-      });
+      for (const request of inRequests(records))
+        await this.transaction.sendBatch({
+          acks: -1,
+          topicMessages: [...toMessages(request).byTopic].map(([topic, messages]) => ({
+            topic,
+            messages,
+          })),
+        });
     } catch (error) {
       throw translate(error, this.transactionalId);
     }

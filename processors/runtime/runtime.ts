@@ -80,6 +80,8 @@ export class StreamsRuntime {
   private closing = false;
   private commitQueued = false;
   private assigning = false;
+  /** Tasks whose last commit failed, with why. */
+  private readonly failingCommits = new Map<string, string>();
   private everAssigned = false;
   private partitions = 0;
   private readonly counters;
@@ -129,6 +131,8 @@ export class StreamsRuntime {
   get notRunningBecause(): string | undefined {
     if (!this.everAssigned) return `${this.applicationId}: waiting for its tasks`;
     if (this.assigning) return `${this.applicationId}: restoring its tasks`;
+    for (const [task, reason] of this.failingCommits)
+      return `${this.applicationId}: task ${task} cannot commit: ${reason}`;
     return undefined;
   }
 
@@ -416,14 +420,18 @@ export class StreamsRuntime {
         for (const store of stores.values()) store.discard();
         task.committed();
         this.tasks.delete(task.partition);
+        this.failingCommits.delete(task.id);
         await task.close();
         await running.producer?.close().catch(() => undefined);
         return false;
       }
       // Nothing of the transaction is visible: keep the work and try again at the next commit.
+      // Until one succeeds the task is stuck, and readiness says so.
+      this.failingCommits.set(task.id, (error as Error).message);
       this.logger.error({ err: error, task: task.id }, 'commit failed; will retry');
       return true;
     }
+    this.failingCommits.delete(task.id);
     this.options.onCommitStage?.('committed', task.id);
     for (const { store, writes: w } of writes) await store.flush(w);
     this.options.onCommitStage?.('flushed', task.id);
@@ -441,6 +449,7 @@ export class StreamsRuntime {
     const { log, stateDb } = this.options;
     const kept = await this.commit(running);
     this.tasks.delete(running.task.partition);
+    this.failingCommits.delete(running.task.id);
     if (kept) {
       for (const store of running.stores.values()) {
         const marks = (await log.admin.watermarks(store.name))[store.partition]!;

@@ -349,6 +349,38 @@ export function logConformance(
       assert.deepEqual(none, [], 'nothing after the end');
     });
 
+    it('takes sends and transactions larger than a broker takes in one request (3 MiB to one partition)', async () => {
+      const topic = uniqueName('large');
+      await log.admin.createTopics([{ topic, partitions: 1 }]);
+      const records = (tag: string) =>
+        Array.from({ length: 3 * 1024 }, (_, i) => ({
+          topic,
+          key: null,
+          partition: 0,
+          value: Buffer.from(`${tag}${i} `.padEnd(1024, '.')),
+        }));
+      const producer = await log.producer();
+      const metadata = await producer.send(records('s'));
+      assert.deepEqual(
+        metadata.map((m) => m.offset),
+        Array.from({ length: 3 * 1024 }, (_, i) => i),
+        'one offset per record, in order',
+      );
+      await producer.close();
+      const tx = await log.producer({ transactionalId: uniqueName('tx') });
+      const transaction = await tx.transaction();
+      await transaction.send(records('t'));
+      await transaction.commit();
+      await tx.close();
+
+      const values: string[] = [];
+      for await (const batch of log.readPartitions(topic, [{ partition: 0, from: 0 }]))
+        for (const r of batch.records) values.push(text(r.value)!.split(' ')[0]!);
+      assert.equal(values.length, 6 * 1024);
+      assert.deepEqual(values.slice(0, 2), ['s0', 's1']);
+      assert.deepEqual(values.slice(-2), ['t3070', 't3071']);
+    });
+
     it('hands a batch again when eachBatch throws, skipping nothing', async () => {
       const topic = uniqueName('retry');
       await log.admin.createTopics([{ topic, partitions: 1 }]);

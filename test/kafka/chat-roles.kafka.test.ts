@@ -9,11 +9,8 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { freePort, startServer, type Started } from '../support/process.ts';
+import { KafkaDeployment } from '../support/process.ts';
 import { Client } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
 import { orderViolations, ResilientSender } from '../support/resilient-sender.ts';
@@ -29,36 +26,12 @@ async function restartBroker(): Promise<void> {
 
 describe('chat on Kafka, one role per process: gateway, users processor and broker killed under load', function () {
   this.timeout(420_000);
-  const dirs: string[] = [];
-  const processes = new Map<string, Started>();
+  const deployment = new KafkaDeployment();
+  const processes = deployment.processes;
   const run = randomBytes(3).toString('hex');
-  const secret = randomBytes(32).toString('base64url');
-
-  async function start(name: string, role: string[]): Promise<Started> {
-    const dir = await mkdtemp(join(tmpdir(), `kchat-${name}-`));
-    dirs.push(dir);
-    const started = await startServer(
-      {
-        PORT: String(await freePort()),
-        DATA_DIR: dir,
-        GATEWAY_ID: `${name}-${run}`,
-        JWT_SECRET: secret,
-        KAFKA_BROKERS: process.env.KAFKA_BROKERS!,
-        SCHEMA_REGISTRY_URL: process.env.SCHEMA_REGISTRY_URL!,
-        RATE_LIMIT_PER_S: '5000',
-        LOG_LEVEL: 'warn',
-      },
-      120_000,
-      role,
-    );
-    processes.set(name, started);
-    return started;
-  }
-
-  after(async () => {
-    for (const started of processes.values()) await started.stop().catch(() => undefined);
-    for (const dir of dirs) await rm(dir, { recursive: true, force: true });
-  });
+  const start = (name: string, role: string[]) =>
+    deployment.start(name, role, { RATE_LIMIT_PER_S: '5000' });
+  after(() => deployment.stopAll());
 
   it('loses nothing acknowledged and delivers nothing twice', async () => {
     const [api, g1, g2] = await Promise.all([

@@ -6,44 +6,17 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { freePort, startServer, type Started } from '../support/process.ts';
+import { KafkaDeployment } from '../support/process.ts';
 import { Client } from '../support/chat-client.ts';
 
 describe('chat on Kafka: two processes, one killed', function () {
   this.timeout(240_000);
-  const dirs: string[] = [];
-  const servers: Started[] = [];
+  const deployment = new KafkaDeployment();
   const run = randomBytes(3).toString('hex');
   const alice = `alice-${run}`;
   const bob = `bob-${run}`;
-  const secret = randomBytes(32).toString('base64url');
-
-  async function start(name: string): Promise<Started> {
-    const dir = await mkdtemp(join(tmpdir(), `kchat-${name}-`));
-    dirs.push(dir);
-    const server = await startServer(
-      {
-        PORT: String(await freePort()),
-        DATA_DIR: dir,
-        GATEWAY_ID: `${name}-${run}`,
-        JWT_SECRET: secret,
-        KAFKA_BROKERS: process.env.KAFKA_BROKERS!,
-        SCHEMA_REGISTRY_URL: process.env.SCHEMA_REGISTRY_URL!,
-        LOG_LEVEL: 'warn',
-      },
-      90_000,
-    );
-    servers.push(server);
-    return server;
-  }
-
-  after(async () => {
-    for (const server of servers) await server.stop().catch(() => undefined);
-    for (const dir of dirs) await rm(dir, { recursive: true, force: true });
-  });
+  const start = (name: string) => deployment.start(name);
+  after(() => deployment.stopAll());
 
   it('delivers across gateways, and after a process dies, through the other one', async () => {
     const a = await start('a');

@@ -3,6 +3,10 @@
  * runs one role alone (`npm start -- gateway`).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createServer } from 'node:net';
 import { eventually } from './log-helpers.ts';
 
@@ -75,5 +79,43 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
     process.kill(-pid, signal);
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error; // already gone
+  }
+}
+
+/**
+ * The processes of one distributed deployment on the test's Kafka and registry
+ * (KAFKA_BROKERS, SCHEMA_REGISTRY_URL): a shared JWT secret, and for each process its own
+ * PORT, DATA_DIR and GATEWAY_ID. `stopAll` stops what is left and deletes the data.
+ */
+export class KafkaDeployment {
+  readonly processes = new Map<string, Started>();
+  private readonly dirs: string[] = [];
+  private readonly run = randomBytes(3).toString('hex');
+  private readonly secret = randomBytes(32).toString('base64url');
+
+  async start(name: string, role: string[] = [], env: Record<string, string> = {}) {
+    const dir = await mkdtemp(join(tmpdir(), `kchat-${name}-`));
+    this.dirs.push(dir);
+    const started = await startServer(
+      {
+        PORT: String(await freePort()),
+        DATA_DIR: dir,
+        GATEWAY_ID: `${name}-${this.run}`,
+        JWT_SECRET: this.secret,
+        KAFKA_BROKERS: process.env.KAFKA_BROKERS!,
+        SCHEMA_REGISTRY_URL: process.env.SCHEMA_REGISTRY_URL!,
+        LOG_LEVEL: 'warn',
+        ...env,
+      },
+      120_000,
+      role,
+    );
+    this.processes.set(name, started);
+    return started;
+  }
+
+  async stopAll(): Promise<void> {
+    for (const started of this.processes.values()) await started.stop().catch(() => undefined);
+    for (const dir of this.dirs) await rm(dir, { recursive: true, force: true });
   }
 }
