@@ -246,6 +246,21 @@ function toMessages(records: ProducerRecord[]): {
   return { byTopic, inOrder };
 }
 
+const HEARTBEAT_INTERVAL_MS = 1000;
+
+/**
+ * Awaits work, calling kafkajs's heartbeat every HEARTBEAT_INTERVAL_MS meanwhile. A failed beat
+ * (a rebalance under way) is left for kafkajs to meet again once the batch is done.
+ */
+async function whileBeating<T>(work: Promise<T>, heartbeat: () => Promise<void>): Promise<T> {
+  const timer = setInterval(() => void heartbeat().catch(() => undefined), HEARTBEAT_INTERVAL_MS);
+  try {
+    return await work;
+  } finally {
+    clearInterval(timer);
+  }
+}
+
 /**
  * A request's records, at most this many bytes of keys, values and headers. The broker refuses
  * a record batch over `message.max.bytes` (1 MiB by default), and kafkajs sends each partition's
@@ -494,7 +509,7 @@ class KafkaLogConsumer implements Consumer {
       readUncommitted: false,
       allowAutoTopicCreation: false,
       sessionTimeout: options.sessionTimeoutMs ?? 10_000,
-      heartbeatInterval: 1000,
+      heartbeatInterval: HEARTBEAT_INTERVAL_MS,
       rebalanceTimeout: 30_000,
       maxWaitTimeInMs: 100,
       retry: { initialRetryTime: 100, retries: 10 },
@@ -532,16 +547,22 @@ class KafkaLogConsumer implements Consumer {
     await this.consumer.run({
       autoCommit: false,
       eachBatchAutoResolve: true,
-      eachBatch: async ({ batch }: EachBatchPayload) => {
-        await this.assignmentHandled;
+      eachBatch: async ({ batch, heartbeat }: EachBatchPayload) => {
+        // Opening tasks (restoring their stores) and a long commit both hold a batch; kafkajs
+        // heartbeats only between batches, and a member silent for the session timeout is
+        // evicted, which starts another rebalance. Keep beating while waiting.
+        await whileBeating(this.assignmentHandled, heartbeat);
         if (batch.messages.length === 0) return;
         const records = batch.messages.map((m) => toRecord(batch.topic, batch.partition, m));
-        await handlers.eachBatch({
-          topic: batch.topic,
-          partition: batch.partition,
-          records,
-          highWatermark: Number(batch.highWatermark),
-        });
+        await whileBeating(
+          handlers.eachBatch({
+            topic: batch.topic,
+            partition: batch.partition,
+            records,
+            highWatermark: Number(batch.highWatermark),
+          }),
+          heartbeat,
+        );
       },
     });
   }
