@@ -76,6 +76,10 @@ export class StreamsRuntime {
   private consumer: ReturnType<Log['consumer']> | undefined;
   private sharedProducer: Producer | undefined;
   private timers: NodeJS.Timeout[] = [];
+  /** Timers of tasks waiting to be opened again after a failed commit. */
+  private readonly revivals = new Set<NodeJS.Timeout>();
+  /** Per partition, how many times its task was revived: batches carry the count they met. */
+  private readonly revisions = new Map<number, number>();
   private lock: Promise<unknown> = Promise.resolve();
   private closing = false;
   private commitQueued = false;
@@ -173,7 +177,8 @@ export class StreamsRuntime {
     await consumer.run({
       onAssignment: (assignment) => this.exclusive(() => this.assigned(assignment)),
       eachBatch: async (batch) => {
-        await this.exclusive(() => this.handle(batch));
+        const revision = this.revisions.get(batch.partition) ?? 0;
+        await this.exclusive(() => this.handle(batch, revision));
         if (this.eager) this.commitSoon();
       },
     });
@@ -202,6 +207,7 @@ export class StreamsRuntime {
     if (this.closing) return;
     this.closing = true;
     for (const timer of this.timers) clearInterval(timer);
+    for (const timer of this.revivals) clearTimeout(timer);
     await this.exclusive(async () => {
       for (const running of [...this.tasks.values()]) await this.closeTask(running);
     });
@@ -245,7 +251,17 @@ export class StreamsRuntime {
         if (!wanted.has(partition)) await this.closeTask(running);
       }
       for (const partition of [...wanted].sort((a, b) => a - b)) {
-        if (!this.tasks.has(partition)) await this.openTask(partition);
+        if (this.tasks.has(partition)) continue;
+        try {
+          await this.openTask(partition);
+        } catch (error) {
+          // A restore cut short (the broker restarting): open it again as soon as the log lets,
+          // from the committed offsets, or this partition's records would be passed over.
+          const taskId = `${this.applicationId}_${partition}`;
+          this.failingCommits.set(taskId, `not opened: ${(error as Error).message}`);
+          this.logger.error({ err: error, task: taskId }, 'task not opened; trying again');
+          this.revive(partition, taskId);
+        }
       }
       this.everAssigned = true;
     } finally {
@@ -261,34 +277,39 @@ export class StreamsRuntime {
       this.guarantee === 'exactly_once'
         ? await log.producer({ transactionalId: `${applicationId}-${partition}` })
         : undefined;
-    const stores = new Map<string, TaskStore<unknown>>();
-    for (const [name, spec] of this.topology.stores) {
-      const store = new TaskStore(
-        changelogTopic(applicationId, name),
+    try {
+      const stores = new Map<string, TaskStore<unknown>>();
+      for (const [name, spec] of this.topology.stores) {
+        const store = new TaskStore(
+          changelogTopic(applicationId, name),
+          partition,
+          stateDb,
+          spec.serde ?? jsonSerde(),
+        );
+        await this.restore(store);
+        stores.set(name, store);
+      }
+      const task = new StreamTask({
+        applicationId,
         partition,
-        stateDb,
-        spec.serde ?? jsonSerde(),
-      );
-      await this.restore(store);
-      stores.set(name, store);
+        topology: this.topology,
+        stores: stores as unknown as Map<string, TaskStateStore>,
+        deadLetterTopic: deadLetterTopic(applicationId),
+        logger: this.logger,
+      });
+      // Then read the committed offsets, which no fenced owner can move any more. The consumer
+      // may have read its start before the fence; the task skips whatever lies below these.
+      for (const topic of new Set(this.topology.sourceTopics())) {
+        const committed =
+          (await log.admin.committedOffsets(applicationId, topic))[partition]?.offset ?? -1;
+        if (committed >= 0) task.setPosition(topic, committed);
+      }
+      await task.init();
+      this.tasks.set(partition, { task, stores, producer });
+    } catch (error) {
+      await producer?.close().catch(() => undefined);
+      throw error;
     }
-    const task = new StreamTask({
-      applicationId,
-      partition,
-      topology: this.topology,
-      stores: stores as unknown as Map<string, TaskStateStore>,
-      deadLetterTopic: deadLetterTopic(applicationId),
-      logger: this.logger,
-    });
-    // Then read the committed offsets, which no fenced owner can move any more. The consumer
-    // may have read its start before the fence; the task skips whatever lies below these.
-    for (const topic of new Set(this.topology.sourceTopics())) {
-      const committed =
-        (await log.admin.committedOffsets(applicationId, topic))[partition]?.offset ?? -1;
-      if (committed >= 0) task.setPosition(topic, committed);
-    }
-    await task.init();
-    this.tasks.set(partition, { task, stores, producer });
   }
 
   /**
@@ -344,8 +365,10 @@ export class StreamsRuntime {
     await stateDb.setCheckpoint(topic, partition, marks.high);
   }
 
-  private async handle(batch: Batch): Promise<void> {
+  private async handle(batch: Batch, revision: number): Promise<void> {
     if (this.closing) return; // not committed: the next owner processes these records
+    // Handed before its task was revived: read again from the committed offsets instead.
+    if ((this.revisions.get(batch.partition) ?? 0) !== revision) return;
     const running = this.tasks.get(batch.partition);
     if (!running) return; // fenced and dropped; the coming rebalance moves the partition
     let processed = 0;
@@ -425,9 +448,22 @@ export class StreamsRuntime {
         await running.producer?.close().catch(() => undefined);
         return false;
       }
-      // Nothing of the transaction is visible: keep the work and try again at the next commit.
-      // Until one succeeds the task is stuck, and readiness says so.
       this.failingCommits.set(task.id, (error as Error).message);
+      if (running.producer) {
+        // The transaction's outcome is unknown (a broker restart can fail a commit the
+        // coordinator then completes), and the producer may refuse new transactions. As Kafka
+        // Streams does with a corrupted task: drop the task's uncommitted work and producer and
+        // open it again. The new producer fences the old one and ends the pending transaction;
+        // the stores catch up from their changelogs and the input resumes from the committed
+        // offsets, whichever way the failed commit went.
+        this.logger.error({ err: error, task: task.id }, 'commit failed; reviving the task');
+        this.tasks.delete(task.partition);
+        await task.close().catch(() => undefined);
+        await running.producer.close().catch(() => undefined);
+        this.revive(task.partition, task.id);
+        return false;
+      }
+      // At-least-once: nothing is lost by keeping the work and trying again at the next commit.
       this.logger.error({ err: error, task: task.id }, 'commit failed; will retry');
       return true;
     }
@@ -442,6 +478,42 @@ export class StreamsRuntime {
       (performance.now() - started) / 1000,
     );
     return true;
+  }
+
+  /**
+   * Opens a task again after a failed commit, once the log lets it (backing off up to 5 s), if
+   * the partition is still this instance's; then moves the consumer back to the committed
+   * offsets, so that what the dropped work had read is read again.
+   */
+  private revive(partition: number, taskId: string, attempt = 0): void {
+    const timer = setTimeout(
+      () => {
+        this.revivals.delete(timer);
+        void this.exclusive(async () => {
+          if (this.closing || this.tasks.has(partition)) return;
+          if (!this.consumer?.assignment().some((tp) => tp.partition === partition)) {
+            this.failingCommits.delete(taskId); // moved to another instance meanwhile
+            return;
+          }
+          await this.openTask(partition);
+          for (const topic of new Set(this.topology.sourceTopics())) {
+            const committed = (
+              await this.options.log.admin.committedOffsets(this.applicationId, topic)
+            )[partition]?.offset;
+            this.consumer.seek({ topic, partition, offset: Math.max(0, committed ?? 0) });
+          }
+          // Batches the consumer handed before the seeks are stale; those after follow them.
+          this.revisions.set(partition, (this.revisions.get(partition) ?? 0) + 1);
+          this.failingCommits.delete(taskId);
+          this.logger.info({ task: taskId, attempt }, 'task revived');
+        }).catch((error: unknown) => {
+          this.logger.warn({ err: error, task: taskId, attempt }, 'task not revived yet');
+          this.revive(partition, taskId, attempt + 1);
+        });
+      },
+      Math.min(100 * 2 ** attempt, 5000),
+    );
+    this.revivals.add(timer);
   }
 
   /** Commits, checkpoints each store at its changelog's end, and closes the task. */

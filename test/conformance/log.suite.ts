@@ -376,7 +376,11 @@ export function logConformance(
       const values: string[] = [];
       for await (const batch of log.readPartitions(topic, [{ partition: 0, from: 0 }]))
         for (const r of batch.records) values.push(text(r.value)!.split(' ')[0]!);
-      assert.equal(values.length, 6 * 1024);
+      assert.equal(
+        values.length,
+        6 * 1024,
+        `read ${values[0]} to ${values.at(-1)}; watermarks ${JSON.stringify(await log.admin.watermarks(topic))}`,
+      );
       assert.deepEqual(values.slice(0, 2), ['s0', 's1']);
       assert.deepEqual(values.slice(-2), ['t3070', 't3071']);
     });

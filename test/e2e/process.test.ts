@@ -4,6 +4,8 @@
  * releases PORT and DATA_DIR, and starts again on the same DATA_DIR.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -109,4 +111,31 @@ describe('npm start (embedded shape)', function () {
     await first.stop();
     assert.match(first.output(), /"msg":"stopped"/);
   });
+
+  for (const [role, expected] of [
+    [['gateway'], /the gateway role runs alone only against Kafka \(set KAFKA_BROKERS\)/],
+    [['processor', 'users'], /the processor users role runs alone only against Kafka/],
+    [
+      ['processor', 'nobody'],
+      /unknown role "processor nobody"; this build runs: all, api, gateway, processor users/,
+    ],
+  ] as const) {
+    it(`refuses \`npm start -- ${role.join(' ')}\` on the embedded log with exit code 2 and why`, async () => {
+      const child = spawn('npm', ['start', '--silent', '--', ...role], {
+        env: {
+          ...process.env,
+          PORT: String(await freePort()),
+          DATA_DIR: dataDir,
+          KAFKA_BROKERS: '',
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let output = '';
+      child.stdout!.on('data', (d) => (output += d));
+      child.stderr!.on('data', (d) => (output += d));
+      const [code] = (await once(child, 'close')) as [number];
+      assert.equal(code, 2, output);
+      assert.match(output, expected);
+    });
+  }
 });
