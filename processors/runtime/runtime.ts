@@ -57,6 +57,24 @@ export interface StreamsOptions {
 export type CommitStage = 'sent' | 'committed' | 'flushed';
 
 const PUNCTUATE_TICK_MS = 50;
+/**
+ * A transactional commit that has not ended by then counts as failed, and the task is revived:
+ * a client's transaction calls can wait forever on a broker that went away (KAFKA-7763 gave the
+ * Java client its timeouts for this); the revived task's new producer ends the transaction.
+ */
+const COMMIT_TIMEOUT_MS = 20_000;
+
+async function withinTime<T>(ms: number, what: string, work: () => Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} took more than ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([work(), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 const RESTORE_PROGRESS_MS = 1000;
 
 export const changelogTopic = (applicationId: string, store: string) =>
@@ -419,16 +437,19 @@ export class StreamsRuntime {
     const offsets = task.committable();
     try {
       if (running.producer) {
-        const transaction = await running.producer.transaction();
-        try {
-          if (records.length > 0) await transaction.send(records);
-          this.options.onCommitStage?.('sent', task.id);
-          if (offsets.length > 0) await transaction.sendOffsets(this.applicationId, offsets);
-          await transaction.commit();
-        } catch (error) {
-          await transaction.abort().catch(() => undefined);
-          throw error;
-        }
+        const producer = running.producer;
+        await withinTime(COMMIT_TIMEOUT_MS, `the commit of ${task.id}`, async () => {
+          const transaction = await producer.transaction();
+          try {
+            if (records.length > 0) await transaction.send(records);
+            this.options.onCommitStage?.('sent', task.id);
+            if (offsets.length > 0) await transaction.sendOffsets(this.applicationId, offsets);
+            await transaction.commit();
+          } catch (error) {
+            await transaction.abort().catch(() => undefined);
+            throw error;
+          }
+        });
       } else {
         if (records.length > 0) await this.sharedProducer!.send(records);
         this.options.onCommitStage?.('sent', task.id);

@@ -147,8 +147,29 @@ describe('chat on Kafka, one role per process: gateway, users processor and brok
           .filter((f) => f.type === 'message' && typeof (f.body as { n?: number }).n === 'number')
           .map((f) => (f.body as { n: number }).n);
       await eventually(() => numbers().length >= TOTAL, 120_000, `${recipient}'s inbox`).catch(
-        (error) => {
-          // What the processes said is what tells why: their logs (warn and above) go along.
+        async (error) => {
+          // What the processes say is what tells why: readiness, counters and logs go along.
+          const state = await Promise.all(
+            [...processes].map(async ([name, p]) => {
+              const ready = await fetch(`${p.url}/readyz`).then(
+                async (r) => `${r.status} ${await r.text()}`,
+                () => 'down',
+              );
+              const metrics = await fetch(`${p.url}/metrics`).then(
+                async (r) =>
+                  (await r.text())
+                    .split('\n')
+                    .filter((l) =>
+                      /^kchat_(streams_records_processed|streams_commits_total|gateway_deliveries)/.test(
+                        l,
+                      ),
+                    )
+                    .join('; '),
+                () => '',
+              );
+              return `${name}: readyz ${ready}; ${metrics}`;
+            }),
+          );
           const logs = [...processes]
             .map(([name, p]) => {
               const lines = p
@@ -163,7 +184,9 @@ describe('chat on Kafka, one role per process: gateway, users processor and brok
                 .join('\n')}`;
             })
             .join('\n');
-          throw new Error(`${(error as Error).message}: ${numbers().length} of ${TOTAL}\n${logs}`);
+          throw new Error(
+            `${(error as Error).message}: ${numbers().length} of ${TOTAL}\n${state.join('\n')}\n${logs}`,
+          );
         },
       );
       await new Promise((r) => setTimeout(r, 1000)); // anything extra would show up now
