@@ -183,6 +183,20 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
   await gateways.start();
   closers.push(() => gateways.close());
 
+  /** Gateways heard from within GATEWAY_SILENCE_MS: sessions on any other count as offline. */
+  const liveGateways = () => {
+    const now = Date.now();
+    const live = new Set<string>();
+    for (const [id, heartbeat] of gateways.values())
+      if (now - heartbeat.at <= GATEWAY_SILENCE_MS) live.add(id);
+    return live;
+  };
+  metrics.gauge(
+    'kchat_users_live_gateways',
+    'Gateways the users actor counts as live (heard from within 15 s)',
+    (g) => g.set(liveGateways().size),
+  );
+
   const stateDb = await StateDb.open(join(config.dataDir, 'state'));
   closers.push(() => stateDb.close());
   const users = new StreamsRuntime(
@@ -195,13 +209,7 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
         push: codecs[topics.push],
         inboxEntries: codecs[topics.inboxEntries],
       },
-      liveGateways: () => {
-        const now = Date.now();
-        const live = new Set<string>();
-        for (const [id, heartbeat] of gateways.values())
-          if (now - heartbeat.at <= GATEWAY_SILENCE_MS) live.add(id);
-        return live;
-      },
+      liveGateways,
     }),
     // A chat message waits for the commit that publishes its delivery: commit as soon as the
     // records at hand are processed, and let batches grow with the load (bench/README.md).

@@ -159,7 +159,7 @@ describe('chat on Kafka, one role per process: gateway, users processor and brok
                   (await r.text())
                     .split('\n')
                     .filter((l) =>
-                      /^kchat_(streams_records_processed|streams_commits_total|gateway_deliveries)/.test(
+                      /^kchat_(streams_records_processed|streams_commits_total|gateway_deliveries|users_live_gateways)/.test(
                         l,
                       ),
                     )
