@@ -62,6 +62,8 @@ interface RoleContext {
   closers: Array<() => Promise<void>>;
   /** Each role may add why it is not ready. */
   readiness: Array<() => string | undefined>;
+  /** The codec of every gateway's deliveries topic (users write it, gateways read it). */
+  deliveryCodec: () => Promise<TopicCodec<Delivery>>;
 }
 
 /** GATEWAY_ID, else one derived from the host and port (a gateway's deliveries topic is named by it). */
@@ -87,7 +89,9 @@ export async function startRoles(
       await closer().catch((err) => logger.error({ err }, 'close failed'));
   };
   const readiness: RoleContext['readiness'] = [];
+  let deliveryCodec: Promise<TopicCodec<Delivery>> | undefined;
   const context: RoleContext = {
+    deliveryCodec: () => (deliveryCodec ??= deliveryCodecOf(infrastructure)),
     config,
     infrastructure,
     codecs,
@@ -159,7 +163,7 @@ async function startGateway(context: RoleContext, tokens: TokenService): Promise
     gatewayId: gatewayIdOf(config),
     log: infrastructure.log,
     codecs,
-    deliveryCodec: await deliveryCodecOf(infrastructure),
+    deliveryCodec: await context.deliveryCodec(),
     verifyAccessToken: tokens.verifyAccessToken,
     userExists: (userId) => accounts.has(userId),
     rateLimitPerSecond: rateLimitPerSecond(process.env),
@@ -205,7 +209,7 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
         connections: codecs[topics.connections],
         messages: codecs[topics.messages],
         userCommands: codecs[topics.userCommands],
-        deliveries: await deliveryCodecOf(infrastructure),
+        deliveries: await context.deliveryCodec(),
         push: codecs[topics.push],
         inboxEntries: codecs[topics.inboxEntries],
       },

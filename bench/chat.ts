@@ -21,22 +21,14 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import type { LoadConfig, LoadResult } from './chat/load.ts';
 import { summarizeProfile } from './profile.ts';
+import { freePort } from '../test/support/process.ts';
 
 type ShapeName = 'relay' | 'embedded' | 'kafka';
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const { port } = server.address() as { port: number };
-  await new Promise((r) => server.close(r));
-  return port;
-}
 
 interface Server {
   child: ChildProcess;
