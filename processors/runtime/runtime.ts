@@ -288,7 +288,8 @@ export class StreamsRuntime {
     this.logger.info({ tasks: this.activeTasks() }, 'tasks assigned');
   }
 
-  private async openTask(partition: number): Promise<void> {
+  /** Opens the task of a partition; answers the committed offset of each source topic (-1: none). */
+  private async openTask(partition: number): Promise<Map<string, number>> {
     const { log, applicationId, stateDb } = this.options;
     // Fence first: from here on, a previous owner of this task can commit nothing.
     const producer =
@@ -317,13 +318,16 @@ export class StreamsRuntime {
       });
       // Then read the committed offsets, which no fenced owner can move any more. The consumer
       // may have read its start before the fence; the task skips whatever lies below these.
+      const positions = new Map<string, number>();
       for (const topic of new Set(this.topology.sourceTopics())) {
         const committed =
           (await log.admin.committedOffsets(applicationId, topic))[partition]?.offset ?? -1;
         if (committed >= 0) task.setPosition(topic, committed);
+        positions.set(topic, committed);
       }
       await task.init();
       this.tasks.set(partition, { task, stores, producer });
+      return positions;
     } catch (error) {
       await producer?.close().catch(() => undefined);
       throw error;
@@ -516,13 +520,9 @@ export class StreamsRuntime {
             this.failingCommits.delete(taskId); // moved to another instance meanwhile
             return;
           }
-          await this.openTask(partition);
-          for (const topic of new Set(this.topology.sourceTopics())) {
-            const committed = (
-              await this.options.log.admin.committedOffsets(this.applicationId, topic)
-            )[partition]?.offset;
-            this.consumer.seek({ topic, partition, offset: Math.max(0, committed ?? 0) });
-          }
+          const committed = await this.openTask(partition);
+          for (const [topic, offset] of committed)
+            this.consumer.seek({ topic, partition, offset: Math.max(0, offset) });
           // Batches the consumer handed before the seeks are stale; those after follow them.
           this.revisions.set(partition, (this.revisions.get(partition) ?? 0) + 1);
           this.failingCommits.delete(taskId);
