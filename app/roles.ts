@@ -201,6 +201,11 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
     (g) => g.set(liveGateways().size),
   );
 
+  const caughtUp = metrics.counter(
+    'kchat_users_catch_up_sessions_total',
+    'Sessions sent the entries they missed while their gateway counted as silent',
+  );
+
   const stateDb = await StateDb.open(join(config.dataDir, 'state'));
   closers.push(() => stateDb.close());
   const users = new StreamsRuntime(
@@ -214,6 +219,10 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
         inboxEntries: codecs[topics.inboxEntries],
       },
       liveGateways,
+      onCatchUp: (sessions) => {
+        caughtUp.inc(sessions);
+        logger.info({ sessions }, 'sent sessions what they missed while their gateway was silent');
+      },
     }),
     // A chat message waits for the commit that publishes its delivery: commit as soon as the
     // records at hand are processed, and let batches grow with the load (bench/README.md).

@@ -26,6 +26,12 @@ export interface Session {
   gatewayId: string;
   /** False until the session's sync has run: live deliveries wait for it. */
   live: boolean;
+  /**
+   * The highest seq sent to this connection, by its replay or live. What it missed while its
+   * gateway counted as silent goes to it, in order, as soon as the gateway is heard again.
+   * (Absent in sessions stored before it was kept: taken as having everything.)
+   */
+  sentUpTo?: number;
 }
 
 export interface UserMeta {
@@ -87,7 +93,9 @@ export type UserCommand =
   | { kind: 'sync'; deviceId: string; connectionId: string; after: number; at: number }
   | { kind: 'device-registered'; deviceId: string; pushToken: string; platform: string | null }
   | { kind: 'device-removed'; deviceId: string; pushToken: string | null }
-  | { kind: 'prune'; now: number; retentionMs: number };
+  | { kind: 'prune'; now: number; retentionMs: number }
+  /** Send live sessions on live gateways what they missed (their gateway was silent). */
+  | { kind: 'catch-up' };
 
 export interface Target {
   deviceId: string;
@@ -105,7 +113,8 @@ export type UserEvent =
     }
   | { type: 'session-closed'; connectionId: string }
   | { type: 'sync-pending'; connectionId: string; deviceId: string; after: number }
-  | { type: 'session-live'; connectionId: string }
+  /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
+  | { type: 'session-live'; connectionId: string; sentUpTo: number }
   | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
   | { type: 'acked'; deviceId: string; upTo: number }
   | { type: 'receipted'; upTo: number }
@@ -132,6 +141,39 @@ function messageOf(entry: InboxEntry) {
   return name === 'chat.v1.MessageCopy' ? value : undefined;
 }
 
+/**
+ * Live sessions on live gateways that were not sent every entry up to `upTo` (and whose device
+ * has not acked them either), with the seq their catch-up starts above.
+ */
+export function sessionsBehind(
+  meta: UserMeta,
+  liveGateways: ReadonlySet<string>,
+  upTo = meta.nextSeq - 1,
+): Array<{ connectionId: string; session: Session; after: number }> {
+  const behind = [];
+  for (const [connectionId, session] of Object.entries(meta.sessions)) {
+    if (!session.live || session.sentUpTo === undefined) continue;
+    if (!liveGateways.has(session.gatewayId)) continue;
+    const after = Math.max(session.sentUpTo, meta.devices[session.deviceId]?.ack ?? 0);
+    if (after < upTo) behind.push({ connectionId, session, after });
+  }
+  return behind;
+}
+
+/** What a session that fell behind missed, as one delivery, in seq order. */
+function catchUp(
+  behind: { connectionId: string; session: Session; after: number },
+  entries: InboxEntry[],
+): UserEvent {
+  const { connectionId, session, after } = behind;
+  return {
+    type: 'delivered',
+    gatewayId: session.gatewayId,
+    targets: [{ deviceId: session.deviceId, connectionId }],
+    entries: entries.filter((e) => e.seq > after),
+  };
+}
+
 /** Live sessions on live gateways, grouped by gateway. */
 function liveTargets(view: UserView, only?: (s: Session, connectionId: string) => boolean) {
   const byGateway = new Map<string, Target[]>();
@@ -145,7 +187,10 @@ function liveTargets(view: UserView, only?: (s: Session, connectionId: string) =
   return byGateway;
 }
 
-/** The replay of a sync: every kept entry above `after` (or the device's ack), to one session. */
+/**
+ * The replay of a sync: every kept entry above `after` (or the device's ack), to one session.
+ * Sent whether or not the gateway counts as live: the sync itself just came through it.
+ */
 function replay(
   view: UserView,
   connectionId: string,
@@ -155,7 +200,7 @@ function replay(
   const from = after === FROM_ACK ? (view.meta.devices[session.deviceId]?.ack ?? 0) : after;
   const entries = view.entries.filter((e) => e.seq > from);
   const events: UserEvent[] = [];
-  if (entries.length > 0 && view.liveGateways.has(session.gatewayId)) {
+  if (entries.length > 0) {
     events.push({
       type: 'delivered',
       gatewayId: session.gatewayId,
@@ -163,7 +208,7 @@ function replay(
       entries,
     });
   }
-  if (!session.live) events.push({ type: 'session-live', connectionId });
+  events.push({ type: 'session-live', connectionId, sentUpTo: view.meta.nextSeq - 1 });
   return events;
 }
 
@@ -176,6 +221,7 @@ function replay(
 export function entriesNeeded(
   command: UserCommand,
   meta: UserMeta,
+  liveGateways: ReadonlySet<string>,
 ): { from: number; to: number } | undefined {
   const replayFrom = (deviceId: string, after: number) =>
     (after === FROM_ACK ? (meta.devices[deviceId]?.ack ?? 0) : after) + 1;
@@ -195,6 +241,12 @@ export function entriesNeeded(
     }
     case 'prune':
       return upToEnd(meta.firstKept);
+    case 'append':
+    case 'catch-up': {
+      // What sessions that fell behind missed; nothing when none did (the usual case).
+      const behind = sessionsBehind(meta, liveGateways);
+      return behind.length === 0 ? undefined : upToEnd(Math.min(...behind.map((b) => b.after)) + 1);
+    }
     default:
       return undefined;
   }
@@ -251,9 +303,13 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         entry: command.entry,
       };
       const events: UserEvent[] = [{ type: 'entry-appended', entry, dedupKey: command.dedupKey }];
-      const targets = liveTargets(view);
+      // A session that missed entries gets them first, with this one: it never sees a gap.
+      const behind = sessionsBehind(meta, view.liveGateways);
+      const lagging = new Set(behind.map((b) => b.connectionId));
+      const targets = liveTargets(view, (s, connectionId) => s.live && !lagging.has(connectionId));
       for (const [gatewayId, list] of targets)
         events.push({ type: 'delivered', gatewayId, targets: list, entries: [entry] });
+      for (const b of behind) events.push(catchUp(b, [...view.entries, entry]));
       const message = messageOf(entry);
       const online = Object.values(meta.sessions).some((s) => view.liveGateways.has(s.gatewayId));
       const pushDevices = Object.entries(meta.push);
@@ -377,6 +433,9 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       return [{ type: 'push-removed', deviceId: command.deviceId }];
     }
 
+    case 'catch-up':
+      return sessionsBehind(meta, view.liveGateways).map((b) => catchUp(b, view.entries));
+
     case 'prune': {
       // Kept until every device that ever connected acked it, or until it is too old. Both
       // rules remove a prefix of the inbox: acks are cumulative and seq follows time.
@@ -417,10 +476,23 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     case 'session-live': {
       const session = meta.sessions[event.connectionId];
       if (!session) return meta;
+      const sentUpTo = Math.max(session.sentUpTo ?? 0, event.sentUpTo);
       return {
         ...meta,
-        sessions: { ...meta.sessions, [event.connectionId]: { ...session, live: true } },
+        sessions: { ...meta.sessions, [event.connectionId]: { ...session, live: true, sentUpTo } },
       };
+    }
+    case 'delivered': {
+      // Entries go out in seq order: the last one sent is how far the session has them.
+      const upTo = event.entries[event.entries.length - 1]?.seq;
+      if (upTo === undefined) return meta;
+      let sessions = meta.sessions;
+      for (const { connectionId } of event.targets) {
+        const session = sessions[connectionId];
+        if (session?.live && (session.sentUpTo ?? 0) < upTo)
+          sessions = { ...sessions, [connectionId]: { ...session, sentUpTo: upTo } };
+      }
+      return sessions === meta.sessions ? meta : { ...meta, sessions };
     }
     case 'session-closed': {
       const { [event.connectionId]: _session, ...sessions } = meta.sessions;

@@ -32,6 +32,7 @@ import {
   entriesNeeded,
   evolve,
   newUserMeta,
+  sessionsBehind,
   type UserCommand,
   type UserEvent,
   type UserMeta,
@@ -41,6 +42,8 @@ export const USERS_APPLICATION = 'users';
 /** PROTOCOL's INBOX_RETENTION: 30 days. */
 export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
 const PRUNE_INTERVAL_MS = 60_000;
+/** How often the actor looks for gateways heard again, whose sessions may have missed entries. */
+const CATCH_UP_INTERVAL_MS = 1_000;
 
 export interface UsersCodecs {
   connections: TopicCodec<ConnectionEvent>;
@@ -58,6 +61,8 @@ export interface UsersOptions {
   liveGateways(): ReadonlySet<string>;
   retentionMs?: number;
   now?: () => number;
+  /** Told how many sessions a catch-up sent what they missed (for metrics and logs). */
+  onCatchUp?(sessions: number): void;
 }
 
 type Input =
@@ -144,6 +149,8 @@ class InboxProcessor implements Processor<Input, unknown> {
   private metas!: KeyValueStore<UserMeta>;
   private entries!: KeyValueStore<InboxEntry>;
   private dedup!: KeyValueStore<{ seq: number; at: number }>;
+  /** The live gateways at the last catch-up tick (undefined before the first). */
+  private liveBefore: ReadonlySet<string> | undefined;
 
   constructor(private readonly options: UsersOptions) {}
 
@@ -153,6 +160,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.entries = context.getStateStore('inbox');
     this.dedup = context.getStateStore('dedup');
     context.schedule(PRUNE_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.prune(now));
+    context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', () => this.catchUp());
   }
 
   async process(record: Record<Input>): Promise<void> {
@@ -162,8 +170,9 @@ class InboxProcessor implements Processor<Input, unknown> {
 
   private async handle(userId: string, command: UserCommand): Promise<void> {
     const meta = (await this.metas.get(userId)) ?? newUserMeta();
+    const liveGateways = this.options.liveGateways();
     let entries: InboxEntry[] = [];
-    const needed = entriesNeeded(command, meta);
+    const needed = entriesNeeded(command, meta, liveGateways);
     if (needed) {
       const range = await this.entries.range(
         seqKey(userId, needed.from),
@@ -183,7 +192,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       meta,
       entries,
       duplicate,
-      liveGateways: this.options.liveGateways(),
+      liveGateways,
     });
     let next = meta;
     for (const event of events) {
@@ -261,6 +270,27 @@ class InboxProcessor implements Processor<Input, unknown> {
       { key, value: { value, gatewayId }, timestamp: this.options.now?.() ?? Date.now() },
       child,
     );
+  }
+
+  /**
+   * Sessions on a gateway that counted as silent (its heartbeats held up, say by a broker
+   * restart) got no live deliveries meanwhile. Once a gateway is heard again, each of its live
+   * sessions that fell behind gets what it missed. The first tick of a task looks at every user:
+   * a restart may have happened while a gateway was silent.
+   */
+  private async catchUp(): Promise<void> {
+    const live = this.options.liveGateways();
+    const heardAgain = [...live].some((gatewayId) => !this.liveBefore?.has(gatewayId));
+    this.liveBefore = live;
+    if (!heardAgain) return;
+    let sessions = 0;
+    for (const [userId, meta] of await this.metas.all()) {
+      const behind = sessionsBehind(meta, live).length;
+      if (behind === 0) continue;
+      await this.handle(userId, { kind: 'catch-up' });
+      sessions += behind;
+    }
+    if (sessions > 0) this.options.onCatchUp?.(sessions);
   }
 
   /** Drops acknowledged and expired entries, and dedup keys past retention. */

@@ -29,6 +29,7 @@ describe('users actor on the runtime (embedded log)', function () {
   let codecs: Awaited<ReturnType<typeof bootstrap>>;
   let deliveries: TopicCodec<Delivery>;
   const T = Date.now();
+  let liveGateways = new Set(['gw1']);
 
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'kchat-users-'));
@@ -52,7 +53,7 @@ describe('users actor on the runtime (embedded log)', function () {
           push: codecs[topics.push],
           inboxEntries: codecs[topics.inboxEntries],
         },
-        liveGateways: () => new Set(['gw1']),
+        liveGateways: () => liveGateways,
       }),
       { applicationId: USERS_APPLICATION, log, stateDb, commitIntervalMs: 20 },
     );
@@ -90,6 +91,12 @@ describe('users actor on the runtime (embedded log)', function () {
     return values;
   }
 
+  const seqsDelivered = async (userId: string) =>
+    (await readAll(deliveriesTopic('gw1'), deliveries))
+      .filter((d) => d.userId === userId)
+      .map((d) => branchOf(d.frame))
+      .flatMap((f) => (f.name === 'chat.v1.InboxEntry' ? [f.value.seq] : []));
+
   const copy = (owner: string, messageId: string): InboxCommand => ({
     userId: owner,
     entry: {
@@ -123,11 +130,7 @@ describe('users actor on the runtime (embedded log)', function () {
     await produce(topics.messages, 'bob', copy('bob', 'm2'));
     await produce(topics.messages, 'bob', copy('bob', 'm1')); // a retried send
 
-    const bobDeliveries = async () =>
-      (await readAll(deliveriesTopic('gw1'), deliveries))
-        .filter((d) => d.userId === 'bob')
-        .map((d) => branchOf(d.frame))
-        .flatMap((f) => (f.name === 'chat.v1.InboxEntry' ? [f.value.seq] : []));
+    const bobDeliveries = () => seqsDelivered('bob');
     await eventually(
       async () => (await bobDeliveries()).length >= 2,
       20_000,
@@ -164,5 +167,38 @@ describe('users actor on the runtime (embedded log)', function () {
         ['m2', 'bob', 'delivered'],
       ],
     );
+  });
+
+  it('sends a session what it missed while its gateway counted as silent, once the gateway is heard again', async () => {
+    await produce(topics.connections, 'carol', {
+      userId: 'carol',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c7',
+      state: 'CONNECTED',
+      at: T,
+    });
+    await produce(topics.userCommands, 'carol', {
+      userId: 'carol',
+      at: T,
+      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId: 'c7', after: FROM_ACK } },
+    });
+    await produce(topics.messages, 'carol', copy('carol', 'm1'));
+    await eventually(async () => (await seqsDelivered('carol')).length === 1, 20_000, 'm1');
+
+    liveGateways = new Set(); // gw1's heartbeats held up
+    await produce(topics.messages, 'carol', copy('carol', 'm2'));
+    await produce(topics.messages, 'carol', copy('carol', 'm3'));
+    const carolEntries = async () =>
+      (await readAll(topics.inboxEntries, codecs[topics.inboxEntries])).filter(
+        (e) => e.userId === 'carol',
+      ).length;
+    await eventually(async () => (await carolEntries()) === 3, 20_000, 'm2 and m3 appended');
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // a catch-up tick while silent
+    assert.deepEqual(await seqsDelivered('carol'), [1], 'nothing sent to a silent gateway');
+
+    liveGateways = new Set(['gw1']);
+    await eventually(async () => (await seqsDelivered('carol')).length === 3, 20_000, 'catch-up');
+    assert.deepEqual(await seqsDelivered('carol'), [1, 2, 3]);
   });
 });

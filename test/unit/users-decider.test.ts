@@ -57,11 +57,14 @@ class Inbox {
   dedup = new Set<string>();
   liveGateways = new Set(['gw1', 'gw2']);
   sent: UserEvent[] = [];
+  /** How many appends asked for kept entries. */
+  entriesLoaded = 0;
 
   run(command: UserCommand): UserEvent[] {
     const duplicate = command.kind === 'append' && this.dedup.has(command.dedupKey);
     // Only what the processor would load: the range entriesNeeded names, or a read's one entry.
-    const needed = entriesNeeded(command, this.meta);
+    const needed = entriesNeeded(command, this.meta, this.liveGateways);
+    if (needed && command.kind === 'append') this.entriesLoaded++;
     const entries = needed
       ? this.entries.filter((e) => e.seq >= needed.from && e.seq < needed.to)
       : command.kind === 'read'
@@ -387,6 +390,78 @@ describe('users actor: scenarios', () => {
     assert.equal(inbox.meta.firstKept, 3);
     inbox.append('m4');
     assert.equal(inbox.entries.at(-1)?.seq, 4, 'numbering goes on after a prune');
+  });
+
+  describe('a gateway that counted as silent', () => {
+    /** An inbox with m1 and a phone live on gw1 that has been sent m1. */
+    const connectedOnGw1 = () => {
+      const inbox = new Inbox();
+      inbox.append('m1');
+      inbox.run({
+        kind: 'connected',
+        deviceId: 'phone',
+        gatewayId: 'gw1',
+        connectionId: 'c1',
+        at: T,
+      });
+      inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+      return inbox;
+    };
+
+    it('sends its live sessions what they missed once it is heard again, in order, once', () => {
+      const inbox = connectedOnGw1();
+      inbox.liveGateways = new Set(['gw2']); // gw1's heartbeats held up
+      inbox.append('m2');
+      inbox.append('m3');
+      assert.deepEqual(inbox.run({ kind: 'catch-up' }), [], 'gw1 still silent: nothing to send');
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
+      inbox.liveGateways = new Set(['gw1', 'gw2']);
+      inbox.run({ kind: 'catch-up' });
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3]);
+      assert.deepEqual(inbox.run({ kind: 'catch-up' }), [], 'a second catch-up sends nothing');
+      inbox.append('m4');
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3, 4]);
+    });
+
+    it('or with the next entry, when that comes first: the session never sees a gap', () => {
+      const inbox = connectedOnGw1();
+      inbox.liveGateways = new Set(['gw2']);
+      inbox.append('m2');
+      inbox.liveGateways = new Set(['gw1', 'gw2']);
+      const events = inbox.append('m3');
+      const delivered = events.filter((e) => e.type === 'delivered');
+      assert.deepEqual(
+        delivered.map((e) => e.type === 'delivered' && e.entries.map((x) => x.seq)),
+        [[2, 3]],
+      );
+      assert.equal(inbox.entriesLoaded, 1, 'an append loads entries only for a session behind');
+    });
+
+    it('does not send again what the device acked meanwhile', () => {
+      const inbox = connectedOnGw1();
+      inbox.liveGateways = new Set(['gw2']);
+      inbox.append('m2');
+      inbox.append('m3');
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2, at: T }); // from another connection
+      inbox.liveGateways = new Set(['gw1', 'gw2']);
+      inbox.run({ kind: 'catch-up' });
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 3]);
+    });
+
+    it('still answers a sync that came through it', () => {
+      const inbox = new Inbox();
+      inbox.append('m1');
+      inbox.liveGateways = new Set(['gw2']);
+      inbox.run({
+        kind: 'connected',
+        deviceId: 'phone',
+        gatewayId: 'gw1',
+        connectionId: 'c1',
+        at: T,
+      });
+      inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
+    });
   });
 
   it('asks for a push on every registered device when no device is online', () => {
