@@ -4,7 +4,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer } from 'node:net';
@@ -104,7 +104,7 @@ export class KafkaDeployment {
         JWT_SECRET: this.secret,
         KAFKA_BROKERS: process.env.KAFKA_BROKERS!,
         SCHEMA_REGISTRY_URL: process.env.SCHEMA_REGISTRY_URL!,
-        LOG_LEVEL: 'warn',
+        LOG_LEVEL: process.env.TEST_LOG_LEVEL ?? 'warn',
         ...env,
       },
       120_000,
@@ -116,6 +116,13 @@ export class KafkaDeployment {
 
   async stopAll(): Promise<void> {
     for (const started of this.processes.values()) await started.stop().catch(() => undefined);
+    // TEST_LOG_DIR keeps every process's whole output, for a run that needs reading afterwards.
+    const logDir = process.env.TEST_LOG_DIR;
+    if (logDir) {
+      await mkdir(logDir, { recursive: true });
+      for (const [name, started] of this.processes)
+        await writeFile(join(logDir, `${name}-${this.run}.log`), started.output());
+    }
     for (const dir of this.dirs) await rm(dir, { recursive: true, force: true });
   }
 }
