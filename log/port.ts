@@ -68,7 +68,10 @@ export interface PartitionWatermarks {
   partition: number;
   /** The first offset still held (after retention or compaction). */
   low: number;
-  /** The offset the next committed record will get. */
+  /**
+   * The end of what a reader sees: on Kafka the last stable offset, which passes a committed
+   * transaction's records once its markers are written, moments after commit() returns.
+   */
   high: number;
 }
 
@@ -120,7 +123,12 @@ export interface Transaction {
 
 export interface ConsumerOptions {
   groupId: string;
-  /** Where a partition with no committed offset starts: 'earliest' (default) or 'latest'. */
+  /**
+   * Where a partition with no committed offset starts: 'earliest' (default) or 'latest'. With
+   * 'latest' a consumer that commits nothing still skips nothing once it has started: a
+   * partition that stays with it through a rebalance, or a restart of the consumer after a
+   * failure, goes on from where it was.
+   */
   startFrom?: 'earliest' | 'latest';
   /** Upper bound of records handed to one eachBatch call. */
   maxBatchSize?: number;
