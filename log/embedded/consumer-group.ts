@@ -219,6 +219,8 @@ export class EmbeddedConsumer implements Consumer {
     const partitions = this.pendingAssignment!;
     this.pendingAssignment = undefined;
     this.assigned = partitions;
+    // Starting from the end, a partition kept through the rebalance goes on from where it was.
+    const kept = this.options.startFrom === 'latest' ? new Map(this.positions) : new Map();
     this.positions.clear();
     for (const tp of partitions) {
       const committed = await this.store.committedOffset(
@@ -230,7 +232,7 @@ export class EmbeddedConsumer implements Consumer {
         committed >= 0
           ? committed
           : this.options.startFrom === 'latest'
-            ? this.store.end(tp.topic, tp.partition)
+            ? (kept.get(`${tp.topic}/${tp.partition}`) ?? this.store.end(tp.topic, tp.partition))
             : await this.store.lowWatermark(tp.topic, tp.partition);
       this.positions.set(`${tp.topic}/${tp.partition}`, start);
     }

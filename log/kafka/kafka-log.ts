@@ -6,6 +6,7 @@
 import kafkajs, {
   type Admin,
   type Consumer as KafkaConsumer,
+  type ConsumerRunConfig,
   type EachBatchPayload,
   type IHeaders,
   type KafkaMessage,
@@ -210,8 +211,12 @@ export class KafkaLog implements Log {
   }
 
   consumer(options: ConsumerOptions): Consumer {
-    const consumer = new KafkaLogConsumer(this.kafka, options, () =>
-      this.consumers.delete(consumer),
+    const consumer = new KafkaLogConsumer(
+      this.kafka,
+      options,
+      () => this.consumers.delete(consumer),
+      this.options.logger ?? silentLogger,
+      this.admin,
     );
     this.consumers.add(consumer);
     return consumer;
@@ -497,11 +502,26 @@ class KafkaLogConsumer implements Consumer {
   private assignmentHandled: Promise<void> = Promise.resolve();
   private running = false;
   private closed = false;
+  /** What run() gave kafkajs: given again when the consumer starts over after a crash. */
+  private runConfig: ConsumerRunConfig | undefined;
+  /**
+   * Starting from the end: the next offset to hand per "topic/partition", so that a partition
+   * kept through a rebalance or a restart goes on from there instead of from the end again
+   * (kafkajs starts every newly joined generation at committed offsets or the end).
+   */
+  private readonly positions = new Map<string, number>();
+  /** Bumped by seek, so that a batch in flight does not move a position that was just set. */
+  private readonly seeks = new Map<string, number>();
+  /** Restarts since the last batch handled, for the backoff. */
+  private restarts = 0;
+  private restartTimer: NodeJS.Timeout | undefined;
 
   constructor(
     kafka: Kafka,
     private readonly options: ConsumerOptions,
     private readonly onClose: () => void,
+    private readonly logger: Logger,
+    private readonly admin: LogAdmin,
   ) {
     this.consumer = kafka.consumer({
       groupId: options.groupId,
@@ -541,19 +561,32 @@ class KafkaLogConsumer implements Consumer {
       this.assigned = assignment;
       const previous = this.assignmentHandled;
       this.assignmentHandled = previous
+        .then(() => this.placePositions(assignment))
         .then(() => handlers.onAssignment?.(assignment))
-        .catch(() => undefined);
+        .catch((error: unknown) =>
+          this.logger.error(
+            { err: error, groupId: this.options.groupId },
+            'handling an assignment failed',
+          ),
+        );
     });
-    await this.consumer.run({
+    this.consumer.on(this.consumer.events.CRASH, ({ payload }) => {
+      if (!payload.restart && !this.closed) this.startOver(payload.error);
+    });
+    this.runConfig = {
       autoCommit: false,
       eachBatchAutoResolve: true,
-      eachBatch: async ({ batch, heartbeat }: EachBatchPayload) => {
+      eachBatch: async ({ batch, heartbeat, isStale }: EachBatchPayload) => {
         // Opening tasks (restoring their stores) and a long commit both hold a batch; kafkajs
         // heartbeats only between batches, and a member silent for the session timeout is
         // evicted, which starts another rebalance. Keep beating while waiting.
         await whileBeating(this.assignmentHandled, heartbeat);
+        // Fetched before a seek made while it waited: kafkajs reads again from the seek.
+        if (isStale()) return;
         if (batch.messages.length === 0) return;
         const records = batch.messages.map((m) => toRecord(batch.topic, batch.partition, m));
+        const id = `${batch.topic}/${batch.partition}`;
+        const seeksBefore = this.seeks.get(id) ?? 0;
         await whileBeating(
           handlers.eachBatch({
             topic: batch.topic,
@@ -563,12 +596,65 @@ class KafkaLogConsumer implements Consumer {
           }),
           heartbeat,
         );
+        if (this.options.startFrom === 'latest' && (this.seeks.get(id) ?? 0) === seeksBefore)
+          this.positions.set(id, records[records.length - 1]!.offset + 1);
+        this.restarts = 0;
       },
-    });
+    };
+    await this.consumer.run(this.runConfig);
+  }
+
+  /**
+   * kafkajs stops a consumer for good when it takes a crash's cause for final: a TypeError or
+   * RangeError thrown by a handler, an error marked not retriable. The port promises the batch
+   * again after a pause, so the consumer starts over (backing off up to 30 s): it joins the
+   * group again and reads on from the committed offsets.
+   */
+  private startOver(cause: Error): void {
+    const delay = Math.min(500 * 2 ** this.restarts, 30_000);
+    this.restarts++;
+    this.logger.error(
+      { err: cause, groupId: this.options.groupId, inMs: delay },
+      'consumer stopped by kafkajs; starting it over',
+    );
+    this.restartTimer = setTimeout(() => {
+      if (this.closed) return;
+      this.consumer
+        .connect()
+        .then(() => this.consumer.run(this.runConfig))
+        .catch((error: unknown) => this.startOver(error as Error));
+    }, delay);
   }
 
   seek(to: TopicPartitionOffset): void {
     this.consumer.seek({ topic: to.topic, partition: to.partition, offset: String(to.offset) });
+    const id = `${to.topic}/${to.partition}`;
+    this.seeks.set(id, (this.seeks.get(id) ?? 0) + 1);
+    if (this.options.startFrom === 'latest') this.positions.set(id, to.offset);
+  }
+
+  /**
+   * Starting from the end: a partition new to this member starts at the end it has when
+   * assigned; one it keeps (through a rebalance or a restart) goes on from its position; one it
+   * lost is forgotten (whoever has it now starts it afresh).
+   */
+  private async placePositions(assignment: TopicPartition[]): Promise<void> {
+    if (this.options.startFrom !== 'latest') return;
+    const id = (tp: TopicPartition) => `${tp.topic}/${tp.partition}`;
+    const assigned = new Set(assignment.map(id));
+    for (const known of [...this.positions.keys()])
+      if (!assigned.has(known)) this.positions.delete(known);
+    const fresh = assignment.filter((tp) => !this.positions.has(id(tp)));
+    for (const topic of new Set(fresh.map((tp) => tp.topic))) {
+      for (const mark of await this.admin.watermarks(topic))
+        if (assigned.has(id({ topic, partition: mark.partition })))
+          this.positions.set(id({ topic, partition: mark.partition }), mark.high);
+    }
+    for (const tp of assignment) {
+      const position = this.positions.get(id(tp));
+      if (position !== undefined)
+        this.consumer.seek({ topic: tp.topic, partition: tp.partition, offset: String(position) });
+    }
   }
 
   async commit(offsets: TopicPartitionOffset[]): Promise<void> {
@@ -584,6 +670,7 @@ class KafkaLogConsumer implements Consumer {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    clearTimeout(this.restartTimer);
     await this.consumer.disconnect();
     this.assigned = [];
     this.onClose();

@@ -45,9 +45,16 @@ export class GlobalTable<V> {
     });
     this.consumer = consumer;
     await consumer.subscribe([this.topic]);
+    // Each partition starts where the load ended; after that, the consumer keeps its place
+    // through rebalances and restarts (the log port's promise for 'latest').
+    const started = new Set<number>();
     await consumer.run({
       onAssignment: (assignment) => {
-        for (const tp of assignment) consumer.seek({ ...tp, offset: ends.get(tp.partition) ?? 0 });
+        for (const tp of assignment) {
+          if (started.has(tp.partition)) continue;
+          started.add(tp.partition);
+          consumer.seek({ ...tp, offset: ends.get(tp.partition) ?? 0 });
+        }
       },
       eachBatch: async (batch) => {
         for (const record of batch.records) await this.apply(record.key, record.value);
