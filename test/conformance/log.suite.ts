@@ -4,7 +4,7 @@
  * `test/kafka/log.kafka.test.ts` on Apache Kafka.
  */
 import assert from 'node:assert/strict';
-import type { Log } from '../../log/port.ts';
+import type { Log, LogRecord, TopicPartition } from '../../log/port.ts';
 import { ProducerFencedError } from '../../log/errors.ts';
 import { partitionFor } from '../../log/partitioner.ts';
 import { collect, eventually, text, uniqueName } from '../support/log-helpers.ts';
@@ -181,6 +181,75 @@ export function logConformance(
       await producer.close();
       const last = a.assignments[a.assignments.length - 1]!;
       assert.equal(last.length, 8);
+    });
+
+    it('keeps the place of a consumer starting from the end through a rebalance: what it keeps, it reads on without a gap', async () => {
+      const topic = uniqueName('latest');
+      const group = uniqueName('g');
+      await log.admin.createTopics([{ topic, partitions: 2 }]);
+      const producer = await log.producer();
+      const produce = (tag: string) =>
+        producer.send(
+          [0, 1].map((p) => ({ topic, key: null, value: Buffer.from(`${tag}${p}`), partition: p })),
+        );
+      let gate: Promise<void> | undefined;
+      let release!: () => void;
+      const member = async (received: LogRecord[], assignments: TopicPartition[][]) => {
+        const consumer = log.consumer({ groupId: group, startFrom: 'latest' });
+        await consumer.subscribe([topic]);
+        const started = consumer.run({
+          onAssignment: (assignment) => void assignments.push(assignment),
+          eachBatch: async (batch) => {
+            if (gate && received === a) await gate;
+            received.push(...batch.records);
+          },
+        });
+        return { consumer, started };
+      };
+      const a: LogRecord[] = [];
+      const aAssignments: TopicPartition[][] = [];
+      const first = await member(a, aAssignments);
+      await first.started;
+      await eventually(() => aAssignments.at(-1)?.length === 2, settleMs + 20000, 'a assigned');
+      await produce('a');
+      await eventually(() => a.length === 2, settleMs + 20000, 'a0 and a1');
+
+      // a is held in a batch while c0 and c1 are written and b joins: a rebalance it takes part
+      // in once the batch ends, before it reads c0 or c1.
+      gate = new Promise((resolve) => (release = resolve));
+      await produce('b');
+      await new Promise((r) => setTimeout(r, 500));
+      await produce('c');
+      const b: LogRecord[] = [];
+      const bAssignments: TopicPartition[][] = [];
+      const second = await member(b, bAssignments);
+      await new Promise((r) => setTimeout(r, 1000));
+      release();
+      gate = undefined;
+      await second.started;
+      await eventually(
+        () => aAssignments.at(-1)?.length === 1 && bAssignments.at(-1)?.length === 1,
+        settleMs + 30000,
+        'one partition each',
+      );
+      await produce('d');
+      const kept = aAssignments.at(-1)![0]!.partition;
+      const moved = bAssignments.at(-1)![0]!.partition;
+      const values = (records: LogRecord[], p: number) =>
+        records.filter((r) => r.partition === p).map((r) => text(r.value));
+      await eventually(
+        () => values(a, kept).includes(`d${kept}`) && values(b, moved).includes(`d${moved}`),
+        settleMs + 20000,
+        'd0 and d1',
+      );
+      assert.deepEqual(
+        values(a, kept),
+        ['a', 'b', 'c', 'd'].map((tag) => `${tag}${kept}`),
+        'the partition a kept: nothing skipped, nothing twice',
+      );
+      await first.consumer.close();
+      await second.consumer.close();
+      await producer.close();
     });
 
     it('makes transactional records and offsets visible together on commit, and never on abort', async () => {
