@@ -201,6 +201,10 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
     (g) => g.set(liveGateways().size),
   );
 
+  const closedStale = metrics.counter(
+    'kchat_users_stale_sessions_closed_total',
+    'Sessions closed because their gateway restarted under the same id without them',
+  );
   const caughtUp = metrics.counter(
     'kchat_users_catch_up_sessions_total',
     'Sessions sent the entries they missed while their gateway counted as silent',
@@ -219,6 +223,11 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
         inboxEntries: codecs[topics.inboxEntries],
       },
       liveGateways,
+      gatewayStartedAt: (gatewayId) => gateways.get(gatewayId)?.startedAt || undefined,
+      onStaleSessions: (sessions) => {
+        closedStale.inc(sessions);
+        logger.info({ sessions }, 'closed sessions of an earlier run of their gateway');
+      },
       onCatchUp: (sessions) => {
         caughtUp.inc(sessions);
         logger.info({ sessions }, 'sent sessions what they missed while their gateway was silent');

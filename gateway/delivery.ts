@@ -5,7 +5,8 @@
  *
  * It starts at the end of the topic and commits nothing: a delivery is for a connection of
  * this run, and connections do not survive a restart (their devices get the entries again
- * after `ready`, from the inbox).
+ * after `ready`, from the inbox). Within a run it skips nothing: through a rebalance (a broker
+ * restart makes one) the log port keeps its place.
  */
 import type { Batch, Consumer, Log } from '../log/port.ts';
 import { DecodeError, type TopicCodec } from '../schemas/codec.ts';

@@ -2,7 +2,9 @@
  * The gateway's heartbeat: a GatewayHeartbeat keyed by gatewayId on the compacted
  * `chat.gateways`, every HEARTBEAT_INTERVAL_MS. The users actor reads it as a global table:
  * the sessions of a gateway silent for 15 s count as offline. On a clean stop the gateway
- * deletes its key (a tombstone): it is gone, not silent.
+ * deletes its key (a tombstone): it is gone, not silent. Each heartbeat says when this run
+ * started: a gateway that crashed and came back under the same id has none of the connections
+ * the users actor still holds for it from before, and the actor closes those sessions.
  */
 import type { Producer } from '../log/port.ts';
 import type { TopicCodec } from '../schemas/codec.ts';
@@ -15,6 +17,8 @@ export class Heartbeat {
   private timer: NodeJS.Timeout | undefined;
   private inFlight: Promise<void> | undefined;
   private readonly key: Buffer;
+  /** Before any connection of this run: the users actor drops sessions older than this. */
+  private readonly startedAt: number;
 
   constructor(
     private readonly gatewayId: string,
@@ -26,6 +30,7 @@ export class Heartbeat {
     private readonly instruments: GatewayInstruments,
   ) {
     this.key = Buffer.from(gatewayId, 'utf8');
+    this.startedAt = now();
   }
 
   /** Writes the first heartbeat (awaited: a log that refuses it fails the start), then beats. */
@@ -59,7 +64,11 @@ export class Heartbeat {
   }
 
   private record() {
-    const value: GatewayHeartbeat = { gatewayId: this.gatewayId, at: this.now() };
+    const value: GatewayHeartbeat = {
+      gatewayId: this.gatewayId,
+      at: this.now(),
+      startedAt: this.startedAt,
+    };
     return { topic: topics.gateways, key: this.key, value: this.codec.encode(value) };
   }
 }

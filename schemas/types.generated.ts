@@ -599,6 +599,13 @@ export interface GatewayHeartbeat {
    * Milliseconds since the Unix epoch (Avro long, timestamp-millis).
    */
   at: number;
+  /**
+   * When this run of the gateway started: sessions it recorded as connected before then
+   * belong to an earlier run of the same gatewayId, and are gone (0: not told).
+   *
+   * Milliseconds since the Unix epoch (Avro long, timestamp-millis).
+   */
+  startedAt: number;
 }
 
 /**

@@ -32,6 +32,8 @@ export interface Session {
    * (Absent in sessions stored before it was kept: taken as having everything.)
    */
   sentUpTo?: number;
+  /** When the gateway recorded the connection (absent in sessions stored before it was kept). */
+  connectedAt?: number;
 }
 
 export interface UserMeta {
@@ -110,6 +112,7 @@ export type UserEvent =
       deviceId: string;
       gatewayId: string;
       live: boolean;
+      connectedAt: number;
     }
   | { type: 'session-closed'; connectionId: string }
   | { type: 'sync-pending'; connectionId: string; deviceId: string; after: number }
@@ -261,11 +264,15 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         deviceId: command.deviceId,
         gatewayId: command.gatewayId,
         live: false,
+        connectedAt: command.at,
       };
       const opened: UserEvent = {
         type: 'session-opened',
         connectionId: command.connectionId,
-        ...session,
+        deviceId: session.deviceId,
+        gatewayId: session.gatewayId,
+        live: false,
+        connectedAt: command.at,
       };
       const pending = meta.pendingSyncs[command.connectionId];
       return pending
@@ -469,6 +476,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
             deviceId: event.deviceId,
             gatewayId: event.gatewayId,
             live: event.live,
+            connectedAt: event.connectedAt,
           },
         },
       };

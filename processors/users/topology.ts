@@ -59,10 +59,14 @@ export interface UsersOptions {
   codecs: UsersCodecs;
   /** Gateways heard from lately (the chat.gateways global table). */
   liveGateways(): ReadonlySet<string>;
+  /** When the current run of a gateway started, as its heartbeats say (undefined: not told). */
+  gatewayStartedAt?(gatewayId: string): number | undefined;
   retentionMs?: number;
   now?: () => number;
   /** Told how many sessions a catch-up sent what they missed (for metrics and logs). */
   onCatchUp?(sessions: number): void;
+  /** Told how many sessions of an earlier run of their gateway were closed. */
+  onStaleSessions?(sessions: number): void;
 }
 
 type Input =
@@ -149,8 +153,10 @@ class InboxProcessor implements Processor<Input, unknown> {
   private metas!: KeyValueStore<UserMeta>;
   private entries!: KeyValueStore<InboxEntry>;
   private dedup!: KeyValueStore<{ seq: number; at: number }>;
-  /** The live gateways at the last catch-up tick (undefined before the first). */
+  /** The live gateways at the last tick of watchGateways (undefined before the first). */
   private liveBefore: ReadonlySet<string> | undefined;
+  /** When each live gateway's run started, at the last tick. */
+  private startsBefore = new Map<string, number | undefined>();
 
   constructor(private readonly options: UsersOptions) {}
 
@@ -160,7 +166,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.entries = context.getStateStore('inbox');
     this.dedup = context.getStateStore('dedup');
     context.schedule(PRUNE_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.prune(now));
-    context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', () => this.catchUp());
+    context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.watchGateways(now));
   }
 
   async process(record: Record<Input>): Promise<void> {
@@ -273,24 +279,50 @@ class InboxProcessor implements Processor<Input, unknown> {
   }
 
   /**
-   * Sessions on a gateway that counted as silent (its heartbeats held up, say by a broker
-   * restart) got no live deliveries meanwhile. Once a gateway is heard again, each of its live
-   * sessions that fell behind gets what it missed. The first tick of a task looks at every user:
-   * a restart may have happened while a gateway was silent.
+   * Looks at every user's sessions when a gateway is heard again or has started a new run:
+   *
+   * - A gateway that crashed and came back under the same id holds none of the connections it
+   *   had: their sessions are closed, as a DISCONNECTED would have (else they would count as
+   *   online, and hold back push notifications).
+   * - Sessions on a gateway that counted as silent (its heartbeats held up, say by a broker
+   *   restart) got no live deliveries meanwhile: each that fell behind gets what it missed.
+   *
+   * The first tick of a task looks at every user: either may have happened while the task was
+   * elsewhere.
    */
-  private async catchUp(): Promise<void> {
+  private async watchGateways(now: number): Promise<void> {
     const live = this.options.liveGateways();
-    const heardAgain = [...live].some((gatewayId) => !this.liveBefore?.has(gatewayId));
+    const startedAt = (gatewayId: string) => this.options.gatewayStartedAt?.(gatewayId);
+    const starts = new Map([...live].map((gatewayId) => [gatewayId, startedAt(gatewayId)]));
+    const changed =
+      this.liveBefore === undefined ||
+      [...starts].some(
+        ([id, start]) => !this.liveBefore!.has(id) || this.startsBefore.get(id) !== start,
+      );
     this.liveBefore = live;
-    if (!heardAgain) return;
-    let sessions = 0;
-    for (const [userId, meta] of await this.metas.all()) {
+    this.startsBefore = starts;
+    if (!changed) return;
+    let caughtUp = 0;
+    let closed = 0;
+    for (const [userId, stored] of await this.metas.all()) {
+      let meta = stored;
+      const stale = Object.entries(meta.sessions).filter(([, session]) => {
+        const start = startedAt(session.gatewayId);
+        return (
+          start !== undefined && session.connectedAt !== undefined && session.connectedAt < start
+        );
+      });
+      for (const [connectionId] of stale)
+        await this.handle(userId, { kind: 'disconnected', connectionId, at: now });
+      if (stale.length > 0) meta = (await this.metas.get(userId)) ?? meta;
+      closed += stale.length;
       const behind = sessionsBehind(meta, live).length;
       if (behind === 0) continue;
       await this.handle(userId, { kind: 'catch-up' });
-      sessions += behind;
+      caughtUp += behind;
     }
-    if (sessions > 0) this.options.onCatchUp?.(sessions);
+    if (closed > 0) this.options.onStaleSessions?.(closed);
+    if (caughtUp > 0) this.options.onCatchUp?.(caughtUp);
   }
 
   /** Drops acknowledged and expired entries, and dedup keys past retention. */

@@ -30,6 +30,7 @@ describe('users actor on the runtime (embedded log)', function () {
   let deliveries: TopicCodec<Delivery>;
   const T = Date.now();
   let liveGateways = new Set(['gw1']);
+  const gatewayStarts = new Map<string, number>();
 
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'kchat-users-'));
@@ -54,6 +55,7 @@ describe('users actor on the runtime (embedded log)', function () {
           inboxEntries: codecs[topics.inboxEntries],
         },
         liveGateways: () => liveGateways,
+        gatewayStartedAt: (gatewayId) => gatewayStarts.get(gatewayId),
       }),
       { applicationId: USERS_APPLICATION, log, stateDb, commitIntervalMs: 20 },
     );
@@ -200,5 +202,39 @@ describe('users actor on the runtime (embedded log)', function () {
     liveGateways = new Set(['gw1']);
     await eventually(async () => (await seqsDelivered('carol')).length === 3, 20_000, 'catch-up');
     assert.deepEqual(await seqsDelivered('carol'), [1, 2, 3]);
+  });
+
+  it('closes the sessions a gateway held before it restarted under the same id: their user counts as offline', async () => {
+    await produce(topics.connections, 'erin', {
+      userId: 'erin',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c5',
+      state: 'CONNECTED',
+      at: T,
+    });
+    await produce(topics.userCommands, 'erin', {
+      userId: 'erin',
+      at: T,
+      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId: 'c5', after: FROM_ACK } },
+    });
+    await produce(topics.userCommands, 'erin', {
+      userId: 'erin',
+      at: T,
+      command: {
+        'chat.v1.DeviceRegistered': { deviceId: 'phone', pushToken: 'tok-1', platform: 'android' },
+      },
+    });
+    await produce(topics.messages, 'erin', copy('erin', 'm1'));
+    await eventually(async () => (await seqsDelivered('erin')).length === 1, 20_000, 'm1');
+    const pushesForErin = async () =>
+      (await readAll(topics.push, codecs[topics.push])).filter((p) => p.userId === 'erin');
+    assert.equal((await pushesForErin()).length, 0, 'online: no push');
+
+    gatewayStarts.set('gw1', T + 1000); // gw1 crashed and came back: c5 is gone
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // a tick of the actor
+    await produce(topics.messages, 'erin', copy('erin', 'm2'));
+    await eventually(async () => (await pushesForErin()).length === 1, 20_000, 'a push for m2');
+    assert.deepEqual(await seqsDelivered('erin'), [1], 'nothing sent to the closed session');
   });
 });

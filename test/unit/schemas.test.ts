@@ -260,7 +260,7 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
     },
   ],
   Account: [{ userId: 'alice', displayName: 'Alice', createdAt: t0 }],
-  GatewayHeartbeat: [{ gatewayId: 'gw-1', at: t0 }],
+  GatewayHeartbeat: [{ gatewayId: 'gw-1', at: t0, startedAt: t0 - 60_000 }],
   PushRequest: [
     {
       userId: 'bob',
