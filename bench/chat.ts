@@ -173,6 +173,17 @@ export async function run(args: string[]): Promise<void> {
       } | ${fmt(r.rssPerIdleKiB, 1)} KiB | ${fmt(r.serverCpuPercent)} % / ${fmt(r.loadCpuPercent)} % |`,
     );
   }
+  const work = [...results].filter(([, r]) => r.perMessage);
+  if (work.length > 0) {
+    console.log('\nServer work per delivered message, in the measured window:\n');
+    const labels = [...new Set(work.flatMap(([, r]) => Object.keys(r.perMessage!)))];
+    console.log(`| shape | ${labels.join(' | ')} |`);
+    console.log(`| --- |${labels.map(() => ' ---: |').join('')}`);
+    for (const [shape, r] of work)
+      console.log(
+        `| ${shape} | ${labels.map((l) => (l in r.perMessage! ? fmt(r.perMessage![l]!, 2) : '-')).join(' | ')} |`,
+      );
+  }
   if (profileDir) {
     for (const shape of results.keys()) {
       const dir = join(profileDir, shape);

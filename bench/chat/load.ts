@@ -48,6 +48,8 @@ export interface LoadResult {
   /** The server's CPU use in the measured window, in % of one core, and the load generator's. */
   serverCpuPercent: number;
   loadCpuPercent: number;
+  /** The server's work counters over the measured window, per delivered message (chat only). */
+  perMessage?: Record<string, number>;
 }
 
 const config = JSON.parse(process.argv[2]!) as LoadConfig;
@@ -57,6 +59,31 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const progress = (text: string) => process.stderr.write(`  [load] ${text}\n`);
 
 type Frame = { type: string; [field: string]: unknown };
+
+/** Counters of the server's /metrics that say how much work a message costs. */
+const WORK_COUNTERS = {
+  'records processed by the users actor': 'kchat_streams_records_processed_total',
+  'task commits': 'kchat_streams_commits_total',
+  'log records written': 'kchat_log_records_written',
+  'log write batches': 'kchat_log_write_batches',
+} as const;
+
+/** Each work counter's value (summed over labels); undefined for the relay or a failed scrape. */
+async function workCounters(): Promise<Record<string, number> | undefined> {
+  if (config.kind !== 'chat') return undefined;
+  const text = await fetch(`${config.url}/metrics`)
+    .then((r) => r.text())
+    .catch(() => undefined);
+  if (text === undefined) return undefined;
+  const values: Record<string, number> = {};
+  for (const [label, name] of Object.entries(WORK_COUNTERS)) {
+    const pattern = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'gm');
+    const samples = [...text.matchAll(pattern)];
+    // The log's counters exist on the embedded log only.
+    if (samples.length > 0) values[label] = samples.reduce((sum, m) => sum + Number(m[1]), 0);
+  }
+  return values;
+}
 
 /** CPU seconds (user + system) a process has used: /proc/<pid>/stat fields 14 and 15. */
 function cpuSeconds(pid: number): number {
@@ -352,11 +379,14 @@ await sleep(config.warmupS * 1000);
 progress(`measuring ${config.seconds} s: ${config.pairs} pairs, ${config.window} in flight each`);
 pairs.forEach((pair) => (measuredFrom[pair.index] = pair.next));
 phase = 'measure';
+const workBefore = await workCounters();
 measureStarted = Date.now();
 const cpuBefore = [cpuSeconds(config.serverPid), cpuSeconds(process.pid)];
 await sleep(config.seconds * 1000);
 measureEnded = Date.now();
 const cpuAfter = [cpuSeconds(config.serverPid), cpuSeconds(process.pid)];
+const workAfter = await workCounters();
+const measuredDelivered = delivered;
 const cpuPercent = (i: number) =>
   (100 * (cpuAfter[i]! - cpuBefore[i]!)) / ((measureEnded - measureStarted) / 1000);
 phase = 'drain';
@@ -383,6 +413,14 @@ const result: LoadResult = {
   serverRssMiB: rssKiB(config.serverPid) / 1024,
   serverCpuPercent: cpuPercent(0),
   loadCpuPercent: cpuPercent(1),
+  perMessage:
+    workBefore && workAfter && measuredDelivered > 0
+      ? Object.fromEntries(
+          Object.keys(workAfter)
+            .filter((label) => label in workBefore)
+            .map((label) => [label, (workAfter[label]! - workBefore[label]!) / measuredDelivered]),
+        )
+      : undefined,
 };
 for (const pair of pairs) {
   pair.out.terminate();
