@@ -113,22 +113,29 @@ describe('users actor on the runtime (embedded log)', function () {
     },
   });
 
-  it('numbers, delivers after the sync, drops a retry, and turns an ack into a receipt for the sender', async () => {
-    await produce(topics.connections, 'bob', {
-      userId: 'bob',
+  /** A phone of the user connects on gw1 as connectionId. */
+  const connect = (userId: string, connectionId: string) =>
+    produce(topics.connections, userId, {
+      userId,
       deviceId: 'phone',
       gatewayId: 'gw1',
-      connectionId: 'c1',
+      connectionId,
       state: 'CONNECTED',
       at: T,
     });
+  /** The phone on connectionId asks for everything it has not acked. */
+  const sync = (userId: string, connectionId: string) =>
+    produce(topics.userCommands, userId, {
+      userId,
+      at: T,
+      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId, after: FROM_ACK } },
+    });
+
+  it('numbers, delivers after the sync, drops a retry, and turns an ack into a receipt for the sender', async () => {
+    await connect('bob', 'c1');
     await produce(topics.messages, 'bob', copy('bob', 'm1'));
     await produce(topics.messages, 'alice', copy('alice', 'm1'));
-    await produce(topics.userCommands, 'bob', {
-      userId: 'bob',
-      at: T,
-      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId: 'c1', after: FROM_ACK } },
-    });
+    await sync('bob', 'c1');
     await produce(topics.messages, 'bob', copy('bob', 'm2'));
     await produce(topics.messages, 'bob', copy('bob', 'm1')); // a retried send
 
@@ -172,19 +179,8 @@ describe('users actor on the runtime (embedded log)', function () {
   });
 
   it('sends a session what it missed while its gateway counted as silent, once the gateway is heard again', async () => {
-    await produce(topics.connections, 'carol', {
-      userId: 'carol',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c7',
-      state: 'CONNECTED',
-      at: T,
-    });
-    await produce(topics.userCommands, 'carol', {
-      userId: 'carol',
-      at: T,
-      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId: 'c7', after: FROM_ACK } },
-    });
+    await connect('carol', 'c7');
+    await sync('carol', 'c7');
     await produce(topics.messages, 'carol', copy('carol', 'm1'));
     await eventually(async () => (await seqsDelivered('carol')).length === 1, 20_000, 'm1');
 
@@ -205,19 +201,8 @@ describe('users actor on the runtime (embedded log)', function () {
   });
 
   it('closes the sessions a gateway held before it restarted under the same id: their user counts as offline', async () => {
-    await produce(topics.connections, 'erin', {
-      userId: 'erin',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c5',
-      state: 'CONNECTED',
-      at: T,
-    });
-    await produce(topics.userCommands, 'erin', {
-      userId: 'erin',
-      at: T,
-      command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId: 'c5', after: FROM_ACK } },
-    });
+    await connect('erin', 'c5');
+    await sync('erin', 'c5');
     await produce(topics.userCommands, 'erin', {
       userId: 'erin',
       at: T,
