@@ -393,10 +393,8 @@ describe('users actor: scenarios', () => {
   });
 
   describe('a gateway that counted as silent', () => {
-    /** An inbox with m1 and a phone live on gw1 that has been sent m1. */
-    const connectedOnGw1 = () => {
-      const inbox = new Inbox();
-      inbox.append('m1');
+    /** A phone connects on gw1 as c1 and syncs from its last ack. */
+    const connectPhone = (inbox: Inbox) => {
       inbox.run({
         kind: 'connected',
         deviceId: 'phone',
@@ -405,6 +403,12 @@ describe('users actor: scenarios', () => {
         at: T,
       });
       inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+    };
+    /** An inbox with m1 and a phone live on gw1 that has been sent m1. */
+    const connectedOnGw1 = () => {
+      const inbox = new Inbox();
+      inbox.append('m1');
+      connectPhone(inbox);
       return inbox;
     };
 
@@ -452,14 +456,7 @@ describe('users actor: scenarios', () => {
       const inbox = new Inbox();
       inbox.append('m1');
       inbox.liveGateways = new Set(['gw2']);
-      inbox.run({
-        kind: 'connected',
-        deviceId: 'phone',
-        gatewayId: 'gw1',
-        connectionId: 'c1',
-        at: T,
-      });
-      inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+      connectPhone(inbox);
       assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
     });
   });
