@@ -2,12 +2,40 @@
  * The chat on the distributed shape: two `npm start` processes on Apache Kafka and a
  * Confluent-compatible registry, each with its own gateway and data directory, sharing the users
  * actor's tasks. One is killed with SIGKILL: its tasks move to the other, restored from their
- * changelogs, and a user who reconnects there gets everything above its ack, in order.
+ * changelogs, and a user who reconnects there gets everything above its ack, in order. Then a
+ * gateway killed and started again under the same GATEWAY_ID: the users actor closes the
+ * sessions of its earlier run.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { KafkaDeployment } from '../support/process.ts';
-import { Client } from '../support/chat-client.ts';
+import { Client, type Frame } from '../support/chat-client.ts';
+import { eventually } from '../support/log-helpers.ts';
+
+/** Registers an account; answers its access token. */
+async function register(apiUrl: string, username: string): Promise<string> {
+  const response = await fetch(`${apiUrl}/v1/auth/register`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ username, password: 'a good password' }),
+  });
+  assert.equal(response.status, 201, await response.clone().text());
+  return ((await response.json()) as { accessToken: string }).accessToken;
+}
+
+/** Sends until the gateway knows the recipient (its accounts table lags registration). */
+async function sendOnceKnown(client: Client, to: string, body: unknown): Promise<Frame> {
+  for (let attempt = 0; ; attempt++) {
+    const id = `known-${attempt}-${randomBytes(3).toString('hex')}`;
+    client.send({ type: 'send', id, to, body });
+    const answer = await client.next(
+      (f) => f.id === id && (f.type === 'sent' || f.type === 'error'),
+    );
+    if (answer.type === 'sent') return answer;
+    assert.ok(attempt < 50, `${to} stayed unknown: ${JSON.stringify(answer)}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
 
 describe('chat on Kafka: two processes, one killed', function () {
   this.timeout(240_000);
@@ -22,32 +50,11 @@ describe('chat on Kafka: two processes, one killed', function () {
     const a = await start('a');
     const b = await start('b');
     const tokens = new Map<string, string>();
-    for (const username of [alice, bob]) {
-      const response = await fetch(`${a.url}/v1/auth/register`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ username, password: 'a good password' }),
-      });
-      assert.equal(response.status, 201, await response.clone().text());
-      tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
-    }
+    for (const username of [alice, bob]) tokens.set(username, await register(a.url, username));
     const aliceOnA = await Client.open(a.url, tokens.get(alice)!, 'phone');
     const bobOnB = await Client.open(b.url, tokens.get(bob)!, 'phone'); // a token A signed
 
-    // The gateway knows bob once the accounts table has his registration.
-    let sent;
-    for (let attempt = 0; ; attempt++) {
-      aliceOnA.send({ type: 'send', id: `first-${attempt}`, to: bob, body: { text: 'across' } });
-      const answer = await aliceOnA.next(
-        (f) => f.id === `first-${attempt}` && (f.type === 'sent' || f.type === 'error'),
-      );
-      if (answer.type === 'sent') {
-        sent = answer;
-        break;
-      }
-      assert.ok(attempt < 50, `bob stayed unknown: ${JSON.stringify(answer)}`);
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    const sent = await sendOnceKnown(aliceOnA, bob, { text: 'across' });
     const received = await bobOnB.next(
       (f) => f.type === 'message' && f.messageId === sent.messageId,
       60_000,
@@ -75,5 +82,60 @@ describe('chat on Kafka: two processes, one killed', function () {
     );
     await aliceOnA.close();
     await bobOnA.close();
+  });
+});
+
+describe('chat on Kafka: a gateway killed and started again under the same id', function () {
+  this.timeout(240_000);
+  const deployment = new KafkaDeployment();
+  const run = randomBytes(3).toString('hex');
+  const carol = `carol-${run}`;
+  const dave = `dave-${run}`;
+  after(() => deployment.stopAll());
+
+  /** Sessions closed as left over from an earlier run of their gateway, over every process. */
+  const staleSessionsClosed = async () => {
+    let total = 0;
+    for (const p of deployment.processes.values()) {
+      if (p.child.exitCode !== null || p.child.signalCode !== null) continue;
+      const text = await fetch(`${p.url}/metrics`).then((r) => r.text());
+      const found = /^kchat_users_stale_sessions_closed_total(?:\{[^}]*\})? (\d+)/m.exec(text);
+      total += Number(found?.[1] ?? 0);
+    }
+    return total;
+  };
+
+  it("closes the sessions of the gateway's earlier run, and serves again", async () => {
+    const hub = await deployment.start('hub'); // every role
+    let edge = await deployment.start('edge', ['gateway']);
+    const carolToken = await register(hub.url, carol);
+    const daveToken = await register(hub.url, dave);
+    const carolOnHub = await Client.open(hub.url, carolToken, 'phone');
+    const daveOnEdge = await Client.open(edge.url, daveToken, 'phone');
+    const first = await sendOnceKnown(carolOnHub, dave, { n: 1 });
+    await daveOnEdge.next((f) => f.type === 'message' && f.messageId === first.messageId, 60_000);
+    daveOnEdge.send({ type: 'ack', upTo: 1 });
+    await carolOnHub.next((f) => f.type === 'receipt' && f.messageId === first.messageId, 60_000);
+    assert.equal(await staleSessionsClosed(), 0);
+
+    // No DISCONNECTED for dave's connection will ever come, and the gateway does not go silent.
+    await edge.stop('SIGKILL');
+    edge = await deployment.start('edge', ['gateway']);
+    await eventually(
+      async () => (await staleSessionsClosed()) >= 1,
+      60_000,
+      "the users actor to close dave's session of the earlier run",
+    );
+
+    const second = await sendOnceKnown(carolOnHub, dave, { n: 2 });
+    const daveAgain = await Client.open(edge.url, daveToken, 'phone');
+    await daveAgain.next((f) => f.type === 'message' && f.messageId === second.messageId, 60_000);
+    assert.deepEqual(
+      daveAgain.entries().map((f) => [f.seq, (f.body as { n: number }).n]),
+      [[2, 2]],
+      'above the ack, once',
+    );
+    await carolOnHub.close();
+    await daveAgain.close();
   });
 });
