@@ -24,7 +24,14 @@ export type StateWrite = { key: string; value: Buffer | null };
  */
 interface SyncReads {
   _getManySync(keys: string[], options: object): Array<Buffer | undefined>;
-  querySync(options: { gte: Buffer; lt: Buffer; keyEncoding: 'utf8'; valueEncoding: 'buffer' }): {
+  querySync(options: {
+    gte: Buffer;
+    lt: Buffer;
+    /** -1: no limit. */
+    limit: number;
+    keyEncoding: 'utf8';
+    valueEncoding: 'buffer';
+  }): {
     rows: Array<string | Buffer>;
     finished: boolean;
   };
@@ -51,18 +58,23 @@ export class StateDb {
     return this.reads._getManySync([prefix(store, partition) + key], {})[0] ?? undefined;
   }
 
-  /** Entries of one store partition with from <= key < to (to undefined: to the end). */
+  /**
+   * Entries of one store partition with from <= key < to (to undefined: to the end), the first
+   * `limit` of them when a limit is given.
+   */
   async range(
     store: string,
     partition: number,
     from: string,
     to?: string,
+    limit?: number,
   ): Promise<Array<[string, Buffer]>> {
     this.assertOpen();
     const base = prefix(store, partition);
     const { rows } = this.reads.querySync({
       gte: Buffer.from(base + from),
       lt: Buffer.from(to === undefined ? prefixEnd(store, partition) : base + to),
+      limit: limit ?? -1,
       keyEncoding: 'utf8',
       valueEncoding: 'buffer',
     });

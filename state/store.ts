@@ -22,7 +22,21 @@ export interface KeyValueStore<V> {
   /** Entries with from <= key < to, in key order. */
   range(from: string, to: string): Promise<Array<[string, V]>>;
   all(): Promise<Array<[string, V]>>;
+  /**
+   * A slice of a long scan: up to `limit` entries with key >= from, in key order, and where the
+   * next slice starts (undefined: this one reached the end). A punctuator that walks a large
+   * store a slice per tick holds its task up for a bounded time.
+   */
+  scan(from: string, limit: number): Promise<ScanSlice<V>>;
 }
+
+export interface ScanSlice<V> {
+  entries: Array<[string, V]>;
+  next: string | undefined;
+}
+
+/** The smallest key after `key`, in the byte order of RocksDB and the string order of JS alike. */
+export const keyAfter = (key: string) => `${key}\0`;
 
 /** A store in memory, for unit tests of processors. */
 export class InMemoryKeyValueStore<V> implements KeyValueStore<V> {
@@ -50,5 +64,14 @@ export class InMemoryKeyValueStore<V> implements KeyValueStore<V> {
 
   async all(): Promise<Array<[string, V]>> {
     return [...this.entries].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  }
+
+  async scan(from: string, limit: number): Promise<ScanSlice<V>> {
+    const after = (await this.all()).filter(([k]) => k >= from);
+    const entries = after.slice(0, limit);
+    return {
+      entries,
+      next: after.length > limit ? keyAfter(entries[entries.length - 1]![0]) : undefined,
+    };
   }
 }

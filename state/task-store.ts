@@ -11,7 +11,7 @@
  * as Kafka Streams' record cache does: a read from RocksDB is a round trip through the native
  * thread pool, which dominated the cost of a record before the cache.
  */
-import type { KeyValueStore, Serde } from './store.ts';
+import { keyAfter, type KeyValueStore, type ScanSlice, type Serde } from './store.ts';
 import type { StateDb, StateWrite } from './state-db.ts';
 
 const DELETED = Symbol('deleted');
@@ -76,6 +76,17 @@ export class TaskStore<V> implements KeyValueStore<V> {
 
   async all(): Promise<Array<[string, V]>> {
     return this.merge(await this.db.range(this.name, this.partition, ''), () => true);
+  }
+
+  async scan(from: string, limit: number): Promise<ScanSlice<V>> {
+    const stored = await this.db.range(this.name, this.partition, from, undefined, limit);
+    // RocksDB may hold more past the slice's last key: uncommitted writes past it wait for the
+    // next slice, which starts right after it.
+    const last = stored.length === limit ? stored[stored.length - 1]![0] : undefined;
+    return {
+      entries: this.merge(stored, (k) => k >= from && (last === undefined || k <= last)),
+      next: last === undefined ? undefined : keyAfter(last),
+    };
   }
 
   private merge(

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { StateDb } from '../../state/state-db.ts';
 import { TaskStore } from '../../state/task-store.ts';
-import { jsonSerde } from '../../state/store.ts';
+import { InMemoryKeyValueStore, jsonSerde, type ScanSlice } from '../../state/store.ts';
 
 describe('task store', () => {
   let dir: string;
@@ -60,6 +60,31 @@ describe('task store', () => {
     );
   });
 
+  it('scans in slices that together hold every entry once, committed or not, in key order', async () => {
+    const store = new TaskStore<number>('s', 0, db, jsonSerde());
+    const other = new TaskStore<number>('s', 1, db, jsonSerde());
+    for (const key of ['a', 'b', 'c', 'd', 'e', 'é']) store.put(key, 1);
+    other.put('f', 1);
+    await store.flush(store.writes());
+    await other.flush(other.writes());
+    store.delete('b'); // uncommitted: a deletion inside the first slice
+    store.put('bb', 2); // uncommitted: a key between committed ones
+    store.put('z', 3); // uncommitted: past every committed key
+    const seen: string[] = [];
+    let slices = 0;
+    for (let from: string | undefined = ''; from !== undefined; slices++) {
+      const slice: ScanSlice<number> = await store.scan(from, 2);
+      seen.push(...slice.entries.map(([k]) => k));
+      from = slice.next;
+    }
+    assert.deepEqual(seen, ['a', 'bb', 'c', 'd', 'e', 'z', 'é']);
+    assert.deepEqual(
+      seen,
+      (await store.all()).map(([k]) => k),
+    );
+    assert.ok(slices >= 3, `${slices} slices of at most 2 committed entries`);
+  });
+
   it('keeps its share apart from other partitions and stores in the shared database', async () => {
     const mine = new TaskStore<string>('s', 1, db, jsonSerde());
     const other = new TaskStore<string>('s', 2, db, jsonSerde());
@@ -76,5 +101,19 @@ describe('task store', () => {
     await db.drop('s', 2);
     assert.equal(await new TaskStore<string>('s', 2, db, jsonSerde()).get('k'), undefined);
     assert.equal(await mine.get('k'), 'mine');
+  });
+});
+
+describe('in-memory store', () => {
+  it('scans in slices as a task store does', async () => {
+    const store = new InMemoryKeyValueStore<number>('s');
+    for (const key of ['c', 'a', 'b']) store.put(key, 1);
+    const first = await store.scan('', 2);
+    assert.deepEqual(
+      first.entries.map(([k]) => k),
+      ['a', 'b'],
+    );
+    const second = await store.scan(first.next!, 2);
+    assert.deepEqual(second, { entries: [['c', 1]], next: undefined });
   });
 });
