@@ -41,7 +41,46 @@ import {
 export const USERS_APPLICATION = 'users';
 /** PROTOCOL's INBOX_RETENTION: 30 days. */
 export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
-const PRUNE_INTERVAL_MS = 60_000;
+/**
+ * Pruning walks the users and the dedup keys at most once a minute each, a slice per tick, so
+ * that a tick holds its task up for a bounded time whatever the stores hold: at 1,000 users and
+ * 5,000 dedup keys a second, a walk goes round 100,000 users in under two minutes and 10 million
+ * dedup keys in under an hour, well inside a retention of days.
+ */
+const PRUNE_DEFAULTS: PruneOptions = {
+  everyMs: 60_000,
+  tickMs: 1_000,
+  usersPerTick: 1_000,
+  dedupKeysPerTick: 5_000,
+};
+
+export interface PruneOptions {
+  /** A walk starts again at most this long after the previous one started. */
+  everyMs: number;
+  tickMs: number;
+  usersPerTick: number;
+  dedupKeysPerTick: number;
+}
+
+/** A walk over a store a slice per call, started again at most every `everyMs`. */
+class SlicedWalk {
+  /** Where the next slice starts (undefined: between walks). */
+  private from: string | undefined;
+  private startedAt = -Infinity;
+
+  constructor(private readonly everyMs: number) {}
+
+  async slice<V>(store: KeyValueStore<V>, limit: number, now: number): Promise<Array<[string, V]>> {
+    if (this.from === undefined) {
+      if (now - this.startedAt < this.everyMs) return [];
+      this.from = '';
+      this.startedAt = now;
+    }
+    const { entries, next } = await store.scan(this.from, limit);
+    this.from = next;
+    return entries;
+  }
+}
 /** How often the actor looks for gateways heard again, whose sessions may have missed entries. */
 const CATCH_UP_INTERVAL_MS = 1_000;
 
@@ -62,6 +101,8 @@ export interface UsersOptions {
   /** When the current run of a gateway started, as its heartbeats say (undefined: not told). */
   gatewayStartedAt?(gatewayId: string): number | undefined;
   retentionMs?: number;
+  /** How pruning paces itself (for tests; the defaults are above). */
+  prune?: PruneOptions;
   now?: () => number;
   /** Told how many sessions a catch-up sent what they missed (for metrics and logs). */
   onCatchUp?(sessions: number): void;
@@ -157,15 +198,24 @@ class InboxProcessor implements Processor<Input, unknown> {
   private liveBefore: ReadonlySet<string> | undefined;
   /** When each live gateway's run started, at the last tick. */
   private startsBefore = new Map<string, number | undefined>();
+  /** How pruning paces itself, and its two walks. */
+  private readonly pacing: PruneOptions;
+  private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
 
-  constructor(private readonly options: UsersOptions) {}
+  constructor(private readonly options: UsersOptions) {
+    this.pacing = options.prune ?? PRUNE_DEFAULTS;
+    this.pruneWalks = {
+      users: new SlicedWalk(this.pacing.everyMs),
+      dedup: new SlicedWalk(this.pacing.everyMs),
+    };
+  }
 
   init(context: ProcessorContext<unknown>): void {
     this.context = context;
     this.metas = context.getStateStore('inbox-meta');
     this.entries = context.getStateStore('inbox');
     this.dedup = context.getStateStore('dedup');
-    context.schedule(PRUNE_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.prune(now));
+    context.schedule(this.pacing.tickMs, 'WALL_CLOCK_TIME', (now) => this.prune(now));
     context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.watchGateways(now));
   }
 
@@ -328,11 +378,16 @@ class InboxProcessor implements Processor<Input, unknown> {
   /** Drops acknowledged and expired entries, and dedup keys past retention. */
   private async prune(now: number): Promise<void> {
     const retentionMs = this.options.retentionMs ?? DEFAULT_RETENTION_MS;
-    for (const [userId, meta] of await this.metas.all()) {
+    const { usersPerTick, dedupKeysPerTick } = this.pacing;
+    for (const [userId, meta] of await this.pruneWalks.users.slice(this.metas, usersPerTick, now)) {
       if (meta.firstKept < meta.nextSeq)
         await this.handle(userId, { kind: 'prune', now, retentionMs });
     }
-    for (const [key, { at }] of await this.dedup.all())
+    for (const [key, { at }] of await this.pruneWalks.dedup.slice(
+      this.dedup,
+      dedupKeysPerTick,
+      now,
+    ))
       if (now - at > retentionMs) this.dedup.delete(key);
   }
 }

@@ -15,36 +15,41 @@ import { deliveriesTopic, topics } from '../../schemas/topics.ts';
 import type { Delivery, InboxCommand } from '../../schemas/types.generated.ts';
 import { bootstrap } from '../../app/bootstrap.ts';
 import { StateDb } from '../../state/state-db.ts';
-import { StreamsRuntime } from '../../processors/runtime/runtime.ts';
-import { usersTopology, USERS_APPLICATION } from '../../processors/users/topology.ts';
+import { changelogTopic, StreamsRuntime } from '../../processors/runtime/runtime.ts';
+import {
+  usersTopology,
+  USERS_APPLICATION,
+  type UsersOptions,
+} from '../../processors/users/topology.ts';
 import { FROM_ACK } from '../../processors/users/decider.ts';
 import { eventually } from '../support/log-helpers.ts';
 
-describe('users actor on the runtime (embedded log)', function () {
-  this.timeout(30_000);
-  let dir: string;
-  let log: EmbeddedLog;
-  let stateDb: StateDb;
-  let runtime: StreamsRuntime;
-  let codecs: Awaited<ReturnType<typeof bootstrap>>;
-  let deliveries: TopicCodec<Delivery>;
-  const T = Date.now();
-  let liveGateways = new Set(['gw1']);
-  const gatewayStarts = new Map<string, number>();
+/** The users actor on its own embedded log, state database and runtime. */
+class Actor {
+  private constructor(
+    readonly dir: string,
+    readonly log: EmbeddedLog,
+    readonly stateDb: StateDb,
+    readonly runtime: StreamsRuntime,
+    readonly codecs: Awaited<ReturnType<typeof bootstrap>>,
+    readonly deliveries: TopicCodec<Delivery>,
+  ) {}
 
-  before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'kchat-users-'));
-    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+  static async open(
+    options: Pick<UsersOptions, 'liveGateways' | 'gatewayStartedAt' | 'retentionMs' | 'prune'>,
+  ): Promise<Actor> {
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-users-'));
+    const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
     const registry = await EmbeddedSchemaRegistry.open(log);
-    codecs = await bootstrap(log, registry, 12);
+    const codecs = await bootstrap(log, registry, 12);
     await log.admin.createTopics([{ topic: deliveriesTopic('gw1'), partitions: 12 }]);
-    deliveries = await new Codecs(registry).forTopic<Delivery>(
+    const deliveries = await new Codecs(registry).forTopic<Delivery>(
       deliveriesTopic('gw1'),
       loadSchema('Delivery'),
       avroTypeOptions(),
     );
-    stateDb = await StateDb.open(join(dir, 'state'));
-    runtime = new StreamsRuntime(
+    const stateDb = await StateDb.open(join(dir, 'state'));
+    const runtime = new StreamsRuntime(
       usersTopology({
         codecs: {
           connections: codecs[topics.connections],
@@ -54,37 +59,37 @@ describe('users actor on the runtime (embedded log)', function () {
           push: codecs[topics.push],
           inboxEntries: codecs[topics.inboxEntries],
         },
-        liveGateways: () => liveGateways,
-        gatewayStartedAt: (gatewayId) => gatewayStarts.get(gatewayId),
+        ...options,
       }),
       { applicationId: USERS_APPLICATION, log, stateDb, commitIntervalMs: 20 },
     );
     await runtime.start();
-  });
+    return new Actor(dir, log, stateDb, runtime, codecs, deliveries);
+  }
 
-  after(async () => {
-    await runtime.close();
-    await stateDb.close();
-    await log.close();
-    await rm(dir, { recursive: true, force: true });
-  });
+  async close(): Promise<void> {
+    await this.runtime.close();
+    await this.stateDb.close();
+    await this.log.close();
+    await rm(this.dir, { recursive: true, force: true });
+  }
 
-  async function produce(topic: string, key: string, value: unknown) {
-    const producer = await log.producer();
+  async produce(topic: string, key: string, value: unknown): Promise<void> {
+    const producer = await this.log.producer();
     await producer.send([
       {
         topic,
         key: Buffer.from(key),
-        value: (codecs as Record<string, TopicCodec<unknown>>)[topic]!.encode(value),
+        value: (this.codecs as Record<string, TopicCodec<unknown>>)[topic]!.encode(value),
       },
     ]);
     await producer.close();
   }
 
-  async function readAll<V>(topic: string, codec: TopicCodec<V>): Promise<V[]> {
-    const marks = await log.admin.watermarks(topic);
+  async readAll<V>(topic: string, codec: TopicCodec<V>): Promise<V[]> {
+    const marks = await this.log.admin.watermarks(topic);
     const values: V[] = [];
-    for await (const batch of log.readPartitions(
+    for await (const batch of this.log.readPartitions(
       topic,
       marks.map((m) => ({ partition: m.partition, from: 0 })),
     )) {
@@ -92,26 +97,48 @@ describe('users actor on the runtime (embedded log)', function () {
     }
     return values;
   }
+}
+
+const T = Date.now();
+
+const copy = (owner: string, messageId: string): InboxCommand => ({
+  userId: owner,
+  entry: {
+    'chat.v1.MessageCopy': {
+      messageId,
+      from: 'alice',
+      to: 'bob',
+      group: null,
+      body: '{"text":"hi"}',
+      sentAt: T,
+    },
+  },
+});
+
+describe('users actor on the runtime (embedded log)', function () {
+  this.timeout(30_000);
+  let actor: Actor;
+  let codecs: Actor['codecs'];
+  let liveGateways = new Set(['gw1']);
+  const gatewayStarts = new Map<string, number>();
+
+  before(async () => {
+    actor = await Actor.open({
+      liveGateways: () => liveGateways,
+      gatewayStartedAt: (gatewayId) => gatewayStarts.get(gatewayId),
+    });
+    codecs = actor.codecs;
+  });
+  after(() => actor.close());
+
+  const produce = (topic: string, key: string, value: unknown) => actor.produce(topic, key, value);
+  const readAll = <V>(topic: string, codec: TopicCodec<V>) => actor.readAll(topic, codec);
 
   const seqsDelivered = async (userId: string) =>
-    (await readAll(deliveriesTopic('gw1'), deliveries))
+    (await readAll(deliveriesTopic('gw1'), actor.deliveries))
       .filter((d) => d.userId === userId)
       .map((d) => branchOf(d.frame))
       .flatMap((f) => (f.name === 'chat.v1.InboxEntry' ? [f.value.seq] : []));
-
-  const copy = (owner: string, messageId: string): InboxCommand => ({
-    userId: owner,
-    entry: {
-      'chat.v1.MessageCopy': {
-        messageId,
-        from: 'alice',
-        to: 'bob',
-        group: null,
-        body: '{"text":"hi"}',
-        sentAt: T,
-      },
-    },
-  });
 
   /** A phone of the user connects on gw1 as connectionId. */
   const connect = (userId: string, connectionId: string) =>
@@ -221,5 +248,55 @@ describe('users actor on the runtime (embedded log)', function () {
     await produce(topics.messages, 'erin', copy('erin', 'm2'));
     await eventually(async () => (await pushesForErin()).length === 1, 20_000, 'a push for m2');
     assert.deepEqual(await seqsDelivered('erin'), [1], 'nothing sent to the closed session');
+  });
+});
+
+describe('users actor pruning (embedded log)', function () {
+  this.timeout(30_000);
+  let actor: Actor;
+  before(async () => {
+    actor = await Actor.open({
+      liveGateways: () => new Set(['gw1']),
+      retentionMs: 4_000,
+      // Slices far smaller than the stores, so that every walk takes several ticks.
+      prune: { everyMs: 100, tickMs: 50, usersPerTick: 2, dedupKeysPerTick: 3 },
+    });
+  });
+  after(() => actor.close());
+
+  /** The committed keys of a store, over every partition. */
+  const keysOf = async (store: string) => {
+    const keys: string[] = [];
+    const name = changelogTopic(USERS_APPLICATION, store);
+    for (let p = 0; p < 12; p++)
+      keys.push(...(await actor.stateDb.range(name, p, '')).map(([key]) => key));
+    return keys;
+  };
+
+  it('walks every user and dedup key a slice per tick, dropping what is past retention, and numbers on', async () => {
+    const users = Array.from({ length: 30 }, (_, i) => `p${i}`);
+    await Promise.all(
+      users.map(async (user) => {
+        await actor.produce(topics.messages, user, copy(user, 'm1'));
+        await actor.produce(topics.messages, user, copy(user, 'm2'));
+      }),
+    );
+    await eventually(async () => (await keysOf('inbox')).length === 60, 10_000, 'every entry');
+    assert.equal((await keysOf('dedup')).length, 60);
+
+    await eventually(
+      async () => (await keysOf('inbox')).length === 0 && (await keysOf('dedup')).length === 0,
+      20_000,
+      'every entry and dedup key past retention pruned',
+    );
+    await actor.produce(topics.messages, 'p0', copy('p0', 'm3'));
+    await eventually(
+      async () =>
+        (await actor.readAll(topics.inboxEntries, actor.codecs[topics.inboxEntries])).some(
+          (e) => e.userId === 'p0' && e.seq === 3,
+        ),
+      10_000,
+      'the next entry numbered after the pruned ones',
+    );
   });
 });
