@@ -7,7 +7,7 @@
  *   chat.connections ─┐                      ┌─> chat.deliveries.<gatewayId>  (entries, typing)
  *   chat.messages ────┼─> inbox ─[stores]────┼─> chat.messages                (receipts owed)
  *   chat.user-commands┘   inbox-meta, inbox, ├─> chat.push                    (offline users)
- *                         dedup              └─> chat.inbox-entries           (for the archive)
+ *                         dedup, sessions    └─> chat.inbox-entries           (for the archive)
  */
 import type {
   ConnectionEvent,
@@ -132,6 +132,14 @@ export function dedupKeyOf(entry: InboxEntry['entry']): string {
 
 const seqKey = (userId: string, seq: number) => `${userId}/${seq.toString().padStart(12, '0')}`;
 
+/**
+ * The sessions store indexes users by the gateways their sessions are on: key
+ * `<gatewayId> NUL <userId>`, value the connectionIds. A gateway heard again or restarted is
+ * looked at through its own users, not every user of the task.
+ */
+const sessionKey = (gatewayId: string, userId: string) => `${gatewayId}\u0000${userId}`;
+const userOfSessionKey = (key: string) => key.slice(key.indexOf('\u0000') + 1);
+
 function toCommand(input: Input, at: number): UserCommand | undefined {
   if (input.source === 'connection') {
     const e = input.value;
@@ -194,6 +202,7 @@ class InboxProcessor implements Processor<Input, unknown> {
   private metas!: KeyValueStore<UserMeta>;
   private entries!: KeyValueStore<InboxEntry>;
   private dedup!: KeyValueStore<{ seq: number; at: number }>;
+  private sessions!: KeyValueStore<string[]>;
   /** The live gateways at the last tick of watchGateways (undefined before the first). */
   private liveBefore: ReadonlySet<string> | undefined;
   /** When each live gateway's run started, at the last tick. */
@@ -215,6 +224,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.metas = context.getStateStore('inbox-meta');
     this.entries = context.getStateStore('inbox');
     this.dedup = context.getStateStore('dedup');
+    this.sessions = context.getStateStore('sessions');
     context.schedule(this.pacing.tickMs, 'WALL_CLOCK_TIME', (now) => this.prune(now));
     context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.watchGateways(now));
   }
@@ -252,10 +262,25 @@ class InboxProcessor implements Processor<Input, unknown> {
     });
     let next = meta;
     for (const event of events) {
+      await this.indexSessions(userId, event, next);
       next = evolve(next, event);
       await this.apply(userId, event, entries);
     }
     if (next !== meta) this.metas.put(userId, next);
+  }
+
+  /** Keeps the sessions store in step with the user's sessions (`before`: the meta before). */
+  private async indexSessions(userId: string, event: UserEvent, before: UserMeta): Promise<void> {
+    let gatewayId: string;
+    if (event.type === 'session-opened') gatewayId = event.gatewayId;
+    else if (event.type === 'session-closed' && before.sessions[event.connectionId])
+      gatewayId = before.sessions[event.connectionId]!.gatewayId;
+    else return;
+    const key = sessionKey(gatewayId, userId);
+    const others = ((await this.sessions.get(key)) ?? []).filter((c) => c !== event.connectionId);
+    const held = event.type === 'session-opened' ? [...others, event.connectionId] : others;
+    if (held.length > 0) this.sessions.put(key, held);
+    else this.sessions.delete(key);
   }
 
   private async apply(userId: string, event: UserEvent, entries: InboxEntry[]): Promise<void> {
@@ -337,25 +362,36 @@ class InboxProcessor implements Processor<Input, unknown> {
    * - Sessions on a gateway that counted as silent (its heartbeats held up, say by a broker
    *   restart) got no live deliveries meanwhile: each that fell behind gets what it missed.
    *
-   * The first tick of a task looks at every user: either may have happened while the task was
-   * elsewhere.
+   * Only the users with sessions on such a gateway are looked at (the sessions store). The first
+   * tick of a task looks at every user with a session: either may have happened while the task
+   * was elsewhere. (Sessions opened before the sessions store was kept are not in it: they close
+   * as before, when DISCONNECTED comes or their gateway goes silent.)
    */
   private async watchGateways(now: number): Promise<void> {
     const live = this.options.liveGateways();
     const startedAt = (gatewayId: string) => this.options.gatewayStartedAt?.(gatewayId);
     const starts = new Map([...live].map((gatewayId) => [gatewayId, startedAt(gatewayId)]));
-    const changed =
-      this.liveBefore === undefined ||
-      [...starts].some(
-        ([id, start]) => !this.liveBefore!.has(id) || this.startsBefore.get(id) !== start,
-      );
+    const first = this.liveBefore === undefined;
+    const changed = [...starts]
+      .filter(([id, start]) => !this.liveBefore?.has(id) || this.startsBefore.get(id) !== start)
+      .map(([id]) => id);
     this.liveBefore = live;
     this.startsBefore = starts;
-    if (!changed) return;
+    if (!first && changed.length === 0) return;
+    const users = new Set<string>();
+    if (first) for (const [key] of await this.sessions.all()) users.add(userOfSessionKey(key));
+    else
+      for (const gatewayId of changed)
+        for (const [key] of await this.sessions.range(
+          sessionKey(gatewayId, ''),
+          `${gatewayId}\u0001`,
+        ))
+          users.add(userOfSessionKey(key));
     let caughtUp = 0;
     let closed = 0;
-    for (const [userId, stored] of await this.metas.all()) {
-      let meta = stored;
+    for (const userId of users) {
+      let meta = await this.metas.get(userId);
+      if (!meta) continue;
       const stale = Object.entries(meta.sessions).filter(([, session]) => {
         const start = startedAt(session.gatewayId);
         return (
@@ -417,6 +453,7 @@ export function usersTopology(options: UsersOptions): Topology {
     .addStateStore({ name: 'inbox-meta' }, 'inbox')
     .addStateStore({ name: 'inbox' }, 'inbox')
     .addStateStore({ name: 'dedup' }, 'inbox')
+    .addStateStore({ name: 'sessions' }, 'inbox')
     .addSink<Encoded>(
       'deliveries',
       { topic: (r) => deliveriesTopic(r.value.gatewayId!), encode: (e) => e.value },

@@ -86,6 +86,15 @@ class Actor {
     await producer.close();
   }
 
+  /** The committed keys of one of the actor's stores, over every partition. */
+  async committedKeys(store: string): Promise<string[]> {
+    const keys: string[] = [];
+    const name = changelogTopic(USERS_APPLICATION, store);
+    for (let p = 0; p < 12; p++)
+      keys.push(...(await this.stateDb.range(name, p, '')).map(([key]) => key));
+    return keys;
+  }
+
   async readAll<V>(topic: string, codec: TopicCodec<V>): Promise<V[]> {
     const marks = await this.log.admin.watermarks(topic);
     const values: V[] = [];
@@ -242,12 +251,23 @@ describe('users actor on the runtime (embedded log)', function () {
     const pushesForErin = async () =>
       (await readAll(topics.push, codecs[topics.push])).filter((p) => p.userId === 'erin');
     assert.equal((await pushesForErin()).length, 0, 'online: no push');
+    const erinOnGw1 = 'gw1\u0000erin';
+    await eventually(
+      async () => (await actor.committedKeys('sessions')).includes(erinOnGw1),
+      10_000,
+      "erin's session in the sessions store",
+    );
 
     gatewayStarts.set('gw1', T + 1000); // gw1 crashed and came back: c5 is gone
     await new Promise((resolve) => setTimeout(resolve, 1500)); // a tick of the actor
     await produce(topics.messages, 'erin', copy('erin', 'm2'));
     await eventually(async () => (await pushesForErin()).length === 1, 20_000, 'a push for m2');
     assert.deepEqual(await seqsDelivered('erin'), [1], 'nothing sent to the closed session');
+    await eventually(
+      async () => !(await actor.committedKeys('sessions')).includes(erinOnGw1),
+      10_000,
+      "erin's closed session out of the sessions store",
+    );
   });
 });
 
@@ -264,14 +284,7 @@ describe('users actor pruning (embedded log)', function () {
   });
   after(() => actor.close());
 
-  /** The committed keys of a store, over every partition. */
-  const keysOf = async (store: string) => {
-    const keys: string[] = [];
-    const name = changelogTopic(USERS_APPLICATION, store);
-    for (let p = 0; p < 12; p++)
-      keys.push(...(await actor.stateDb.range(name, p, '')).map(([key]) => key));
-    return keys;
-  };
+  const keysOf = (store: string) => actor.committedKeys(store);
 
   it('walks every user and dedup key a slice per tick, dropping what is past retention, and numbers on', async () => {
     const users = Array.from({ length: 30 }, (_, i) => `p${i}`);
