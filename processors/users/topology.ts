@@ -363,30 +363,28 @@ class InboxProcessor implements Processor<Input, unknown> {
    *   restart) got no live deliveries meanwhile: each that fell behind gets what it missed.
    *
    * Only the users with sessions on such a gateway are looked at (the sessions store). The first
-   * tick of a task looks at every user with a session: either may have happened while the task
-   * was elsewhere. (Sessions opened before the sessions store was kept are not in it: they close
-   * as before, when DISCONNECTED comes or their gateway goes silent.)
+   * tick of a task looks at the users of every live gateway: either may have happened while the
+   * task was elsewhere. (Sessions on a silent gateway count as offline anyway. Sessions opened
+   * before the sessions store was kept are not in it: they close as before, when DISCONNECTED
+   * comes or their gateway goes silent.)
    */
   private async watchGateways(now: number): Promise<void> {
     const live = this.options.liveGateways();
     const startedAt = (gatewayId: string) => this.options.gatewayStartedAt?.(gatewayId);
     const starts = new Map([...live].map((gatewayId) => [gatewayId, startedAt(gatewayId)]));
-    const first = this.liveBefore === undefined;
+    // On the first tick every live gateway counts as changed.
     const changed = [...starts]
       .filter(([id, start]) => !this.liveBefore?.has(id) || this.startsBefore.get(id) !== start)
       .map(([id]) => id);
     this.liveBefore = live;
     this.startsBefore = starts;
-    if (!first && changed.length === 0) return;
     const users = new Set<string>();
-    if (first) for (const [key] of await this.sessions.all()) users.add(userOfSessionKey(key));
-    else
-      for (const gatewayId of changed)
-        for (const [key] of await this.sessions.range(
-          sessionKey(gatewayId, ''),
-          `${gatewayId}\u0001`,
-        ))
-          users.add(userOfSessionKey(key));
+    for (const gatewayId of changed)
+      for (const [key] of await this.sessions.range(
+        sessionKey(gatewayId, ''),
+        `${gatewayId}\u0001`,
+      ))
+        users.add(userOfSessionKey(key));
     let caughtUp = 0;
     let closed = 0;
     for (const userId of users) {

@@ -25,19 +25,24 @@ import { FROM_ACK } from '../../processors/users/decider.ts';
 import { eventually } from '../support/log-helpers.ts';
 
 /** The users actor on its own embedded log, state database and runtime. */
+type ActorOptions = Pick<
+  UsersOptions,
+  'liveGateways' | 'gatewayStartedAt' | 'retentionMs' | 'prune'
+>;
+
 class Actor {
+  private runtime!: StreamsRuntime;
+
   private constructor(
     readonly dir: string,
     readonly log: EmbeddedLog,
     readonly stateDb: StateDb,
-    readonly runtime: StreamsRuntime,
     readonly codecs: Awaited<ReturnType<typeof bootstrap>>,
     readonly deliveries: TopicCodec<Delivery>,
+    private readonly options: ActorOptions,
   ) {}
 
-  static async open(
-    options: Pick<UsersOptions, 'liveGateways' | 'gatewayStartedAt' | 'retentionMs' | 'prune'>,
-  ): Promise<Actor> {
+  static async open(options: ActorOptions): Promise<Actor> {
     const dir = await mkdtemp(join(tmpdir(), 'kchat-users-'));
     const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
     const registry = await EmbeddedSchemaRegistry.open(log);
@@ -49,7 +54,15 @@ class Actor {
       avroTypeOptions(),
     );
     const stateDb = await StateDb.open(join(dir, 'state'));
-    const runtime = new StreamsRuntime(
+    const actor = new Actor(dir, log, stateDb, codecs, deliveries, options);
+    await actor.start();
+    return actor;
+  }
+
+  /** Starts the runtime: its tasks open, restored from their stores and changelogs. */
+  async start(): Promise<void> {
+    const { codecs, deliveries } = this;
+    this.runtime = new StreamsRuntime(
       usersTopology({
         codecs: {
           connections: codecs[topics.connections],
@@ -59,16 +72,25 @@ class Actor {
           push: codecs[topics.push],
           inboxEntries: codecs[topics.inboxEntries],
         },
-        ...options,
+        ...this.options,
       }),
-      { applicationId: USERS_APPLICATION, log, stateDb, commitIntervalMs: 20 },
+      {
+        applicationId: USERS_APPLICATION,
+        log: this.log,
+        stateDb: this.stateDb,
+        commitIntervalMs: 20,
+      },
     );
-    await runtime.start();
-    return new Actor(dir, log, stateDb, runtime, codecs, deliveries);
+    await this.runtime.start();
+  }
+
+  /** Stops the runtime (its tasks commit and close), keeping the log and the stores. */
+  stop(): Promise<void> {
+    return this.runtime.close();
   }
 
   async close(): Promise<void> {
-    await this.runtime.close();
+    await this.stop();
     await this.stateDb.close();
     await this.log.close();
     await rm(this.dir, { recursive: true, force: true });
@@ -150,14 +172,14 @@ describe('users actor on the runtime (embedded log)', function () {
       .flatMap((f) => (f.name === 'chat.v1.InboxEntry' ? [f.value.seq] : []));
 
   /** A phone of the user connects on gw1 as connectionId. */
-  const connect = (userId: string, connectionId: string) =>
+  const connect = (userId: string, connectionId: string, at = T) =>
     produce(topics.connections, userId, {
       userId,
       deviceId: 'phone',
       gatewayId: 'gw1',
       connectionId,
       state: 'CONNECTED',
-      at: T,
+      at,
     });
   /** The phone on connectionId asks for everything it has not acked. */
   const sync = (userId: string, connectionId: string) =>
@@ -267,6 +289,29 @@ describe('users actor on the runtime (embedded log)', function () {
       async () => !(await actor.committedKeys('sessions')).includes(erinOnGw1),
       10_000,
       "erin's closed session out of the sessions store",
+    );
+  });
+
+  it('closes, as its tasks open, the sessions of a gateway that restarted while they were closed', async () => {
+    gatewayStarts.set('gw1', T + 1000);
+    await connect('frank', 'c6', T + 2000); // in gw1's current run
+    await sync('frank', 'c6');
+    await produce(topics.messages, 'frank', copy('frank', 'm1'));
+    await eventually(async () => (await seqsDelivered('frank')).length === 1, 20_000, 'm1');
+    const frankOnGw1 = 'gw1\u0000frank';
+    await eventually(
+      async () => (await actor.committedKeys('sessions')).includes(frankOnGw1),
+      10_000,
+      "frank's session in the sessions store",
+    );
+
+    await actor.stop();
+    gatewayStarts.set('gw1', T + 3000); // gw1 crashed and came back meanwhile
+    await actor.start();
+    await eventually(
+      async () => !(await actor.committedKeys('sessions')).includes(frankOnGw1),
+      20_000,
+      "frank's session closed once the tasks opened",
     );
   });
 });
