@@ -10,6 +10,7 @@ import type { AccountRepository, RefreshTokenRepository } from '../state/account
 import type { AccountOutbox } from './account-outbox.ts';
 import { jsonBody } from './body.ts';
 import { errorHandler } from './errors.ts';
+import { LoginThrottle, type LoginLimits } from './login-throttle.ts';
 import { PasswordHasher } from './passwords.ts';
 import { authRouter } from './routes/auth.ts';
 import { meRouter } from './routes/me.ts';
@@ -26,6 +27,10 @@ export interface ApiDeps {
   passwords?: PasswordHasher;
   /** Milliseconds since the epoch. */
   now?: () => number;
+  /** Failed-login limits (DEFAULT_LOGIN_LIMITS unless given). */
+  loginLimits?: LoginLimits;
+  /** Take the client's address from X-Forwarded-For (Koa's `proxy`): only behind a proxy. */
+  trustProxy?: boolean;
 }
 
 /** Answers carry tokens and private data: no cache may keep them (RFC 6749 §5.1). */
@@ -41,12 +46,17 @@ export function createApi(deps: ApiDeps): Koa {
     logger,
     passwords: deps.passwords ?? new PasswordHasher(),
     now: deps.now ?? Date.now,
+    loginThrottle: new LoginThrottle(deps.loginLimits),
   };
   const routes = new Router();
   routes.use(authRouter(resolved).routes());
   routes.use(meRouter(resolved).routes());
 
   const app = new Koa();
+  app.proxy = deps.trustProxy ?? false;
+  // One proxy hop: the client's address is the last of X-Forwarded-For, the one the proxy saw
+  // (what comes before it is whatever the client sent).
+  app.maxIpsCount = 1;
   // Only what escapes errorHandler arrives here (a socket error while answering).
   app.on('error', (error: unknown) => logger.warn({ err: error }, 'http error'));
   app

@@ -15,6 +15,8 @@ export interface Config {
   partitions: number;
   syncWrites: boolean;
   logLevel: string;
+  /** Take the client's address from X-Forwarded-For (behind a proxy that sets it). */
+  trustProxy: boolean;
 }
 
 export class ConfigError extends Error {}
@@ -52,5 +54,6 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     partitions: integer(env, 'PARTITIONS', 12, 1, 1000),
     syncWrites: env.SYNC_WRITES === 'true',
     logLevel: env.LOG_LEVEL || 'info',
+    trustProxy: env.TRUST_PROXY === 'true',
   };
 }

@@ -147,6 +147,7 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
     tokens,
     outbox,
     logger: logger.child({ component: 'api' }),
+    trustProxy: context.config.trustProxy,
   });
 }
 

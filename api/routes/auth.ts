@@ -14,6 +14,7 @@ import {
 import { requireUser, type AuthenticatedState } from '../auth-middleware.ts';
 import { HttpError } from '../errors.ts';
 import type { AccountOutbox } from '../account-outbox.ts';
+import type { LoginThrottle } from '../login-throttle.ts';
 import type { PasswordHasher } from '../passwords.ts';
 import { hashRefreshToken, type TokenService } from '../tokens.ts';
 import { loginBody, refreshBody, registerBody, validate } from '../validation.ts';
@@ -26,6 +27,7 @@ export interface AuthRoutesDeps {
   outbox: AccountOutbox;
   logger: Logger;
   now: () => number;
+  loginThrottle: LoginThrottle;
 }
 
 /** What register, login and refresh answer. */
@@ -37,7 +39,7 @@ export interface TokenPair {
 }
 
 export function authRouter(deps: AuthRoutesDeps): Router {
-  const { accounts, refreshTokens, tokens, passwords, logger, now } = deps;
+  const { accounts, refreshTokens, tokens, passwords, logger, now, loginThrottle } = deps;
   const router = new Router({ prefix: '/v1/auth' });
 
   /** A new refresh token in the family (a new family per login), and an access token. */
@@ -71,12 +73,15 @@ export function authRouter(deps: AuthRoutesDeps): Router {
 
   router.post('/login', async (ctx) => {
     const { username: userId, password } = validate(loginBody, ctx.request.body);
+    await loginThrottle.check(userId, ctx.ip);
     const account = await accounts.get(userId);
     // One answer for an unknown user and a wrong password, in the same time.
     if (!(await passwords.verify(password, account?.passwordHash))) {
-      logger.info({ userId }, 'login refused');
+      await loginThrottle.failed(userId, ctx.ip);
+      logger.info({ userId, address: ctx.ip }, 'login refused');
       throw new HttpError(401, 'wrong username or password');
     }
+    await loginThrottle.succeeded(userId, ctx.ip);
     ctx.body = await issue(userId, randomUUID());
   });
 

@@ -888,3 +888,71 @@ describe('TokenService', () => {
     });
   });
 });
+
+describe('REST API: failed logins are throttled', () => {
+  const limits = { consecutiveFails: 3, consecutiveBlockS: 60, failsPerDay: 5, dailyBlockS: 3600 };
+  let api: Harness;
+  afterEach(async () => {
+    await api.stop();
+  });
+  const loginFrom = (address: string, username: string, password = 'correct horse') =>
+    api.call('POST', '/v1/auth/login', {
+      json: { username, password },
+      headers: { 'x-forwarded-for': address },
+    });
+
+  it('blocks a username from an address at the 3rd failure in a row, the right password too, before hashing; other usernames go on', async () => {
+    api = await new Harness().start({ loginLimits: limits });
+    await api.register('erin');
+    await api.register('fred');
+    for (let i = 0; i < 3; i++)
+      assertError(await api.login('erin', 'wrong password'), 401, 'unauthorized');
+    const verified = api.passwords.verified.length;
+    const blocked = await api.login('erin');
+    assertError(blocked, 429, 'rate_limited');
+    const retryAfter = Number(blocked.headers.get('retry-after'));
+    assert.ok(retryAfter >= 1 && retryAfter <= 60, `Retry-After ${retryAfter}`);
+    assert.equal(api.passwords.verified.length, verified, 'no password hashed for a blocked login');
+    assert.equal((await api.login('fred')).status, 200);
+  });
+
+  it('forgets the failures in a row once a login succeeds', async () => {
+    api = await new Harness().start({ loginLimits: limits });
+    await api.register('gina');
+    for (let i = 0; i < 2; i++)
+      assertError(await api.login('gina', 'wrong password'), 401, 'unauthorized');
+    assert.equal((await api.login('gina')).status, 200);
+    for (let i = 0; i < 2; i++)
+      assertError(await api.login('gina', 'wrong password'), 401, 'unauthorized');
+    assert.equal((await api.login('gina')).status, 200);
+  });
+
+  it('blocks an address at its 5th failure of the day, whatever the usernames', async () => {
+    api = await new Harness().start({ loginLimits: limits });
+    await api.register('hana');
+    for (const username of ['ann', 'bea', 'cal', 'dan', 'eve'])
+      assertError(await api.login(username, 'wrong password'), 401, 'unauthorized');
+    const blocked = await api.login('hana');
+    assertError(blocked, 429, 'rate_limited');
+    assert.ok(Number(blocked.headers.get('retry-after')) > 60, 'blocked for the day');
+  });
+
+  it('ignores X-Forwarded-For unless told it is behind a proxy, so a spoofed header evades nothing', async () => {
+    api = await new Harness().start({ loginLimits: limits });
+    await api.register('ines');
+    for (let i = 0; i < 3; i++)
+      assertError(await loginFrom(`10.0.0.${i}`, 'ines', 'wrong password'), 401, 'unauthorized');
+    assertError(await loginFrom('10.0.0.9', 'ines'), 429, 'rate_limited');
+  });
+
+  it('behind a proxy (trustProxy), counts each client address apart', async () => {
+    api = await new Harness().start({ loginLimits: limits, trustProxy: true });
+    await api.register('jude');
+    for (let i = 0; i < 3; i++)
+      assertError(await loginFrom('10.0.0.1', 'jude', 'wrong password'), 401, 'unauthorized');
+    assertError(await loginFrom('10.0.0.1', 'jude'), 429, 'rate_limited');
+    // The proxy appends the address it saw; what the client put before it is not believed.
+    assertError(await loginFrom('10.0.0.2, 10.0.0.1', 'jude'), 429, 'rate_limited');
+    assert.equal((await loginFrom('10.0.0.2', 'jude')).status, 200, 'the owner elsewhere logs in');
+  });
+});
