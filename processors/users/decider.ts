@@ -260,19 +260,16 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
   switch (command.kind) {
     case 'connected': {
       if (meta.sessions[command.connectionId]) return []; // a redelivered event
-      const session: Session = {
+      const session = {
         deviceId: command.deviceId,
         gatewayId: command.gatewayId,
         live: false,
         connectedAt: command.at,
-      };
+      } satisfies Session;
       const opened: UserEvent = {
         type: 'session-opened',
         connectionId: command.connectionId,
-        deviceId: session.deviceId,
-        gatewayId: session.gatewayId,
-        live: false,
-        connectedAt: command.at,
+        ...session,
       };
       const pending = meta.pendingSyncs[command.connectionId];
       return pending
