@@ -203,10 +203,11 @@ class InboxProcessor implements Processor<Input, unknown> {
   private entries!: KeyValueStore<InboxEntry>;
   private dedup!: KeyValueStore<{ seq: number; at: number }>;
   private sessions!: KeyValueStore<string[]>;
-  /** The live gateways at the last tick of watchGateways (undefined before the first). */
-  private liveBefore: ReadonlySet<string> | undefined;
-  /** When each live gateway's run started, at the last tick. */
-  private startsBefore = new Map<string, number | undefined>();
+  /**
+   * The live gateways at the last tick of watchGateways, each with when its run started
+   * (undefined before the first tick).
+   */
+  private startsBefore: Map<string, number | undefined> | undefined;
   /** How pruning paces itself, and its two walks. */
   private readonly pacing: PruneOptions;
   private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
@@ -354,7 +355,7 @@ class InboxProcessor implements Processor<Input, unknown> {
   }
 
   /**
-   * Looks at every user's sessions when a gateway is heard again or has started a new run:
+   * Looks at the sessions on a gateway when it is heard again or has started a new run:
    *
    * - A gateway that crashed and came back under the same id holds none of the connections it
    *   had: their sessions are closed, as a DISCONNECTED would have (else they would count as
@@ -374,9 +375,8 @@ class InboxProcessor implements Processor<Input, unknown> {
     const starts = new Map([...live].map((gatewayId) => [gatewayId, startedAt(gatewayId)]));
     // On the first tick every live gateway counts as changed.
     const changed = [...starts]
-      .filter(([id, start]) => !this.liveBefore?.has(id) || this.startsBefore.get(id) !== start)
+      .filter(([id, start]) => !this.startsBefore?.has(id) || this.startsBefore.get(id) !== start)
       .map(([id]) => id);
-    this.liveBefore = live;
     this.startsBefore = starts;
     const users = new Set<string>();
     for (const gatewayId of changed)
