@@ -9,7 +9,8 @@
  *   100th in a day blocks the address for a day.
  *
  * A blocked login answers 429 `rate_limited` with `Retry-After` before any password is hashed,
- * so a guesser also stops costing scrypt's CPU. The counts live in this process's memory (one
+ * so a guesser also stops costing scrypt's CPU. Each login takes its try before it is verified
+ * (and a success gives it back), so concurrent guesses are counted as they come, not after. The counts live in this process's memory (one
  * api process per deployment until accounts move to MongoDB), and are lost on a restart.
  */
 import { RateLimiterMemory, type RateLimiterRes } from 'rate-limiter-flexible';
@@ -38,47 +39,54 @@ export class LoginThrottle {
   private readonly byAddress: RateLimiterMemory;
 
   constructor(limits: LoginLimits = DEFAULT_LOGIN_LIMITS) {
-    // A limiter blocks once more than `points` are consumed: the failure that reaches the limit.
+    // A limiter refuses, and blocks the key, once more than `points` tries are taken.
     this.byUserAndAddress = new RateLimiterMemory({
       keyPrefix: 'login-user-address',
-      points: limits.consecutiveFails - 1,
+      points: limits.consecutiveFails,
       duration: DAY_S,
       blockDuration: limits.consecutiveBlockS,
     });
     this.byAddress = new RateLimiterMemory({
       keyPrefix: 'login-address',
-      points: limits.failsPerDay - 1,
+      points: limits.failsPerDay,
       duration: DAY_S,
       blockDuration: limits.dailyBlockS,
     });
   }
 
-  /** Throws 429 when this login may not be tried now. */
-  async check(username: string, address: string): Promise<void> {
-    const blocked = [
-      [await this.byAddress.get(address), this.byAddress.points],
-      [await this.byUserAndAddress.get(pair(username, address)), this.byUserAndAddress.points],
-    ] as const;
-    for (const [state, points] of blocked) {
-      if (state && state.consumedPoints > points) {
-        const retryAfterS = Math.max(1, Math.ceil(state.msBeforeNext / 1000));
-        throw new HttpError(429, `too many failed logins; try again in ${retryAfterS} s`, {
-          headers: { 'Retry-After': String(retryAfterS) },
-        });
-      }
+  /**
+   * Takes a try for this login before its password is verified, and throws 429 when the pair or
+   * the address may not try now. A try counts as a failure until `succeeded` gives it back:
+   * taken first, so that guesses sent at once cannot all pass before any failure is counted.
+   */
+  async attempt(username: string, address: string): Promise<void> {
+    await take(this.byAddress, address);
+    try {
+      await take(this.byUserAndAddress, pair(username, address));
+    } catch (refused) {
+      // Refused before any hashing: not a failure of the address.
+      await this.byAddress.reward(address, 1);
+      throw refused;
     }
   }
 
-  async failed(username: string, address: string): Promise<void> {
-    // consume() rejects with the state once over the limit: the block is set either way.
-    const count = (limiter: RateLimiterMemory, key: string) =>
-      limiter.consume(key).catch((state: RateLimiterRes) => state);
-    await count(this.byAddress, address);
-    await count(this.byUserAndAddress, pair(username, address));
-  }
-
+  /** The login succeeded: its try was no failure, and the failures in a row are forgotten. */
   async succeeded(username: string, address: string): Promise<void> {
     await this.byUserAndAddress.delete(pair(username, address));
+    await this.byAddress.reward(address, 1);
+  }
+}
+
+/** Takes one point, or throws 429 with how long the key is blocked for. */
+async function take(limiter: RateLimiterMemory, key: string): Promise<void> {
+  try {
+    await limiter.consume(key);
+  } catch (refused) {
+    if (refused instanceof Error) throw refused;
+    const retryAfterS = Math.max(1, Math.ceil((refused as RateLimiterRes).msBeforeNext / 1000));
+    throw new HttpError(429, `too many failed logins; try again in ${retryAfterS} s`, {
+      headers: { 'Retry-After': String(retryAfterS) },
+    });
   }
 }
 

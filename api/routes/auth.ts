@@ -73,11 +73,10 @@ export function authRouter(deps: AuthRoutesDeps): Router {
 
   router.post('/login', async (ctx) => {
     const { username: userId, password } = validate(loginBody, ctx.request.body);
-    await loginThrottle.check(userId, ctx.ip);
+    await loginThrottle.attempt(userId, ctx.ip);
     const account = await accounts.get(userId);
     // One answer for an unknown user and a wrong password, in the same time.
     if (!(await passwords.verify(password, account?.passwordHash))) {
-      await loginThrottle.failed(userId, ctx.ip);
       logger.info({ userId, address: ctx.ip }, 'login refused');
       throw new HttpError(401, 'wrong username or password');
     }

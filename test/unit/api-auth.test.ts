@@ -916,6 +916,18 @@ describe('REST API: failed logins are throttled', () => {
     assert.equal((await api.login('fred')).status, 200);
   });
 
+  it('counts guesses sent at once as they come: only 3 of 12 concurrent ones are verified', async () => {
+    api = await new Harness().start({ loginLimits: limits });
+    await api.register('kim');
+    const verified = api.passwords.verified.length;
+    const answers = await Promise.all(
+      Array.from({ length: 12 }, () => api.login('kim', 'wrong password')),
+    );
+    const statuses = answers.map((a) => a.status).sort();
+    assert.deepEqual(statuses, [...Array(3).fill(401), ...Array(9).fill(429)]);
+    assert.equal(api.passwords.verified.length - verified, 3);
+  });
+
   it('forgets the failures in a row once a login succeeds', async () => {
     api = await new Harness().start({ loginLimits: limits });
     await api.register('gina');
