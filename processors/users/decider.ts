@@ -72,6 +72,11 @@ export interface UserView {
   duplicate: boolean;
   /** Gateways heard from lately: sessions on any other gateway count as offline. */
   liveGateways: ReadonlySet<string>;
+  /**
+   * For a CONNECTED: when the current run of its gateway started, as the gateway's heartbeats
+   * say (undefined: not told). A connection recorded before it belongs to an earlier run.
+   */
+  gatewayStartedAt?: number;
 }
 
 export { FROM_ACK } from '../../schemas/conventions.ts';
@@ -260,6 +265,13 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
   switch (command.kind) {
     case 'connected': {
       if (meta.sessions[command.connectionId]) return []; // a redelivered event
+      if (view.gatewayStartedAt !== undefined && command.at < view.gatewayStartedAt) {
+        // The gateway has restarted since, and holds the connection no more: no session opens
+        // (it would never close), and a sync waiting for it is dropped.
+        return meta.pendingSyncs[command.connectionId]
+          ? [{ type: 'session-closed', connectionId: command.connectionId }]
+          : [];
+      }
       const session = {
         deviceId: command.deviceId,
         gatewayId: command.gatewayId,

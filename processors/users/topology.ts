@@ -260,6 +260,10 @@ class InboxProcessor implements Processor<Input, unknown> {
       entries,
       duplicate,
       liveGateways,
+      gatewayStartedAt:
+        command.kind === 'connected'
+          ? this.options.gatewayStartedAt?.(command.gatewayId)
+          : undefined,
     });
     let next = meta;
     for (const event of events) {

@@ -292,6 +292,27 @@ describe('users actor on the runtime (embedded log)', function () {
     );
   });
 
+  it('opens no session for a CONNECTED of an earlier run of its gateway that comes after the restart', async () => {
+    gatewayStarts.set('gw1', T + 5000);
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // the actor notices the restart
+    await produce(topics.userCommands, 'gina', {
+      userId: 'gina',
+      at: T,
+      command: {
+        'chat.v1.DeviceRegistered': { deviceId: 'phone', pushToken: 'tok-2', platform: 'android' },
+      },
+    });
+    await connect('gina', 'c8', T + 4000); // recorded by the run before, read only now
+    await sync('gina', 'c8');
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // the actor reads both, and ticks
+    await produce(topics.messages, 'gina', copy('gina', 'm1'));
+    const pushesForGina = async () =>
+      (await readAll(topics.push, codecs[topics.push])).filter((p) => p.userId === 'gina');
+    await eventually(async () => (await pushesForGina()).length === 1, 20_000, 'offline: a push');
+    assert.deepEqual(await seqsDelivered('gina'), [], 'nothing sent to the gone connection');
+    assert.ok(!(await actor.committedKeys('sessions')).includes('gw1\u0000gina'));
+  });
+
   it('closes, as its tasks open, the sessions of a gateway that restarted while they were closed', async () => {
     gatewayStarts.set('gw1', T + 1000);
     await connect('frank', 'c6', T + 2000); // in gw1's current run

@@ -277,6 +277,27 @@ describe('users actor: scenarios', () => {
     assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2]);
   });
 
+  it('opens no session for a CONNECTED from an earlier run of its gateway, and drops the sync that waited for it', () => {
+    const connected: UserCommand = {
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    };
+    // The gateway restarted after recording the connection: it holds the connection no more.
+    assert.deepEqual(decide(connected, view(newUserMeta(), { gatewayStartedAt: T + 1 })), []);
+    const waiting = metaWith({ pendingSyncs: { c1: { deviceId: 'phone', after: FROM_ACK } } });
+    const events = decide(connected, view(waiting, { gatewayStartedAt: T + 1 }));
+    assert.deepEqual(events, [{ type: 'session-closed', connectionId: 'c1' }]);
+    assert.deepEqual(evolve(waiting, events[0]!).pendingSyncs, {});
+    // Recorded in the current run (or no start known): the session opens.
+    for (const gatewayStartedAt of [T, T - 1, undefined])
+      assert.deepEqual(types(decide(connected, view(newUserMeta(), { gatewayStartedAt }))), [
+        'session-opened',
+      ]);
+  });
+
   it('a first-time device gets every kept entry; a sync frame resends above its own `after`', () => {
     const inbox = new Inbox();
     for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
