@@ -208,6 +208,11 @@ class InboxProcessor implements Processor<Input, unknown> {
    * (undefined before the first tick).
    */
   private startsBefore: Map<string, number | undefined> | undefined;
+  /**
+   * Gateways that counted as silent when an entry was held back from their sessions: looked at
+   * as soon as they are live again, however short the silence (a tick may not have seen it).
+   */
+  private readonly heldBackOn = new Set<string>();
   /** How pruning paces itself, and its two walks. */
   private readonly pacing: PruneOptions;
   private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
@@ -265,6 +270,10 @@ class InboxProcessor implements Processor<Input, unknown> {
           ? this.options.gatewayStartedAt?.(command.gatewayId)
           : undefined,
     });
+    if (command.kind === 'append' && !duplicate)
+      for (const session of Object.values(meta.sessions))
+        if (session.live && !liveGateways.has(session.gatewayId))
+          this.heldBackOn.add(session.gatewayId);
     let next = meta;
     for (const event of events) {
       await this.indexSessions(userId, event, next);
@@ -365,7 +374,8 @@ class InboxProcessor implements Processor<Input, unknown> {
    *   had: their sessions are closed, as a DISCONNECTED would have (else they would count as
    *   online, and hold back push notifications).
    * - Sessions on a gateway that counted as silent (its heartbeats held up, say by a broker
-   *   restart) got no live deliveries meanwhile: each that fell behind gets what it missed.
+   *   restart) got no live deliveries meanwhile: each that fell behind gets what it missed,
+   *   however short the silence was.
    *
    * Only the users with sessions on such a gateway are looked at (the sessions store). The first
    * tick of a task looks at the users of every live gateway: either may have happened while the
@@ -377,11 +387,14 @@ class InboxProcessor implements Processor<Input, unknown> {
     const live = this.options.liveGateways();
     const startedAt = (gatewayId: string) => this.options.gatewayStartedAt?.(gatewayId);
     const starts = new Map([...live].map((gatewayId) => [gatewayId, startedAt(gatewayId)]));
+    const heard = [...this.heldBackOn].filter((gatewayId) => live.has(gatewayId));
     // On the first tick every live gateway counts as changed.
-    const changed = [...starts]
-      .filter(([id, start]) => !this.startsBefore?.has(id) || this.startsBefore.get(id) !== start)
-      .map(([id]) => id);
-    this.startsBefore = starts;
+    const changed = new Set([
+      ...heard,
+      ...[...starts.keys()].filter(
+        (id) => !this.startsBefore?.has(id) || this.startsBefore.get(id) !== starts.get(id),
+      ),
+    ]);
     const users = new Set<string>();
     for (const gatewayId of changed)
       for (const [key] of await this.sessions.range(
@@ -409,6 +422,9 @@ class InboxProcessor implements Processor<Input, unknown> {
       await this.handle(userId, { kind: 'catch-up' });
       caughtUp += behind;
     }
+    // Only once the work is done: a tick that failed looks again at the next.
+    this.startsBefore = starts;
+    for (const gatewayId of heard) this.heldBackOn.delete(gatewayId);
     if (closed > 0) this.options.onStaleSessions?.(closed);
     if (caughtUp > 0) this.options.onCatchUp?.(caughtUp);
   }

@@ -258,6 +258,25 @@ describe('users actor on the runtime (embedded log)', function () {
     assert.deepEqual(await seqsDelivered('carol'), [1, 2, 3]);
   });
 
+  it('sends a session what it missed in a silence of its gateway shorter than a tick', async () => {
+    await new Promise((resolve) => setTimeout(resolve, 1100)); // past the first tick's look at all
+    await connect('hugo', 'c9');
+    await sync('hugo', 'c9');
+    await produce(topics.messages, 'hugo', copy('hugo', 'm1'));
+    await eventually(async () => (await seqsDelivered('hugo')).length === 1, 20_000, 'm1');
+
+    liveGateways = new Set(); // gw1 silent, but only until m2 is appended
+    await produce(topics.messages, 'hugo', copy('hugo', 'm2'));
+    const appended = async () =>
+      (await readAll(topics.inboxEntries, codecs[topics.inboxEntries])).some(
+        (e) => e.userId === 'hugo' && e.seq === 2,
+      );
+    await eventually(appended, 20_000, 'm2 appended');
+    liveGateways = new Set(['gw1']);
+    await eventually(async () => (await seqsDelivered('hugo')).length === 2, 20_000, 'catch-up');
+    assert.deepEqual(await seqsDelivered('hugo'), [1, 2]);
+  });
+
   it('closes the sessions a gateway held before it restarted under the same id: their user counts as offline', async () => {
     await connect('erin', 'c5');
     await sync('erin', 'c5');
