@@ -582,7 +582,15 @@ class KafkaLogConsumer implements Consumer {
       this.assigned = assignment;
       const previous = this.assignmentHandled;
       this.assignmentHandled = previous
-        .then(() => this.placePositions(assignment))
+        .then(() => retrying(() => this.placePositions(assignment)))
+        .catch((error: unknown) =>
+          // The partitions still read, from the group's offsets or kafkajs's latest; the
+          // assignment is still handled (a gateway waits for it to accept connections).
+          this.logger.warn(
+            { err: error, groupId: this.options.groupId },
+            'placing positions at the end failed',
+          ),
+        )
         .then(() => handlers.onAssignment?.(assignment))
         .catch((error: unknown) =>
           this.logger.error(
@@ -642,7 +650,8 @@ class KafkaLogConsumer implements Consumer {
       if (this.closed) return;
       this.consumer
         .connect()
-        .then(() => this.consumer.run(this.runConfig))
+        // close() may have come while connecting: nothing runs again, and the connection goes.
+        .then(() => (this.closed ? this.consumer.disconnect() : this.consumer.run(this.runConfig)))
         .catch((error: unknown) => this.startOver(error as Error));
     }, delay);
   }
