@@ -10,7 +10,7 @@ import type { AccountRepository, RefreshTokenRepository } from '../state/account
 import type { AccountOutbox } from './account-outbox.ts';
 import { jsonBody } from './body.ts';
 import { errorHandler } from './errors.ts';
-import { LoginThrottle, type LoginLimits } from './login-throttle.ts';
+import { LoginThrottle, RegistrationLimit, type LoginLimits } from './throttles.ts';
 import { PasswordHasher } from './passwords.ts';
 import { authRouter } from './routes/auth.ts';
 import { meRouter } from './routes/me.ts';
@@ -29,6 +29,8 @@ export interface ApiDeps {
   now?: () => number;
   /** Failed-login limits (DEFAULT_LOGIN_LIMITS unless given). */
   loginLimits?: LoginLimits;
+  /** Registrations per client address per hour (DEFAULT_REGISTRATIONS_PER_HOUR; 0: none). */
+  registrationsPerHour?: number;
   /** Take the client's address from X-Forwarded-For (Koa's `proxy`): only behind a proxy. */
   trustProxy?: boolean;
 }
@@ -47,6 +49,7 @@ export function createApi(deps: ApiDeps): Koa {
     passwords: deps.passwords ?? new PasswordHasher(),
     now: deps.now ?? Date.now,
     loginThrottle: new LoginThrottle(deps.loginLimits),
+    registrationLimit: new RegistrationLimit(deps.registrationsPerHour),
   };
   const routes = new Router();
   routes.use(authRouter(resolved).routes());

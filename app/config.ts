@@ -4,6 +4,7 @@
  * registry.
  */
 import { resolve } from 'node:path';
+import { DEFAULT_REGISTRATIONS_PER_HOUR } from '../api/throttles.ts';
 
 export interface Config {
   port: number;
@@ -17,6 +18,8 @@ export interface Config {
   logLevel: string;
   /** Take the client's address from X-Forwarded-For (behind a proxy that sets it). */
   trustProxy: boolean;
+  /** Registrations a client address may make in an hour (0: no limit). */
+  registrationsPerHour: number;
 }
 
 export class ConfigError extends Error {}
@@ -55,5 +58,12 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     syncWrites: env.SYNC_WRITES === 'true',
     logLevel: env.LOG_LEVEL || 'info',
     trustProxy: env.TRUST_PROXY === 'true',
+    registrationsPerHour: integer(
+      env,
+      'REGISTRATIONS_PER_HOUR',
+      DEFAULT_REGISTRATIONS_PER_HOUR,
+      0,
+      1_000_000_000,
+    ),
   };
 }

@@ -148,6 +148,7 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
     outbox,
     logger: logger.child({ component: 'api' }),
     trustProxy: context.config.trustProxy,
+    registrationsPerHour: context.config.registrationsPerHour,
   });
 }
 

@@ -14,7 +14,7 @@ import {
 import { requireUser, type AuthenticatedState } from '../auth-middleware.ts';
 import { HttpError } from '../errors.ts';
 import type { AccountOutbox } from '../account-outbox.ts';
-import type { LoginThrottle } from '../login-throttle.ts';
+import type { LoginThrottle, RegistrationLimit } from '../throttles.ts';
 import type { PasswordHasher } from '../passwords.ts';
 import { hashRefreshToken, type TokenService } from '../tokens.ts';
 import { loginBody, refreshBody, registerBody, validate } from '../validation.ts';
@@ -28,6 +28,7 @@ export interface AuthRoutesDeps {
   logger: Logger;
   now: () => number;
   loginThrottle: LoginThrottle;
+  registrationLimit: RegistrationLimit;
 }
 
 /** What register, login and refresh answer. */
@@ -54,6 +55,7 @@ export function authRouter(deps: AuthRoutesDeps): Router {
 
   router.post('/register', async (ctx) => {
     const { username: userId, password, displayName } = validate(registerBody, ctx.request.body);
+    await deps.registrationLimit.attempt(ctx.ip);
     // Checked first only to spare a hash; create() is what refuses a concurrent twin.
     if ((await accounts.get(userId)) !== undefined) throw taken(userId);
     const account: Account = { userId, displayName: displayName ?? userId, createdAt: now() };

@@ -889,6 +889,36 @@ describe('TokenService', () => {
   });
 });
 
+describe('REST API: registrations are limited per client address', () => {
+  let api: Harness;
+  afterEach(async () => {
+    await api.stop();
+  });
+  const registerFrom = (address: string, username: string) =>
+    api.call('POST', '/v1/auth/register', {
+      json: { username, password: 'correct horse' },
+      headers: { 'x-forwarded-for': address },
+    });
+
+  it('answers 429 with Retry-After after 3 in an hour from an address, a taken name counted too; other addresses go on', async () => {
+    api = await new Harness().start({ registrationsPerHour: 3, trustProxy: true });
+    assert.equal((await registerFrom('10.0.0.1', 'ann')).status, 201);
+    assertError(await registerFrom('10.0.0.1', 'ann'), 409, 'conflict');
+    assert.equal((await registerFrom('10.0.0.1', 'bea')).status, 201);
+    const refused = await registerFrom('10.0.0.1', 'cal');
+    assertError(refused, 429, 'rate_limited');
+    const retryAfter = Number(refused.headers.get('retry-after'));
+    assert.ok(retryAfter > 3000 && retryAfter <= 3600, `Retry-After ${retryAfter}`);
+    assert.equal((await api.login('cal')).status, 401, 'no account made');
+    assert.equal((await registerFrom('10.0.0.2', 'cal')).status, 201);
+  });
+
+  it('takes no limit at 0', async () => {
+    api = await new Harness().start({ registrationsPerHour: 0 });
+    for (let i = 0; i < 120; i++) assert.equal((await api.register(`user${i}`)).status, 201);
+  });
+});
+
 describe('REST API: failed logins are throttled', () => {
   const limits = { consecutiveFails: 3, consecutiveBlockS: 60, failsPerDay: 5, dailyBlockS: 3600 };
   let api: Harness;

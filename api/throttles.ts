@@ -1,5 +1,8 @@
 /**
- * Throttles password guessing on `POST /v1/auth/login`, after OWASP's authentication cheat
+ * Throttles on the REST API's unauthenticated doors: registrations per client address, and
+ * password guessing.
+ *
+ * Logins: throttled on `POST /v1/auth/login`, after OWASP's authentication cheat
  * sheet and rate-limiter-flexible's login recipe. Only failures count:
  *
  * - failed logins in a row for one username from one client address: the 10th blocks that pair
@@ -34,6 +37,33 @@ export const DEFAULT_LOGIN_LIMITS: LoginLimits = {
 
 const DAY_S = 24 * 3600;
 
+/** Registrations from one client address in an hour. */
+export const DEFAULT_REGISTRATIONS_PER_HOUR = 100;
+
+/**
+ * Registrations from one client address: once `perHour` are made in an hour, the next answer
+ * 429 `rate_limited` with `Retry-After` until the hour is over (0: no limit). Every attempt
+ * counts, a taken username too (trying names tells which exist), so that one client cannot
+ * fill the accounts store or walk the namespace.
+ */
+export class RegistrationLimit {
+  private readonly byAddress: RateLimiterMemory | undefined;
+
+  constructor(perHour = DEFAULT_REGISTRATIONS_PER_HOUR) {
+    if (perHour > 0)
+      this.byAddress = new RateLimiterMemory({
+        keyPrefix: 'register-address',
+        points: perHour,
+        duration: 3600,
+      });
+  }
+
+  /** Takes one registration for the address, or throws 429. */
+  async attempt(address: string): Promise<void> {
+    if (this.byAddress) await take(this.byAddress, address, 'too many registrations');
+  }
+}
+
 export class LoginThrottle {
   private readonly byUserAndAddress: RateLimiterMemory;
   private readonly byAddress: RateLimiterMemory;
@@ -60,9 +90,9 @@ export class LoginThrottle {
    * taken first, so that guesses sent at once cannot all pass before any failure is counted.
    */
   async attempt(username: string, address: string): Promise<void> {
-    await take(this.byAddress, address);
+    await take(this.byAddress, address, 'too many failed logins');
     try {
-      await take(this.byUserAndAddress, pair(username, address));
+      await take(this.byUserAndAddress, pair(username, address), 'too many failed logins');
     } catch (refused) {
       // Refused before any hashing: not a failure of the address.
       await this.byAddress.reward(address, 1);
@@ -78,13 +108,13 @@ export class LoginThrottle {
 }
 
 /** Takes one point, or throws 429 with how long the key is blocked for. */
-async function take(limiter: RateLimiterMemory, key: string): Promise<void> {
+async function take(limiter: RateLimiterMemory, key: string, what: string): Promise<void> {
   try {
     await limiter.consume(key);
   } catch (refused) {
     if (refused instanceof Error) throw refused;
     const retryAfterS = Math.max(1, Math.ceil((refused as RateLimiterRes).msBeforeNext / 1000));
-    throw new HttpError(429, `too many failed logins; try again in ${retryAfterS} s`, {
+    throw new HttpError(429, `${what}; try again in ${retryAfterS} s`, {
       headers: { 'Retry-After': String(retryAfterS) },
     });
   }
