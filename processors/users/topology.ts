@@ -20,7 +20,7 @@ import type {
 import { branchOf } from '../../schemas/avro.ts';
 import { deliveriesTopic, topics } from '../../schemas/topics.ts';
 import type { TopicCodec } from '../../schemas/codec.ts';
-import type { KeyValueStore } from '../../state/store.ts';
+import { keyAfter, type KeyValueStore } from '../../state/store.ts';
 import {
   Topology,
   type Processor,
@@ -83,6 +83,11 @@ class SlicedWalk {
 }
 /** How often the actor looks for gateways heard again, whose sessions may have missed entries. */
 const CATCH_UP_INTERVAL_MS = 1_000;
+/**
+ * Users with sessions on a changed gateway looked at per tick: a gateway of 10,000 connections
+ * that restarts is gone through in ten ticks, each holding its task up only briefly.
+ */
+const GATEWAY_USERS_PER_TICK = 1_000;
 
 export interface UsersCodecs {
   connections: TopicCodec<ConnectionEvent>;
@@ -103,6 +108,8 @@ export interface UsersOptions {
   retentionMs?: number;
   /** How pruning paces itself (for tests; the defaults are above). */
   prune?: PruneOptions;
+  /** Users on changed gateways looked at per tick (for tests; GATEWAY_USERS_PER_TICK). */
+  gatewayUsersPerTick?: number;
   now?: () => number;
   /** Told how many sessions a catch-up sent what they missed (for metrics and logs). */
   onCatchUp?(sessions: number): void;
@@ -213,6 +220,8 @@ class InboxProcessor implements Processor<Input, unknown> {
    * as soon as they are live again, however short the silence (a tick may not have seen it).
    */
   private readonly heldBackOn = new Set<string>();
+  /** Changed gateways whose users are still to be looked at, with the key the walk goes on at. */
+  private readonly looking = new Map<string, string>();
   /** How pruning paces itself, and its two walks. */
   private readonly pacing: PruneOptions;
   private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
@@ -377,9 +386,10 @@ class InboxProcessor implements Processor<Input, unknown> {
    *   restart) got no live deliveries meanwhile: each that fell behind gets what it missed,
    *   however short the silence was.
    *
-   * Only the users with sessions on such a gateway are looked at (the sessions store). The first
-   * tick of a task looks at the users of every live gateway: either may have happened while the
-   * task was elsewhere. (Sessions on a silent gateway count as offline anyway. Sessions opened
+   * Only the users with sessions on such a gateway are looked at (the sessions store), at most
+   * GATEWAY_USERS_PER_TICK a tick, the rest at the next ticks. The first tick of a task looks at
+   * the users of every live gateway: either may have happened while the task was elsewhere.
+   * (Sessions on a silent gateway count as offline anyway. Sessions opened
    * before the sessions store was kept are not in it: they close as before, when DISCONNECTED
    * comes or their gateway goes silent.)
    */
@@ -395,38 +405,56 @@ class InboxProcessor implements Processor<Input, unknown> {
         (id) => !this.startsBefore?.has(id) || this.startsBefore.get(id) !== starts.get(id),
       ),
     ]);
-    const users = new Set<string>();
-    for (const gatewayId of changed)
-      for (const [key] of await this.sessions.range(
-        sessionKey(gatewayId, ''),
-        `${gatewayId}\u0001`,
-      ))
-        users.add(userOfSessionKey(key));
-    let caughtUp = 0;
-    let closed = 0;
-    for (const userId of users) {
-      let meta = await this.metas.get(userId);
-      if (!meta) continue;
-      const stale = Object.entries(meta.sessions).filter(([, session]) => {
-        const start = startedAt(session.gatewayId);
-        return (
-          start !== undefined && session.connectedAt !== undefined && session.connectedAt < start
-        );
-      });
-      for (const [connectionId] of stale)
-        await this.handle(userId, { kind: 'disconnected', connectionId, at: now });
-      if (stale.length > 0) meta = (await this.metas.get(userId)) ?? meta;
-      closed += stale.length;
-      const behind = sessionsBehind(meta, live).length;
-      if (behind === 0) continue;
-      await this.handle(userId, { kind: 'catch-up' });
-      caughtUp += behind;
-    }
-    // Only once the work is done: a tick that failed looks again at the next.
+    // A gateway that changed again while its walk went on is walked again from its first user.
+    for (const gatewayId of changed) this.looking.set(gatewayId, sessionKey(gatewayId, ''));
     this.startsBefore = starts;
     for (const gatewayId of heard) this.heldBackOn.delete(gatewayId);
+
+    let budget = this.options.gatewayUsersPerTick ?? GATEWAY_USERS_PER_TICK;
+    let caughtUp = 0;
+    let closed = 0;
+    for (const [gatewayId, from] of this.looking) {
+      if (budget <= 0) break;
+      const { entries, next } = await this.sessions.scan(from, budget);
+      const end = `${gatewayId}\u0001`;
+      const mine = entries.filter(([key]) => key < end);
+      for (const [key] of mine) {
+        const looked = await this.lookAt(userOfSessionKey(key), live, now);
+        closed += looked.closed;
+        caughtUp += looked.caughtUp;
+        // Where this walk goes on, should a later user's work fail.
+        this.looking.set(gatewayId, keyAfter(key));
+      }
+      budget -= mine.length;
+      if (mine.length < entries.length || next === undefined) this.looking.delete(gatewayId);
+    }
     if (closed > 0) this.options.onStaleSessions?.(closed);
     if (caughtUp > 0) this.options.onCatchUp?.(caughtUp);
+  }
+
+  /**
+   * Closes the user's sessions held for an earlier run of their gateway, then sends the live
+   * sessions that fell behind what they missed.
+   */
+  private async lookAt(
+    userId: string,
+    live: ReadonlySet<string>,
+    now: number,
+  ): Promise<{ closed: number; caughtUp: number }> {
+    let meta = await this.metas.get(userId);
+    if (!meta) return { closed: 0, caughtUp: 0 };
+    const stale = Object.entries(meta.sessions).filter(([, session]) => {
+      const start = this.options.gatewayStartedAt?.(session.gatewayId);
+      return (
+        start !== undefined && session.connectedAt !== undefined && session.connectedAt < start
+      );
+    });
+    for (const [connectionId] of stale)
+      await this.handle(userId, { kind: 'disconnected', connectionId, at: now });
+    if (stale.length > 0) meta = (await this.metas.get(userId)) ?? meta;
+    const behind = sessionsBehind(meta, live).length;
+    if (behind > 0) await this.handle(userId, { kind: 'catch-up' });
+    return { closed: stale.length, caughtUp: behind };
   }
 
   /** Drops acknowledged and expired entries, and dedup keys past retention. */

@@ -23,11 +23,17 @@ import {
 } from '../../processors/users/topology.ts';
 import { FROM_ACK } from '../../processors/users/decider.ts';
 import { eventually } from '../support/log-helpers.ts';
+import { partitionFor } from '../../log/partitioner.ts';
 
 /** The users actor on its own embedded log, state database and runtime. */
 type ActorOptions = Pick<
   UsersOptions,
-  'liveGateways' | 'gatewayStartedAt' | 'retentionMs' | 'prune'
+  | 'liveGateways'
+  | 'gatewayStartedAt'
+  | 'retentionMs'
+  | 'prune'
+  | 'gatewayUsersPerTick'
+  | 'onStaleSessions'
 >;
 
 class Actor {
@@ -353,6 +359,53 @@ describe('users actor on the runtime (embedded log)', function () {
       20_000,
       "frank's session closed once the tasks opened",
     );
+  });
+});
+
+describe('users actor looking at a restarted gateway (embedded log)', function () {
+  this.timeout(30_000);
+
+  it("closes its users' sessions at most 2 users a tick (gatewayUsersPerTick), until every one is", async () => {
+    const gatewayStarts = new Map<string, number>([['gw1', T]]);
+    const closedPerTick: number[] = [];
+    const actor = await Actor.open({
+      liveGateways: () => new Set(['gw1']),
+      gatewayStartedAt: (gatewayId) => gatewayStarts.get(gatewayId),
+      gatewayUsersPerTick: 2,
+      onStaleSessions: (closed) => closedPerTick.push(closed),
+    });
+    try {
+      // Five users of one partition: one task holds them all.
+      const users = Array.from({ length: 200 }, (_, i) => `u${i}`)
+        .filter((userId) => partitionFor(Buffer.from(userId), 12) === 0)
+        .slice(0, 5);
+      assert.equal(users.length, 5);
+      for (const userId of users)
+        await actor.produce(topics.connections, userId, {
+          userId,
+          deviceId: 'phone',
+          gatewayId: 'gw1',
+          connectionId: `c-${userId}`,
+          state: 'CONNECTED',
+          at: T + 1,
+        });
+      const onGw1 = async () =>
+        (await actor.committedKeys('sessions')).filter((key) => key.startsWith('gw1\u0000'));
+      await eventually(async () => (await onGw1()).length === 5, 20_000, 'five sessions on gw1');
+
+      gatewayStarts.set('gw1', T + 1000); // gw1 crashed and came back
+      await eventually(async () => (await onGw1()).length === 0, 20_000, 'every session closed');
+      assert.equal(
+        closedPerTick.reduce((a, b) => a + b, 0),
+        5,
+      );
+      assert.ok(
+        closedPerTick.every((closed) => closed <= 2),
+        `closed per tick: ${closedPerTick.join(', ')}`,
+      );
+    } finally {
+      await actor.close();
+    }
   });
 });
 
