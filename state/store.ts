@@ -23,7 +23,7 @@ export interface KeyValueStore<V> {
   range(from: string, to: string): Promise<Array<[string, V]>>;
   all(): Promise<Array<[string, V]>>;
   /**
-   * A slice of a long scan: up to `limit` entries with key >= from, in key order, and where the
+   * A slice of a long scan: up to `limit` (1 or more) entries with key >= from, in key order, and where the
    * next slice starts (undefined: this one reached the end). A punctuator that walks a large
    * store a slice per tick holds its task up for a bounded time.
    */
@@ -33,6 +33,12 @@ export interface KeyValueStore<V> {
 export interface ScanSlice<V> {
   entries: Array<[string, V]>;
   next: string | undefined;
+}
+
+/** A scan's limit is a whole number of entries, 1 or more. */
+export function assertLimit(limit: number): void {
+  if (!Number.isInteger(limit) || limit < 1)
+    throw new RangeError(`a scan takes a limit of 1 or more entries, not ${limit}`);
 }
 
 /** The smallest key after `key`, in the byte order of RocksDB and the string order of JS alike. */
@@ -67,6 +73,7 @@ export class InMemoryKeyValueStore<V> implements KeyValueStore<V> {
   }
 
   async scan(from: string, limit: number): Promise<ScanSlice<V>> {
+    assertLimit(limit);
     const after = (await this.all()).filter(([k]) => k >= from);
     const entries = after.slice(0, limit);
     return {

@@ -11,7 +11,7 @@
  * as Kafka Streams' record cache does: a read from RocksDB is a round trip through the native
  * thread pool, which dominated the cost of a record before the cache.
  */
-import { keyAfter, type KeyValueStore, type ScanSlice, type Serde } from './store.ts';
+import { assertLimit, keyAfter, type KeyValueStore, type ScanSlice, type Serde } from './store.ts';
 import type { StateDb, StateWrite } from './state-db.ts';
 
 const DELETED = Symbol('deleted');
@@ -79,6 +79,7 @@ export class TaskStore<V> implements KeyValueStore<V> {
   }
 
   async scan(from: string, limit: number): Promise<ScanSlice<V>> {
+    assertLimit(limit);
     const stored = await this.db.range(this.name, this.partition, from, undefined, limit);
     // RocksDB may hold more past the slice's last key: uncommitted writes past it wait for the
     // next slice, which starts right after it.

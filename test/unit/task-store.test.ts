@@ -85,6 +85,12 @@ describe('task store', () => {
     assert.ok(slices >= 3, `${slices} slices of at most 2 committed entries`);
   });
 
+  it('refuses a scan of no entries with a clear error', async () => {
+    const store = new TaskStore<number>('s', 3, db, jsonSerde());
+    for (const limit of [0, -1, 1.5]) await assert.rejects(store.scan('', limit), RangeError);
+    await assert.rejects(new InMemoryKeyValueStore<number>('s').scan('', 0), RangeError);
+  });
+
   it('keeps its share apart from other partitions and stores in the shared database', async () => {
     const mine = new TaskStore<string>('s', 1, db, jsonSerde());
     const other = new TaskStore<string>('s', 2, db, jsonSerde());
