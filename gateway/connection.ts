@@ -1,7 +1,9 @@
 /**
- * One WebSocket connection of one device: its client frames, handled strictly one after
- * another (an `ack` is durable before the next frame is handled, `sent` answers come back in
- * send order), and the frames written to it, never more than the send buffer limit.
+ * One WebSocket connection of one device: its client frames, issued one after another (their
+ * records reach the producer in frame order, so the log keeps the order of a device's frames
+ * on each partition) and answered in the same order (`sent` answers come back in send order,
+ * each once its records are durable), and the frames written to it, never more than the send
+ * buffer limit.
  *
  * The connection is `opening` until the gateway has made its CONNECTED event durable and
  * calls `start`: then `ready` is written first, and the frames that arrived before it follow.
@@ -35,6 +37,7 @@ import {
 import {
   MAX_HELD_BEFORE_READY_BYTES,
   MAX_QUEUED_FRAMES,
+  MAX_UNANSWERED_FRAMES,
   SLOW_CONSUMER_CLOSE_CODE,
 } from './limits.ts';
 import { messageIdFor } from './message-id.ts';
@@ -67,6 +70,16 @@ export interface ConnectionIdentity extends Identity {
 
 type State = 'opening' | 'ready' | 'closed';
 
+/**
+ * A frame whose checks have run and whose records, if any, were handed to the producer: once
+ * they are durable (and every earlier frame is answered), `answer` writes its answer, if any.
+ */
+interface Issued {
+  frame?: ClientFrame;
+  durable?: Promise<unknown>;
+  answer?: () => void;
+}
+
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
 export class Connection {
@@ -77,6 +90,10 @@ export class Connection {
   private readonly queue: ParsedFrame[] = [];
   private draining = false;
   private handling: Promise<void> = Promise.resolve();
+  /** Settles once every frame issued so far is answered; never rejects. */
+  private answered: Promise<void> = Promise.resolve();
+  /** Frames issued and not answered yet. */
+  private unanswered = 0;
   private paused = false;
   /** Deliveries that came before `ready` was written (in practice none: see `deliver`). */
   private held: string[] = [];
@@ -195,11 +212,12 @@ export class Connection {
     this.held = [];
   }
 
-  // ---- handling, one frame at a time ----
+  // ---- handling: frames issued one after another, answered in the same order ----
 
-  /** Resolves once the frame being handled, if any, is done (and its records produced). */
-  settled(): Promise<void> {
-    return this.handling;
+  /** Resolves once every frame taken so far is answered (and its records are durable). */
+  async settled(): Promise<void> {
+    await this.handling;
+    await this.answered;
   }
 
   private drain(): void {
@@ -208,10 +226,17 @@ export class Connection {
     this.handling = this.handleQueued();
   }
 
+  /**
+   * Issues each queued frame in turn: its checks run and its records go to the producer, in
+   * frame order, without waiting for the records before to be durable. Its answer waits for its
+   * records and for every earlier frame's answer, so answers still come in frame order.
+   */
   private async handleQueued(): Promise<void> {
     try {
       while (this.queue.length > 0 && this.state === 'ready' && !this.closing) {
-        await this.handle(this.queue.shift()!);
+        if (this.unanswered >= MAX_UNANSWERED_FRAMES) await this.answered;
+        const issued = await this.issue(this.queue.shift()!);
+        this.answerInTurn(issued);
         if (this.paused && this.queue.length <= MAX_QUEUED_FRAMES / 2) {
           this.paused = false;
           this.ws.resume();
@@ -222,25 +247,50 @@ export class Connection {
     }
   }
 
-  private async handle(parsed: ParsedFrame): Promise<void> {
-    if (parsed.error) return this.refuse(parsed.error);
+  private answerInTurn(issued: Issued): void {
+    const before = this.answered;
+    this.unanswered++;
+    this.answered = (async () => {
+      let failure: { error: unknown } | undefined;
+      try {
+        await issued.durable;
+      } catch (error) {
+        failure = { error };
+      }
+      await before;
+      this.unanswered--;
+      if (failure) this.failed(issued.frame!, failure.error);
+      else issued.answer?.();
+    })();
+  }
+
+  /** Runs a frame's checks and hands its records to the producer; never throws. */
+  private async issue(parsed: ParsedFrame): Promise<Issued> {
+    if (parsed.error) {
+      const error = parsed.error;
+      return { answer: () => this.refuse(error) };
+    }
     const frame = parsed.frame;
     try {
-      await this.handleFrame(frame);
+      return { frame, ...(await this.issueFrame(frame)) };
     } catch (error) {
-      this.logger.error({ err: error, frame: frame.type }, 'frame failed');
-      this.refuse({
-        code: 'internal',
-        message:
-          frame.type === 'send'
-            ? 'the message could not be stored; send it again with the same id'
-            : `the ${frame.type} frame could not be handled; send it again`,
-        ...(frame.id === undefined ? {} : { id: frame.id }),
-      });
+      return { frame, durable: Promise.reject(error) };
     }
   }
 
-  private async handleFrame(frame: ClientFrame): Promise<void> {
+  private failed(frame: ClientFrame, error: unknown): void {
+    this.logger.error({ err: error, frame: frame.type }, 'frame failed');
+    this.refuse({
+      code: 'internal',
+      message:
+        frame.type === 'send'
+          ? 'the message could not be stored; send it again with the same id'
+          : `the ${frame.type} frame could not be handled; send it again`,
+      ...(frame.id === undefined ? {} : { id: frame.id }),
+    });
+  }
+
+  private async issueFrame(frame: ClientFrame): Promise<Issued> {
     const { userId, deviceId, connectionId } = this.identity;
     switch (frame.type) {
       case 'send':
@@ -262,8 +312,7 @@ export class Connection {
       case 'sync':
         return this.command({ [fullNames.Sync]: { deviceId, connectionId, after: frame.after } });
       case 'ping':
-        this.write(pongFrame(frame.id));
-        return;
+        return { answer: () => this.write(pongFrame(frame.id)) };
       default:
         throw new TypeError(`unhandled frame of ${userId}: ${(frame as { type: string }).type}`);
     }
@@ -274,11 +323,12 @@ export class Connection {
    * Group: one GroupSend keyed by the group, for the groups actor to fan out. `sent` only once
    * the records are durable.
    */
-  private async send(frame: SendFrame): Promise<void> {
+  private async send(frame: SendFrame): Promise<Issued> {
     const { userId, deviceId } = this.identity;
     const messageId = messageIdFor(userId, deviceId, frame.id);
     const at = this.context.now();
     const { codecs } = this.context;
+    let durable: Promise<unknown>;
     if (frame.recipient.kind === 'user') {
       const to = frame.recipient.userId;
       if (!(await this.context.userExists(to))) return this.unknownUser(to, frame.id);
@@ -291,7 +341,7 @@ export class Connection {
         sentAt: at,
       };
       const entry = { [fullNames.MessageCopy]: copy };
-      await this.context.producer.send([
+      durable = this.context.producer.send([
         record(topics.messages, to, codecs.messages.encode({ userId: to, entry })),
         record(topics.messages, userId, codecs.messages.encode({ userId, entry })),
       ]);
@@ -307,15 +357,15 @@ export class Connection {
           sentAt: at,
         },
       };
-      await this.context.producer.send([
+      durable = this.context.producer.send([
         record(topics.groupMessages, groupId, codecs.groupMessages.encode({ groupId, payload })),
       ]);
     }
-    this.write(sentFrame(frame.id, messageId, at));
+    return { durable, answer: () => this.write(sentFrame(frame.id, messageId, at)) };
   }
 
   /** 1:1 typing goes to the users actor keyed by the recipient; group typing to the group. */
-  private async typing(frame: TypingFrameIn): Promise<void> {
+  private async typing(frame: TypingFrameIn): Promise<Issued> {
     const from = this.identity.userId;
     const at = this.context.now();
     if (frame.recipient.kind === 'user') {
@@ -323,39 +373,46 @@ export class Connection {
       if (!(await this.context.userExists(to))) return this.unknownUser(to, frame.id);
       const typing = { from, to, group: null, state: frame.state, at };
       const command: UserCommand = { userId: to, at, command: { [fullNames.Typing]: typing } };
-      await this.context.producer.send([
-        record(topics.userCommands, to, this.context.codecs.userCommands.encode(command)),
-      ]);
-      return;
+      return {
+        durable: this.context.producer.send([
+          record(topics.userCommands, to, this.context.codecs.userCommands.encode(command)),
+        ]),
+      };
     }
     const { groupId } = frame.recipient;
     if (!(await this.groupExists(groupId))) return this.unknownGroup(groupId, frame.id);
     const typing = { from, to: null, group: groupId, state: frame.state, at };
     const message: GroupMessage = { groupId, payload: { [fullNames.Typing]: typing } };
-    await this.context.producer.send([
-      record(topics.groupMessages, groupId, this.context.codecs.groupMessages.encode(message)),
-    ]);
+    return {
+      durable: this.context.producer.send([
+        record(topics.groupMessages, groupId, this.context.codecs.groupMessages.encode(message)),
+      ]),
+    };
   }
 
-  /** A UserCommand about this user, keyed by it; resolves once durable. */
-  private async command(command: UserCommand['command']): Promise<void> {
+  /** A UserCommand about this user, keyed by it. */
+  private command(command: UserCommand['command']): Issued {
     const { userId } = this.identity;
     const value: UserCommand = { userId, at: this.context.now(), command };
-    await this.context.producer.send([
-      record(topics.userCommands, userId, this.context.codecs.userCommands.encode(value)),
-    ]);
+    return {
+      durable: this.context.producer.send([
+        record(topics.userCommands, userId, this.context.codecs.userCommands.encode(value)),
+      ]),
+    };
   }
 
   private async groupExists(groupId: string): Promise<boolean> {
     return this.context.groupExists ? await this.context.groupExists(groupId) : true;
   }
 
-  private unknownUser(userId: string, id: string | undefined): void {
-    this.refuse({ code: 'unknown_recipient', message: `no user "${userId}"`, ...idOf(id) });
+  private unknownUser(userId: string, id: string | undefined): Issued {
+    const error = { code: 'unknown_recipient' as const, message: `no user "${userId}"` };
+    return { answer: () => this.refuse({ ...error, ...idOf(id) }) };
   }
 
-  private unknownGroup(groupId: string, id: string | undefined): void {
-    this.refuse({ code: 'unknown_recipient', message: `no group "${groupId}"`, ...idOf(id) });
+  private unknownGroup(groupId: string, id: string | undefined): Issued {
+    const error = { code: 'unknown_recipient' as const, message: `no group "${groupId}"` };
+    return { answer: () => this.refuse({ ...error, ...idOf(id) }) };
   }
 
   private refuse(error: FrameError): void {

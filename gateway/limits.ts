@@ -78,6 +78,14 @@ export const HEARTBEAT_INTERVAL_MS = 5_000;
 export const MAX_QUEUED_FRAMES = 64;
 
 /**
+ * Frames of one connection whose records are on their way to the log and whose answers wait for
+ * them: at this many the connection issues no more until they are answered. Frames are issued
+ * without waiting for the records before them to be durable (a burst of sends costs about one
+ * write, not one each), and this bounds what one connection holds in the producer.
+ */
+export const MAX_UNANSWERED_FRAMES = 32;
+
+/**
  * Entries delivered before `ready` has been written are held until it has, up to this many
  * bytes; beyond it the connection is closed as a slow consumer.
  */

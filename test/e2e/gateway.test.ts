@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { jwtVerify, SignJWT } from 'jose';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import type { ProducerRecord } from '../../log/port.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { bootstrap, type ChatCodecs } from '../../app/bootstrap.ts';
 import { avroTypeOptions, loadSchema } from '../../schemas/avro.ts';
@@ -29,6 +30,7 @@ import {
 import { Metrics } from '../../observability/metrics.ts';
 import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
+import { MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
 import { eventually, uniqueName } from '../support/log-helpers.ts';
 
 const PARTITIONS = 12;
@@ -488,6 +490,62 @@ describe('gateway (WebSocket, embedded log)', function () {
       const other = await second.request({ type: 'send', id: 'retry-2', to: bob, body: 'x' });
       assert.notEqual(other.messageId, a.messageId);
       second.close();
+    });
+
+    it('issues sends without waiting for the ones before to be durable, up to a bound, and answers them in order', async () => {
+      const slow = newUser('slowpoke');
+      const fast = newUser('fast');
+      let release!: () => void;
+      const released = new Promise<void>((resolve) => (release = resolve));
+      // The log stores a send to `slow` at once, but says so only once released.
+      const slowLog = new Proxy(log, {
+        get(target, property) {
+          if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
+          return async () => {
+            const producer = await target.producer();
+            return new Proxy(producer, {
+              get(inner, name) {
+                if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
+                return async (records: ProducerRecord[]) => {
+                  const stored = await inner.send(records);
+                  if (records.some((r) => r.key?.toString() === slow)) await released;
+                  return stored;
+                };
+              },
+            });
+          };
+        },
+      });
+      const at = await startGateway({ log: slowLog });
+      try {
+        const client = await connect(newUser(), 'default', at);
+        client.send({ type: 'send', id: 's0', to: slow, body: 0 });
+        for (let i = 1; i <= 40; i++) client.send({ type: 'send', id: `s${i}`, to: fast, body: i });
+        // Issued without waiting, up to the bound of frames waiting for their answers.
+        const storedForFast = async () =>
+          (await inboxCommands()).filter((r) => r.key === fast).length;
+        await eventually(
+          async () => (await storedForFast()) === MAX_UNANSWERED_FRAMES - 1,
+          5_000,
+          'the sends after the first, stored while it is not answered',
+        );
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.equal(await storedForFast(), MAX_UNANSWERED_FRAMES - 1, 'no more than the bound');
+        assert.deepEqual(
+          client.frames.filter((f) => f.type === 'sent'),
+          [],
+          'no answer before the first send is durable',
+        );
+        release();
+        for (let i = 0; i <= 40; i++) {
+          const { type, id } = await client.next();
+          assert.deepEqual([type, id], ['sent', `s${i}`]);
+        }
+        assert.equal(await storedForFast(), 40);
+        client.close();
+      } finally {
+        release();
+      }
     });
 
     it('answers sent in send order', async () => {
