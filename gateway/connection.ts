@@ -234,7 +234,10 @@ export class Connection {
   private async handleQueued(): Promise<void> {
     try {
       while (this.queue.length > 0 && this.state === 'ready' && !this.closing) {
-        if (this.unanswered >= MAX_UNANSWERED_FRAMES) await this.answered;
+        if (this.unanswered >= MAX_UNANSWERED_FRAMES) {
+          await this.answered;
+          continue; // the connection may have closed meanwhile (and its queue been emptied)
+        }
         const issued = await this.issue(this.queue.shift()!);
         this.answerInTurn(issued);
         if (this.paused && this.queue.length <= MAX_QUEUED_FRAMES / 2) {
@@ -259,8 +262,13 @@ export class Connection {
       }
       await before;
       this.unanswered--;
-      if (failure) this.failed(issued.frame!, failure.error);
-      else issued.answer?.();
+      try {
+        if (failure) this.failed(issued.frame!, failure.error);
+        else issued.answer?.();
+      } catch (error) {
+        // `answered` never rejects: the answers after this one still go out.
+        this.logger.error({ err: error }, 'answering a frame failed');
+      }
     })();
   }
 

@@ -492,13 +492,11 @@ describe('gateway (WebSocket, embedded log)', function () {
       second.close();
     });
 
-    it('issues sends without waiting for the ones before to be durable, up to a bound, and answers them in order', async () => {
-      const slow = newUser('slowpoke');
-      const fast = newUser('fast');
+    /** The log, but a send to `userId` is stored at once and said to be durable only once released. */
+    function holdingSendsTo(userId: string): { log: EmbeddedLog; release: () => void } {
       let release!: () => void;
       const released = new Promise<void>((resolve) => (release = resolve));
-      // The log stores a send to `slow` at once, but says so only once released.
-      const slowLog = new Proxy(log, {
+      const held = new Proxy(log, {
         get(target, property) {
           if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
           return async () => {
@@ -508,7 +506,7 @@ describe('gateway (WebSocket, embedded log)', function () {
                 if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
                 return async (records: ProducerRecord[]) => {
                   const stored = await inner.send(records);
-                  if (records.some((r) => r.key?.toString() === slow)) await released;
+                  if (records.some((r) => r.key?.toString() === userId)) await released;
                   return stored;
                 };
               },
@@ -516,6 +514,13 @@ describe('gateway (WebSocket, embedded log)', function () {
           };
         },
       });
+      return { log: held, release };
+    }
+
+    it('issues sends without waiting for the ones before to be durable, up to a bound, and answers them in order', async () => {
+      const slow = newUser('slowpoke');
+      const fast = newUser('fast');
+      const { log: slowLog, release } = holdingSendsTo(slow);
       const at = await startGateway({ log: slowLog });
       try {
         const client = await connect(newUser(), 'default', at);
@@ -543,6 +548,38 @@ describe('gateway (WebSocket, embedded log)', function () {
         }
         assert.equal(await storedForFast(), 40);
         client.close();
+      } finally {
+        release();
+      }
+    });
+
+    it('produces DISCONNECTED for a client that closes with frames waiting for their answers', async () => {
+      const slow = newUser('slowpoke');
+      const { log: slowLog, release } = holdingSendsTo(slow);
+      const at = await startGateway({ log: slowLog });
+      try {
+        const sender = newUser();
+        const client = await connect(sender, 'default', at);
+        const connectionId = await connectionIdOf(at, sender, 'default');
+        for (let i = 0; i < MAX_UNANSWERED_FRAMES + 8; i++)
+          client.send({ type: 'send', id: `s${i}`, to: slow, body: i });
+        await eventually(
+          async () =>
+            (await inboxCommands()).filter((r) => r.key === slow).length === MAX_UNANSWERED_FRAMES,
+          5_000,
+          'the bound of sends issued',
+        );
+        client.close();
+        await client.closed;
+        release();
+        await eventually(
+          async () =>
+            (await connectionEvents()).some(
+              (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
+            ),
+          5_000,
+          'DISCONNECTED of the closed connection',
+        );
       } finally {
         release();
       }
