@@ -92,8 +92,8 @@ export class Connection {
   private handling: Promise<void> = Promise.resolve();
   /** Settles once every frame issued so far is answered; never rejects. */
   private answered: Promise<void> = Promise.resolve();
-  /** Frames issued and not answered yet. */
-  private unanswered = 0;
+  /** One promise per frame issued and not answered yet, oldest first: each settles with it. */
+  private readonly unanswered: Array<Promise<void>> = [];
   private paused = false;
   /** Deliveries that came before `ready` was written (in practice none: see `deliver`). */
   private held: string[] = [];
@@ -234,8 +234,9 @@ export class Connection {
   private async handleQueued(): Promise<void> {
     try {
       while (this.queue.length > 0 && this.state === 'ready' && !this.closing) {
-        if (this.unanswered >= MAX_UNANSWERED_FRAMES) {
-          await this.answered;
+        if (this.unanswered.length >= MAX_UNANSWERED_FRAMES) {
+          // A window: the next frame goes as soon as the oldest is answered.
+          await this.unanswered[0];
           continue; // the connection may have closed meanwhile (and its queue been emptied)
         }
         const issued = await this.issue(this.queue.shift()!);
@@ -252,7 +253,6 @@ export class Connection {
 
   private answerInTurn(issued: Issued): void {
     const before = this.answered;
-    this.unanswered++;
     this.answered = (async () => {
       let failure: { error: unknown } | undefined;
       try {
@@ -261,7 +261,7 @@ export class Connection {
         failure = { error };
       }
       await before;
-      this.unanswered--;
+      this.unanswered.shift(); // this frame's: answers come in the order frames were issued
       try {
         if (failure) this.failed(issued.frame!, failure.error);
         else issued.answer?.();
@@ -270,6 +270,7 @@ export class Connection {
         this.logger.error({ err: error }, 'answering a frame failed');
       }
     })();
+    this.unanswered.push(this.answered);
   }
 
   /** Runs a frame's checks and hands its records to the producer; never throws. */

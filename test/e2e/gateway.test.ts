@@ -493,9 +493,22 @@ describe('gateway (WebSocket, embedded log)', function () {
     });
 
     /** The log, but a send to `userId` is stored at once and said to be durable only once released. */
-    function holdingSendsTo(userId: string): { log: EmbeddedLog; release: () => void } {
-      let release!: () => void;
-      const released = new Promise<void>((resolve) => (release = resolve));
+    /**
+     * The log, whose sends of records keyed by these users resolve only once released (each
+     * user on its own with `releaseFor`, all of them with `release`).
+     */
+    function holdingSendsTo(...userIds: string[]): {
+      log: EmbeddedLog;
+      release: () => void;
+      releaseFor: (userId: string) => void;
+    } {
+      const releases = new Map<string, () => void>();
+      const holds = new Map(
+        userIds.map((userId) => [
+          userId,
+          new Promise<void>((resolve) => releases.set(userId, resolve)),
+        ]),
+      );
       const held = new Proxy(log, {
         get(target, property) {
           if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
@@ -506,7 +519,7 @@ describe('gateway (WebSocket, embedded log)', function () {
                 if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
                 return async (records: ProducerRecord[]) => {
                   const stored = await inner.send(records);
-                  if (records.some((r) => r.key?.toString() === userId)) await released;
+                  for (const record of records) await holds.get(record.key?.toString() ?? '');
                   return stored;
                 };
               },
@@ -514,7 +527,11 @@ describe('gateway (WebSocket, embedded log)', function () {
           };
         },
       });
-      return { log: held, release };
+      return {
+        log: held,
+        release: () => releases.forEach((release) => release()),
+        releaseFor: (userId) => releases.get(userId)!(),
+      };
     }
 
     it('issues sends without waiting for the ones before to be durable, up to a bound, and answers them in order', async () => {
@@ -547,6 +564,46 @@ describe('gateway (WebSocket, embedded log)', function () {
           assert.deepEqual([type, id], ['sent', `s${i}`]);
         }
         assert.equal(await storedForFast(), 40);
+        client.close();
+      } finally {
+        release();
+      }
+    });
+
+    it('issues the next frame at the bound as soon as the oldest is answered, not all of them', async () => {
+      const first = newUser('first');
+      const second = newUser('second');
+      const fast = newUser('fast');
+      const { log: heldLog, release, releaseFor } = holdingSendsTo(first, second);
+      const at = await startGateway({ log: heldLog });
+      try {
+        const client = await connect(newUser(), 'default', at);
+        client.send({ type: 'send', id: 's0', to: first, body: 0 });
+        client.send({ type: 'send', id: 's1', to: second, body: 1 });
+        for (let i = 2; i <= 40; i++) client.send({ type: 'send', id: `s${i}`, to: fast, body: i });
+        const storedForFast = async () =>
+          (await inboxCommands()).filter((r) => r.key === fast).length;
+        await eventually(
+          async () => (await storedForFast()) === MAX_UNANSWERED_FRAMES - 2,
+          5_000,
+          'the bound of sends issued',
+        );
+        releaseFor(first);
+        const answer = await client.next();
+        assert.deepEqual([answer.type, answer.id], ['sent', 's0']);
+        // s1 is still not answered, and every frame after it waits for it; the window moved on by one.
+        await eventually(
+          async () => (await storedForFast()) === MAX_UNANSWERED_FRAMES - 1,
+          5_000,
+          'one more send issued once the oldest was answered',
+        );
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.equal(await storedForFast(), MAX_UNANSWERED_FRAMES - 1, 'no more than one');
+        releaseFor(second);
+        for (let i = 1; i <= 40; i++) {
+          const { type, id } = await client.next();
+          assert.deepEqual([type, id], ['sent', `s${i}`]);
+        }
         client.close();
       } finally {
         release();
