@@ -2,7 +2,7 @@
  * The chat benchmark.
  *
  *   npm run bench -- chat [--pairs P] [--window W] [--seconds S] [--warmup S] [--idle N]
- *                         [--shapes relay,embedded,kafka] [--profile DIR]
+ *                         [--shapes relay,embedded,kafka,kafka-split] [--profile DIR]
  *
  * For each shape, a server process and a load generator in its own process (bench/chat/load.ts):
  * P pairs of users, each sender keeping at most W messages in flight until its recipient has
@@ -10,7 +10,10 @@
  * - relay: bench/chat/relay.ts, a bare `ws` relay (no auth, no log, no durability): the ceiling
  *   a Node WebSocket path reaches on this machine, and the baseline of every ratio;
  * - embedded: `npm start`'s process on the embedded log;
- * - kafka: the same process on Apache Kafka (KAFKA_BROKERS; SCHEMA_REGISTRY_URL when set).
+ * - kafka: the same process on Apache Kafka (KAFKA_BROKERS; SCHEMA_REGISTRY_URL when set);
+ * - kafka-split: on Kafka too, the same process and a second one running `processor users`: the
+ *   users actor's tasks are shared between them, as in the distributed deployment (a role scales
+ *   by adding processes), so that the Node side has two main threads. CPU is the sum of both.
  * It prints delivered messages/s and its ratio to the relay, latency from send to receipt at the
  * recipient, `sent` latency, lost and duplicated messages, the server's and the load
  * generator's CPU use, and the server's RSS per idle connection: 2N connections that only wait,
@@ -28,7 +31,8 @@ import type { LoadConfig, LoadResult } from './chat/load.ts';
 import { summarizeProfile } from './profile.ts';
 import { freePort } from '../test/support/process.ts';
 
-type ShapeName = 'relay' | 'embedded' | 'kafka';
+type ShapeName = 'relay' | 'embedded' | 'kafka' | 'kafka-split';
+const onKafka = (shape: ShapeName) => shape === 'kafka' || shape === 'kafka-split';
 
 interface Server {
   child: ChildProcess;
@@ -37,9 +41,39 @@ interface Server {
   stop(): Promise<void>;
 }
 
+/** A shape's processes: the first serves the clients; all of them are measured. */
+interface Shape {
+  servers: Server[];
+  stop(): Promise<void>;
+}
+
+async function startShape(shape: ShapeName, dataDir: string, profileDir?: string): Promise<Shape> {
+  const jwtSecret = randomBytes(32).toString('base64url');
+  const servers = [await startServer(shape, [], join(dataDir, 'all'), jwtSecret, profileDir)];
+  const stop = () => Promise.all(servers.map((s) => s.stop())).then(() => undefined);
+  try {
+    if (shape === 'kafka-split')
+      servers.push(
+        await startServer(
+          shape,
+          ['processor', 'users'],
+          join(dataDir, 'users'),
+          jwtSecret,
+          profileDir,
+        ),
+      );
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+  return { servers, stop };
+}
+
 async function startServer(
   shape: ShapeName,
+  role: string[],
   dataDir: string,
+  jwtSecret: string,
   profileDir?: string,
 ): Promise<Server> {
   const port = await freePort();
@@ -53,13 +87,15 @@ async function startServer(
     // Its load generator registers every user, 10,100 by default, from one address.
     REGISTRATIONS_PER_HOUR: '0',
     GATEWAY_ID: `bench-${randomBytes(3).toString('hex')}`,
+    JWT_SECRET: jwtSecret,
   };
-  env.JWT_SECRET = randomBytes(32).toString('base64url');
-  if (shape !== 'kafka') delete env.KAFKA_BROKERS;
-  if (shape !== 'kafka') delete env.SCHEMA_REGISTRY_URL;
+  if (!onKafka(shape)) delete env.KAFKA_BROKERS;
+  if (!onKafka(shape)) delete env.SCHEMA_REGISTRY_URL;
   const script = shape === 'relay' ? 'bench/chat/relay.ts' : 'app/main.ts';
-  const profile = profileDir ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, shape)}`] : [];
-  const child = spawn(process.execPath, ['--import', 'tsx', ...profile, script], {
+  const profile = profileDir
+    ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, shape, role.join('-') || 'all')}`]
+    : [];
+  const child = spawn(process.execPath, ['--import', 'tsx', ...profile, script, ...role], {
     env,
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -82,7 +118,7 @@ async function startServer(
   return {
     child,
     url,
-    jwtSecret: env.JWT_SECRET,
+    jwtSecret,
     async stop() {
       child.kill('SIGTERM');
       await exited;
@@ -128,19 +164,21 @@ export async function run(args: string[]): Promise<void> {
     'embedded',
     ...(process.env.KAFKA_BROKERS ? ['kafka'] : []),
   ]) as ShapeName[];
-  if (shapes.includes('kafka') && !process.env.KAFKA_BROKERS)
-    throw new Error('the kafka shape needs KAFKA_BROKERS');
+  if (shapes.some(onKafka) && !process.env.KAFKA_BROKERS)
+    throw new Error('the kafka shapes need KAFKA_BROKERS');
   const profileDir = values.profile ? resolve(values.profile) : undefined;
   const results = new Map<ShapeName, LoadResult>();
   for (const shape of shapes) {
     console.error(`\n${shape}:`);
     const dataDir = await mkdtemp(join(tmpdir(), `kchat-bench-chat-${shape}-`));
-    const server = await startServer(shape, dataDir, profileDir);
+    const { servers, stop } = await startShape(shape, dataDir, profileDir);
+    const server = servers[0]!;
     try {
       results.set(
         shape,
         await runLoad({
           url: server.url,
+          metricsUrls: servers.map((s) => `${s.url}/metrics`),
           kind: shape === 'relay' ? 'relay' : 'chat',
           pairs: Number(values.pairs),
           window: Number(values.window),
@@ -148,12 +186,12 @@ export async function run(args: string[]): Promise<void> {
           seconds: Number(values.seconds),
           idle: Number(values.idle),
           bodyBytes: 100,
-          serverPid: server.child.pid!,
+          serverPids: servers.map((s) => s.child.pid!),
           jwtSecret: shape === 'relay' ? undefined : server.jwtSecret,
         }),
       );
     } finally {
-      await server.stop();
+      await stop();
       await rm(dataDir, { recursive: true, force: true });
     }
   }
@@ -188,11 +226,13 @@ export async function run(args: string[]): Promise<void> {
   }
   if (profileDir) {
     for (const shape of results.keys()) {
-      const dir = join(profileDir, shape);
-      const files = (await readdir(dir)).filter((f) => f.endsWith('.cpuprofile'));
-      for (const file of files) {
-        console.log(`\n${shape} server CPU profile (${join(dir, file)}):`);
-        console.log(summarizeProfile(JSON.parse(await readFile(join(dir, file), 'utf8'))));
+      for (const role of await readdir(join(profileDir, shape))) {
+        const dir = join(profileDir, shape, role);
+        const files = (await readdir(dir)).filter((f) => f.endsWith('.cpuprofile'));
+        for (const file of files) {
+          console.log(`\n${shape} server (${role}) CPU profile (${join(dir, file)}):`);
+          console.log(summarizeProfile(JSON.parse(await readFile(join(dir, file), 'utf8'))));
+        }
       }
     }
   }

@@ -23,7 +23,10 @@ export interface LoadConfig {
   seconds: number;
   idle: number;
   bodyBytes: number;
-  serverPid: number;
+  /** The shape's server processes: the first serves the clients (its RSS per idle connection). */
+  serverPids: number[];
+  /** Every server process's /metrics: the work counters are summed over them. */
+  metricsUrls: string[];
   /** The server's JWT secret: idle connections are users of their own, with tokens made here. */
   jwtSecret?: string;
 }
@@ -71,10 +74,15 @@ const WORK_COUNTERS = {
 /** Each work counter's value (summed over labels); undefined for the relay or a failed scrape. */
 async function workCounters(): Promise<Record<string, number> | undefined> {
   if (config.kind !== 'chat') return undefined;
-  const text = await fetch(`${config.url}/metrics`)
-    .then((r) => r.text())
-    .catch(() => undefined);
-  if (text === undefined) return undefined;
+  const texts = await Promise.all(
+    config.metricsUrls.map((url) =>
+      fetch(url)
+        .then((r) => r.text())
+        .catch(() => undefined),
+    ),
+  );
+  if (texts.includes(undefined)) return undefined;
+  const text = texts.join('\n');
   const values: Record<string, number> = {};
   for (const [label, name] of Object.entries(WORK_COUNTERS)) {
     const pattern = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'gm');
@@ -170,11 +178,11 @@ const openIdle = (round: number) =>
       idle.push(await connect(user, token, 'phone'));
     },
   );
-const rss = [rssKiB(config.serverPid)];
+const rss = [rssKiB(config.serverPids[0]!)];
 for (let round = 0; round < 2 && config.idle > 0; round++) {
   await openIdle(round);
   await sleep(3000);
-  rss.push(rssKiB(config.serverPid));
+  rss.push(rssKiB(config.serverPids[0]!));
 }
 // The table shows the larger of the two rounds: a collection during the second can make it
 // look cheaper than it is.
@@ -403,10 +411,11 @@ pairs.forEach((pair) => (measuredFrom[pair.index] = pair.next));
 phase = 'measure';
 const workBefore = await workCounters();
 measureStarted = Date.now();
-const cpuBefore = [cpuSeconds(config.serverPid), cpuSeconds(process.pid)];
+const serverCpu = () => config.serverPids.reduce((sum, pid) => sum + cpuSeconds(pid), 0);
+const cpuBefore = [serverCpu(), cpuSeconds(process.pid)];
 await sleep(config.seconds * 1000);
 measureEnded = Date.now();
-const cpuAfter = [cpuSeconds(config.serverPid), cpuSeconds(process.pid)];
+const cpuAfter = [serverCpu(), cpuSeconds(process.pid)];
 const workAfter = await workCounters();
 const measuredDelivered = delivered;
 const cpuPercent = (i: number) =>
@@ -432,7 +441,7 @@ const result: LoadResult = {
   errors,
   idle: config.idle,
   rssPerIdleKiB,
-  serverRssMiB: rssKiB(config.serverPid) / 1024,
+  serverRssMiB: rssKiB(config.serverPids[0]!) / 1024,
   serverCpuPercent: cpuPercent(0),
   loadCpuPercent: cpuPercent(1),
   perMessage:
