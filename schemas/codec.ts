@@ -15,6 +15,8 @@ import { parseSchema } from './registry/compatibility.ts';
 
 export const MAGIC_BYTE = 0;
 const HEADER_SIZE = 5;
+/** Where values are encoded before they are copied out; grows to the largest value seen. */
+let scratch = Buffer.allocUnsafe(64 * 1024);
 
 /** A record's bytes are not a value of the topic's schema. Never retriable. */
 export class DecodeError extends Error {
@@ -46,16 +48,25 @@ export class TopicCodec<T> {
   ) {}
 
   encode(value: T): Buffer {
-    const paths: string[] = [];
-    if (!this.type.isValid(value, { errorHook: (path) => paths.push(path.join('.')) })) {
-      throw new EncodeError(this.topic, paths);
+    if (!this.type.isValid(value)) throw new EncodeError(this.topic, this.invalidPaths(value));
+    // Written once into a scratch buffer behind the header, then copied out at its size.
+    let end = this.type.encode(value, scratch, HEADER_SIZE);
+    if (end < 0) {
+      scratch = Buffer.allocUnsafe(Math.max(2 * scratch.length, scratch.length - end));
+      end = this.type.encode(value, scratch, HEADER_SIZE);
     }
-    const body = this.type.toBuffer(value);
-    const out = Buffer.allocUnsafe(HEADER_SIZE + body.length);
+    const out = Buffer.allocUnsafe(end);
     out.writeUInt8(MAGIC_BYTE, 0);
     out.writeUInt32BE(this.schemaId, 1);
-    body.copy(out, HEADER_SIZE);
+    scratch.copy(out, HEADER_SIZE, HEADER_SIZE, end);
     return out;
+  }
+
+  /** Where a value that is not valid departs from the schema (only asked once it is not). */
+  private invalidPaths(value: T): string[] {
+    const paths: string[] = [];
+    this.type.isValid(value, { errorHook: (path) => paths.push(path.join('.')) });
+    return paths;
   }
 
   async decode(data: Buffer): Promise<T> {

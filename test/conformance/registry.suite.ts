@@ -152,6 +152,25 @@ export function registryConformance(
         (e: unknown) => e instanceof EncodeError && e.paths.includes('text'),
       );
     });
+
+    it('encodes values of any size, each into bytes of its own', async () => {
+      const codec = await new Codecs(registry).forTopic<{ id: string; text: string }>(
+        uniqueName('notes'),
+        v1,
+      );
+      const small = codec.encode({ id: 'a', text: 'short' });
+      // Past the codec's 64 KiB scratch buffer, and then past twice that.
+      const large = { id: 'b', text: 'x'.repeat(100_000) };
+      const larger = { id: 'c', text: 'é'.repeat(200_000) };
+      const [largeBytes, largerBytes] = [codec.encode(large), codec.encode(larger)];
+      const again = codec.encode({ id: 'd', text: 'after' });
+      // avsc decodes records into instances of a class of its own: compare their fields.
+      const decoded = async (bytes: Buffer) => ({ ...(await codec.decode(bytes)) });
+      assert.deepEqual(await decoded(small), { id: 'a', text: 'short' });
+      assert.deepEqual(await decoded(largeBytes), large);
+      assert.deepEqual(await decoded(largerBytes), larger);
+      assert.deepEqual(await decoded(again), { id: 'd', text: 'after' });
+    });
   });
 }
 
