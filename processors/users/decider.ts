@@ -226,6 +226,19 @@ function replay(
  * may owe receipts for, and a CONNECTED only what a pending sync replays: neither costs the
  * whole inbox.
  */
+/**
+ * Entries a prune looks at, at most: the first ones above what every device acked, to see which
+ * expired. An inbox that holds more expired entries than this loses them a slice per prune.
+ */
+export const PRUNE_SLICE_ENTRIES = 64;
+
+/** The seq below which acks alone let entries go: every device that ever connected acked them. */
+function prunableBelow(meta: UserMeta): number {
+  const devices = Object.values(meta.devices);
+  const ackedByAll = devices.length === 0 ? 0 : Math.min(...devices.map((d) => d.ack));
+  return Math.max(meta.firstKept, ackedByAll + 1);
+}
+
 export function entriesNeeded(
   command: UserCommand,
   meta: UserMeta,
@@ -247,8 +260,13 @@ export function entriesNeeded(
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
       return upTo > meta.receiptedUpTo ? { from: meta.receiptedUpTo + 1, to: upTo + 1 } : undefined;
     }
-    case 'prune':
-      return upToEnd(meta.firstKept);
+    case 'prune': {
+      // Only the slice right above what every device acked: whether its first entries expired.
+      const from = prunableBelow(meta);
+      return from < meta.nextSeq
+        ? { from, to: Math.min(meta.nextSeq, from + PRUNE_SLICE_ENTRIES) }
+        : undefined;
+    }
     case 'append':
     case 'catch-up': {
       // What sessions that fell behind missed; nothing when none did (the usual case).
@@ -454,13 +472,13 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
 
     case 'prune': {
       // Kept until every device that ever connected acked it, or until it is too old. Both
-      // rules remove a prefix of the inbox: acks are cumulative and seq follows time.
-      const devices = Object.values(meta.devices);
-      const ackedByAll = devices.length === 0 ? 0 : Math.min(...devices.map((d) => d.ack));
-      let below = Math.max(meta.firstKept, ackedByAll + 1);
-      for (const entry of view.entries) {
-        if (entry.seq >= below && command.now - entry.at > command.retentionMs)
-          below = entry.seq + 1;
+      // rules remove a prefix of the inbox: acks are cumulative, and expiry stops at the first
+      // entry that is not too old (the entries in view are the slice right above the acked).
+      let below = prunableBelow(meta);
+      for (const entry of [...view.entries].sort((a, b) => a.seq - b.seq)) {
+        if (entry.seq < below) continue;
+        if (entry.seq > below || command.now - entry.at <= command.retentionMs) break;
+        below = entry.seq + 1;
       }
       below = Math.min(below, meta.nextSeq);
       return below > meta.firstKept ? [{ type: 'pruned', below }] : [];

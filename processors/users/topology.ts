@@ -32,6 +32,7 @@ import {
   entriesNeeded,
   evolve,
   newUserMeta,
+  PRUNE_SLICE_ENTRIES,
   sessionsBehind,
   type UserCommand,
   type UserEvent,
@@ -42,21 +43,28 @@ export const USERS_APPLICATION = 'users';
 /** PROTOCOL's INBOX_RETENTION: 30 days. */
 export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
 /**
- * Pruning walks the users and the dedup keys at most once a minute each, a slice per tick, so
- * that a tick holds its task up for a bounded time whatever the stores hold: at 1,000 users and
- * 5,000 dedup keys a second, a walk goes round 100,000 users in under two minutes and 10 million
- * dedup keys in under an hour, well inside a retention of days.
+ * Pruning walks the users at most once a minute and the dedup keys at most once an hour, a
+ * slice per tick, so that a tick holds its task up for a bounded time whatever the stores hold:
+ * at 1,000 users a second, a walk goes round 100,000 users in under two minutes; at 2,000 dedup
+ * keys a second, 10 million in under an hour and a half. Dedup keys are kept for the inbox
+ * retention (days), so an hour's lateness in dropping them costs little; walking them every
+ * minute cost a task up to 5,000 key reads a second for nothing (bench/README.md, chat).
  */
 const PRUNE_DEFAULTS: PruneOptions = {
   everyMs: 60_000,
+  dedupEveryMs: 3_600_000,
   tickMs: 1_000,
   usersPerTick: 1_000,
-  dedupKeysPerTick: 5_000,
+  dedupKeysPerTick: 2_000,
 };
+/** Expired slices of PRUNE_SLICE_ENTRIES pruned from one inbox per visit of the walk, at most. */
+const PRUNE_SLICES_PER_VISIT = 16;
 
 export interface PruneOptions {
-  /** A walk starts again at most this long after the previous one started. */
+  /** The users walk starts again at most this long after the previous one started. */
   everyMs: number;
+  /** The same for the dedup keys' walk. */
+  dedupEveryMs: number;
   tickMs: number;
   usersPerTick: number;
   dedupKeysPerTick: number;
@@ -230,7 +238,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.pacing = options.prune ?? PRUNE_DEFAULTS;
     this.pruneWalks = {
       users: new SlicedWalk(this.pacing.everyMs),
-      dedup: new SlicedWalk(this.pacing.everyMs),
+      dedup: new SlicedWalk(this.pacing.dedupEveryMs),
     };
   }
 
@@ -457,13 +465,25 @@ class InboxProcessor implements Processor<Input, unknown> {
     return { closed: stale.length, caughtUp: behind };
   }
 
+  /**
+   * Drops a user's acknowledged entries, and its expired ones a slice at a time: another slice
+   * while the one before was expired whole, up to PRUNE_SLICES_PER_VISIT.
+   */
+  private async pruneInbox(userId: string, now: number, retentionMs: number): Promise<void> {
+    for (let slice = 0; slice < PRUNE_SLICES_PER_VISIT; slice++) {
+      const before = (await this.metas.get(userId))?.firstKept ?? 0;
+      await this.handle(userId, { kind: 'prune', now, retentionMs });
+      const after = (await this.metas.get(userId))?.firstKept ?? 0;
+      if (after - before < PRUNE_SLICE_ENTRIES) return;
+    }
+  }
+
   /** Drops acknowledged and expired entries, and dedup keys past retention. */
   private async prune(now: number): Promise<void> {
     const retentionMs = this.options.retentionMs ?? DEFAULT_RETENTION_MS;
     const { usersPerTick, dedupKeysPerTick } = this.pacing;
     for (const [userId, meta] of await this.pruneWalks.users.slice(this.metas, usersPerTick, now)) {
-      if (meta.firstKept < meta.nextSeq)
-        await this.handle(userId, { kind: 'prune', now, retentionMs });
+      if (meta.firstKept < meta.nextSeq) await this.pruneInbox(userId, now, retentionMs);
     }
     for (const [key, { at }] of await this.pruneWalks.dedup.slice(
       this.dedup,

@@ -417,7 +417,7 @@ describe('users actor pruning (embedded log)', function () {
       liveGateways: () => new Set(['gw1']),
       retentionMs: 4_000,
       // Slices far smaller than the stores, so that every walk takes several ticks.
-      prune: { everyMs: 100, tickMs: 50, usersPerTick: 2, dedupKeysPerTick: 3 },
+      prune: { everyMs: 100, dedupEveryMs: 100, tickMs: 50, usersPerTick: 2, dedupKeysPerTick: 3 },
     });
   });
   after(() => actor.close());

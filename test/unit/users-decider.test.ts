@@ -11,6 +11,7 @@ import {
   evolve,
   FROM_ACK,
   newUserMeta,
+  PRUNE_SLICE_ENTRIES,
   type EntryBody,
   type UserCommand,
   type UserEvent,
@@ -378,6 +379,52 @@ describe('users actor: scenarios', () => {
       ),
       ['bob:read', 'refused:unknown_message'],
     );
+  });
+
+  it('prunes expired entries a slice at a time, and stops at the first that is not expired', () => {
+    const inbox = new Inbox();
+    const day = 86_400_000;
+    const expired = 100;
+    for (let i = 1; i <= expired; i++) inbox.append(`old${i}`, 'bob', T - 40 * day);
+    inbox.append('fresh', 'bob', T);
+    // Stamped as old by a gateway whose clock is behind: after a fresh entry, so it stays.
+    inbox.append('skewed', 'bob', T - 40 * day);
+    const prune = () => inbox.run({ kind: 'prune', now: T, retentionMs: 30 * day });
+
+    assert.deepEqual(
+      entriesNeeded({ kind: 'prune', now: T, retentionMs: 30 * day }, inbox.meta, new Set()),
+      {
+        from: 1,
+        to: 1 + PRUNE_SLICE_ENTRIES,
+      },
+    );
+    prune();
+    assert.equal(inbox.meta.firstKept, 1 + PRUNE_SLICE_ENTRIES, 'one slice');
+    prune();
+    assert.equal(inbox.meta.firstKept, expired + 1, 'up to the fresh entry');
+    assert.deepEqual(prune(), [], 'nothing past it');
+    assert.deepEqual(
+      inbox.entries.map((e) => messageIdOf(e)),
+      ['fresh', 'skewed'],
+    );
+  });
+
+  it('prunes what every device acked without reading the entries', () => {
+    const inbox = new Inbox();
+    for (let i = 1; i <= 10; i++) inbox.append(`m${i}`);
+    inbox.run({
+      kind: 'connected',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'c1',
+      at: T,
+    });
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 10, at: T });
+    const command = { kind: 'prune', now: T, retentionMs: 86_400_000 } as const;
+    assert.equal(entriesNeeded(command, inbox.meta, new Set(['gw1'])), undefined);
+    inbox.run(command);
+    assert.equal(inbox.meta.firstKept, 11);
+    assert.deepEqual(inbox.entries, []);
   });
 
   it('keeps entries until every device that ever connected acked them, or until they expire', () => {
