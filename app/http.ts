@@ -15,9 +15,26 @@ type Handler = (request: IncomingMessage, response: ServerResponse) => void;
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics']);
 
+/**
+ * The path of a request's target; undefined when the target is not a URL at all (Node's parser
+ * lets `GET http://[/ HTTP/1.1` through, and `new URL` throws on it).
+ */
+export function pathOf(request: IncomingMessage): string | undefined {
+  try {
+    return new URL(request.url ?? '/', 'http://localhost').pathname;
+  } catch {
+    return undefined;
+  }
+}
+
 export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: Handler): Server {
   return createServer((request: IncomingMessage, response: ServerResponse) => {
-    const path = new URL(request.url ?? '/', 'http://localhost').pathname;
+    const path = pathOf(request);
+    if (path === undefined) {
+      return json(response, 400, {
+        error: { code: 'bad_request', message: 'the request target is not a valid URL' },
+      });
+    }
     if (api && !OPS_PATHS.has(path)) return api(request, response);
     void handle(path, request, response).catch(() => {
       if (!response.headersSent)

@@ -128,7 +128,14 @@ export class Connection {
   receive(data: RawData, isBinary: boolean): void {
     if (this.state === 'closed' || this.closing) return;
     this.alive = true;
-    let parsed = this.parse(data, isBinary);
+    let parsed: ParsedFrame;
+    try {
+      parsed = this.parse(data, isBinary);
+    } catch (error) {
+      // A frame this code cannot read is that frame's problem, never the process's.
+      this.logger.error({ err: error }, 'a frame could not be parsed');
+      parsed = { error: { code: 'bad_frame', message: 'the frame could not be read' } };
+    }
     this.context.instruments.frameReceived(parsed.frame?.type ?? 'invalid');
     if (parsed.frame && rateLimitedTypes.has(parsed.frame.type) && !this.bucket.take()) {
       parsed = {

@@ -80,7 +80,18 @@ export class DeliveryConsumer {
         instruments.deliverySkipped('undecodable');
         continue;
       }
-      const text = serialize(deliveryFrame(delivery.frame));
+      let text: string;
+      try {
+        text = serialize(deliveryFrame(delivery.frame));
+      } catch (error) {
+        // Skipped like an undecodable record: handing the batch again would fail the same way.
+        logger.error(
+          { err: error, partition: batch.partition, offset: record.offset },
+          'delivery cannot be written as a frame; skipped',
+        );
+        instruments.deliverySkipped('unwritable');
+        continue;
+      }
       for (const target of delivery.targets) {
         const connection = this.options.connection(target.connectionId);
         if (connection === undefined) {

@@ -15,7 +15,7 @@ import {
   type Typing,
   type TypingState,
 } from '../schemas/types.generated.ts';
-import { MAX_BODY_BYTES, MAX_CLIENT_ID, MAX_SERVER_ID } from './limits.ts';
+import { MAX_BODY_BYTES, MAX_BODY_DEPTH, MAX_CLIENT_ID, MAX_SERVER_ID } from './limits.ts';
 
 // ---- errors ----
 
@@ -134,6 +134,19 @@ export function parseClientFrame(text: string): ParsedFrame {
   }
 }
 
+/** Whether a parsed JSON value nests arrays and objects deeper than `limit` (no recursion). */
+export function nestsDeeperThan(value: unknown, limit: number): boolean {
+  const stack: Array<[unknown, number]> = [[value, 0]];
+  while (stack.length > 0) {
+    const [node, depth] = stack.pop()!;
+    if (typeof node !== 'object' || node === null) continue;
+    if (depth + 1 > limit) return true;
+    for (const child of Array.isArray(node) ? node : Object.values(node))
+      stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
 function parseFields(fields: Record<string, unknown>, id: string | undefined): ClientFrame {
   const type = fields.type;
   if (type === undefined || type === null) throw badFrame('type is missing');
@@ -143,6 +156,8 @@ function parseFields(fields: Record<string, unknown>, id: string | undefined): C
       if (id === undefined) throw badFrame('a send frame needs an id');
       const recipient = parseRecipient(fields);
       if (!('body' in fields)) throw badFrame('body is missing');
+      if (nestsDeeperThan(fields.body, MAX_BODY_DEPTH))
+        throw badFrame(`body nests arrays and objects deeper than ${MAX_BODY_DEPTH} levels`);
       const body = JSON.stringify(fields.body);
       const bytes = Buffer.byteLength(body, 'utf8');
       if (bytes > MAX_BODY_BYTES) {

@@ -18,6 +18,7 @@ import type { Log, Producer, ProducerRecord } from '../log/port.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
 import { Codecs, type TopicCodec } from '../schemas/codec.ts';
 import type { ChatCodecs } from '../app/bootstrap.ts';
+import { pathOf } from '../app/http.ts';
 import type { SchemaRegistry } from '../schemas/registry/port.ts';
 import { deliveriesTopic, topics } from '../schemas/topics.ts';
 import { FROM_ACK } from '../schemas/conventions.ts';
@@ -228,7 +229,14 @@ class WebSocketGateway implements Gateway {
 
   attach(server: Server): () => void {
     const listener = (request: IncomingMessage, socket: Duplex, head: Buffer) => {
-      const path = new URL(request.url ?? '/', 'http://localhost').pathname;
+      const path = pathOf(request);
+      if (path === undefined) {
+        refuseUpgrade(
+          socket,
+          new HandshakeRefusal(400, 'bad_request', 'the request target is not a valid URL'),
+        );
+        return;
+      }
       if (path !== WS_PATH) {
         refuseUpgrade(socket, new HandshakeRefusal(404, 'not_found', `no WebSocket at ${path}`));
         return;

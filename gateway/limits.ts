@@ -29,6 +29,13 @@ export const PER_MESSAGE_DEFLATE: PerMessageDeflateOptions = {
 /** The largest `body` of a `send` frame, as UTF-8 bytes of its JSON serialization (PROTOCOL.md). */
 export const MAX_BODY_BYTES = 16_384;
 
+/**
+ * How deep a `body` may nest arrays and objects (PROTOCOL.md is silent; docs/websocket.md says
+ * it). 16 KiB of `[[[[...` is 8,000 levels, past what a recursive JSON.stringify survives; no
+ * chat message needs a hundred.
+ */
+export const MAX_BODY_DEPTH = 100;
+
 /** The longest client message id `id`: 1 to 64 printable ASCII characters (PROTOCOL.md). */
 export const MAX_CLIENT_ID = 64;
 

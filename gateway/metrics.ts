@@ -14,7 +14,7 @@ export interface GatewayInstruments {
   /** A Delivery frame was written to one connection. */
   delivered(): void;
   /** A Delivery target this gateway does not hold (closed meanwhile, or never here). */
-  deliverySkipped(reason: 'unknown_connection' | 'other_user' | 'undecodable'): void;
+  deliverySkipped(reason: 'unknown_connection' | 'other_user' | 'undecodable' | 'unwritable'): void;
   heartbeatFailed(): void;
 }
 

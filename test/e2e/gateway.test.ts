@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { mkdtemp } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { connect as connectTcp, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { jwtVerify, SignJWT } from 'jose';
@@ -30,7 +30,7 @@ import {
 import { Metrics } from '../../observability/metrics.ts';
 import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
-import { MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
+import { MAX_BODY_DEPTH, MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
 import { eventually, uniqueName } from '../support/log-helpers.ts';
 
 const PARTITIONS = 12;
@@ -798,7 +798,54 @@ describe('gateway (WebSocket, embedded log)', function () {
         '{"type":"typing","id":"b12","to":"nobody-here","state":"start"}',
         { code: 'unknown_recipient', id: 'b12' },
       ],
+      [
+        `a body nested ${MAX_BODY_DEPTH + 1} levels deep`,
+        `{"type":"send","id":"b13","to":"bob","body":${'['.repeat(MAX_BODY_DEPTH + 1)}${']'.repeat(MAX_BODY_DEPTH + 1)}}`,
+        { code: 'bad_frame', id: 'b13' },
+      ],
+      [
+        // 10 KB of text, under every size limit, and deeper than a recursive stringify survives.
+        'a body nested 5,000 levels deep',
+        `{"type":"send","id":"b14","to":"bob","body":${'['.repeat(5000)}${']'.repeat(5000)}}`,
+        { code: 'bad_frame', id: 'b14' },
+      ],
     ];
+
+    it(`takes a body nested ${MAX_BODY_DEPTH} levels deep`, async () => {
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await connect(alice);
+      const body: unknown = JSON.parse(
+        `${'['.repeat(MAX_BODY_DEPTH - 1)}{"deep":true}${']'.repeat(MAX_BODY_DEPTH - 1)}`,
+      );
+      const answer = await client.request({ type: 'send', id: 'deep', to: bob, body });
+      assert.equal(answer.type, 'sent');
+      client.close();
+    });
+
+    it('refuses an upgrade whose target is not a URL with 400, and goes on', async () => {
+      const { port } = main.server.address() as AddressInfo;
+      const socket = connectTcp(port, '127.0.0.1');
+      socket.write(
+        [
+          'GET http://[/v1/ws HTTP/1.1',
+          'Host: 127.0.0.1',
+          'Connection: Upgrade',
+          'Upgrade: websocket',
+          'Sec-WebSocket-Version: 13',
+          'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==',
+          '',
+          '',
+        ].join('\r\n'),
+      );
+      let reply = '';
+      for await (const chunk of socket) reply += String(chunk);
+      assert.match(reply, /^HTTP\/1\.1 400 /);
+      assert.match(reply, /"code":"bad_request"/);
+      const client = await connect(newUser());
+      await client.alive();
+      client.close();
+    });
 
     it('answers each with its error (and id), and the connection keeps working', async () => {
       const client = await connect(newUser());
@@ -1046,6 +1093,51 @@ describe('gateway (WebSocket, embedded log)', function () {
       );
       a.close();
       b.close();
+    });
+
+    it('skips a delivery it cannot write as a frame, and delivers the next', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      const phone = await connectionIdOf(main, alice, 'phone');
+      const skippedBefore = await counter(main, 'kchat_gateway_deliveries_skipped_total', {
+        reason: 'unwritable',
+      });
+      const at = Date.now();
+      // Not from this gateway (it refuses such a body): a body too deep to serialize again.
+      const copy = (seq: number, body: string): Delivery => ({
+        userId: alice,
+        targets: [{ deviceId: 'phone', connectionId: phone }],
+        frame: {
+          [fullNames.InboxEntry]: {
+            userId: alice,
+            seq,
+            at,
+            entry: {
+              [fullNames.MessageCopy]: {
+                messageId: `m-${seq}`,
+                from: 'bob',
+                to: alice,
+                group: null,
+                body,
+                sentAt: at,
+              },
+            },
+          },
+        },
+      });
+      await produceDeliveries(main, [
+        copy(1, `${'['.repeat(20_000)}${']'.repeat(20_000)}`),
+        copy(2, '"after"'),
+      ]);
+      const next = await client.next();
+      assert.deepEqual([next.type, next.seq, next.body], ['message', 2, 'after']);
+      assert.equal(
+        (await counter(main, 'kchat_gateway_deliveries_skipped_total', {
+          reason: 'unwritable',
+        })) - skippedBefore,
+        1,
+      );
+      client.close();
     });
 
     it('closes a client that does not read once over the send buffer limit; the rest goes on', async () => {

@@ -6,11 +6,26 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { connect } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, startServer } from '../support/process.ts';
 import { eventually } from '../support/log-helpers.ts';
+
+/** Sends raw request bytes and reads the reply up to the server closing or 2 s passing. */
+async function rawRequest(port: number, text: string): Promise<string> {
+  const socket = connect(port, '127.0.0.1');
+  socket.setTimeout(2000, () => socket.destroy());
+  socket.end(text);
+  let reply = '';
+  for await (const chunk of socket) {
+    reply += String(chunk);
+    if (reply.includes('\r\n\r\n') && reply.includes('}')) break;
+  }
+  socket.destroy();
+  return reply;
+}
 
 describe('npm start (embedded shape)', function () {
   this.timeout(90000);
@@ -42,6 +57,14 @@ describe('npm start (embedded shape)', function () {
       'code',
       'message',
     ]);
+    // A request target that is not a URL (Node's parser lets it through) answers 400, and the
+    // process goes on.
+    for (const target of ['http://[/healthz', 'http://[/v1/auth/login']) {
+      const reply = await rawRequest(port, `GET ${target} HTTP/1.1\r\nHost: x\r\n\r\n`);
+      assert.match(reply, /^HTTP\/1\.1 400 /, reply);
+      assert.match(reply, /"code":"bad_request"/, reply);
+    }
+    assert.equal((await fetch(`${server.url}/healthz`)).status, 200);
 
     // npm re-raises the signal on itself, so its own exit code says nothing: the server's
     // "stopped" line, written after the log is closed, does.
