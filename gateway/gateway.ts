@@ -66,6 +66,9 @@ export type GatewayCodecs = Pick<
   | 'chat.gateways'
 >;
 
+/** Tries at producing a closed connection's DISCONNECTED: 100 ms to 3.2 s apart. */
+const DISCONNECTED_ATTEMPTS = 7;
+
 /** The limits a deployment (or a test) may change; each defaults to its constant of limits.ts. */
 export interface GatewayLimits {
   sendBufferLimitBytes?: number;
@@ -329,7 +332,7 @@ class WebSocketGateway implements Gateway {
         // After CONNECTED (same key, so the same partition): the users actor sees them in order.
         // After the frame in hand too: the producer stays open until its records are written.
         Promise.all([registered.catch(() => undefined), connection.settled()])
-          .then(() => this.connectionEvent(connection, 'DISCONNECTED'))
+          .then(() => this.disconnected(connection))
           .catch((err: unknown) => {
             this.logger.error({ err, connectionId }, 'DISCONNECTED was not produced');
           })
@@ -339,6 +342,26 @@ class WebSocketGateway implements Gateway {
     this.closings.add(closing);
     void closing.finally(() => this.closings.delete(closing));
     this.logger.debug({ connectionId, ...identity }, 'connection opened');
+  }
+
+  /**
+   * Produces DISCONNECTED, again after a failure while the gateway runs (backoff from 100 ms,
+   * DISCONNECTED_ATTEMPTS in all, about 6 s): without it the users actor would count the
+   * session as online, holding back push, until this gateway restarts or falls silent.
+   */
+  private async disconnected(connection: Connection): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.connectionEvent(connection, 'DISCONNECTED');
+      } catch (err) {
+        if (attempt >= DISCONNECTED_ATTEMPTS || this.phase !== 'running') throw err;
+        this.logger.warn(
+          { err, connectionId: connection.connectionId, attempt },
+          'DISCONNECTED was not produced; trying again',
+        );
+        await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** (attempt - 1)));
+      }
+    }
   }
 
   private async connectionEvent(connection: Connection, state: ConnectionState): Promise<void> {

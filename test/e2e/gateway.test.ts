@@ -610,6 +610,47 @@ describe('gateway (WebSocket, embedded log)', function () {
       }
     });
 
+    it('tries DISCONNECTED again when producing it fails', async () => {
+      // The log fails the second and third sends to chat.connections: the DISCONNECTED, twice.
+      let connectionSends = 0;
+      const failing = new Proxy(log, {
+        get(target, property) {
+          if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
+          return async () => {
+            const producer = await target.producer();
+            return new Proxy(producer, {
+              get(inner, name) {
+                if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
+                return async (records: ProducerRecord[]) => {
+                  if (records.some((r) => r.topic === topics.connections)) {
+                    connectionSends++;
+                    if (connectionSends === 2 || connectionSends === 3)
+                      throw new Error('the log is unreachable for a moment');
+                  }
+                  return inner.send(records);
+                };
+              },
+            });
+          };
+        },
+      });
+      const at = await startGateway({ log: failing });
+      const user = newUser();
+      const client = await connect(user, 'default', at);
+      const connectionId = await connectionIdOf(at, user, 'default');
+      client.close();
+      await client.closed;
+      await eventually(
+        async () =>
+          (await connectionEvents()).some(
+            (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
+          ),
+        5_000,
+        'DISCONNECTED after two failed tries',
+      );
+      assert.equal(connectionSends, 4);
+    });
+
     it('produces DISCONNECTED for a client that closes with frames waiting for their answers', async () => {
       const slow = newUser('slowpoke');
       const { log: slowLog, release } = holdingSendsTo(slow);
