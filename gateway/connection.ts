@@ -191,7 +191,8 @@ export class Connection {
    */
   ping(): boolean {
     if (this.state === 'closed') return false;
-    if (!this.alive) {
+    // While its socket is paused (its frames wait for the log) its pong cannot be read either.
+    if (!this.alive && !this.paused) {
       this.logger.info('no pong to the previous ping; terminating');
       this.ws.terminate();
       return false;
@@ -250,6 +251,7 @@ export class Connection {
         this.answerInTurn(issued);
         if (this.paused && this.queue.length <= MAX_QUEUED_FRAMES / 2) {
           this.paused = false;
+          this.alive = true; // the pong, if any, is still unread: a whole interval to read it
           this.ws.resume();
         }
       }

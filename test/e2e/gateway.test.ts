@@ -30,7 +30,7 @@ import {
 import { Metrics } from '../../observability/metrics.ts';
 import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
-import { MAX_BODY_DEPTH, MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
+import { MAX_BODY_DEPTH, MAX_QUEUED_FRAMES, MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
 import { eventually, uniqueName } from '../support/log-helpers.ts';
 
 const PARTITIONS = 12;
@@ -678,6 +678,31 @@ describe('gateway (WebSocket, embedded log)', function () {
           5_000,
           'DISCONNECTED of the closed connection',
         );
+      } finally {
+        release();
+      }
+    });
+
+    it('keeps a peer whose frames wait for the log, though its pongs wait unread too', async () => {
+      const slow = newUser('slowpoke');
+      const { log: slowLog, release } = holdingSendsTo(slow);
+      const pinging = await startGateway({ log: slowLog, limits: { pingIntervalMs: 100 } });
+      try {
+        const client = await connect(newUser(), 'default', pinging);
+        // 32 waiting for their answers and 64 queued: the gateway stops reading the socket.
+        const sends = MAX_UNANSWERED_FRAMES + MAX_QUEUED_FRAMES + 4;
+        for (let i = 0; i < sends; i++)
+          client.send({ type: 'send', id: `s${i}`, to: slow, body: i });
+        await new Promise((resolve) => setTimeout(resolve, 800)); // eight pings, none answered
+        assert.equal(client.ws.readyState, WebSocket.OPEN);
+        release();
+        for (let i = 0; i < sends; i++) {
+          const { type, id } = await client.next();
+          assert.deepEqual([type, id], ['sent', `s${i}`]);
+        }
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        await client.alive();
+        client.close();
       } finally {
         release();
       }
