@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { jwtVerify, SignJWT } from 'jose';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import type { ProducerRecord } from '../../log/port.ts';
+import type { ProducerRecord, RecordMetadata } from '../../log/port.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { bootstrap, type ChatCodecs } from '../../app/bootstrap.ts';
 import { avroTypeOptions, loadSchema } from '../../schemas/avro.ts';
@@ -274,6 +274,17 @@ describe('gateway (WebSocket, embedded log)', function () {
   const connectionEvents = () =>
     records<ConnectionEvent>(topics.connections, codecs[topics.connections]);
 
+  /** Waits up to 5 s for the connection's DISCONNECTED on chat.connections. */
+  const disconnectedEventually = (connectionId: string, what: string) =>
+    eventually(
+      async () =>
+        (await connectionEvents()).some(
+          (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
+        ),
+      5_000,
+      what,
+    );
+
   async function connectionIdOf(at: Running, userId: string, deviceId: string): Promise<string> {
     const events = (await connectionEvents()).filter(
       (e) =>
@@ -384,14 +395,7 @@ describe('gateway (WebSocket, embedded log)', function () {
       const connectionId = await connectionIdOf(main, userId, 'phone');
       client.close();
       await client.closed;
-      await eventually(
-        async () =>
-          (await connectionEvents()).some(
-            (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
-          ),
-        5000,
-        'DISCONNECTED',
-      );
+      await disconnectedEventually(connectionId, 'DISCONNECTED');
       const events = (await connectionEvents()).filter((e) => e.value?.userId === userId);
       assert.deepEqual(
         events.map((e) => [e.key, e.value!.state, e.value!.connectionId, e.value!.gatewayId]),
@@ -493,6 +497,29 @@ describe('gateway (WebSocket, embedded log)', function () {
     });
 
     /** The log, but a send to `userId` is stored at once and said to be durable only once released. */
+    /** The log, whose producers' sends go through `wrap`. */
+    function wrappingSends(
+      wrap: (
+        records: ProducerRecord[],
+        send: (records: ProducerRecord[]) => Promise<RecordMetadata[]>,
+      ) => Promise<RecordMetadata[]>,
+    ): EmbeddedLog {
+      return new Proxy(log, {
+        get(target, property) {
+          if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
+          return async () => {
+            const producer = await target.producer();
+            return new Proxy(producer, {
+              get(inner, name) {
+                if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
+                return (records: ProducerRecord[]) => wrap(records, (r) => inner.send(r));
+              },
+            });
+          };
+        },
+      });
+    }
+
     /**
      * The log, whose sends of records keyed by these users resolve only once released (each
      * user on its own with `releaseFor`, all of them with `release`).
@@ -509,23 +536,10 @@ describe('gateway (WebSocket, embedded log)', function () {
           new Promise<void>((resolve) => releases.set(userId, resolve)),
         ]),
       );
-      const held = new Proxy(log, {
-        get(target, property) {
-          if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
-          return async () => {
-            const producer = await target.producer();
-            return new Proxy(producer, {
-              get(inner, name) {
-                if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
-                return async (records: ProducerRecord[]) => {
-                  const stored = await inner.send(records);
-                  for (const record of records) await holds.get(record.key?.toString() ?? '');
-                  return stored;
-                };
-              },
-            });
-          };
-        },
+      const held = wrappingSends(async (records, send) => {
+        const stored = await send(records);
+        for (const record of records) await holds.get(record.key?.toString() ?? '');
+        return stored;
       });
       return {
         log: held,
@@ -613,26 +627,13 @@ describe('gateway (WebSocket, embedded log)', function () {
     it('tries DISCONNECTED again when producing it fails', async () => {
       // The log fails the second and third sends to chat.connections: the DISCONNECTED, twice.
       let connectionSends = 0;
-      const failing = new Proxy(log, {
-        get(target, property) {
-          if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
-          return async () => {
-            const producer = await target.producer();
-            return new Proxy(producer, {
-              get(inner, name) {
-                if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
-                return async (records: ProducerRecord[]) => {
-                  if (records.some((r) => r.topic === topics.connections)) {
-                    connectionSends++;
-                    if (connectionSends === 2 || connectionSends === 3)
-                      throw new Error('the log is unreachable for a moment');
-                  }
-                  return inner.send(records);
-                };
-              },
-            });
-          };
-        },
+      const failing = wrappingSends(async (records, send) => {
+        if (records.some((r) => r.topic === topics.connections)) {
+          connectionSends++;
+          if (connectionSends === 2 || connectionSends === 3)
+            throw new Error('the log is unreachable for a moment');
+        }
+        return send(records);
       });
       const at = await startGateway({ log: failing });
       const user = newUser();
@@ -640,14 +641,7 @@ describe('gateway (WebSocket, embedded log)', function () {
       const connectionId = await connectionIdOf(at, user, 'default');
       client.close();
       await client.closed;
-      await eventually(
-        async () =>
-          (await connectionEvents()).some(
-            (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
-          ),
-        5_000,
-        'DISCONNECTED after two failed tries',
-      );
+      await disconnectedEventually(connectionId, 'DISCONNECTED after two failed tries');
       assert.equal(connectionSends, 4);
     });
 
@@ -670,14 +664,7 @@ describe('gateway (WebSocket, embedded log)', function () {
         client.close();
         await client.closed;
         release();
-        await eventually(
-          async () =>
-            (await connectionEvents()).some(
-              (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
-            ),
-          5_000,
-          'DISCONNECTED of the closed connection',
-        );
+        await disconnectedEventually(connectionId, 'DISCONNECTED of the closed connection');
       } finally {
         release();
       }
@@ -1264,14 +1251,7 @@ describe('gateway (WebSocket, embedded log)', function () {
       await producer.close();
       await eventually(() => slow.gateway.connectionCount === 0, 5000, 'the slow client closed');
       assert.equal(await counter(slow, 'kchat_gateway_slow_consumers_total'), 1);
-      await eventually(
-        async () =>
-          (await connectionEvents()).some(
-            (e) => e.value?.connectionId === connectionId && e.value.state === 'DISCONNECTED',
-          ),
-        5000,
-        'DISCONNECTED of the slow client',
-      );
+      await disconnectedEventually(connectionId, 'DISCONNECTED of the slow client');
       (client.ws as unknown as { _socket: { resume(): void } })._socket.resume();
       const { code } = await client.closed;
       assert.ok(code === 1013 || code === 1006, `closed with ${code}`);
