@@ -294,8 +294,9 @@ class InboxProcessor implements Processor<Input, unknown> {
     let next = meta;
     for (const event of events) {
       await this.indexSessions(userId, event, next);
+      const before = next;
       next = evolve(next, event);
-      await this.apply(userId, event, entries);
+      await this.apply(userId, event, entries, before);
     }
     if (next !== meta) this.metas.put(userId, next);
   }
@@ -314,7 +315,13 @@ class InboxProcessor implements Processor<Input, unknown> {
     else this.sessions.delete(key);
   }
 
-  private async apply(userId: string, event: UserEvent, entries: InboxEntry[]): Promise<void> {
+  /** Writes the stores and forwards the records of one event (`before`: the meta before it). */
+  private async apply(
+    userId: string,
+    event: UserEvent,
+    entries: InboxEntry[],
+    before: UserMeta,
+  ): Promise<void> {
     const { codecs } = this.options;
     switch (event.type) {
       case 'entry-appended':
@@ -322,8 +329,9 @@ class InboxProcessor implements Processor<Input, unknown> {
         this.dedup.put(`${userId}/${event.dedupKey}`, { seq: event.entry.seq, at: event.entry.at });
         return this.send('inbox-entries', userId, codecs.inboxEntries.encode(event.entry));
       case 'pruned':
-        for (const entry of entries)
-          if (entry.seq < event.below) this.entries.delete(seqKey(userId, entry.seq));
+        // Every kept entry below: those every device acked were not read, but go too.
+        for (let seq = before.firstKept; seq < event.below; seq++)
+          this.entries.delete(seqKey(userId, seq));
         return;
       case 'delivered':
         for (const entry of event.entries) {

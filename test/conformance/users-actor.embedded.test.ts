@@ -450,4 +450,26 @@ describe('users actor pruning (embedded log)', function () {
       'the next entry numbered after the pruned ones',
     );
   });
+
+  it('drops from the inbox store what every device acked', async () => {
+    await actor.produce(topics.connections, 'acker', {
+      userId: 'acker',
+      deviceId: 'phone',
+      gatewayId: 'gw1',
+      connectionId: 'a1',
+      state: 'CONNECTED',
+      at: Date.now(),
+    });
+    for (const id of ['m1', 'm2', 'm3'])
+      await actor.produce(topics.messages, 'acker', copy('acker', id));
+    const kept = async () => (await keysOf('inbox')).filter((k) => k.startsWith('acker/'));
+    await eventually(async () => (await kept()).length === 3, 10_000, 'three entries');
+    await actor.produce(topics.userCommands, 'acker', {
+      userId: 'acker',
+      at: Date.now(),
+      command: { 'chat.v1.Ack': { deviceId: 'phone', upTo: 3 } },
+    });
+    // Well before the retention (4 s) would drop them, and even after it.
+    await eventually(async () => (await kept()).length === 0, 10_000, 'the acked entries gone');
+  });
 });
