@@ -31,5 +31,12 @@ function bodyError(error: Error): Error {
   // Anything else the client sent wrong: an aborted body, an unknown Content-Encoding...
   if (status !== undefined && status >= 400 && status < 500)
     return new HttpError(400, error.message, { cause: error });
+  // zlib's errors (a body that is not gzip, deflate or br as its Content-Encoding says) carry
+  // no status, but the fault is the body's.
+  const code = (error as { code?: unknown }).code;
+  if (typeof code === 'string' && /^(Z_|ERR__ERROR|ERR_BROTLI)/.test(code))
+    return new HttpError(400, `the body does not decode as its Content-Encoding says`, {
+      cause: error,
+    });
   return error;
 }

@@ -95,6 +95,9 @@ export async function authenticate(
 
 /** Answers an upgrade request with a plain HTTP response and closes its socket. */
 export function refuseUpgrade(socket: Duplex, refusal: HandshakeRefusal): void {
+  // Node listens no more for errors of a socket it handed to 'upgrade': a peer that resets it
+  // while the answer is written (ECONNRESET, emitted a tick later) must not take the process down.
+  socket.on('error', () => socket.destroy());
   if (socket.destroyed || !socket.writable) {
     socket.destroy();
     return;

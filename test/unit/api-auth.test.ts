@@ -391,6 +391,21 @@ describe('REST API: accounts', () => {
       assertError(answer, 400, 'bad_request', 'username');
     });
 
+    it('answers 400 for a body that does not decode as its Content-Encoding says', async () => {
+      for (const [encoding, raw] of [
+        ['gzip', 'not gzip at all'],
+        ['gzip', ''],
+        ['deflate', 'xxxx'],
+        ['br', 'xxxx'],
+      ]) {
+        const answer = await api.call('POST', '/v1/auth/register', {
+          raw,
+          headers: { 'content-type': 'application/json', 'content-encoding': encoding! },
+        });
+        assertError(answer, 400, 'bad_request');
+      }
+    });
+
     it('answers 413 for a body over 1 MiB', async () => {
       const raw = JSON.stringify({ username: fresh(), password: 'correct horse', pad: '' });
       const over = raw.replace(

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import type { IncomingMessage } from 'node:http';
+import { Duplex } from 'node:stream';
 import { loadType } from '../../schemas/avro.ts';
 import {
   fullNames,
@@ -30,6 +31,7 @@ import {
   authenticate,
   deviceIdOf,
   HandshakeRefusal,
+  refuseUpgrade,
 } from '../../gateway/authentication.ts';
 
 const t0 = Date.UTC(2025, 0, 1);
@@ -645,5 +647,28 @@ describe('gateway: authentication', () => {
         deviceId: 'phone',
       },
     );
+  });
+});
+
+describe('gateway handshake: refusing an upgrade', () => {
+  it('survives a peer that resets the socket while the refusal is written', async () => {
+    const errors: unknown[] = [];
+    const onUncaught = (error: unknown) => errors.push(error);
+    process.prependListener('uncaughtException', onUncaught);
+    try {
+      // A socket whose write fails as a reset one does: the error is emitted a tick later.
+      const socket = new Duplex({
+        read() {},
+        write(_chunk, _encoding, done) {
+          done(Object.assign(new Error('write ECONNRESET'), { code: 'ECONNRESET' }));
+        },
+      });
+      refuseUpgrade(socket, new HandshakeRefusal(404, 'not_found', 'no WebSocket at /nope'));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.deepEqual(errors, []);
+      assert.ok(socket.destroyed);
+    } finally {
+      process.off('uncaughtException', onUncaught);
+    }
   });
 });
