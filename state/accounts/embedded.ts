@@ -198,10 +198,18 @@ export class EmbeddedAccountStores implements AccountStores {
     });
   }
 
-  private revokeToken(hash: string): Promise<void> {
-    return this.lock.run(tokenKey(hash), async () => {
+  /**
+   * Logout. A token already rotated is a reuse, as at refresh: its whole family goes (else the
+   * logout of a stolen, rotated token would mark it revoked and hide its reuse for good).
+   */
+  private async revokeToken(hash: string): Promise<void> {
+    const reused = await this.lock.run(tokenKey(hash), async () => {
+      const token = await this.read<StoredToken>(tokenKey(hash));
+      if (token?.state === 'used') return token.familyId;
       await this.setRevoked(hash);
+      return undefined;
     });
+    if (reused !== undefined) await this.revokeFamily(reused);
   }
 
   private revokeFamily(familyId: string): Promise<void> {

@@ -582,6 +582,16 @@ describe('REST API: accounts', () => {
       assert.equal((await api.call('GET', '/v1/me', { token: accessToken })).status, 200);
     });
 
+    it('revokes the whole family for a token already rotated, as a refresh with it would', async () => {
+      const { refreshToken: first } = (await api.register(fresh())).body;
+      const { refreshToken: second } = (await api.refresh(first)).body;
+      assert.equal(
+        (await api.call('POST', '/v1/auth/logout', { json: { refreshToken: first } })).status,
+        204,
+      );
+      assertError(await api.refresh(second), 401, 'unauthorized');
+    });
+
     it('answers 204 for an unknown token, and for one already logged out', async () => {
       const { refreshToken } = (await api.register(fresh())).body;
       for (const token of ['unknown-token', refreshToken, refreshToken]) {
