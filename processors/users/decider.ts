@@ -235,7 +235,9 @@ export const PRUNE_SLICE_ENTRIES = 64;
 /** The seq below which acks alone let entries go: every device that ever connected acked them. */
 function prunableBelow(meta: UserMeta): number {
   const devices = Object.values(meta.devices);
-  const ackedByAll = devices.length === 0 ? 0 : Math.min(...devices.map((d) => d.ack));
+  // A loop, not Math.min(...): spread arguments overflow the stack past ~100,000 devices.
+  const ackedByAll =
+    devices.length === 0 ? 0 : devices.reduce((m, d) => Math.min(m, d.ack), Infinity);
   return Math.max(meta.firstKept, ackedByAll + 1);
 }
 
@@ -271,7 +273,9 @@ export function entriesNeeded(
     case 'catch-up': {
       // What sessions that fell behind missed; nothing when none did (the usual case).
       const behind = sessionsBehind(meta, liveGateways);
-      return behind.length === 0 ? undefined : upToEnd(Math.min(...behind.map((b) => b.after)) + 1);
+      return behind.length === 0
+        ? undefined
+        : upToEnd(behind.reduce((m, b) => Math.min(m, b.after), Infinity) + 1);
     }
     default:
       return undefined;

@@ -409,6 +409,17 @@ describe('users actor: scenarios', () => {
     );
   });
 
+  it('prunes an inbox whose user has more devices than spread arguments allow', () => {
+    const inbox = new Inbox();
+    inbox.append('m1');
+    const devices = Object.fromEntries(
+      Array.from({ length: 200_000 }, (_, i) => [`d${i}`, { ack: 1 }]),
+    );
+    inbox.meta = { ...inbox.meta, devices: devices as typeof inbox.meta.devices };
+    inbox.run({ kind: 'prune', now: T, retentionMs: 86_400_000 });
+    assert.equal(inbox.meta.firstKept, 2);
+  });
+
   it('prunes what every device acked without reading the entries', () => {
     const inbox = new Inbox();
     for (let i = 1; i <= 10; i++) inbox.append(`m${i}`);
