@@ -221,12 +221,6 @@ function replay(
 }
 
 /**
- * The seqs [from, to) of kept entries a command's decision reads, for the processor to load
- * (none: undefined). `read` finds its one entry by messageId instead. An ack reads only what it
- * may owe receipts for, and a CONNECTED only what a pending sync replays: neither costs the
- * whole inbox.
- */
-/**
  * Entries a prune looks at, at most: the first ones above what every device acked, to see which
  * expired. An inbox that holds more expired entries than this loses them a slice per prune.
  */
@@ -241,6 +235,12 @@ function prunableBelow(meta: UserMeta): number {
   return Math.max(meta.firstKept, ackedByAll + 1);
 }
 
+/**
+ * The seqs [from, to) of kept entries a command's decision reads, for the processor to load
+ * (none: undefined). `read` finds its one entry by messageId instead. An ack reads only what it
+ * may owe receipts for, and a CONNECTED only what a pending sync replays: neither costs the
+ * whole inbox.
+ */
 export function entriesNeeded(
   command: UserCommand,
   meta: UserMeta,
@@ -479,7 +479,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // rules remove a prefix of the inbox: acks are cumulative, and expiry stops at the first
       // entry that is not too old (the entries in view are the slice right above the acked).
       let below = prunableBelow(meta);
-      for (const entry of [...view.entries].sort((a, b) => a.seq - b.seq)) {
+      for (const entry of view.entries) {
         if (entry.seq < below) continue;
         if (entry.seq > below || command.now - entry.at <= command.retentionMs) break;
         below = entry.seq + 1;

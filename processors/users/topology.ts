@@ -296,7 +296,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       await this.indexSessions(userId, event, next);
       const before = next;
       next = evolve(next, event);
-      await this.apply(userId, event, entries, before);
+      await this.apply(userId, event, before);
     }
     if (next !== meta) this.metas.put(userId, next);
   }
@@ -316,12 +316,7 @@ class InboxProcessor implements Processor<Input, unknown> {
   }
 
   /** Writes the stores and forwards the records of one event (`before`: the meta before it). */
-  private async apply(
-    userId: string,
-    event: UserEvent,
-    entries: InboxEntry[],
-    before: UserMeta,
-  ): Promise<void> {
+  private async apply(userId: string, event: UserEvent, before: UserMeta): Promise<void> {
     const { codecs } = this.options;
     switch (event.type) {
       case 'entry-appended':
@@ -478,11 +473,12 @@ class InboxProcessor implements Processor<Input, unknown> {
    * while the one before was expired whole, up to PRUNE_SLICES_PER_VISIT.
    */
   private async pruneInbox(userId: string, now: number, retentionMs: number): Promise<void> {
+    let firstKept = (await this.metas.get(userId))?.firstKept ?? 0;
     for (let slice = 0; slice < PRUNE_SLICES_PER_VISIT; slice++) {
-      const before = (await this.metas.get(userId))?.firstKept ?? 0;
       await this.handle(userId, { kind: 'prune', now, retentionMs });
-      const after = (await this.metas.get(userId))?.firstKept ?? 0;
-      if (after - before < PRUNE_SLICE_ENTRIES) return;
+      const before = firstKept;
+      firstKept = (await this.metas.get(userId))?.firstKept ?? 0;
+      if (firstKept - before < PRUNE_SLICE_ENTRIES) return;
     }
   }
 
