@@ -37,13 +37,14 @@ const onKafka = (shape: ShapeName) => shape === 'kafka' || shape === 'kafka-spli
 interface Server {
   child: ChildProcess;
   url: string;
-  jwtSecret: string;
   stop(): Promise<void>;
 }
 
 /** A shape's processes: the first serves the clients; all of them are measured. */
 interface Shape {
   servers: Server[];
+  /** The JWT_SECRET they share: the load generator signs its idle users' tokens with it. */
+  jwtSecret: string;
   stop(): Promise<void>;
 }
 
@@ -66,7 +67,7 @@ async function startShape(shape: ShapeName, dataDir: string, profileDir?: string
     await stop();
     throw error;
   }
-  return { servers, stop };
+  return { servers, jwtSecret, stop };
 }
 
 async function startServer(
@@ -118,7 +119,6 @@ async function startServer(
   return {
     child,
     url,
-    jwtSecret,
     async stop() {
       child.kill('SIGTERM');
       await exited;
@@ -171,7 +171,7 @@ export async function run(args: string[]): Promise<void> {
   for (const shape of shapes) {
     console.error(`\n${shape}:`);
     const dataDir = await mkdtemp(join(tmpdir(), `kchat-bench-chat-${shape}-`));
-    const { servers, stop } = await startShape(shape, dataDir, profileDir);
+    const { servers, jwtSecret, stop } = await startShape(shape, dataDir, profileDir);
     const server = servers[0]!;
     try {
       results.set(
@@ -187,7 +187,7 @@ export async function run(args: string[]): Promise<void> {
           idle: Number(values.idle),
           bodyBytes: 100,
           serverPids: servers.map((s) => s.child.pid!),
-          jwtSecret: shape === 'relay' ? undefined : server.jwtSecret,
+          jwtSecret: shape === 'relay' ? undefined : jwtSecret,
         }),
       );
     } finally {
