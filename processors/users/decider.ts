@@ -43,15 +43,46 @@ export interface UserMeta {
   firstKept: number;
   /** `delivered` receipts have been owed for every message up to this seq. */
   receiptedUpTo: number;
-  /** Every device that ever opened a WebSocket, with its cumulative ack. */
-  devices: Record<string, { ack: number }>;
+  /**
+   * Every device that opened a WebSocket, with its cumulative ack and when it was last seen
+   * (connected or acked; absent in metas stored before it was kept). At most MAX_DEVICES; one
+   * unseen for the retention and whose acked entries are all gone is forgotten.
+   */
+  devices: Record<string, Device>;
   /** Open connections, by connectionId. */
   sessions: Record<string, Session>;
-  /** Syncs that arrived before their connection's CONNECTED. */
-  pendingSyncs: Record<string, { deviceId: string; after: number }>;
+  /** Syncs that arrived before their connection's CONNECTED, oldest first (MAX_PENDING_SYNCS). */
+  pendingSyncs: Record<string, PendingSync>;
+  /**
+   * The last RECENTLY_CLOSED connections closed (absent in metas stored before it was kept): a
+   * Sync that comes after its connection's DISCONNECTED is dropped, not left pending for good.
+   */
+  recentlyClosed?: string[];
   /** Devices registered for push, by deviceId. */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
+
+export interface Device {
+  ack: number;
+  seenAt?: number;
+}
+
+export interface PendingSync {
+  deviceId: string;
+  after: number;
+}
+
+/**
+ * Devices remembered per user, at most. A user's meta is read and written whole on every
+ * record, so it must not grow with every deviceId a client ever made up: past the limit, a new
+ * device makes the actor forget the least recently seen one without an open connection, which
+ * counts as a new device when it comes back (docs/websocket.md).
+ */
+export const MAX_DEVICES = 64;
+/** Syncs waiting for their CONNECTED, per user, at most: past it the oldest is dropped. */
+export const MAX_PENDING_SYNCS = 16;
+/** Connections remembered as closed, per user. */
+export const RECENTLY_CLOSED = 16;
 
 export const newUserMeta = (): UserMeta => ({
   nextSeq: 1,
@@ -60,6 +91,7 @@ export const newUserMeta = (): UserMeta => ({
   devices: {},
   sessions: {},
   pendingSyncs: {},
+  recentlyClosed: [],
   push: {},
 });
 
@@ -121,10 +153,12 @@ export type UserEvent =
     }
   | { type: 'session-closed'; connectionId: string }
   | { type: 'sync-pending'; connectionId: string; deviceId: string; after: number }
+  /** Devices no longer remembered: past MAX_DEVICES, or unseen for the retention. */
+  | { type: 'devices-forgotten'; deviceIds: string[] }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
   | { type: 'session-live'; connectionId: string; sentUpTo: number }
   | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
-  | { type: 'acked'; deviceId: string; upTo: number }
+  | { type: 'acked'; deviceId: string; upTo: number; at: number }
   | { type: 'receipted'; upTo: number }
   | { type: 'push-registered'; deviceId: string; pushToken: string; platform: string | null }
   | { type: 'push-removed'; deviceId: string }
@@ -205,7 +239,7 @@ function replay(
   session: Session,
   after: number,
 ): UserEvent[] {
-  const from = after === FROM_ACK ? (view.meta.devices[session.deviceId]?.ack ?? 0) : after;
+  const from = replayAfter(view.meta, session.deviceId, after);
   const entries = view.entries.filter((e) => e.seq > from);
   const events: UserEvent[] = [];
   if (entries.length > 0) {
@@ -219,6 +253,49 @@ function replay(
   events.push({ type: 'session-live', connectionId, sentUpTo: view.meta.nextSeq - 1 });
   return events;
 }
+
+/** The devices with an open connection: never forgotten. */
+const connectedDevices = (meta: UserMeta) =>
+  new Set(Object.values(meta.sessions).map((s) => s.deviceId));
+
+/**
+ * Devices a prune at `now` forgets: without an open connection, unseen for the retention, and
+ * whose acked entries are all pruned already, so that nothing at or below an applied ack is sent
+ * again when the device comes back as new. (A device unseen that long holds back nothing but
+ * entries younger than itself: the least-acked one is always below firstKept after a prune.)
+ */
+export function forgettableDevices(meta: UserMeta, now: number, retentionMs: number): string[] {
+  const connected = connectedDevices(meta);
+  return Object.entries(meta.devices)
+    .filter(
+      ([deviceId, d]) =>
+        !connected.has(deviceId) &&
+        d.seenAt !== undefined &&
+        now - d.seenAt > retentionMs &&
+        d.ack < meta.firstKept,
+    )
+    .map(([deviceId]) => deviceId);
+}
+
+/**
+ * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it forgets
+ * the least recently seen without an open connection (none: a meta stored without seenAt).
+ */
+function makeRoomFor(meta: UserMeta, deviceId: string): UserEvent[] {
+  const count = Object.keys(meta.devices).length;
+  if (meta.devices[deviceId] || count < MAX_DEVICES) return [];
+  const connected = connectedDevices(meta);
+  const deviceIds = Object.entries(meta.devices)
+    .filter(([id]) => !connected.has(id))
+    .sort(([, a], [, b]) => (a.seenAt ?? 0) - (b.seenAt ?? 0))
+    .slice(0, count - MAX_DEVICES + 1)
+    .map(([id]) => id);
+  return deviceIds.length > 0 ? [{ type: 'devices-forgotten', deviceIds }] : [];
+}
+
+/** Where a replay for this device starts above: `after`, or its ack for FROM_ACK. */
+const replayAfter = (meta: UserMeta, deviceId: string, after: number) =>
+  after === FROM_ACK ? (meta.devices[deviceId]?.ack ?? 0) : after;
 
 /**
  * Entries a prune looks at, at most: the first ones above what every device acked, to see which
@@ -236,6 +313,21 @@ function prunableBelow(meta: UserMeta): number {
 }
 
 /**
+ * Where a prune's kept entries start: above what every device acked, and above the expired
+ * entries that follow (a prefix: expiry stops at the first entry that is not too old).
+ * `entries`: the slice right above what every device acked.
+ */
+function prunedBelow(meta: UserMeta, entries: InboxEntry[], now: number, retentionMs: number) {
+  let below = prunableBelow(meta);
+  for (const entry of entries) {
+    if (entry.seq < below) continue;
+    if (entry.seq > below || now - entry.at <= retentionMs) break;
+    below = entry.seq + 1;
+  }
+  return Math.min(below, meta.nextSeq);
+}
+
+/**
  * The seqs [from, to) of kept entries a command's decision reads, for the processor to load
  * (none: undefined). `read` finds its one entry by messageId instead. An ack reads only what it
  * may owe receipts for, and a CONNECTED only what a pending sync replays: neither costs the
@@ -246,18 +338,18 @@ export function entriesNeeded(
   meta: UserMeta,
   liveGateways: ReadonlySet<string>,
 ): { from: number; to: number } | undefined {
-  const replayFrom = (deviceId: string, after: number) =>
-    (after === FROM_ACK ? (meta.devices[deviceId]?.ack ?? 0) : after) + 1;
+  const replayFrom = (deviceId: string, after: number) => replayAfter(meta, deviceId, after) + 1;
   const upToEnd = (from: number) => (from < meta.nextSeq ? { from, to: meta.nextSeq } : undefined);
   switch (command.kind) {
     case 'connected': {
+      // The replay is the session's, whatever device the sync named (as in decide).
       const pending = meta.pendingSyncs[command.connectionId];
-      return pending && upToEnd(replayFrom(pending.deviceId, pending.after));
+      return pending && upToEnd(replayFrom(command.deviceId, pending.after));
     }
-    case 'sync':
-      return meta.sessions[command.connectionId]
-        ? upToEnd(replayFrom(command.deviceId, command.after))
-        : undefined;
+    case 'sync': {
+      const session = meta.sessions[command.connectionId];
+      return session ? upToEnd(replayFrom(session.deviceId, command.after)) : undefined;
+    }
     case 'ack': {
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
       return upTo > meta.receiptedUpTo ? { from: meta.receiptedUpTo + 1, to: upTo + 1 } : undefined;
@@ -286,13 +378,13 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
   const { meta } = view;
   switch (command.kind) {
     case 'connected': {
-      if (meta.sessions[command.connectionId]) return []; // a redelivered event
+      // A redelivered event, or one whose connection closed already.
+      if (meta.sessions[command.connectionId]) return [];
+      if (meta.recentlyClosed?.includes(command.connectionId)) return [];
       if (view.gatewayStartedAt !== undefined && command.at < view.gatewayStartedAt) {
         // The gateway has restarted since, and holds the connection no more: no session opens
-        // (it would never close), and a sync waiting for it is dropped.
-        return meta.pendingSyncs[command.connectionId]
-          ? [{ type: 'session-closed', connectionId: command.connectionId }]
-          : [];
+        // (it would never close); a sync waiting for it, or still to come, is dropped.
+        return [{ type: 'session-closed', connectionId: command.connectionId }];
       }
       const session = {
         deviceId: command.deviceId,
@@ -306,9 +398,11 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         ...session,
       };
       const pending = meta.pendingSyncs[command.connectionId];
-      return pending
-        ? [opened, ...replay(view, command.connectionId, session, pending.after)]
-        : [opened];
+      return [
+        ...makeRoomFor(meta, command.deviceId),
+        opened,
+        ...(pending ? replay(view, command.connectionId, session, pending.after) : []),
+      ];
     }
 
     case 'disconnected': {
@@ -320,12 +414,22 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     case 'sync': {
       const session = meta.sessions[command.connectionId];
       if (!session) {
+        // After its connection's DISCONNECTED: nothing to replay to, ever.
+        if (meta.recentlyClosed?.includes(command.connectionId)) return [];
+        // A second sync before the CONNECTED: the replay covers both.
+        const waiting = meta.pendingSyncs[command.connectionId];
+        const after = waiting
+          ? Math.min(
+              replayAfter(meta, waiting.deviceId, waiting.after),
+              replayAfter(meta, command.deviceId, command.after),
+            )
+          : command.after;
         return [
           {
             type: 'sync-pending',
             connectionId: command.connectionId,
             deviceId: command.deviceId,
-            after: command.after,
+            after,
           },
         ];
       }
@@ -378,7 +482,10 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // Acks are cumulative and cannot reach past what the inbox holds.
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
       if (device && upTo <= device.ack) return [];
-      const events: UserEvent[] = [{ type: 'acked', deviceId: command.deviceId, upTo }];
+      const events: UserEvent[] = [
+        ...makeRoomFor(meta, command.deviceId),
+        { type: 'acked', deviceId: command.deviceId, upTo, at: command.at },
+      ];
       if (upTo > meta.receiptedUpTo) {
         // One `delivered` per message and recipient: on the first ack of any device covering it.
         for (const entry of view.entries) {
@@ -478,14 +585,26 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // Kept until every device that ever connected acked it, or until it is too old. Both
       // rules remove a prefix of the inbox: acks are cumulative, and expiry stops at the first
       // entry that is not too old (the entries in view are the slice right above the acked).
-      let below = prunableBelow(meta);
-      for (const entry of view.entries) {
-        if (entry.seq < below) continue;
-        if (entry.seq > below || command.now - entry.at <= command.retentionMs) break;
-        below = entry.seq + 1;
+      // Forgetting a device may let acks prune more, which may let another device go: until
+      // neither moves (each round forgets one device or more).
+      let remembered = meta;
+      let below = prunedBelow(remembered, view.entries, command.now, command.retentionMs);
+      const deviceIds: string[] = [];
+      for (;;) {
+        const more = forgettableDevices(
+          { ...remembered, firstKept: below },
+          command.now,
+          command.retentionMs,
+        );
+        if (more.length === 0) break;
+        deviceIds.push(...more);
+        remembered = evolve(remembered, { type: 'devices-forgotten', deviceIds: more });
+        below = prunedBelow(remembered, view.entries, command.now, command.retentionMs);
       }
-      below = Math.min(below, meta.nextSeq);
-      return below > meta.firstKept ? [{ type: 'pruned', below }] : [];
+      const events: UserEvent[] =
+        deviceIds.length > 0 ? [{ type: 'devices-forgotten', deviceIds }] : [];
+      if (below > meta.firstKept) events.push({ type: 'pruned', below });
+      return events;
     }
   }
 }
@@ -493,9 +612,11 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
 export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
   switch (event.type) {
     case 'session-opened': {
-      const devices = meta.devices[event.deviceId]
-        ? meta.devices
-        : { ...meta.devices, [event.deviceId]: { ack: 0 } };
+      const device = meta.devices[event.deviceId];
+      const devices = {
+        ...meta.devices,
+        [event.deviceId]: { ack: device?.ack ?? 0, seenAt: seenAt(device, event.connectedAt) },
+      };
       const { [event.connectionId]: _pending, ...pendingSyncs } = meta.pendingSyncs;
       return {
         ...meta,
@@ -536,20 +657,28 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     case 'session-closed': {
       const { [event.connectionId]: _session, ...sessions } = meta.sessions;
       const { [event.connectionId]: _pending, ...pendingSyncs } = meta.pendingSyncs;
-      return { ...meta, sessions, pendingSyncs };
+      const closed = (meta.recentlyClosed ?? []).filter((c) => c !== event.connectionId);
+      closed.push(event.connectionId);
+      return { ...meta, sessions, pendingSyncs, recentlyClosed: closed.slice(-RECENTLY_CLOSED) };
     }
-    case 'sync-pending':
-      return {
-        ...meta,
-        pendingSyncs: {
-          ...meta.pendingSyncs,
-          [event.connectionId]: { deviceId: event.deviceId, after: event.after },
-        },
-      };
+    case 'sync-pending': {
+      // Last in order of arrival, and the oldest dropped past the limit.
+      const { [event.connectionId]: _before, ...others } = meta.pendingSyncs;
+      const waiting = Object.entries(others).slice(1 - MAX_PENDING_SYNCS);
+      waiting.push([event.connectionId, { deviceId: event.deviceId, after: event.after }]);
+      return { ...meta, pendingSyncs: Object.fromEntries(waiting) };
+    }
+    case 'devices-forgotten': {
+      const devices = { ...meta.devices };
+      for (const deviceId of event.deviceIds) delete devices[deviceId];
+      return { ...meta, devices };
+    }
     case 'entry-appended':
       return { ...meta, nextSeq: event.entry.seq + 1 };
-    case 'acked':
-      return { ...meta, devices: { ...meta.devices, [event.deviceId]: { ack: event.upTo } } };
+    case 'acked': {
+      const device = { ack: event.upTo, seenAt: seenAt(meta.devices[event.deviceId], event.at) };
+      return { ...meta, devices: { ...meta.devices, [event.deviceId]: device } };
+    }
     case 'receipted':
       return { ...meta, receiptedUpTo: event.upTo };
     case 'push-registered':
@@ -584,6 +713,9 @@ export const usersDecider: Decider<
   decide: ({ command, view }, meta) => decide(command, { ...view, meta }),
   evolve,
 };
+
+/** When a device was last seen, seen again at `at`. */
+const seenAt = (device: Device | undefined, at: number) => Math.max(device?.seenAt ?? at, at);
 
 /** A push notification's text: the body's text when it has one, else a generic line. */
 function previewOf(body: string): string {

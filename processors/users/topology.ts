@@ -31,6 +31,7 @@ import {
   decide,
   entriesNeeded,
   evolve,
+  forgettableDevices,
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   sessionsBehind,
@@ -487,7 +488,8 @@ class InboxProcessor implements Processor<Input, unknown> {
     const retentionMs = this.options.retentionMs ?? DEFAULT_RETENTION_MS;
     const { usersPerTick, dedupKeysPerTick } = this.pacing;
     for (const [userId, meta] of await this.pruneWalks.users.slice(this.metas, usersPerTick, now)) {
-      if (meta.firstKept < meta.nextSeq) await this.pruneInbox(userId, now, retentionMs);
+      if (meta.firstKept < meta.nextSeq || forgettableDevices(meta, now, retentionMs).length > 0)
+        await this.pruneInbox(userId, now, retentionMs);
     }
     for (const [key, { at }] of await this.pruneWalks.dedup.slice(
       this.dedup,

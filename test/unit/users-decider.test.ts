@@ -9,7 +9,10 @@ import {
   decide,
   entriesNeeded,
   evolve,
+  forgettableDevices,
   FROM_ACK,
+  MAX_DEVICES,
+  MAX_PENDING_SYNCS,
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   type EntryBody,
@@ -93,6 +96,18 @@ class Inbox {
     return events;
   }
 
+  connect(deviceId: string, connectionId: string, at = T): UserEvent[] {
+    return this.run({ kind: 'connected', deviceId, gatewayId: 'gw1', connectionId, at });
+  }
+
+  sync(deviceId: string, connectionId: string, after = FROM_ACK): UserEvent[] {
+    return this.run({ kind: 'sync', deviceId, connectionId, after, at: T });
+  }
+
+  disconnect(connectionId: string): UserEvent[] {
+    return this.run({ kind: 'disconnected', connectionId, at: T });
+  }
+
   append(id: string, from = 'bob', at = T): UserEvent[] {
     return this.run({ kind: 'append', entry: message(id, from), dedupKey: `m:${id}`, at });
   }
@@ -170,6 +185,18 @@ describe('users actor: decide', () => {
       { kind: 'sync', deviceId: 'tablet', connectionId: 'c9', after: FROM_ACK, at: T },
       view(online),
       ['sync-pending'],
+    ],
+    [
+      'a sync after its connection closed is dropped, not left waiting',
+      { kind: 'sync', deviceId: 'phone', connectionId: 'c0', after: FROM_ACK, at: T },
+      view({ ...online, recentlyClosed: ['c0'] }),
+      [],
+    ],
+    [
+      'a CONNECTED after its own DISCONNECTED (redelivered) opens nothing',
+      { kind: 'connected', deviceId: 'phone', gatewayId: 'gw1', connectionId: 'c0', at: T },
+      view({ ...online, recentlyClosed: ['c0'] }),
+      [],
     ],
     [
       'a DISCONNECTED of another connection removes nothing',
@@ -287,7 +314,17 @@ describe('users actor: scenarios', () => {
       at: T,
     };
     // The gateway restarted after recording the connection: it holds the connection no more.
-    assert.deepEqual(decide(connected, view(newUserMeta(), { gatewayStartedAt: T + 1 })), []);
+    // It is remembered as closed, so that its sync, still to come, does not wait for good.
+    const stale = decide(connected, view(newUserMeta(), { gatewayStartedAt: T + 1 }));
+    assert.deepEqual(stale, [{ type: 'session-closed', connectionId: 'c1' }]);
+    const closed = evolve(newUserMeta(), stale[0]!);
+    assert.deepEqual(
+      decide(
+        { kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T },
+        view(closed),
+      ),
+      [],
+    );
     const waiting = metaWith({ pendingSyncs: { c1: { deviceId: 'phone', after: FROM_ACK } } });
     const events = decide(connected, view(waiting, { gatewayStartedAt: T + 1 }));
     assert.deepEqual(events, [{ type: 'session-closed', connectionId: 'c1' }]);
@@ -341,7 +378,10 @@ describe('users actor: scenarios', () => {
       ['bob', 'm1', 'delivered'],
       ['carol', 'm3', 'delivered'],
     ]);
-    assert.deepEqual(inbox.meta.devices, { phone: { ack: 3 }, laptop: { ack: 3 } });
+    assert.deepEqual(inbox.meta.devices, {
+      phone: { ack: 3, seenAt: T },
+      laptop: { ack: 3, seenAt: T },
+    });
   });
 
   it('owes a `read` receipt for a message in the inbox, and refuses one that is not', () => {
@@ -469,6 +509,94 @@ describe('users actor: scenarios', () => {
     assert.equal(inbox.meta.firstKept, 3);
     inbox.append('m4');
     assert.equal(inbox.entries.at(-1)?.seq, 4, 'numbering goes on after a prune');
+  });
+
+  describe('bounded state', () => {
+    const day = 86_400_000;
+
+    it('drops a sync that comes after its connection closed, instead of keeping it pending', () => {
+      const inbox = new Inbox();
+      inbox.connect('phone', 'c1');
+      inbox.disconnect('c1');
+      assert.deepEqual(inbox.sync('phone', 'c1'), []);
+      assert.deepEqual(inbox.meta.pendingSyncs, {});
+    });
+
+    it('keeps at most MAX_PENDING_SYNCS syncs waiting, the newest', () => {
+      const inbox = new Inbox();
+      for (let i = 1; i <= MAX_PENDING_SYNCS + 4; i++) inbox.sync('phone', `c${i}`);
+      const waiting = Object.keys(inbox.meta.pendingSyncs);
+      assert.equal(waiting.length, MAX_PENDING_SYNCS);
+      assert.deepEqual(waiting.slice(-2), [
+        `c${MAX_PENDING_SYNCS + 3}`,
+        `c${MAX_PENDING_SYNCS + 4}`,
+      ]);
+      inbox.append('m1');
+      inbox.connect('phone', `c${MAX_PENDING_SYNCS + 4}`);
+      assert.deepEqual(inbox.deliveredSeqs(`c${MAX_PENDING_SYNCS + 4}`), [1], 'still replayed');
+    });
+
+    it('replays from the lower of two syncs that waited for one CONNECTED', () => {
+      const inbox = new Inbox();
+      for (let i = 1; i <= 8; i++) inbox.append(`m${i}`);
+      inbox.sync('phone', 'c1', 2);
+      inbox.sync('phone', 'c1', 5);
+      inbox.connect('phone', 'c1');
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [3, 4, 5, 6, 7, 8]);
+    });
+
+    it('replays above the ack of the device of the session, whatever device a sync names', () => {
+      const inbox = new Inbox();
+      for (let i = 1; i <= 6; i++) inbox.append(`m${i}`);
+      inbox.connect('phone', 'c1');
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 5, at: T });
+      inbox.connect('laptop', 'c2');
+      inbox.sync('phone', 'c2'); // a crafted record: c2 is the laptop's
+      assert.deepEqual(inbox.deliveredSeqs('c2'), [1, 2, 3, 4, 5, 6], 'no gap');
+    });
+
+    it('remembers at most MAX_DEVICES devices: a new one makes it forget the least recently seen', () => {
+      const inbox = new Inbox();
+      inbox.connect('kept-open', 'open', T);
+      for (let i = 1; i <= MAX_DEVICES + 5; i++) {
+        inbox.connect(`d${i}`, `c${i}`, T + i);
+        inbox.disconnect(`c${i}`);
+      }
+      const devices = Object.keys(inbox.meta.devices);
+      assert.equal(devices.length, MAX_DEVICES);
+      assert.ok(devices.includes('kept-open'), 'a device with an open connection stays');
+      assert.ok(!devices.includes('d1') && devices.includes(`d${MAX_DEVICES + 5}`));
+      // An ack of a device it does not know makes room the same way.
+      inbox.append('m1');
+      inbox.run({ kind: 'ack', deviceId: 'newcomer', upTo: 1, at: T + 1000 });
+      assert.equal(Object.keys(inbox.meta.devices).length, MAX_DEVICES);
+    });
+
+    it('forgets a device unseen for the retention, so that it holds back pruning no longer', () => {
+      const inbox = new Inbox();
+      inbox.connect('old', 'c0', T - 40 * day);
+      inbox.disconnect('c0');
+      for (let i = 1; i <= 3; i++) inbox.append(`m${i}`, 'bob', T - day);
+      inbox.connect('phone', 'c1', T - day);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2, at: T - day });
+      inbox.connect('tablet', 'c2', T - 40 * day);
+      inbox.disconnect('c2');
+      inbox.run({ kind: 'ack', deviceId: 'tablet', upTo: 3, at: T - 40 * day });
+      const prune = { kind: 'prune', now: T, retentionMs: 30 * day } as const;
+      assert.deepEqual(types(inbox.run(prune)), ['devices-forgotten', 'pruned']);
+      assert.deepEqual(Object.keys(inbox.meta.devices).sort(), ['phone', 'tablet']);
+      assert.equal(inbox.meta.firstKept, 3, 'what the phone and the tablet acked');
+      // The tablet acked entry 3, still kept: forgetting it would send entry 3 again.
+      assert.deepEqual(forgettableDevices(inbox.meta, T, 30 * day), []);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3, at: T });
+      inbox.run(prune);
+      assert.deepEqual(Object.keys(inbox.meta.devices), ['phone']);
+      // A forgotten device comes back as a new one: every kept entry.
+      inbox.append('m4');
+      inbox.connect('old', 'c3', T);
+      inbox.sync('old', 'c3');
+      assert.deepEqual(inbox.deliveredSeqs('c3'), [4]);
+    });
   });
 
   describe('a gateway that counted as silent', () => {
