@@ -107,6 +107,8 @@ export class StreamsRuntime {
   private everAssigned = false;
   private partitions = 0;
   private readonly counters;
+  /** Topics chosen per record that were found to exist (a topic is not deleted under a task). */
+  private readonly existingTopics = new Set<string>();
 
   constructor(
     private readonly topology: Topology,
@@ -315,6 +317,8 @@ export class StreamsRuntime {
         stores: stores as unknown as Map<string, TaskStateStore>,
         deadLetterTopic: deadLetterTopic(applicationId),
         logger: this.logger,
+        topicExists: this.topicExists,
+        onUnknownTopic: () => this.counters?.deadLettered.inc({ application: this.applicationId }),
       });
       // Then read the committed offsets, which no fenced owner can move any more. The consumer
       // may have read its start before the fence; the task skips whatever lies below these.
@@ -386,6 +390,14 @@ export class StreamsRuntime {
     }
     await stateDb.setCheckpoint(topic, partition, marks.high);
   }
+
+  /** Whether a topic a sink chose exists: asked of the log once, then remembered. */
+  private readonly topicExists = (topic: string): boolean | Promise<boolean> =>
+    this.existingTopics.has(topic) ||
+    this.options.log.admin.describeTopic(topic).then((found) => {
+      if (found) this.existingTopics.add(topic);
+      return found !== undefined;
+    });
 
   private async handle(batch: Batch, revision: number): Promise<void> {
     if (this.closing) return; // not committed: the next owner processes these records

@@ -40,6 +40,14 @@ export interface TaskOptions {
   stores: Map<string, TaskStateStore>;
   deadLetterTopic: string;
   logger: Logger;
+  /**
+   * Whether a topic that a sink chose per record exists (fixed topics are created at start).
+   * A record for one that does not goes to the dead-letter topic instead: nobody could read it,
+   * and a transaction holding it would fail at every try and wedge the task's commits.
+   */
+  topicExists?: (topic: string) => boolean | Promise<boolean>;
+  /** Told of each output sent to the dead-letter topic for want of its topic. */
+  onUnknownTopic?: (topic: string) => void;
   now?: () => number;
 }
 
@@ -166,15 +174,19 @@ export class StreamTask {
       if (node.kind === 'processor') {
         await this.processors.get(name)!.process(record);
       } else if (node.kind === 'sink') {
-        const topic =
-          typeof node.spec.topic === 'string' ? node.spec.topic : node.spec.topic(record);
-        this.outputs.push({
+        const { topic: spec } = node.spec;
+        const chosen = typeof spec !== 'string';
+        const topic = chosen ? spec(record) : spec;
+        const output: ProducerRecord = {
           topic,
           key: Buffer.from(record.key),
           value: node.spec.encode(record.value),
           headers: record.headers,
           timestamp: record.timestamp,
-        });
+        };
+        const exists =
+          !chosen || !this.options.topicExists || (await this.options.topicExists(topic));
+        this.outputs.push(exists ? output : this.unsendable(output));
       }
     }
   }
@@ -208,6 +220,27 @@ export class StreamTask {
         return { cancel: () => (entry.cancelled = true) };
       },
       recordMetadata: () => this.current,
+    };
+  }
+
+  /** An output whose topic does not exist, as a dead letter naming it. */
+  private unsendable(output: ProducerRecord): ProducerRecord {
+    const source = this.current;
+    this.options.logger.warn(
+      { task: this.id, topic: output.topic, source },
+      'output for a topic that does not exist sent to the dead-letter topic',
+    );
+    this.options.onUnknownTopic?.(output.topic);
+    return {
+      ...output,
+      topic: this.options.deadLetterTopic,
+      headers: {
+        ...output.headers,
+        'dlq.reason': `unknown topic "${output.topic}"`,
+        'dlq.error': 'UnknownTopicError',
+        'dlq.output-topic': output.topic,
+        'dlq.task': this.id,
+      },
     };
   }
 

@@ -82,6 +82,30 @@ async function readAll(log: Log, topic: string): Promise<Map<string, string[]>> 
   return byKey;
 }
 
+async function deadLetters(log: Log, applicationId: string) {
+  const marks = await log.admin.watermarks(deadLetterTopic(applicationId));
+  const dead = [];
+  for await (const batch of log.readPartitions(
+    deadLetterTopic(applicationId),
+    marks.map((m) => ({ partition: m.partition, from: 0 })),
+  ))
+    dead.push(...batch.records);
+  return dead;
+}
+
+/** Passes every record on. */
+class Forward implements Processor<string, string> {
+  private context!: ProcessorContext<string>;
+
+  init(context: ProcessorContext<string>): void {
+    this.context = context;
+  }
+
+  process(record: StreamRecord<string>): Promise<void> {
+    return this.context.forward(record);
+  }
+}
+
 function assertExactCounts(
   output: Map<string, string[]>,
   expected: Map<string, number>,
@@ -485,19 +509,66 @@ export function runtimeSuite(shape: RuntimeShape) {
         await runtime.close();
         await db.close();
         assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2']);
-        const marks = await log.admin.watermarks(deadLetterTopic(app));
-        const dead = [];
-        for await (const batch of log.readPartitions(
-          deadLetterTopic(app),
-          marks.map((m) => ({ partition: m.partition, from: 0 })),
-        )) {
-          dead.push(...batch.records);
-        }
+        const dead = await deadLetters(log, app);
         assert.equal(dead.length, 1);
         assert.equal(text(dead[0]!.value), POISON);
         assert.equal(text(dead[0]!.headers['dlq.topic']!), input);
         assert.equal(text(dead[0]!.headers['dlq.offset']!), '1');
         assert.match(text(dead[0]!.headers['dlq.reason']!)!, /not a word/);
+      } finally {
+        await shape.close(log);
+      }
+    });
+
+    it('sends an output for a topic that does not exist to the dead-letter topic, and goes on committing', async () => {
+      const app = uniqueName('route');
+      const input = uniqueName('routed');
+      const output = uniqueName('out');
+      const missing = uniqueName('missing');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic: input, partitions: 1 },
+          { topic: output, partitions: 1 },
+        ]);
+        const producer = await log.producer();
+        await producer.send(
+          [`${output}|a`, `${missing}|b`, `${output}|c`].map((value) => ({
+            topic: input,
+            key: Buffer.from('k'),
+            value: Buffer.from(value),
+          })),
+        );
+        await producer.close();
+        // Each record names the topic its output goes to (as the users actor names a gateway's).
+        const topology = new Topology()
+          .addSource('input', { topics: [input], decode: (value) => text(value) ?? '' })
+          .addProcessor('route', () => new Forward(), 'input')
+          .addSink<string>(
+            'output',
+            {
+              topic: (record) => record.value.split('|')[0]!,
+              encode: (value) => Buffer.from(value.split('|')[1]!),
+            },
+            'route',
+          );
+        const db = await StateDb.open(join(stateRoot, app));
+        const runtime = new StreamsRuntime(topology, { applicationId: app, log, stateDb: db });
+        await runtime.start();
+        await eventually(
+          async () => (await log.admin.committedOffsets(app, input))[0]!.offset === 3,
+          shape.settleMs + 20_000,
+          'all three records to be committed',
+        );
+        await runtime.close();
+        await db.close();
+        assert.deepEqual((await readAll(log, output)).get('k'), ['a', 'c']);
+        assert.equal(await log.admin.describeTopic(missing), undefined, 'not created');
+        const dead = await deadLetters(log, app);
+        assert.equal(dead.length, 1);
+        assert.equal(text(dead[0]!.value), 'b');
+        assert.equal(text(dead[0]!.headers['dlq.output-topic']!), missing);
+        assert.match(text(dead[0]!.headers['dlq.reason']!)!, /unknown topic/);
       } finally {
         await shape.close(log);
       }
