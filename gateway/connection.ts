@@ -39,6 +39,7 @@ import {
   MAX_QUEUED_FRAMES,
   MAX_UNANSWERED_FRAMES,
   SLOW_CONSUMER_CLOSE_CODE,
+  SYNC_RATE_PER_S,
 } from './limits.ts';
 import { messageIdFor } from './message-id.ts';
 import { rateLimitedTypes, TokenBucket } from './rate-limit.ts';
@@ -99,6 +100,8 @@ export class Connection {
   private held: string[] = [];
   private heldBytes = 0;
   private readonly bucket: TokenBucket;
+  /** `sync` frames have their own bucket: each may replay the whole inbox. */
+  private readonly syncBucket: TokenBucket;
   private closeTimer: NodeJS.Timeout | undefined;
   private readonly logger: Logger;
 
@@ -108,6 +111,7 @@ export class Connection {
     private readonly context: ConnectionContext,
   ) {
     this.bucket = new TokenBucket(context.rateLimitPerSecond, context.now);
+    this.syncBucket = new TokenBucket(SYNC_RATE_PER_S, context.now);
     this.logger = context.logger.child({
       connectionId: identity.connectionId,
       userId: identity.userId,
@@ -137,11 +141,18 @@ export class Connection {
       parsed = { error: { code: 'bad_frame', message: 'the frame could not be read' } };
     }
     this.context.instruments.frameReceived(parsed.frame?.type ?? 'invalid');
-    if (parsed.frame && rateLimitedTypes.has(parsed.frame.type) && !this.bucket.take()) {
+    const over =
+      parsed.frame?.type === 'sync'
+        ? !this.syncBucket.take() && `over ${SYNC_RATE_PER_S} sync frame per second`
+        : parsed.frame &&
+          rateLimitedTypes.has(parsed.frame.type) &&
+          !this.bucket.take() &&
+          `over ${this.context.rateLimitPerSecond} send and typing frames per second`;
+    if (parsed.frame && over) {
       parsed = {
         error: {
           code: 'rate_limited',
-          message: `over ${this.context.rateLimitPerSecond} send and typing frames per second`,
+          message: over,
           ...(parsed.frame.id === undefined ? {} : { id: parsed.frame.id }),
         },
       };

@@ -101,6 +101,14 @@ export const MAX_HELD_BEFORE_READY_BYTES = SEND_BUFFER_LIMIT_BYTES;
 /** `send` and `typing` frames per second a connection may make (PROTOCOL.md: RATE_LIMIT_PER_S). */
 export const DEFAULT_RATE_LIMIT_PER_S = 50;
 
+/**
+ * `sync` frames per second a connection may make, in a bucket of their own (PROTOCOL is silent):
+ * one frame replays what the inbox keeps, possibly thousands of entries, so syncs in a loop
+ * would cost the server a thousand times what they cost the client. Four at once, then one a
+ * second; a client syncs when it finds a gap, not in a loop.
+ */
+export const SYNC_RATE_PER_S = 1;
+
 /** The token bucket holds this many seconds' worth of frames (PROTOCOL.md: four times the rate). */
 export const RATE_LIMIT_BURST_FACTOR = 4;
 

@@ -981,6 +981,27 @@ describe('gateway (WebSocket, embedded log)', function () {
       assert.equal(typing.length, 60 - answers.length);
       client.close();
     });
+
+    it('limits sync frames on their own: four at once, then one a second, sends unaffected', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      for (let i = 0; i < 8; i++) client.send({ type: 'sync', id: `s${i}`, after: 0 });
+      const sent = await client.request({ type: 'send', id: 'm1', to: newUser('bob'), body: 1 });
+      assert.equal(sent.type, 'error', 'the refusals come first, in frame order');
+      const refusals = [sent];
+      for (let frame = await client.next(); frame.type !== 'sent'; frame = await client.next())
+        refusals.push(frame);
+      assert.ok(refusals.length >= 3 && refusals.length <= 4, `${refusals.length} refusals`);
+      for (const refusal of refusals) {
+        assert.equal(refusal.code, 'rate_limited');
+        assert.match(refusal.id as string, /^s[4-7]$/);
+      }
+      const syncs = (await userCommands()).filter(
+        (r) => r.key === alice && r.value && fullNames.Sync in r.value.command,
+      );
+      assert.equal(syncs.length, 1 + 8 - refusals.length, "the connection's own, and the allowed");
+      client.close();
+    });
   });
 
   // ---- user commands ----
