@@ -75,6 +75,9 @@ export function errorHandler(logger: Logger): Middleware {
         logger.error({ err: error, method: ctx.method, path: ctx.path }, 'request failed');
       ctx.status = httpError.status;
       ctx.set(httpError.headers);
+      // Every 401 says how to authenticate (RFC 9110 §15.5.2), the login's too.
+      if (httpError.status === 401 && !ctx.response.get('WWW-Authenticate'))
+        ctx.set('WWW-Authenticate', 'Bearer realm="kchat"');
       ctx.body = {
         error: {
           code: httpError.code,

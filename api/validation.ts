@@ -13,11 +13,23 @@ export const DISPLAY_NAME_MAX = 64;
 
 const length = (text: string) => [...text].length;
 
+/** A UTF-16 surrogate not in a pair (a `u` regex sees a pair as one code point). */
+const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
+
+/**
+ * A string that is valid Unicode: JSON's `\uD800` escapes a lone surrogate, which becomes
+ * U+FFFD on its way to UTF-8, so two different passwords would hash as the same one.
+ */
 const text = (field: string) =>
-  z.string({
-    error: (issue) =>
-      issue.input === undefined ? `${field} is required` : `${field} must be a string`,
-  });
+  z
+    .string({
+      error: (issue) =>
+        issue.input === undefined ? `${field} is required` : `${field} must be a string`,
+    })
+    .refine((value) => !LONE_SURROGATE.test(value), {
+      error: `${field} must be valid Unicode (it holds a lone surrogate)`,
+      abort: true,
+    });
 
 const body = <Shape extends z.ZodRawShape>(shape: Shape) =>
   z.object(shape, { error: 'the body must be a JSON object' });

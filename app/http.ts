@@ -3,7 +3,9 @@
  * GET /metrics (Prometheus); every other request goes to the REST API when the process serves
  * it, else answers 404 in PROTOCOL's error shape. WebSocket upgrades are the gateway's.
  */
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer, ServerResponse, type IncomingMessage, type Server } from 'node:http';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { Metrics } from '../observability/metrics.ts';
 
 export interface Readiness {
@@ -25,6 +27,39 @@ export function pathOf(request: IncomingMessage): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/** Whether a request with an Upgrade header asks for a WebSocket (a token in the list). */
+export const wantsWebSocket = (request: IncomingMessage) =>
+  (request.headers.upgrade ?? '').split(',').some((t) => t.trim().toLowerCase() === 'websocket');
+
+/**
+ * Answers, as though its Upgrade header were absent (RFC 9110 §7.8 lets a server ignore it), a
+ * request that asks to upgrade to something other than a WebSocket: `curl --http2` on an
+ * http:// URL sends `Upgrade: h2c`. Once an 'upgrade' listener exists, Node hands every such
+ * request to it, and its socket with it. Its parser stops at the headers, so a body cannot be
+ * read: a request with one is refused with 400.
+ */
+export function answerAsPlainRequest(server: Server, request: IncomingMessage, socket: Duplex) {
+  socket.on('error', () => socket.destroy());
+  const response = new ServerResponse(request);
+  response.shouldKeepAlive = false;
+  response.assignSocket(socket as Socket);
+  response.once('finish', () => {
+    response.detachSocket(socket as Socket);
+    socket.end();
+  });
+  const length = request.headers['content-length'];
+  if (request.headers['transfer-encoding'] !== undefined || (length && length !== '0')) {
+    return json(response, 400, {
+      error: {
+        code: 'bad_request',
+        message: `a request with a body cannot ask to upgrade to ${request.headers.upgrade}`,
+      },
+    });
+  }
+  if (!request.readableEnded) request.push(null); // no body, and nothing more from the parser
+  server.emit('request', request, response);
 }
 
 export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: Handler): Server {
@@ -51,9 +86,12 @@ export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: H
       return json(response, 404, { error: { code: 'not_found', message: `no route for ${path}` } });
     }
     if (request.method !== 'GET' && request.method !== 'HEAD') {
-      return json(response, 405, {
-        error: { code: 'bad_request', message: `${request.method} is not allowed here` },
-      });
+      return json(
+        response,
+        405,
+        { error: { code: 'bad_request', message: `${request.method} is not allowed here` } },
+        { allow: 'GET, HEAD' },
+      );
     }
     if (path === '/healthz') return json(response, 200, { status: 'ok' });
     if (path === '/readyz') {
@@ -68,7 +106,12 @@ export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: H
   }
 }
 
-function json(response: ServerResponse, status: number, body: unknown): void {
-  response.writeHead(status, { 'content-type': 'application/json; charset=utf-8' });
+function json(
+  response: ServerResponse,
+  status: number,
+  body: unknown,
+  headers: Record<string, string> = {},
+): void {
+  response.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers });
   response.end(JSON.stringify(body));
 }

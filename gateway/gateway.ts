@@ -18,7 +18,7 @@ import type { Log, Producer, ProducerRecord } from '../log/port.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
 import { Codecs, type TopicCodec } from '../schemas/codec.ts';
 import type { ChatCodecs } from '../app/bootstrap.ts';
-import { pathOf } from '../app/http.ts';
+import { answerAsPlainRequest, pathOf, wantsWebSocket } from '../app/http.ts';
 import type { SchemaRegistry } from '../schemas/registry/port.ts';
 import { deliveriesTopic, topics } from '../schemas/topics.ts';
 import { FROM_ACK } from '../schemas/conventions.ts';
@@ -232,6 +232,7 @@ class WebSocketGateway implements Gateway {
 
   attach(server: Server): () => void {
     const listener = (request: IncomingMessage, socket: Duplex, head: Buffer) => {
+      if (!wantsWebSocket(request)) return answerAsPlainRequest(server, request, socket);
       const path = pathOf(request);
       if (path === undefined) {
         refuseUpgrade(

@@ -51,6 +51,9 @@ describe('npm start (embedded shape)', function () {
     const metrics = await (await fetch(`${server.url}/metrics`)).text();
     assert.match(metrics, /^kchat_process_resident_memory_bytes/m);
     assert.match(metrics, /^kchat_log_write_batches/m);
+    const posted = await fetch(`${server.url}/metrics`, { method: 'POST' });
+    assert.equal(posted.status, 405);
+    assert.equal(posted.headers.get('allow'), 'GET, HEAD');
     const missing = await fetch(`${server.url}/nope`);
     assert.equal(missing.status, 404);
     assert.deepEqual(Object.keys(((await missing.json()) as { error: object }).error).sort(), [
@@ -64,6 +67,20 @@ describe('npm start (embedded shape)', function () {
       assert.match(reply, /^HTTP\/1\.1 400 /, reply);
       assert.match(reply, /"code":"bad_request"/, reply);
     }
+    assert.equal((await fetch(`${server.url}/healthz`)).status, 200);
+    // An upgrade to anything but a WebSocket (`curl --http2` on http:// asks for h2c) is
+    // answered as a plain request; one with a body cannot be read, and is refused.
+    const h2c =
+      'Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n';
+    let reply = await rawRequest(port, `GET /healthz HTTP/1.1\r\nHost: x\r\n${h2c}\r\n`);
+    assert.match(reply, /^HTTP\/1\.1 200 [\s\S]*"status":"ok"/, reply);
+    reply = await rawRequest(port, `GET /v1/auth/verify HTTP/1.1\r\nHost: x\r\n${h2c}\r\n`);
+    assert.match(reply, /^HTTP\/1\.1 401 [\s\S]*"code":"unauthorized"/, reply);
+    reply = await rawRequest(
+      port,
+      `POST /v1/auth/login HTTP/1.1\r\nHost: x\r\n${h2c}Content-Length: 2\r\n\r\n{}`,
+    );
+    assert.match(reply, /^HTTP\/1\.1 400 [\s\S]*"code":"bad_request"/, reply);
     assert.equal((await fetch(`${server.url}/healthz`)).status, 200);
 
     // npm re-raises the signal on itself, so its own exit code says nothing: the server's

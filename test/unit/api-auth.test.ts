@@ -473,6 +473,8 @@ describe('REST API: accounts', () => {
       assertError(wrongPassword, 401, 'unauthorized');
       assertError(unknownUser, 401, 'unauthorized');
       assert.deepEqual(wrongPassword.body, unknownUser.body);
+      // Every 401 carries a challenge (RFC 9110 §15.5.2), the login's too.
+      assert.equal(wrongPassword.headers.get('www-authenticate'), 'Bearer realm="kchat"');
       assert.equal(
         wrongPassword.headers.get('www-authenticate'),
         unknownUser.headers.get('www-authenticate'),
@@ -509,6 +511,24 @@ describe('REST API: accounts', () => {
       );
       assertError(await api.login('alice', 'p'.repeat(257)), 400, 'bad_request', 'password');
       assertError(await api.login('alice', 'short'), 401, 'unauthorized');
+    });
+
+    it('refuses a password or display name holding a lone surrogate, which UTF-8 cannot keep', async () => {
+      // Both would become U+FFFD in UTF-8: two different passwords, one hash.
+      const userId = fresh('sam');
+      const lone = 'correct horse \ud800';
+      assertError(await api.register(userId, lone), 400, 'bad_request', 'password');
+      assertError(await api.login(userId, lone), 400, 'bad_request', 'password');
+      assertError(
+        await api.register(userId, 'correct horse', 'Sam \udfff'),
+        400,
+        'bad_request',
+        'displayName',
+      );
+      // A pair is one character, and fine.
+      assert.equal((await api.register(userId, 'correct horse \ud83d\ude00')).status, 201);
+      assert.equal((await api.login(userId, 'correct horse \ud83d\ude00')).status, 200);
+      assert.equal((await api.login(userId, 'correct horse \ufffd')).status, 401);
     });
   });
 
