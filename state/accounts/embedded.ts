@@ -50,6 +50,8 @@ const samePublicAccount = (a: Account, b: Account) =>
 /** A revoked family with no token left is still remembered this long. */
 const EMPTY_FAMILY_REVOCATION_MS = 24 * 3600_000;
 const DEFAULT_PURGE_INTERVAL_MS = 3600_000;
+/** Tokens a purge reads at a time. */
+export const PURGE_PAGE = 1_000;
 
 export interface EmbeddedAccountStoresOptions {
   now?: () => number;
@@ -241,10 +243,7 @@ export class EmbeddedAccountStores implements AccountStores {
   private async purge(): Promise<number> {
     const now = this.now();
     let purged = 0;
-    const tokens = (await this.db.iterator({ gte: 't/', lt: 't0' }).all()) as Array<
-      [string, StoredToken]
-    >;
-    for (const [key, { familyId, expiresAt }] of tokens) {
+    for await (const [key, { familyId, expiresAt }] of this.scan<StoredToken>('t/', 't0')) {
       if (expiresAt > now) continue;
       const hash = key.slice('t/'.length);
       await this.lock.run(revocationKey(familyId), () =>
@@ -256,10 +255,7 @@ export class EmbeddedAccountStores implements AccountStores {
         }),
       );
     }
-    const revocations = (await this.db.iterator({ gte: 'r/', lt: 'r0' }).all()) as Array<
-      [string, FamilyRevocation]
-    >;
-    for (const [key, { expiresAt }] of revocations) {
+    for await (const [key, { expiresAt }] of this.scan<FamilyRevocation>('r/', 'r0')) {
       if (expiresAt > now) continue;
       await this.lock.run(key, async () => {
         const revocation = await this.read<FamilyRevocation>(key);
@@ -267,6 +263,22 @@ export class EmbeddedAccountStores implements AccountStores {
       });
     }
     return purged;
+  }
+
+  /**
+   * The entries of a key range, read PURGE_PAGE at a time: a purge holds one page in memory,
+   * however many tokens the store keeps.
+   */
+  private async *scan<V>(gte: string, lt: string): AsyncGenerator<[string, V]> {
+    let range: { gte: string } | { gt: string } = { gte };
+    for (;;) {
+      const page = (await this.db.iterator({ ...range, lt, limit: PURGE_PAGE }).all()) as Array<
+        [string, V]
+      >;
+      yield* page;
+      if (page.length < PURGE_PAGE) return;
+      range = { gt: page.at(-1)![0] };
+    }
   }
 
   private async read<V>(key: string): Promise<V | undefined> {

@@ -3,7 +3,7 @@ import { createHash, randomUUID } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { EmbeddedAccountStores } from '../../state/accounts/embedded.ts';
+import { EmbeddedAccountStores, PURGE_PAGE } from '../../state/accounts/embedded.ts';
 import { KeyedLock } from '../../state/accounts/keyed-lock.ts';
 import { accountsConformance } from './accounts.suite.ts';
 
@@ -103,6 +103,34 @@ describe('embedded account stores', () => {
       assert.equal((await stores.refreshTokens.consume(hashOf('after')))?.state, 'consumed');
     } finally {
       await stores.close();
+    }
+  });
+});
+
+describe('embedded account stores: a purge of many tokens', () => {
+  it('reads them a page at a time and purges every expired one across pages', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-accounts-'));
+    let now = 1_000_000;
+    const stores = await EmbeddedAccountStores.open(dir, { now: () => now, purgeIntervalMs: 0 });
+    try {
+      const count = 2 * PURGE_PAGE + 10;
+      for (let i = 0; i < count; i++) {
+        await stores.refreshTokens.store(hashOf(`t${i}`), {
+          userId: 'bob',
+          familyId: randomUUID(),
+          // Every third one lives longer: expired and kept ones alternate across pages.
+          expiresAt: now + (i % 3 === 0 ? 10_000 : 1000),
+        });
+      }
+      now += 1000;
+      const kept = Math.ceil(count / 3);
+      assert.equal(await stores.purgeExpired(), count - kept);
+      assert.equal((await stores.refreshTokens.consume(hashOf('t0')))?.state, 'consumed');
+      assert.equal(await stores.refreshTokens.consume(hashOf('t1')), undefined);
+      assert.equal(await stores.purgeExpired(), 0);
+    } finally {
+      await stores.close();
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });
