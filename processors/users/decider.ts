@@ -58,7 +58,7 @@ export interface UserMeta {
    * Sync that comes after its connection's DISCONNECTED is dropped, not left pending for good.
    */
   recentlyClosed?: string[];
-  /** Devices registered for push, by deviceId. */
+  /** Devices registered for push, by deviceId, oldest registration first (MAX_DEVICES). */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
 
@@ -681,14 +681,14 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     }
     case 'receipted':
       return { ...meta, receiptedUpTo: event.upTo };
-    case 'push-registered':
-      return {
-        ...meta,
-        push: {
-          ...meta.push,
-          [event.deviceId]: { pushToken: event.pushToken, platform: event.platform },
-        },
-      };
+    case 'push-registered': {
+      // At most MAX_DEVICES registrations: past it, the first in the map's order goes. That is
+      // the oldest, except that JS orders integer-like keys ("42") first: a bound, not an LRU.
+      const { [event.deviceId]: _before, ...others } = meta.push;
+      const registered = Object.entries(others).slice(1 - MAX_DEVICES);
+      registered.push([event.deviceId, { pushToken: event.pushToken, platform: event.platform }]);
+      return { ...meta, push: Object.fromEntries(registered) };
+    }
     case 'push-removed': {
       const { [event.deviceId]: _removed, ...push } = meta.push;
       return { ...meta, push };

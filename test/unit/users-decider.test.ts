@@ -572,6 +572,27 @@ describe('users actor: scenarios', () => {
       assert.equal(Object.keys(inbox.meta.devices).length, MAX_DEVICES);
     });
 
+    it('keeps at most MAX_DEVICES push registrations, the latest', () => {
+      const inbox = new Inbox();
+      for (let i = 1; i <= MAX_DEVICES + 3; i++)
+        inbox.run({
+          kind: 'device-registered',
+          deviceId: `d${i}`,
+          pushToken: `t${i}`,
+          platform: null,
+        });
+      inbox.run({
+        kind: 'device-registered',
+        deviceId: 'd5',
+        pushToken: 'renewed',
+        platform: null,
+      });
+      const registered = Object.keys(inbox.meta.push);
+      assert.equal(registered.length, MAX_DEVICES);
+      assert.deepEqual(registered.slice(0, 2), ['d4', 'd6'], 'd1 to d3 went; d5 was renewed');
+      assert.deepEqual(inbox.meta.push.d5, { pushToken: 'renewed', platform: null });
+    });
+
     it('forgets a device unseen for the retention, so that it holds back pruning no longer', () => {
       const inbox = new Inbox();
       inbox.connect('old', 'c0', T - 40 * day);
