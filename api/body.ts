@@ -16,6 +16,9 @@ export function jsonBody(): Middleware {
     onError(error, ctx) {
       // Read and drop what the client is still sending: it then reads our answer instead of a
       // reset, and the connection stays usable (what Node does with any body left unread).
+      // Unpiped first: a decoder (gzip, br) it still flows into has stopped reading, and would
+      // hold the upload back as soon as its buffer filled.
+      ctx.req.unpipe();
       ctx.req.resume();
       throw bodyError(error);
     },
