@@ -100,6 +100,11 @@ export interface UserView {
   meta: UserMeta;
   /** The kept entries in seq order, when the command needs them (else empty). */
   entries: InboxEntry[];
+  /**
+   * For a read whose message is no longer kept (every device acked it, so it was pruned): the
+   * message as its dedup key remembers it. Still in the inbox for the reader, who has it.
+   */
+  pruned?: { messageId: string; from: string };
   /** For an append: the inbox already holds this entry (same dedup key). */
   duplicate: boolean;
   /** Gateways heard from lately: sessions on any other gateway count as offline. */
@@ -510,11 +515,16 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         }
         events.push({ type: 'receipted', upTo });
       }
+      // What every device has now acked goes at once; the prune walk is left with expiry.
+      const below = prunableBelow(events.reduce(evolve, meta));
+      if (below > meta.firstKept) events.push({ type: 'pruned', below });
       return events;
     }
 
     case 'read': {
-      const message = view.entries.map(messageOf).find((m) => m?.messageId === command.messageId);
+      const message =
+        view.entries.map(messageOf).find((m) => m?.messageId === command.messageId) ??
+        (view.pruned?.messageId === command.messageId ? view.pruned : undefined);
       if (!message) {
         // Answered on the connection the read came on (or, when unknown, the device's).
         const targets = liveTargets(view, (s, connectionId) =>

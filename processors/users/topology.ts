@@ -44,15 +44,16 @@ export const USERS_APPLICATION = 'users';
 /** PROTOCOL's INBOX_RETENTION: 30 days. */
 export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
 /**
- * Pruning walks the users at most once a minute and the dedup keys at most once an hour, a
- * slice per tick, so that a tick holds its task up for a bounded time whatever the stores hold:
- * at 1,000 users a second, a walk goes round 100,000 users in under two minutes; at 2,000 dedup
- * keys a second, 10 million in under an hour and a half. Dedup keys are kept for the inbox
- * retention (days), so an hour's lateness in dropping them costs little; walking them every
- * minute cost a task up to 5,000 key reads a second for nothing (bench/README.md, chat).
+ * What every device acked is pruned by the ack itself; the walks are left with what ages out
+ * (entries and dedup keys past the retention, devices unseen as long), which is counted in days:
+ * each walk goes round at most once an hour, a slice per tick, so that a tick holds its task up
+ * for a bounded time whatever the stores hold. At 1,000 users a second, a walk goes round a
+ * million users in 17 minutes; at 2,000 dedup keys a second, 10 million in under an hour and a
+ * half. (Walking the users every minute cost a task a meta read per user per minute; walking
+ * the dedup keys every minute, up to 5,000 reads a second for nothing: bench/README.md, chat.)
  */
 const PRUNE_DEFAULTS: PruneOptions = {
-  everyMs: 60_000,
+  everyMs: 3_600_000,
   dedupEveryMs: 3_600_000,
   tickMs: 1_000,
   usersPerTick: 1_000,
@@ -146,6 +147,12 @@ export function dedupKeyOf(entry: InboxEntry['entry']): string {
   }
 }
 
+/** The sender of a message entry (kept with its dedup key, for `read` after a prune). */
+function senderOf(entry: InboxEntry): string | undefined {
+  const { name, value } = branchOf(entry.entry);
+  return name === 'chat.v1.MessageCopy' ? value.from : undefined;
+}
+
 const seqKey = (userId: string, seq: number) => `${userId}/${seq.toString().padStart(12, '0')}`;
 
 /**
@@ -217,7 +224,8 @@ class InboxProcessor implements Processor<Input, unknown> {
   private context!: ProcessorContext<unknown>;
   private metas!: KeyValueStore<UserMeta>;
   private entries!: KeyValueStore<InboxEntry>;
-  private dedup!: KeyValueStore<{ seq: number; at: number }>;
+  /** By `<userId>/<dedup key>`: the entry's seq and time, and for a message its sender. */
+  private dedup!: KeyValueStore<{ seq: number; at: number; from?: string }>;
   private sessions!: KeyValueStore<string[]>;
   /**
    * The live gateways at the last tick of watchGateways, each with when its run started
@@ -262,6 +270,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     const meta = (await this.metas.get(userId)) ?? newUserMeta();
     const liveGateways = this.options.liveGateways();
     let entries: InboxEntry[] = [];
+    let pruned: { messageId: string; from: string } | undefined;
     const needed = entriesNeeded(command, meta, liveGateways);
     if (needed) {
       const range = await this.entries.range(
@@ -273,6 +282,8 @@ class InboxProcessor implements Processor<Input, unknown> {
       const found = await this.dedup.get(`${userId}/m:${command.messageId}`);
       const entry = found && (await this.entries.get(seqKey(userId, found.seq)));
       if (entry) entries = [entry];
+      else if (found?.from !== undefined)
+        pruned = { messageId: command.messageId, from: found.from };
     }
     const duplicate =
       command.kind === 'append' &&
@@ -281,6 +292,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       userId,
       meta,
       entries,
+      pruned,
       duplicate,
       liveGateways,
       gatewayStartedAt:
@@ -322,7 +334,11 @@ class InboxProcessor implements Processor<Input, unknown> {
     switch (event.type) {
       case 'entry-appended':
         this.entries.put(seqKey(userId, event.entry.seq), event.entry);
-        this.dedup.put(`${userId}/${event.dedupKey}`, { seq: event.entry.seq, at: event.entry.at });
+        this.dedup.put(`${userId}/${event.dedupKey}`, {
+          seq: event.entry.seq,
+          at: event.entry.at,
+          from: senderOf(event.entry),
+        });
         return this.send('inbox-entries', userId, codecs.inboxEntries.encode(event.entry));
       case 'pruned':
         // Every kept entry below: those every device acked were not read, but go too.

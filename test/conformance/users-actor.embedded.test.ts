@@ -469,7 +469,32 @@ describe('users actor pruning (embedded log)', function () {
       at: Date.now(),
       command: { 'chat.v1.Ack': { deviceId: 'phone', upTo: 3 } },
     });
-    // Well before the retention (4 s) would drop them, and even after it.
+    // Well before the retention (4 s) would drop them: by the ack itself.
     await eventually(async () => (await kept()).length === 0, 10_000, 'the acked entries gone');
+
+    // Read afterwards: gone from the store, the message is still in the user's inbox, and its
+    // sender gets the receipt.
+    await actor.produce(topics.userCommands, 'acker', {
+      userId: 'acker',
+      at: Date.now(),
+      command: {
+        'chat.v1.Read': { deviceId: 'phone', messageId: 'm2', connectionId: 'a1', id: 'r1' },
+      },
+    });
+    await eventually(
+      async () =>
+        (await actor.readAll(topics.messages, actor.codecs[topics.messages])).some((c) => {
+          const { name, value } = branchOf(c.entry);
+          return (
+            c.userId === 'alice' &&
+            name === 'chat.v1.Receipt' &&
+            value.messageId === 'm2' &&
+            value.by === 'acker' &&
+            value.status === 'read'
+          );
+        }),
+      10_000,
+      "the read receipt in the sender's inbox",
+    );
   });
 });

@@ -59,6 +59,8 @@ class Inbox {
   meta = newUserMeta();
   entries: InboxEntry[] = [];
   dedup = new Set<string>();
+  /** The sender of every message appended, by messageId: what the dedup store keeps. */
+  senders = new Map<string, string>();
   liveGateways = new Set(['gw1', 'gw2']);
   sent: UserEvent[] = [];
   /** How many appends asked for kept entries. */
@@ -74,15 +76,22 @@ class Inbox {
       : command.kind === 'read'
         ? this.entries.filter((e) => messageIdOf(e) === command.messageId)
         : [];
+    const from = command.kind === 'read' ? this.senders.get(command.messageId) : undefined;
+    const pruned =
+      command.kind === 'read' && entries.length === 0 && from !== undefined
+        ? { messageId: command.messageId, from }
+        : undefined;
     const events = decide(
       command,
-      view(this.meta, { entries, duplicate, liveGateways: this.liveGateways }),
+      view(this.meta, { entries, pruned, duplicate, liveGateways: this.liveGateways }),
     );
     for (const event of events) {
       this.meta = evolve(this.meta, event);
       if (event.type === 'entry-appended') {
         this.entries.push(event.entry);
         this.dedup.add(event.dedupKey);
+        const { name, value } = branchOf(event.entry.entry);
+        if (name === 'chat.v1.MessageCopy') this.senders.set(value.messageId, value.from);
       }
       if (event.type === 'pruned') this.entries = this.entries.filter((e) => e.seq >= event.below);
     }
@@ -421,6 +430,35 @@ describe('users actor: scenarios', () => {
     );
   });
 
+  it('prunes what every device acked with the ack, and still owes a `read` receipt for it', () => {
+    const inbox = new Inbox();
+    inbox.append('m1', 'bob');
+    inbox.append('m2', 'bob');
+    inbox.connect('phone', 'c1');
+    inbox.connect('laptop', 'c2');
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2, at: T });
+    assert.equal(inbox.meta.firstKept, 1, 'the laptop has acked nothing');
+    const events = inbox.run({ kind: 'ack', deviceId: 'laptop', upTo: 1, at: T });
+    assert.deepEqual(events.at(-1), { type: 'pruned', below: 2 });
+    assert.deepEqual(
+      inbox.entries.map((e) => e.seq),
+      [2],
+    );
+    // Read an hour later: m1 is gone from the store, not from the user's inbox.
+    inbox.run({
+      kind: 'read',
+      deviceId: 'laptop',
+      messageId: 'm1',
+      connectionId: 'c2',
+      id: null,
+      at: T,
+    });
+    const receipts = inbox.sent.flatMap((e) =>
+      e.type === 'receipt-owed' && e.receipt.status === 'read' ? [[e.to, e.receipt.messageId]] : [],
+    );
+    assert.deepEqual(receipts, [['bob', 'm1']]);
+  });
+
   it('prunes expired entries a slice at a time, and stops at the first that is not expired', () => {
     const inbox = new Inbox();
     const day = 86_400_000;
@@ -549,8 +587,8 @@ describe('users actor: scenarios', () => {
       const inbox = new Inbox();
       for (let i = 1; i <= 6; i++) inbox.append(`m${i}`);
       inbox.connect('phone', 'c1');
-      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 5, at: T });
       inbox.connect('laptop', 'c2');
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 5, at: T });
       inbox.sync('phone', 'c2'); // a crafted record: c2 is the laptop's
       assert.deepEqual(inbox.deliveredSeqs('c2'), [1, 2, 3, 4, 5, 6], 'no gap');
     });
