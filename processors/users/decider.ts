@@ -69,7 +69,26 @@ export interface Device {
 
 export interface PendingSync {
   deviceId: string;
+  /** FROM_ACK, or the lowest `after` of the syncs that waited. */
   after: number;
+  /** Another of them asked FROM_ACK too: the replay starts at the lower of both. */
+  fromAck?: boolean;
+}
+
+/**
+ * Where the replay of a pending sync starts above, for the session's device: the ack is read
+ * at the CONNECTED, when every ack before the reconnect has been applied.
+ */
+function pendingAfter(meta: UserMeta, deviceId: string, pending: PendingSync): number {
+  const after = replayAfter(meta, deviceId, pending.after);
+  return pending.fromAck ? Math.min(after, replayAfter(meta, deviceId, FROM_ACK)) : after;
+}
+
+/** Two syncs that waited for one CONNECTED, as one: its replay covers both of theirs. */
+function mergedSync(waiting: PendingSync, after: number): Omit<PendingSync, 'deviceId'> {
+  if (waiting.after === FROM_ACK) return after === FROM_ACK ? { after } : { after, fromAck: true };
+  if (after === FROM_ACK) return { after: waiting.after, fromAck: true };
+  return { after: Math.min(waiting.after, after), ...(waiting.fromAck ? { fromAck: true } : {}) };
 }
 
 /**
@@ -79,6 +98,20 @@ export interface PendingSync {
  * counts as a new device when it comes back (docs/websocket.md).
  */
 export const MAX_DEVICES = 64;
+/**
+ * The place of every device evicted past MAX_DEVICES, in `devices`: the lowest of their acks
+ * and the latest time one was seen. It holds back pruning as they did, so that nothing they
+ * had not acked goes before it expires (or before every remembered device acked it and this
+ * placeholder is forgotten by age, as a device is). Not a deviceId: those are [A-Za-z0-9_-].
+ */
+export const EVICTED = '*evicted';
+/**
+ * Open sessions per user, at most. A session closes on its DISCONNECTED, or when its gateway
+ * restarts under the same id; one on a gateway that never comes back (a container that restarts
+ * under a new hostname) would otherwise stay for good. Past the limit a new session closes the
+ * oldest, those on silent gateways first.
+ */
+export const MAX_SESSIONS = 64;
 /** Syncs waiting for their CONNECTED, per user, at most: past it the oldest is dropped. */
 export const MAX_PENDING_SYNCS = 16;
 /** Connections remembered as closed, per user. */
@@ -157,9 +190,17 @@ export type UserEvent =
       connectedAt: number;
     }
   | { type: 'session-closed'; connectionId: string }
-  | { type: 'sync-pending'; connectionId: string; deviceId: string; after: number }
-  /** Devices no longer remembered: past MAX_DEVICES, or unseen for the retention. */
+  | {
+      type: 'sync-pending';
+      connectionId: string;
+      deviceId: string;
+      after: number;
+      fromAck?: boolean;
+    }
+  /** Devices no longer remembered: unseen for the retention. */
   | { type: 'devices-forgotten'; deviceIds: string[] }
+  /** Devices evicted past MAX_DEVICES: folded into the EVICTED placeholder. */
+  | { type: 'devices-evicted'; deviceIds: string[] }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
   | { type: 'session-live'; connectionId: string; sentUpTo: number }
   | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
@@ -283,19 +324,32 @@ export function forgettableDevices(meta: UserMeta, now: number, retentionMs: num
 }
 
 /**
- * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it forgets
+ * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it evicts
  * the least recently seen without an open connection (none: a meta stored without seenAt).
  */
 function makeRoomFor(meta: UserMeta, deviceId: string): UserEvent[] {
-  const count = Object.keys(meta.devices).length;
-  if (meta.devices[deviceId] || count < MAX_DEVICES) return [];
+  const known = Object.keys(meta.devices).filter((id) => id !== EVICTED);
+  if (meta.devices[deviceId] || known.length < MAX_DEVICES) return [];
   const connected = connectedDevices(meta);
-  const deviceIds = Object.entries(meta.devices)
-    .filter(([id]) => !connected.has(id))
-    .sort(([, a], [, b]) => (a.seenAt ?? 0) - (b.seenAt ?? 0))
-    .slice(0, count - MAX_DEVICES + 1)
-    .map(([id]) => id);
-  return deviceIds.length > 0 ? [{ type: 'devices-forgotten', deviceIds }] : [];
+  const deviceIds = known
+    .filter((id) => !connected.has(id))
+    .sort((a, b) => (meta.devices[a]!.seenAt ?? 0) - (meta.devices[b]!.seenAt ?? 0))
+    .slice(0, known.length - MAX_DEVICES + 1);
+  return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds }] : [];
+}
+
+/** Room for one more session: the oldest closed past MAX_SESSIONS, those on silent gateways first. */
+function closeOldestSessions(meta: UserMeta, liveGateways: ReadonlySet<string>): UserEvent[] {
+  const open = Object.entries(meta.sessions);
+  if (open.length < MAX_SESSIONS) return [];
+  const silentFirst = (s: Session) => (liveGateways.has(s.gatewayId) ? 1 : 0);
+  return open
+    .sort(
+      ([, a], [, b]) =>
+        silentFirst(a) - silentFirst(b) || (a.connectedAt ?? 0) - (b.connectedAt ?? 0),
+    )
+    .slice(0, open.length - MAX_SESSIONS + 1)
+    .map(([connectionId]) => ({ type: 'session-closed', connectionId }));
 }
 
 /** Where a replay for this device starts above: `after`, or its ack for FROM_ACK. */
@@ -349,7 +403,7 @@ export function entriesNeeded(
     case 'connected': {
       // The replay is the session's, whatever device the sync named (as in decide).
       const pending = meta.pendingSyncs[command.connectionId];
-      return pending && upToEnd(replayFrom(command.deviceId, pending.after));
+      return pending && upToEnd(pendingAfter(meta, command.deviceId, pending) + 1);
     }
     case 'sync': {
       const session = meta.sessions[command.connectionId];
@@ -403,10 +457,20 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         ...session,
       };
       const pending = meta.pendingSyncs[command.connectionId];
+      const closed = closeOldestSessions(meta, view.liveGateways);
       return [
-        ...makeRoomFor(meta, command.deviceId),
+        ...closed,
+        // The devices of the sessions just closed may make room.
+        ...makeRoomFor(closed.reduce(evolve, meta), command.deviceId),
         opened,
-        ...(pending ? replay(view, command.connectionId, session, pending.after) : []),
+        ...(pending
+          ? replay(
+              view,
+              command.connectionId,
+              session,
+              pendingAfter(meta, command.deviceId, pending),
+            )
+          : []),
       ];
     }
 
@@ -423,18 +487,12 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         if (meta.recentlyClosed?.includes(command.connectionId)) return [];
         // A second sync before the CONNECTED: the replay covers both.
         const waiting = meta.pendingSyncs[command.connectionId];
-        const after = waiting
-          ? Math.min(
-              replayAfter(meta, waiting.deviceId, waiting.after),
-              replayAfter(meta, command.deviceId, command.after),
-            )
-          : command.after;
         return [
           {
             type: 'sync-pending',
             connectionId: command.connectionId,
             deviceId: command.deviceId,
-            after,
+            ...(waiting ? mergedSync(waiting, command.after) : { after: command.after }),
           },
         ];
       }
@@ -675,13 +733,28 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       // Last in order of arrival, and the oldest dropped past the limit.
       const { [event.connectionId]: _before, ...others } = meta.pendingSyncs;
       const waiting = Object.entries(others).slice(1 - MAX_PENDING_SYNCS);
-      waiting.push([event.connectionId, { deviceId: event.deviceId, after: event.after }]);
+      const { deviceId, after, fromAck } = event;
+      waiting.push([event.connectionId, { deviceId, after, ...(fromAck ? { fromAck } : {}) }]);
       return { ...meta, pendingSyncs: Object.fromEntries(waiting) };
     }
     case 'devices-forgotten': {
       const devices = { ...meta.devices };
       for (const deviceId of event.deviceIds) delete devices[deviceId];
       return { ...meta, devices };
+    }
+    case 'devices-evicted': {
+      const devices = { ...meta.devices };
+      let placeholder = devices[EVICTED];
+      for (const deviceId of event.deviceIds) {
+        const device = devices[deviceId];
+        if (!device) continue;
+        placeholder = {
+          ack: Math.min(placeholder?.ack ?? Infinity, device.ack),
+          seenAt: Math.max(placeholder?.seenAt ?? 0, device.seenAt ?? 0),
+        };
+        delete devices[deviceId];
+      }
+      return { ...meta, devices: placeholder ? { ...devices, [EVICTED]: placeholder } : devices };
     }
     case 'entry-appended':
       return { ...meta, nextSeq: event.entry.seq + 1 };

@@ -13,6 +13,8 @@ import {
   FROM_ACK,
   MAX_DEVICES,
   MAX_PENDING_SYNCS,
+  MAX_SESSIONS,
+  EVICTED,
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   type EntryBody,
@@ -574,6 +576,19 @@ describe('users actor: scenarios', () => {
       assert.deepEqual(inbox.deliveredSeqs(`c${MAX_PENDING_SYNCS + 4}`), [1], 'still replayed');
     });
 
+    it("resolves a waiting sync's FROM_ACK at the CONNECTED, with the session's device", () => {
+      const inbox = new Inbox();
+      inbox.connect('laptop', 'c0');
+      inbox.disconnect('c0'); // the laptop has acked nothing: entries stay
+      for (let i = 1; i <= 6; i++) inbox.append(`m${i}`);
+      inbox.connect('phone', 'c1');
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 5, at: T });
+      inbox.sync('phone', 'c2'); // crafted records: c2 is the laptop's
+      inbox.sync('phone', 'c2', 4);
+      inbox.connect('laptop', 'c2');
+      assert.deepEqual(inbox.deliveredSeqs('c2'), [1, 2, 3, 4, 5, 6], "the laptop's ack, 0");
+    });
+
     it('replays from the lower of two syncs that waited for one CONNECTED', () => {
       const inbox = new Inbox();
       for (let i = 1; i <= 8; i++) inbox.append(`m${i}`);
@@ -593,7 +608,7 @@ describe('users actor: scenarios', () => {
       assert.deepEqual(inbox.deliveredSeqs('c2'), [1, 2, 3, 4, 5, 6], 'no gap');
     });
 
-    it('remembers at most MAX_DEVICES devices: a new one makes it forget the least recently seen', () => {
+    it('remembers at most MAX_DEVICES devices: a new one evicts the least recently seen', () => {
       const inbox = new Inbox();
       inbox.connect('kept-open', 'open', T);
       for (let i = 1; i <= MAX_DEVICES + 5; i++) {
@@ -601,13 +616,59 @@ describe('users actor: scenarios', () => {
         inbox.disconnect(`c${i}`);
       }
       const devices = Object.keys(inbox.meta.devices);
-      assert.equal(devices.length, MAX_DEVICES);
+      assert.equal(devices.length, MAX_DEVICES + 1, 'and the placeholder of the evicted');
+      assert.deepEqual(inbox.meta.devices[EVICTED], { ack: 0, seenAt: T + 6 });
       assert.ok(devices.includes('kept-open'), 'a device with an open connection stays');
       assert.ok(!devices.includes('d1') && devices.includes(`d${MAX_DEVICES + 5}`));
       // An ack of a device it does not know makes room the same way.
       inbox.append('m1');
       inbox.run({ kind: 'ack', deviceId: 'newcomer', upTo: 1, at: T + 1000 });
-      assert.equal(Object.keys(inbox.meta.devices).length, MAX_DEVICES);
+      assert.equal(Object.keys(inbox.meta.devices).length, MAX_DEVICES + 1);
+    });
+
+    it('keeps for an evicted device what it had not acked, until it expires', () => {
+      const inbox = new Inbox();
+      inbox.connect('tablet', 'ct', T); // acks nothing
+      inbox.disconnect('ct');
+      inbox.connect('phone', 'cp', T + 1);
+      for (let i = 1; i <= 5; i++) inbox.append(`m${i}`, 'bob', T + 1);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 5, at: T + 1 });
+      inbox.disconnect('cp');
+      for (let i = 1; i <= MAX_DEVICES; i++) {
+        inbox.connect(`d${i}`, `c${i}`, T + 60_000 + i);
+        inbox.run({ kind: 'ack', deviceId: `d${i}`, upTo: 5, at: T + 60_000 + i });
+        inbox.disconnect(`c${i}`);
+      }
+      assert.ok(!('tablet' in inbox.meta.devices), 'evicted');
+      assert.equal(inbox.meta.firstKept, 1, 'its entries kept');
+      inbox.connect('tablet', 'ct2', T + 120_000);
+      inbox.sync('tablet', 'ct2');
+      assert.deepEqual(inbox.deliveredSeqs('ct2'), [1, 2, 3, 4, 5], 'back as a new device');
+      // Unseen for the retention, the placeholder is forgotten like a device.
+      const day = 86_400_000;
+      inbox.run({ kind: 'ack', deviceId: 'tablet', upTo: 5, at: T + 120_000 });
+      inbox.run({ kind: 'prune', now: T + 40 * day, retentionMs: 30 * day });
+      assert.ok(!(EVICTED in inbox.meta.devices));
+      assert.equal(inbox.meta.firstKept, 6);
+    });
+
+    it('keeps at most MAX_SESSIONS sessions, closing the oldest on silent gateways first', () => {
+      const inbox = new Inbox();
+      inbox.connect('phone', 'live-old', T); // on gw1, live
+      // Gateways that died without a DISCONNECTED and never came back under their ids.
+      for (let i = 1; i <= MAX_SESSIONS + 10; i++)
+        inbox.run({
+          kind: 'connected',
+          deviceId: `d${i}`,
+          gatewayId: `pod-${i}`,
+          connectionId: `c${i}`,
+          at: T + i,
+        });
+      const sessions = Object.keys(inbox.meta.sessions);
+      assert.equal(sessions.length, MAX_SESSIONS);
+      assert.ok(sessions.includes('live-old'), 'the session on a live gateway stays');
+      assert.ok(!sessions.includes('c1') && sessions.includes(`c${MAX_SESSIONS + 10}`));
+      assert.ok(Object.keys(inbox.meta.devices).length <= MAX_DEVICES + 1);
     });
 
     it('keeps at most MAX_DEVICES push registrations, the latest', () => {
