@@ -21,7 +21,7 @@ import { silentLogger, type Logger } from '../../observability/logger.ts';
 import type { Metrics } from '../../observability/metrics.ts';
 import type { Topology } from './topology.ts';
 import { StreamTask, type TaskStateStore } from './task.ts';
-import { CoPartitioningError, StreamsError } from './errors.ts';
+import { CoPartitioningError, RetriableError, StreamsError } from './errors.ts';
 
 export type ProcessingGuarantee = 'exactly_once' | 'at_least_once';
 
@@ -79,6 +79,13 @@ const RESTORE_PROGRESS_MS = 1000;
 
 export const changelogTopic = (applicationId: string, store: string) =>
   `${applicationId}-${store}-changelog`;
+/**
+ * How long a topic chosen per record and found missing counts as missing without asking again:
+ * a burst of records for it costs one question, and a topic created meanwhile (a gateway
+ * starting) is seen within this.
+ */
+const MISSING_TOPIC_RECHECK_MS = 2_000;
+
 export const deadLetterTopic = (applicationId: string) => `${applicationId}-dead-letters`;
 
 interface RunningTask {
@@ -109,6 +116,8 @@ export class StreamsRuntime {
   private readonly counters;
   /** Topics chosen per record that were found to exist (a topic is not deleted under a task). */
   private readonly existingTopics = new Set<string>();
+  /** Topics chosen per record that were found missing, with when. */
+  private readonly missingTopics = new Map<string, number>();
 
   constructor(
     private readonly topology: Topology,
@@ -391,13 +400,30 @@ export class StreamsRuntime {
     await stateDb.setCheckpoint(topic, partition, marks.high);
   }
 
-  /** Whether a topic a sink chose exists: asked of the log once, then remembered. */
-  private readonly topicExists = (topic: string): boolean | Promise<boolean> =>
-    this.existingTopics.has(topic) ||
-    this.options.log.admin.describeTopic(topic).then((found) => {
-      if (found) this.existingTopics.add(topic);
-      return found !== undefined;
-    });
+  /**
+   * Whether a topic a sink chose exists: asked of the log, then remembered (a topic found
+   * missing, for MISSING_TOPIC_RECHECK_MS). A failed question is retried with the record: it
+   * says nothing about the record, which must not go to the dead-letter topic for it.
+   */
+  private readonly topicExists = (topic: string): boolean | Promise<boolean> => {
+    if (this.existingTopics.has(topic)) return true;
+    const missingSince = this.missingTopics.get(topic);
+    if (missingSince !== undefined && Date.now() - missingSince < MISSING_TOPIC_RECHECK_MS)
+      return false;
+    return this.options.log.admin.describeTopic(topic).then(
+      (found) => {
+        if (found) this.existingTopics.add(topic);
+        else this.missingTopics.set(topic, Date.now());
+        if (this.missingTopics.size > 1000) this.missingTopics.clear();
+        return found !== undefined;
+      },
+      (error: unknown) => {
+        throw new RetriableError(`could not tell whether topic "${topic}" exists`, {
+          cause: error,
+        });
+      },
+    );
+  };
 
   private async handle(batch: Batch, revision: number): Promise<void> {
     if (this.closing) return; // not committed: the next owner processes these records

@@ -552,6 +552,14 @@ export function runtimeSuite(shape: RuntimeShape) {
             },
             'route',
           );
+        // The log fails once to say whether the output topic exists (a broker briefly away):
+        // the record is retried, not taken for one naming a missing topic.
+        const describeTopic = log.admin.describeTopic.bind(log.admin);
+        let failures = 0;
+        log.admin.describeTopic = async (topic) => {
+          if (topic === output && failures++ === 0) throw new Error('request timed out');
+          return describeTopic(topic);
+        };
         const db = await StateDb.open(join(stateRoot, app));
         const runtime = new StreamsRuntime(topology, { applicationId: app, log, stateDb: db });
         await runtime.start();
