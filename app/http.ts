@@ -45,9 +45,12 @@ export function answerAsPlainRequest(server: Server, request: IncomingMessage, s
   const response = new ServerResponse(request);
   response.shouldKeepAlive = false;
   response.assignSocket(socket as Socket);
+  // Closed once the answer is written, as Node closes a `Connection: close` one: the socket is
+  // no longer the server's (closeAllConnections at shutdown would not see it), and a peer that
+  // never closes its side must not hold it open.
   response.once('finish', () => {
     response.detachSocket(socket as Socket);
-    socket.end();
+    (socket as Socket).destroySoon();
   });
   const length = request.headers['content-length'];
   if (request.headers['transfer-encoding'] !== undefined || (length && length !== '0')) {

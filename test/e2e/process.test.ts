@@ -81,11 +81,18 @@ describe('npm start (embedded shape)', function () {
       `POST /v1/auth/login HTTP/1.1\r\nHost: x\r\n${h2c}Content-Length: 2\r\n\r\n{}`,
     );
     assert.match(reply, /^HTTP\/1\.1 400 [\s\S]*"code":"bad_request"/, reply);
+    // A client that keeps its side of such a connection open after the answer: the server
+    // closes the connection anyway, or it would hold up the shutdown below.
+    const idle = connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+    idle.write(`GET /healthz HTTP/1.1\r\nHost: x\r\n${h2c}\r\n`);
+    idle.resume();
+    await once(idle, 'end');
     assert.equal((await fetch(`${server.url}/healthz`)).status, 200);
 
     // npm re-raises the signal on itself, so its own exit code says nothing: the server's
     // "stopped" line, written after the log is closed, does.
     const { ms } = await server.stop('SIGTERM');
+    idle.destroy();
     assert.match(server.output(), /"msg":"stopped"/, server.output());
     assert.ok(ms < 10000, `stopped in ${ms} ms`);
 
