@@ -362,13 +362,23 @@ const replayAfter = (meta: UserMeta, deviceId: string, after: number) =>
  */
 export const PRUNE_SLICE_ENTRIES = 64;
 
-/** The seq below which acks alone let entries go: every device that ever connected acked them. */
+/**
+ * Entries one command prunes for acks, at most (each is a store delete and a changelog
+ * tombstone in the command's transaction): the ack of a device back from a long absence
+ * prunes the rest at the next acks, or the walk's visits.
+ */
+export const PRUNED_PER_COMMAND = 1_024;
+
+/**
+ * The seq below which acks alone let entries go: every device that ever connected acked them
+ * (at most PRUNED_PER_COMMAND above what is kept).
+ */
 function prunableBelow(meta: UserMeta): number {
   const devices = Object.values(meta.devices);
   // A loop, not Math.min(...): spread arguments overflow the stack past ~100,000 devices.
   const ackedByAll =
     devices.length === 0 ? 0 : devices.reduce((m, d) => Math.min(m, d.ack), Infinity);
-  return Math.max(meta.firstKept, ackedByAll + 1);
+  return Math.max(meta.firstKept, Math.min(ackedByAll + 1, meta.firstKept + PRUNED_PER_COMMAND));
 }
 
 /**

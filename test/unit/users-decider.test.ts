@@ -17,6 +17,7 @@ import {
   EVICTED,
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
+  PRUNED_PER_COMMAND,
   type EntryBody,
   type UserCommand,
   type UserEvent,
@@ -459,6 +460,18 @@ describe('users actor: scenarios', () => {
       e.type === 'receipt-owed' && e.receipt.status === 'read' ? [[e.to, e.receipt.messageId]] : [],
     );
     assert.deepEqual(receipts, [['bob', 'm1']]);
+  });
+
+  it('prunes at most PRUNED_PER_COMMAND acked entries per command, the rest at the next', () => {
+    const inbox = new Inbox();
+    inbox.connect('phone', 'c1');
+    const count = PRUNED_PER_COMMAND + 100;
+    for (let i = 1; i <= count; i++) inbox.append(`m${i}`);
+    inbox.run({ kind: 'ack', deviceId: 'phone', upTo: count, at: T });
+    assert.equal(inbox.meta.firstKept, 1 + PRUNED_PER_COMMAND);
+    inbox.run({ kind: 'prune', now: T, retentionMs: 86_400_000 });
+    assert.equal(inbox.meta.firstKept, count + 1);
+    assert.deepEqual(inbox.entries, []);
   });
 
   it('prunes expired entries a slice at a time, and stops at the first that is not expired', () => {
