@@ -82,6 +82,19 @@ async function readAll(log: Log, topic: string): Promise<Map<string, string[]>> 
   return byKey;
 }
 
+/** One-partition input and output topics, the values written to the input under key k. */
+async function seedInput(log: Log, input: string, output: string, values: string[]) {
+  await log.admin.createTopics([
+    { topic: input, partitions: 1 },
+    { topic: output, partitions: 1 },
+  ]);
+  const producer = await log.producer();
+  await producer.send(
+    values.map((value) => ({ topic: input, key: Buffer.from('k'), value: Buffer.from(value) })),
+  );
+  await producer.close();
+}
+
 async function deadLetters(log: Log, applicationId: string) {
   const marks = await log.admin.watermarks(deadLetterTopic(applicationId));
   const dead = [];
@@ -186,6 +199,26 @@ export function runtimeSuite(shape: RuntimeShape) {
     before(async () => {
       stateRoot = await mkdtemp(join(tmpdir(), 'kchat-state-'));
     });
+
+    /** Runs a topology as `app` until it has committed `count` input records, then closes it. */
+    async function runUntilCommitted(
+      log: Log,
+      topology: Topology,
+      app: string,
+      input: string,
+      count: number,
+    ) {
+      const db = await StateDb.open(join(stateRoot, app));
+      const runtime = new StreamsRuntime(topology, { applicationId: app, log, stateDb: db });
+      await runtime.start();
+      await eventually(
+        async () => (await log.admin.committedOffsets(app, input))[0]!.offset === count,
+        shape.settleMs + 20_000,
+        `all ${count} records to be committed`,
+      );
+      await runtime.close();
+      await db.close();
+    }
     after(async () => {
       await rm(stateRoot, { recursive: true, force: true });
     });
@@ -481,33 +514,8 @@ export function runtimeSuite(shape: RuntimeShape) {
       const output = uniqueName('counts');
       const log = await shape.open();
       try {
-        await log.admin.createTopics([
-          { topic: input, partitions: 1 },
-          { topic: output, partitions: 1 },
-        ]);
-        const producer = await log.producer();
-        await producer.send(
-          ['a', POISON, 'b'].map((word) => ({
-            topic: input,
-            key: Buffer.from('k'),
-            value: Buffer.from(word),
-          })),
-        );
-        await producer.close();
-        const db = await StateDb.open(join(stateRoot, app));
-        const runtime = new StreamsRuntime(countingTopology(input, output), {
-          applicationId: app,
-          log,
-          stateDb: db,
-        });
-        await runtime.start();
-        await eventually(
-          async () => (await log.admin.committedOffsets(app, input))[0]!.offset === 3,
-          shape.settleMs + 20_000,
-          'all three records to be committed',
-        );
-        await runtime.close();
-        await db.close();
+        await seedInput(log, input, output, ['a', POISON, 'b']);
+        await runUntilCommitted(log, countingTopology(input, output), app, input, 3);
         assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2']);
         const dead = await deadLetters(log, app);
         assert.equal(dead.length, 1);
@@ -527,19 +535,7 @@ export function runtimeSuite(shape: RuntimeShape) {
       const missing = uniqueName('missing');
       const log = await shape.open();
       try {
-        await log.admin.createTopics([
-          { topic: input, partitions: 1 },
-          { topic: output, partitions: 1 },
-        ]);
-        const producer = await log.producer();
-        await producer.send(
-          [`${output}|a`, `${missing}|b`, `${output}|c`].map((value) => ({
-            topic: input,
-            key: Buffer.from('k'),
-            value: Buffer.from(value),
-          })),
-        );
-        await producer.close();
+        await seedInput(log, input, output, [`${output}|a`, `${missing}|b`, `${output}|c`]);
         // Each record names the topic its output goes to (as the users actor names a gateway's).
         const topology = new Topology()
           .addSource('input', { topics: [input], decode: (value) => text(value) ?? '' })
@@ -560,16 +556,7 @@ export function runtimeSuite(shape: RuntimeShape) {
           if (topic === output && failures++ === 0) throw new Error('request timed out');
           return describeTopic(topic);
         };
-        const db = await StateDb.open(join(stateRoot, app));
-        const runtime = new StreamsRuntime(topology, { applicationId: app, log, stateDb: db });
-        await runtime.start();
-        await eventually(
-          async () => (await log.admin.committedOffsets(app, input))[0]!.offset === 3,
-          shape.settleMs + 20_000,
-          'all three records to be committed',
-        );
-        await runtime.close();
-        await db.close();
+        await runUntilCommitted(log, topology, app, input, 3);
         assert.deepEqual((await readAll(log, output)).get('k'), ['a', 'c']);
         assert.equal(await log.admin.describeTopic(missing), undefined, 'not created');
         const dead = await deadLetters(log, app);
