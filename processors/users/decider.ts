@@ -58,6 +58,8 @@ export interface UserMeta {
    * Sync that comes after its connection's DISCONNECTED is dropped, not left pending for good.
    */
   recentlyClosed?: string[];
+  /** The latest `at` of any entry appended (absent in metas stored before it was kept). */
+  lastAppendedAt?: number;
   /** Devices registered for push, by deviceId, oldest registration first (MAX_DEVICES). */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
@@ -106,10 +108,11 @@ export const MAX_DEVICES = 64;
  */
 export const EVICTED = '*evicted';
 /**
- * Open sessions per user, at most. A session closes on its DISCONNECTED, or when its gateway
- * restarts under the same id; one on a gateway that never comes back (a container that restarts
- * under a new hostname) would otherwise stay for good. Past the limit a new session closes the
- * oldest, those on silent gateways first.
+ * Sessions per user past which a new one closes the oldest on silent gateways. A session closes
+ * on its DISCONNECTED, or when its gateway restarts under the same id; one on a gateway that
+ * never comes back (a container that restarts under a new hostname) would otherwise stay for
+ * good. Sessions on live gateways are never closed for it: their connections are open, and the
+ * gateway would go on holding them without deliveries.
  */
 export const MAX_SESSIONS = 64;
 /** Syncs waiting for their CONNECTED, per user, at most: past it the oldest is dropped. */
@@ -200,7 +203,7 @@ export type UserEvent =
   /** Devices no longer remembered: unseen for the retention. */
   | { type: 'devices-forgotten'; deviceIds: string[] }
   /** Devices evicted past MAX_DEVICES: folded into the EVICTED placeholder. */
-  | { type: 'devices-evicted'; deviceIds: string[] }
+  | { type: 'devices-evicted'; deviceIds: string[]; at: number }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
   | { type: 'session-live'; connectionId: string; sentUpTo: number }
   | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
@@ -305,12 +308,16 @@ const connectedDevices = (meta: UserMeta) =>
   new Set(Object.values(meta.sessions).map((s) => s.deviceId));
 
 /**
- * Devices a prune at `now` forgets: without an open connection, unseen for the retention, and
- * whose acked entries are all pruned already, so that nothing at or below an applied ack is sent
- * again when the device comes back as new. (A device unseen that long holds back nothing but
- * entries younger than itself: the least-acked one is always below firstKept after a prune.)
+ * Devices a prune at `now` forgets, which costs them nothing: without an open connection,
+ * unseen for the retention, every entry they acked pruned already (so that nothing at or below
+ * an applied ack is sent again when one comes back as new), and nothing kept that they could
+ * still be owed: the inbox is empty, or its newest entry is past the retention too.
  */
 export function forgettableDevices(meta: UserMeta, now: number, retentionMs: number): string[] {
+  const owesNothing =
+    meta.firstKept >= meta.nextSeq ||
+    (meta.lastAppendedAt !== undefined && now - meta.lastAppendedAt > retentionMs);
+  if (!owesNothing) return [];
   const connected = connectedDevices(meta);
   return Object.entries(meta.devices)
     .filter(
@@ -325,9 +332,10 @@ export function forgettableDevices(meta: UserMeta, now: number, retentionMs: num
 
 /**
  * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it evicts
- * the least recently seen without an open connection (none: a meta stored without seenAt).
+ * the least recently seen without an open connection (none: a meta stored without seenAt), at
+ * `at` (the time the placeholder takes for devices stored without seenAt).
  */
-function makeRoomFor(meta: UserMeta, deviceId: string): UserEvent[] {
+function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] {
   const known = Object.keys(meta.devices).filter((id) => id !== EVICTED);
   if (meta.devices[deviceId] || known.length < MAX_DEVICES) return [];
   const connected = connectedDevices(meta);
@@ -335,19 +343,16 @@ function makeRoomFor(meta: UserMeta, deviceId: string): UserEvent[] {
     .filter((id) => !connected.has(id))
     .sort((a, b) => (meta.devices[a]!.seenAt ?? 0) - (meta.devices[b]!.seenAt ?? 0))
     .slice(0, known.length - MAX_DEVICES + 1);
-  return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds }] : [];
+  return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds, at }] : [];
 }
 
-/** Room for one more session: the oldest closed past MAX_SESSIONS, those on silent gateways first. */
+/** Room for one more session past MAX_SESSIONS: the oldest on silent gateways closed. */
 function closeOldestSessions(meta: UserMeta, liveGateways: ReadonlySet<string>): UserEvent[] {
   const open = Object.entries(meta.sessions);
   if (open.length < MAX_SESSIONS) return [];
-  const silentFirst = (s: Session) => (liveGateways.has(s.gatewayId) ? 1 : 0);
   return open
-    .sort(
-      ([, a], [, b]) =>
-        silentFirst(a) - silentFirst(b) || (a.connectedAt ?? 0) - (b.connectedAt ?? 0),
-    )
+    .filter(([, s]) => !liveGateways.has(s.gatewayId))
+    .sort(([, a], [, b]) => (a.connectedAt ?? 0) - (b.connectedAt ?? 0))
     .slice(0, open.length - MAX_SESSIONS + 1)
     .map(([connectionId]) => ({ type: 'session-closed', connectionId }));
 }
@@ -471,7 +476,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       return [
         ...closed,
         // The devices of the sessions just closed may make room.
-        ...makeRoomFor(closed.reduce(evolve, meta), command.deviceId),
+        ...makeRoomFor(closed.reduce(evolve, meta), command.deviceId, command.at),
         opened,
         ...(pending
           ? replay(
@@ -556,7 +561,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
       if (device && upTo <= device.ack) return [];
       const events: UserEvent[] = [
-        ...makeRoomFor(meta, command.deviceId),
+        ...makeRoomFor(meta, command.deviceId, command.at),
         { type: 'acked', deviceId: command.deviceId, upTo, at: command.at },
       ];
       if (upTo > meta.receiptedUpTo) {
@@ -760,14 +765,20 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         if (!device) continue;
         placeholder = {
           ack: Math.min(placeholder?.ack ?? Infinity, device.ack),
-          seenAt: Math.max(placeholder?.seenAt ?? 0, device.seenAt ?? 0),
+          seenAt: Math.max(placeholder?.seenAt ?? 0, device.seenAt ?? event.at),
         };
         delete devices[deviceId];
       }
       return { ...meta, devices: placeholder ? { ...devices, [EVICTED]: placeholder } : devices };
     }
     case 'entry-appended':
-      return { ...meta, nextSeq: event.entry.seq + 1 };
+      // The latest time any entry carries: one stamped early by a gateway whose clock is
+      // behind must not make the inbox look older than it is.
+      return {
+        ...meta,
+        nextSeq: event.entry.seq + 1,
+        lastAppendedAt: Math.max(meta.lastAppendedAt ?? 0, event.entry.at),
+      };
     case 'acked': {
       const device = { ack: event.upTo, seenAt: seenAt(meta.devices[event.deviceId], event.at) };
       return { ...meta, devices: { ...meta.devices, [event.deviceId]: device } };

@@ -239,6 +239,8 @@ class InboxProcessor implements Processor<Input, unknown> {
   private readonly heldBackOn = new Set<string>();
   /** Changed gateways whose users are still to be looked at, with the key the walk goes on at. */
   private readonly looking = new Map<string, string>();
+  /** Users whose last visit had more to prune than a visit may: visited at the next tick. */
+  private readonly revisits = new Set<string>();
   /** How pruning paces itself, and its two walks. */
   private readonly pacing: PruneOptions;
   private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
@@ -487,7 +489,9 @@ class InboxProcessor implements Processor<Input, unknown> {
 
   /**
    * Drops a user's acknowledged entries, and its expired ones a slice at a time: another slice
-   * while the one before was expired whole, up to PRUNE_SLICES_PER_VISIT.
+   * while the one before was expired whole, up to PRUNE_SLICES_PER_VISIT; a user with more to
+   * prune than that is visited again at the next tick (else an inbox that gains more than a
+   * visit prunes an hour would grow for good).
    */
   private async pruneInbox(userId: string, now: number, retentionMs: number): Promise<void> {
     let firstKept = (await this.metas.get(userId))?.firstKept ?? 0;
@@ -497,13 +501,21 @@ class InboxProcessor implements Processor<Input, unknown> {
       firstKept = (await this.metas.get(userId))?.firstKept ?? 0;
       if (firstKept - before < PRUNE_SLICE_ENTRIES) return;
     }
+    this.revisits.add(userId);
   }
 
   /** Drops acknowledged and expired entries, and dedup keys past retention. */
   private async prune(now: number): Promise<void> {
     const retentionMs = this.options.retentionMs ?? DEFAULT_RETENTION_MS;
     const { usersPerTick, dedupKeysPerTick } = this.pacing;
-    for (const [userId, meta] of await this.pruneWalks.users.slice(this.metas, usersPerTick, now)) {
+    let budget = usersPerTick;
+    for (const userId of [...this.revisits].slice(0, budget)) {
+      this.revisits.delete(userId);
+      await this.pruneInbox(userId, now, retentionMs);
+      budget--;
+    }
+    const walked = budget > 0 ? await this.pruneWalks.users.slice(this.metas, budget, now) : [];
+    for (const [userId, meta] of walked) {
       if (meta.firstKept < meta.nextSeq || forgettableDevices(meta, now, retentionMs).length > 0)
         await this.pruneInbox(userId, now, retentionMs);
     }

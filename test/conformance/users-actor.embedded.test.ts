@@ -102,15 +102,12 @@ class Actor {
     await rm(this.dir, { recursive: true, force: true });
   }
 
-  async produce(topic: string, key: string, value: unknown): Promise<void> {
+  async produce(topic: string, key: string, ...values: unknown[]): Promise<void> {
+    const codec = (this.codecs as Record<string, TopicCodec<unknown>>)[topic]!;
     const producer = await this.log.producer();
-    await producer.send([
-      {
-        topic,
-        key: Buffer.from(key),
-        value: (this.codecs as Record<string, TopicCodec<unknown>>)[topic]!.encode(value),
-      },
-    ]);
+    await producer.send(
+      values.map((value) => ({ topic, key: Buffer.from(key), value: codec.encode(value) })),
+    );
     await producer.close();
   }
 
@@ -406,6 +403,44 @@ describe('users actor looking at a restarted gateway (embedded log)', function (
     } finally {
       await actor.close();
     }
+  });
+});
+
+describe('users actor pruning an inbox with more expired entries than one visit prunes', function () {
+  this.timeout(30_000);
+  let actor: Actor;
+  before(async () => {
+    actor = await Actor.open({
+      liveGateways: () => new Set(['gw1']),
+      retentionMs: 2_000,
+      // The walk goes round once an hour: only the revisits can finish this inbox in the test.
+      prune: {
+        everyMs: 3_600_000,
+        dedupEveryMs: 3_600_000,
+        tickMs: 50,
+        usersPerTick: 100,
+        dedupKeysPerTick: 100,
+      },
+    });
+  });
+  after(() => actor.close());
+
+  it('visits it again at the next ticks until every expired entry is gone', async () => {
+    const count = 3_000; // a visit prunes at most 16 slices of 64
+    await actor.produce(
+      topics.messages,
+      'busy',
+      ...Array.from({ length: count }, (_, i) => copy('busy', `m${i}`)),
+    );
+    const kept = async () =>
+      (await actor.committedKeys('inbox')).filter((k) => k.startsWith('busy/')).length;
+    await eventually(async () => (await kept()) === count, 10_000, 'every entry');
+    // Once they have expired, a new run of the task walks its users at once, then not for an
+    // hour.
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    await actor.stop();
+    await actor.start();
+    await eventually(async () => (await kept()) === 0, 15_000, 'every expired entry pruned');
   });
 });
 

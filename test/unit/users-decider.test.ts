@@ -9,7 +9,6 @@ import {
   decide,
   entriesNeeded,
   evolve,
-  forgettableDevices,
   FROM_ACK,
   MAX_DEVICES,
   MAX_PENDING_SYNCS,
@@ -637,6 +636,16 @@ describe('users actor: scenarios', () => {
       inbox.append('m1');
       inbox.run({ kind: 'ack', deviceId: 'newcomer', upTo: 1, at: T + 1000 });
       assert.equal(Object.keys(inbox.meta.devices).length, MAX_DEVICES + 1);
+
+      // Devices stored before seenAt was kept: the placeholder counts them seen at the eviction.
+      const legacy = new Inbox();
+      legacy.meta = metaWith({
+        devices: Object.fromEntries(
+          Array.from({ length: MAX_DEVICES }, (_, i) => [`old${i}`, { ack: 0 }]),
+        ),
+      });
+      legacy.connect('new', 'c1', T + 99);
+      assert.deepEqual(legacy.meta.devices[EVICTED], { ack: 0, seenAt: T + 99 });
     });
 
     it('keeps for an evicted device what it had not acked, until it expires', () => {
@@ -682,6 +691,11 @@ describe('users actor: scenarios', () => {
       assert.ok(sessions.includes('live-old'), 'the session on a live gateway stays');
       assert.ok(!sessions.includes('c1') && sessions.includes(`c${MAX_SESSIONS + 10}`));
       assert.ok(Object.keys(inbox.meta.devices).length <= MAX_DEVICES + 1);
+
+      // Sessions on live gateways are never closed for the limit: their connections are open.
+      const busy = new Inbox();
+      for (let i = 1; i <= MAX_SESSIONS + 1; i++) busy.connect('phone', `c${i}`, T + i);
+      assert.equal(Object.keys(busy.meta.sessions).length, MAX_SESSIONS + 1);
     });
 
     it('keeps at most MAX_DEVICES push registrations, the latest', () => {
@@ -705,30 +719,45 @@ describe('users actor: scenarios', () => {
       assert.deepEqual(inbox.meta.push.d5, { pushToken: 'renewed', platform: null });
     });
 
-    it('forgets a device unseen for the retention, so that it holds back pruning no longer', () => {
+    it('forgets a device unseen for the retention once nothing it could be owed is kept', () => {
       const inbox = new Inbox();
       inbox.connect('old', 'c0', T - 40 * day);
       inbox.disconnect('c0');
       for (let i = 1; i <= 3; i++) inbox.append(`m${i}`, 'bob', T - day);
-      inbox.connect('phone', 'c1', T - day);
-      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2, at: T - day });
-      inbox.connect('tablet', 'c2', T - 40 * day);
-      inbox.disconnect('c2');
-      inbox.run({ kind: 'ack', deviceId: 'tablet', upTo: 3, at: T - 40 * day });
-      const prune = { kind: 'prune', now: T, retentionMs: 30 * day } as const;
-      assert.deepEqual(types(inbox.run(prune)), ['devices-forgotten', 'pruned']);
-      assert.deepEqual(Object.keys(inbox.meta.devices).sort(), ['phone', 'tablet']);
-      assert.equal(inbox.meta.firstKept, 3, 'what the phone and the tablet acked');
-      // The tablet acked entry 3, still kept: forgetting it would send entry 3 again.
-      assert.deepEqual(forgettableDevices(inbox.meta, T, 30 * day), []);
-      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3, at: T });
-      inbox.run(prune);
+      inbox.connect('phone', 'c1', T - day); // stays connected
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3, at: T - day });
+      const prune = (now: number) => inbox.run({ kind: 'prune', now, retentionMs: 30 * day });
+      prune(T);
+      assert.deepEqual(
+        Object.keys(inbox.meta.devices).sort(),
+        ['old', 'phone'],
+        'm1 to m3 are a day old: the old device may still come for them',
+      );
+      assert.equal(inbox.meta.firstKept, 1);
+      prune(T + 30 * day); // m1 to m3 have expired: it is owed nothing any more
       assert.deepEqual(Object.keys(inbox.meta.devices), ['phone']);
+      assert.equal(inbox.meta.firstKept, 4);
       // A forgotten device comes back as a new one: every kept entry.
-      inbox.append('m4');
-      inbox.connect('old', 'c3', T);
+      inbox.append('m4', 'bob', T + 30 * day);
+      inbox.connect('old', 'c3', T + 30 * day);
       inbox.sync('old', 'c3');
       assert.deepEqual(inbox.deliveredSeqs('c3'), [4]);
+    });
+
+    it('keeps for a device gone for longer than the retention what it never acked, until it expires', () => {
+      const inbox = new Inbox();
+      inbox.connect('tablet', 'c0', T);
+      inbox.connect('phone', 'c1', T);
+      for (let i = 1; i <= 5; i++) inbox.append(`m${i}`, 'bob', T);
+      inbox.run({ kind: 'ack', deviceId: 'tablet', upTo: 5, at: T });
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 5, at: T });
+      inbox.disconnect('c0');
+      inbox.append('m6', 'bob', T + 10 * day);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 6, at: T + 10 * day });
+      inbox.run({ kind: 'prune', now: T + 31 * day, retentionMs: 30 * day });
+      inbox.connect('tablet', 'c2', T + 32 * day);
+      inbox.sync('tablet', 'c2');
+      assert.deepEqual(inbox.deliveredSeqs('c2'), [6], 'm6 is 22 days old');
     });
   });
 
