@@ -245,7 +245,7 @@ export function sessionsBehind(
   for (const [connectionId, session] of Object.entries(meta.sessions)) {
     if (!session.live || session.sentUpTo === undefined) continue;
     if (!liveGateways.has(session.gatewayId)) continue;
-    const after = Math.max(session.sentUpTo, meta.devices[session.deviceId]?.ack ?? 0);
+    const after = Math.max(session.sentUpTo, own(meta.devices, session.deviceId)?.ack ?? 0);
     if (after < upTo) behind.push({ connectionId, session, after });
   }
   return behind;
@@ -303,6 +303,13 @@ function replay(
   return events;
 }
 
+/**
+ * A record's own entry: a deviceId may be `constructor` or `__proto__` ([A-Za-z0-9_-]), which a
+ * plain lookup would find on Object.prototype.
+ */
+const own = <V>(record: Record<string, V>, key: string): V | undefined =>
+  Object.prototype.hasOwnProperty.call(record, key) ? record[key] : undefined;
+
 /** The devices with an open connection: never forgotten. */
 const connectedDevices = (meta: UserMeta) =>
   new Set(Object.values(meta.sessions).map((s) => s.deviceId));
@@ -337,7 +344,7 @@ export function forgettableDevices(meta: UserMeta, now: number, retentionMs: num
  */
 function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] {
   const known = Object.keys(meta.devices).filter((id) => id !== EVICTED);
-  if (meta.devices[deviceId] || known.length < MAX_DEVICES) return [];
+  if (own(meta.devices, deviceId) || known.length < MAX_DEVICES) return [];
   const connected = connectedDevices(meta);
   const deviceIds = known
     .filter((id) => !connected.has(id))
@@ -359,7 +366,7 @@ function closeOldestSessions(meta: UserMeta, liveGateways: ReadonlySet<string>):
 
 /** Where a replay for this device starts above: `after`, or its ack for FROM_ACK. */
 const replayAfter = (meta: UserMeta, deviceId: string, after: number) =>
-  after === FROM_ACK ? (meta.devices[deviceId]?.ack ?? 0) : after;
+  after === FROM_ACK ? (own(meta.devices, deviceId)?.ack ?? 0) : after;
 
 /**
  * Entries a prune looks at, at most: the first ones above what every device acked, to see which
@@ -556,7 +563,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'ack': {
-      const device = meta.devices[command.deviceId];
+      const device = own(meta.devices, command.deviceId);
       // Acks are cumulative and cannot reach past what the inbox holds.
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
       if (device && upTo <= device.ack) return [];
@@ -640,7 +647,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'device-registered': {
-      const current = meta.push[command.deviceId];
+      const current = own(meta.push, command.deviceId);
       if (current?.pushToken === command.pushToken && current.platform === command.platform)
         return [];
       return [
@@ -654,7 +661,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'device-removed': {
-      const current = meta.push[command.deviceId];
+      const current = own(meta.push, command.deviceId);
       if (!current) return [];
       // The push actor names the token it found invalid: one registered since is kept.
       if (command.pushToken !== null && current.pushToken !== command.pushToken) return [];
@@ -695,7 +702,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
 export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
   switch (event.type) {
     case 'session-opened': {
-      const device = meta.devices[event.deviceId];
+      const device = own(meta.devices, event.deviceId);
       const devices = {
         ...meta.devices,
         [event.deviceId]: { ack: device?.ack ?? 0, seenAt: seenAt(device, event.connectedAt) },
@@ -761,7 +768,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       const devices = { ...meta.devices };
       let placeholder = devices[EVICTED];
       for (const deviceId of event.deviceIds) {
-        const device = devices[deviceId];
+        const device = own(devices, deviceId);
         if (!device) continue;
         placeholder = {
           ack: Math.min(placeholder?.ack ?? Infinity, device.ack),
@@ -780,7 +787,10 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         lastAppendedAt: Math.max(meta.lastAppendedAt ?? 0, event.entry.at),
       };
     case 'acked': {
-      const device = { ack: event.upTo, seenAt: seenAt(meta.devices[event.deviceId], event.at) };
+      const device = {
+        ack: event.upTo,
+        seenAt: seenAt(own(meta.devices, event.deviceId), event.at),
+      };
       return { ...meta, devices: { ...meta.devices, [event.deviceId]: device } };
     }
     case 'receipted':

@@ -698,6 +698,30 @@ describe('users actor: scenarios', () => {
       assert.equal(Object.keys(busy.meta.sessions).length, MAX_SESSIONS + 1);
     });
 
+    it('takes deviceIds that name Object.prototype members as any other', () => {
+      const inbox = new Inbox();
+      inbox.append('m1');
+      inbox.append('m2');
+      const deviceIds = ['constructor', '__proto__', 'toString'];
+      for (const deviceId of deviceIds) inbox.connect(deviceId, `c-${deviceId}`);
+      for (const deviceId of deviceIds) {
+        inbox.sync(deviceId, `c-${deviceId}`);
+        assert.deepEqual(inbox.deliveredSeqs(`c-${deviceId}`), [1, 2], deviceId);
+        assert.equal(inbox.meta.firstKept, 1, 'the others have not acked');
+        inbox.run({ kind: 'ack', deviceId, upTo: 1, at: T });
+      }
+      // Stored as JSON and read back, as the store does.
+      const stored = JSON.parse(JSON.stringify(inbox.meta)) as UserMeta;
+      assert.deepEqual(Object.keys(stored.devices).sort(), [
+        '__proto__',
+        'constructor',
+        'toString',
+      ]);
+      assert.equal(stored.firstKept, 2, 'each acked 1');
+      inbox.meta = stored;
+      assert.deepEqual(inbox.run({ kind: 'ack', deviceId: 'constructor', upTo: 1, at: T }), []);
+    });
+
     it('keeps at most MAX_DEVICES push registrations, the latest', () => {
       const inbox = new Inbox();
       for (let i = 1; i <= MAX_DEVICES + 3; i++)
