@@ -720,6 +720,15 @@ describe('users actor: scenarios', () => {
       assert.equal(stored.firstKept, 2, 'each acked 1');
       inbox.meta = stored;
       assert.deepEqual(inbox.run({ kind: 'ack', deviceId: 'constructor', upTo: 1, at: T }), []);
+
+      // Nor is such a device taken for known when it is new: it makes room like any other.
+      const full = new Inbox();
+      for (let i = 1; i <= MAX_DEVICES; i++) {
+        full.connect(`d${i}`, `c${i}`, T + i);
+        full.disconnect(`c${i}`);
+      }
+      full.connect('hasOwnProperty', 'c0', T + 100);
+      assert.ok(!('d1' in full.meta.devices), 'd1 evicted');
     });
 
     it('keeps at most MAX_DEVICES push registrations, the latest', () => {
