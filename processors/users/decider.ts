@@ -45,8 +45,9 @@ export interface UserMeta {
   receiptedUpTo: number;
   /**
    * Every device that opened a WebSocket, with its cumulative ack and when it was last seen
-   * (connected or acked; absent in metas stored before it was kept). At most MAX_DEVICES; one
-   * unseen for the retention and whose acked entries are all gone is forgotten.
+   * (connected or acked; absent in metas stored before it was kept). At most MAX_DEVICES, and
+   * the EVICTED placeholder of those evicted past it. None is forgotten: a device gone for good
+   * holds back what it did not ack until it expires, as PROTOCOL says.
    */
   devices: Record<string, Device>;
   /** Open connections, by connectionId. */
@@ -58,8 +59,6 @@ export interface UserMeta {
    * Sync that comes after its connection's DISCONNECTED is dropped, not left pending for good.
    */
   recentlyClosed?: string[];
-  /** The latest `at` of any entry appended (absent in metas stored before it was kept). */
-  lastAppendedAt?: number;
   /** Devices registered for push, by deviceId, oldest registration first (MAX_DEVICES). */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
@@ -103,8 +102,7 @@ export const MAX_DEVICES = 64;
 /**
  * The place of every device evicted past MAX_DEVICES, in `devices`: the lowest of their acks
  * and the latest time one was seen. It holds back pruning as they did, so that nothing they
- * had not acked goes before it expires (or before every remembered device acked it and this
- * placeholder is forgotten by age, as a device is). Not a deviceId: those are [A-Za-z0-9_-].
+ * had not acked goes before it expires. Not a deviceId: those are [A-Za-z0-9_-].
  */
 export const EVICTED = '*evicted';
 /**
@@ -200,8 +198,6 @@ export type UserEvent =
       after: number;
       fromAck?: boolean;
     }
-  /** Devices no longer remembered: unseen for the retention. */
-  | { type: 'devices-forgotten'; deviceIds: string[] }
   /** Devices evicted past MAX_DEVICES: folded into the EVICTED placeholder. */
   | { type: 'devices-evicted'; deviceIds: string[]; at: number }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
@@ -313,29 +309,6 @@ const own = <V>(record: Record<string, V>, key: string): V | undefined =>
 /** The devices with an open connection: never forgotten. */
 const connectedDevices = (meta: UserMeta) =>
   new Set(Object.values(meta.sessions).map((s) => s.deviceId));
-
-/**
- * Devices a prune at `now` forgets, which costs them nothing: without an open connection,
- * unseen for the retention, every entry they acked pruned already (so that nothing at or below
- * an applied ack is sent again when one comes back as new), and nothing kept that they could
- * still be owed: the inbox is empty, or its newest entry is past the retention too.
- */
-export function forgettableDevices(meta: UserMeta, now: number, retentionMs: number): string[] {
-  const owesNothing =
-    meta.firstKept >= meta.nextSeq ||
-    (meta.lastAppendedAt !== undefined && now - meta.lastAppendedAt > retentionMs);
-  if (!owesNothing) return [];
-  const connected = connectedDevices(meta);
-  return Object.entries(meta.devices)
-    .filter(
-      ([deviceId, d]) =>
-        !connected.has(deviceId) &&
-        d.seenAt !== undefined &&
-        now - d.seenAt > retentionMs &&
-        d.ack < meta.firstKept,
-    )
-    .map(([deviceId]) => deviceId);
-}
 
 /**
  * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it evicts
@@ -675,26 +648,8 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // Kept until every device that ever connected acked it, or until it is too old. Both
       // rules remove a prefix of the inbox: acks are cumulative, and expiry stops at the first
       // entry that is not too old (the entries in view are the slice right above the acked).
-      // Forgetting a device may let acks prune more, which may let another device go: until
-      // neither moves (each round forgets one device or more).
-      let remembered = meta;
-      let below = prunedBelow(remembered, view.entries, command.now, command.retentionMs);
-      const deviceIds: string[] = [];
-      for (;;) {
-        const more = forgettableDevices(
-          { ...remembered, firstKept: below },
-          command.now,
-          command.retentionMs,
-        );
-        if (more.length === 0) break;
-        deviceIds.push(...more);
-        remembered = evolve(remembered, { type: 'devices-forgotten', deviceIds: more });
-        below = prunedBelow(remembered, view.entries, command.now, command.retentionMs);
-      }
-      const events: UserEvent[] =
-        deviceIds.length > 0 ? [{ type: 'devices-forgotten', deviceIds }] : [];
-      if (below > meta.firstKept) events.push({ type: 'pruned', below });
-      return events;
+      const below = prunedBelow(meta, view.entries, command.now, command.retentionMs);
+      return below > meta.firstKept ? [{ type: 'pruned', below }] : [];
     }
   }
 }
@@ -759,11 +714,6 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       waiting.push([event.connectionId, { deviceId, after, ...(fromAck ? { fromAck } : {}) }]);
       return { ...meta, pendingSyncs: Object.fromEntries(waiting) };
     }
-    case 'devices-forgotten': {
-      const devices = { ...meta.devices };
-      for (const deviceId of event.deviceIds) delete devices[deviceId];
-      return { ...meta, devices };
-    }
     case 'devices-evicted': {
       const devices = { ...meta.devices };
       let placeholder = devices[EVICTED];
@@ -779,13 +729,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       return { ...meta, devices: placeholder ? { ...devices, [EVICTED]: placeholder } : devices };
     }
     case 'entry-appended':
-      // The latest time any entry carries: one stamped early by a gateway whose clock is
-      // behind must not make the inbox look older than it is.
-      return {
-        ...meta,
-        nextSeq: event.entry.seq + 1,
-        lastAppendedAt: Math.max(meta.lastAppendedAt ?? 0, event.entry.at),
-      };
+      return { ...meta, nextSeq: event.entry.seq + 1 };
     case 'acked': {
       const device = {
         ack: event.upTo,

@@ -31,7 +31,6 @@ import {
   decide,
   entriesNeeded,
   evolve,
-  forgettableDevices,
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   sessionsBehind,
@@ -45,9 +44,9 @@ export const USERS_APPLICATION = 'users';
 export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
 /**
  * What every device acked is pruned by the ack itself; the walks are left with what ages out
- * (entries and dedup keys past the retention, devices unseen as long), which is counted in days:
- * each walk goes round at most once an hour, a slice per tick, so that a tick holds its task up
- * for a bounded time whatever the stores hold. At 1,000 users a second, a walk goes round a
+ * (entries and dedup keys past the retention), which is counted in days: each walk goes round
+ * at most once an hour, a slice per tick, so that a tick holds its task up for a bounded time
+ * whatever the stores hold. At 1,000 users a second, a walk goes round a
  * million users in 17 minutes; at 2,000 dedup keys a second, 10 million in under an hour and a
  * half. (Walking the users every minute cost a task a meta read per user per minute; walking
  * the dedup keys every minute, up to 5,000 reads a second for nothing: bench/README.md, chat.)
@@ -233,8 +232,9 @@ class InboxProcessor implements Processor<Input, unknown> {
    */
   private startsBefore: Map<string, number | undefined> | undefined;
   /**
-   * Gateways that counted as silent when an entry was held back from their sessions: looked at
-   * as soon as they are live again, however short the silence (a tick may not have seen it).
+   * Gateways that counted as silent when an entry was held back from their sessions since the
+   * last tick: looked at if the tick finds them live again, however short the silence was (the
+   * tick may not have seen it).
    */
   private readonly heldBackOn = new Set<string>();
   /** Changed gateways whose users are still to be looked at, with the key the walk goes on at. */
@@ -438,7 +438,10 @@ class InboxProcessor implements Processor<Input, unknown> {
     // A gateway that changed again while its walk went on is walked again from its first user.
     for (const gatewayId of changed) this.looking.set(gatewayId, sessionKey(gatewayId, ''));
     this.startsBefore = starts;
-    for (const gatewayId of heard) this.heldBackOn.delete(gatewayId);
+    // Heard again: looked at now. Still silent: not needed, since a gateway that is not live at
+    // this tick counts as changed at the tick that finds it live again (it is not in
+    // startsBefore); kept, the ids of gateways that never come back would pile up.
+    this.heldBackOn.clear();
 
     let budget = this.options.gatewayUsersPerTick ?? GATEWAY_USERS_PER_TICK;
     let caughtUp = 0;
@@ -516,8 +519,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     }
     const walked = budget > 0 ? await this.pruneWalks.users.slice(this.metas, budget, now) : [];
     for (const [userId, meta] of walked) {
-      if (meta.firstKept < meta.nextSeq || forgettableDevices(meta, now, retentionMs).length > 0)
-        await this.pruneInbox(userId, now, retentionMs);
+      if (meta.firstKept < meta.nextSeq) await this.pruneInbox(userId, now, retentionMs);
     }
     for (const [key, { at }] of await this.pruneWalks.dedup.slice(
       this.dedup,
