@@ -95,8 +95,8 @@ function mergedSync(waiting: PendingSync, after: number): Omit<PendingSync, 'dev
 /**
  * Devices remembered per user, at most. A user's meta is read and written whole on every
  * record, so it must not grow with every deviceId a client ever made up: past the limit, a new
- * device makes the actor forget the least recently seen one without an open connection, which
- * counts as a new device when it comes back (docs/websocket.md).
+ * device evicts the least recently seen one without an open connection into the EVICTED
+ * placeholder; it counts as a new device when it comes back (docs/websocket.md).
  */
 export const MAX_DEVICES = 64;
 /**
@@ -306,7 +306,7 @@ function replay(
 const own = <V>(record: Record<string, V>, key: string): V | undefined =>
   Object.prototype.hasOwnProperty.call(record, key) ? record[key] : undefined;
 
-/** The devices with an open connection: never forgotten. */
+/** The devices with an open connection: never evicted. */
 const connectedDevices = (meta: UserMeta) =>
   new Set(Object.values(meta.sessions).map((s) => s.deviceId));
 
