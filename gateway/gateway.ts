@@ -66,8 +66,11 @@ export type GatewayCodecs = Pick<
   | 'chat.gateways'
 >;
 
-/** Tries at producing a closed connection's DISCONNECTED: 100 ms to 3.2 s apart. */
-const DISCONNECTED_ATTEMPTS = 7;
+/**
+ * The longest wait between tries at producing a closed connection's DISCONNECTED (from 100 ms,
+ * doubling): a log away for minutes is tried every 2 s, and a shutdown waits at most that long.
+ */
+const DISCONNECTED_RETRY_MAX_MS = 2_000;
 
 /** The limits a deployment (or a test) may change; each defaults to its constant of limits.ts. */
 export interface GatewayLimits {
@@ -75,6 +78,8 @@ export interface GatewayLimits {
   pingIntervalMs?: number;
   heartbeatIntervalMs?: number;
   closeTimeoutMs?: number;
+  /** The longest wait between tries at a DISCONNECTED (DISCONNECTED_RETRY_MAX_MS). */
+  disconnectedRetryMaxMs?: number;
 }
 
 export interface GatewayDeps {
@@ -162,6 +167,7 @@ class WebSocketGateway implements Gateway {
       pingIntervalMs: deps.limits?.pingIntervalMs ?? PING_INTERVAL_MS,
       heartbeatIntervalMs: deps.limits?.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS,
       closeTimeoutMs: deps.limits?.closeTimeoutMs ?? CLOSE_TIMEOUT_MS,
+      disconnectedRetryMaxMs: deps.limits?.disconnectedRetryMaxMs ?? DISCONNECTED_RETRY_MAX_MS,
     };
     this.wss = new WebSocketServer({
       noServer: true,
@@ -346,21 +352,24 @@ class WebSocketGateway implements Gateway {
   }
 
   /**
-   * Produces DISCONNECTED, again after a failure while the gateway runs (backoff from 100 ms,
-   * DISCONNECTED_ATTEMPTS in all, about 6 s): without it the users actor would count the
-   * session as online, holding back push, until this gateway restarts or falls silent.
+   * Produces DISCONNECTED, again after each failure for as long as the gateway runs (backoff
+   * from 100 ms to DISCONNECTED_RETRY_MAX_MS): without it the users actor would count the
+   * session as online, holding back push, until this gateway restarts. A log away for longer
+   * than a few tries (a broker restart) must not leave such sessions behind for good.
    */
   private async disconnected(connection: Connection): Promise<void> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.connectionEvent(connection, 'DISCONNECTED');
       } catch (err) {
-        if (attempt >= DISCONNECTED_ATTEMPTS || this.phase !== 'running') throw err;
-        this.logger.warn(
+        if (this.phase !== 'running') throw err;
+        const log = attempt < 5 || attempt % 30 === 0 ? 'warn' : 'debug';
+        this.logger[log](
           { err, connectionId: connection.connectionId, attempt },
           'DISCONNECTED was not produced; trying again',
         );
-        await new Promise((resolve) => setTimeout(resolve, 100 * 2 ** (attempt - 1)));
+        const wait = Math.min(this.limits.disconnectedRetryMaxMs, 100 * 2 ** (attempt - 1));
+        await new Promise((resolve) => setTimeout(resolve, wait));
       }
     }
   }
