@@ -190,7 +190,8 @@ export type UserEvent =
       live: boolean;
       connectedAt: number;
     }
-  | { type: 'session-closed'; connectionId: string }
+  /** `at`: when the device was last seen on it (its DISCONNECTED's time), when known. */
+  | { type: 'session-closed'; connectionId: string; at?: number }
   | {
       type: 'sync-pending';
       connectionId: string;
@@ -472,7 +473,9 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     case 'disconnected': {
       const known = meta.sessions[command.connectionId] || meta.pendingSyncs[command.connectionId];
       // Only the connection it names: a reconnect's new session is never removed by the old one.
-      return known ? [{ type: 'session-closed', connectionId: command.connectionId }] : [];
+      return known
+        ? [{ type: 'session-closed', connectionId: command.connectionId, at: command.at }]
+        : [];
     }
 
     case 'sync': {
@@ -704,7 +707,20 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       const { [event.connectionId]: _pending, ...pendingSyncs } = meta.pendingSyncs;
       const closed = (meta.recentlyClosed ?? []).filter((c) => c !== event.connectionId);
       closed.push(event.connectionId);
-      return { ...meta, sessions, pendingSyncs, recentlyClosed: closed.slice(-RECENTLY_CLOSED) };
+      // Seen until it disconnected: a device connected for days is not the least recently seen.
+      const deviceId = meta.sessions[event.connectionId]?.deviceId;
+      const device = deviceId === undefined ? undefined : own(meta.devices, deviceId);
+      const devices =
+        device && event.at !== undefined
+          ? { ...meta.devices, [deviceId!]: { ...device, seenAt: seenAt(device, event.at) } }
+          : meta.devices;
+      return {
+        ...meta,
+        sessions,
+        pendingSyncs,
+        devices,
+        recentlyClosed: closed.slice(-RECENTLY_CLOSED),
+      };
     }
     case 'sync-pending': {
       // Last in order of arrival, and the oldest dropped past the limit.

@@ -648,6 +648,19 @@ describe('users actor: scenarios', () => {
       assert.deepEqual(legacy.meta.devices[EVICTED], { ack: 0, seenAt: T + 99 });
     });
 
+    it('counts a device seen until it disconnected, for which to evict first', () => {
+      const inbox = new Inbox();
+      inbox.connect('laptop', 'long', T); // open for days
+      for (let i = 1; i < MAX_DEVICES; i++) {
+        inbox.connect(`d${i}`, `c${i}`, T + i);
+        inbox.disconnect(`c${i}`);
+      }
+      inbox.run({ kind: 'disconnected', connectionId: 'long', at: T + 5 * 86_400_000 });
+      inbox.connect('newcomer', 'c0', T + 6 * 86_400_000);
+      assert.ok('laptop' in inbox.meta.devices, 'seen five days after the others');
+      assert.ok(!('d1' in inbox.meta.devices));
+    });
+
     it('keeps for an evicted device what it had not acked, until it expires', () => {
       const inbox = new Inbox();
       inbox.connect('tablet', 'ct', T); // acks nothing
