@@ -268,7 +268,8 @@ class InboxProcessor implements Processor<Input, unknown> {
     if (command) await this.handle(record.key, command);
   }
 
-  private async handle(userId: string, command: UserCommand): Promise<void> {
+  /** Runs one command for one user; answers the user's meta afterwards. */
+  private async handle(userId: string, command: UserCommand): Promise<UserMeta> {
     const meta = (await this.metas.get(userId)) ?? newUserMeta();
     const liveGateways = this.options.liveGateways();
     let entries: InboxEntry[] = [];
@@ -314,6 +315,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       await this.apply(userId, event, before);
     }
     if (next !== meta) this.metas.put(userId, next);
+    return next;
   }
 
   /** Keeps the sessions store in step with the user's sessions (`before`: the meta before). */
@@ -483,8 +485,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       );
     });
     for (const [connectionId] of stale)
-      await this.handle(userId, { kind: 'disconnected', connectionId, at: now });
-    if (stale.length > 0) meta = (await this.metas.get(userId)) ?? meta;
+      meta = await this.handle(userId, { kind: 'disconnected', connectionId, at: now });
     const behind = sessionsBehind(meta, live).length;
     if (behind > 0) await this.handle(userId, { kind: 'catch-up' });
     return { closed: stale.length, caughtUp: behind };
@@ -499,9 +500,8 @@ class InboxProcessor implements Processor<Input, unknown> {
   private async pruneInbox(userId: string, now: number, retentionMs: number): Promise<void> {
     let firstKept = (await this.metas.get(userId))?.firstKept ?? 0;
     for (let slice = 0; slice < PRUNE_SLICES_PER_VISIT; slice++) {
-      await this.handle(userId, { kind: 'prune', now, retentionMs });
       const before = firstKept;
-      firstKept = (await this.metas.get(userId))?.firstKept ?? 0;
+      firstKept = (await this.handle(userId, { kind: 'prune', now, retentionMs })).firstKept;
       if (firstKept - before < PRUNE_SLICE_ENTRIES) return;
     }
     this.revisits.add(userId);
