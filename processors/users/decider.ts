@@ -223,8 +223,8 @@ export type UserEvent =
   | { type: 'receipt-owed'; to: string; receipt: Receipt }
   | { type: 'push-requested'; request: PushRequest };
 
-/** The sender of a message entry, when the entry is a message copy. */
-function messageOf(entry: InboxEntry) {
+/** The message of an entry, when the entry is a message copy. */
+export function messageOf(entry: InboxEntry) {
   const { name, value } = branchOf(entry.entry);
   return name === 'chat.v1.MessageCopy' ? value : undefined;
 }

@@ -31,6 +31,7 @@ import {
   decide,
   entriesNeeded,
   evolve,
+  messageOf,
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   sessionsBehind,
@@ -144,12 +145,6 @@ export function dedupKeyOf(entry: InboxEntry['entry']): string {
     case 'chat.v1.Rejection':
       return `x:${value.messageId}`;
   }
-}
-
-/** The sender of a message entry (kept with its dedup key, for `read` after a prune). */
-function senderOf(entry: InboxEntry): string | undefined {
-  const { name, value } = branchOf(entry.entry);
-  return name === 'chat.v1.MessageCopy' ? value.from : undefined;
 }
 
 const seqKey = (userId: string, seq: number) => `${userId}/${seq.toString().padStart(12, '0')}`;
@@ -341,7 +336,8 @@ class InboxProcessor implements Processor<Input, unknown> {
         this.dedup.put(`${userId}/${event.dedupKey}`, {
           seq: event.entry.seq,
           at: event.entry.at,
-          from: senderOf(event.entry),
+          // A message's sender, kept for a `read` of it after the entry is pruned.
+          from: messageOf(event.entry)?.from,
         });
         return this.send('inbox-entries', userId, codecs.inboxEntries.encode(event.entry));
       case 'pruned':
