@@ -723,12 +723,12 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       };
     }
     case 'sync-pending': {
-      // Last in order of arrival, and the oldest dropped past the limit.
-      const { [event.connectionId]: _before, ...others } = meta.pendingSyncs;
-      const waiting = Object.entries(others).slice(1 - MAX_PENDING_SYNCS);
       const { deviceId, after, fromAck } = event;
-      waiting.push([event.connectionId, { deviceId, after, ...(fromAck ? { fromAck } : {}) }]);
-      return { ...meta, pendingSyncs: Object.fromEntries(waiting) };
+      const pending = { deviceId, after, ...(fromAck ? { fromAck } : {}) };
+      return {
+        ...meta,
+        pendingSyncs: withNewest(meta.pendingSyncs, event.connectionId, pending, MAX_PENDING_SYNCS),
+      };
     }
     case 'devices-evicted': {
       const devices = { ...meta.devices };
@@ -756,12 +756,11 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     case 'receipted':
       return { ...meta, receiptedUpTo: event.upTo };
     case 'push-registered': {
-      // At most MAX_DEVICES registrations: past it, the first in the map's order goes. That is
-      // the oldest, except that JS orders integer-like keys ("42") first: a bound, not an LRU.
-      const { [event.deviceId]: _before, ...others } = meta.push;
-      const registered = Object.entries(others).slice(1 - MAX_DEVICES);
-      registered.push([event.deviceId, { pushToken: event.pushToken, platform: event.platform }]);
-      return { ...meta, push: Object.fromEntries(registered) };
+      const registration = { pushToken: event.pushToken, platform: event.platform };
+      return {
+        ...meta,
+        push: withNewest(meta.push, event.deviceId, registration, MAX_DEVICES),
+      };
     }
     case 'push-removed': {
       const { [event.deviceId]: _removed, ...push } = meta.push;
@@ -787,6 +786,24 @@ export const usersDecider: Decider<
   decide: ({ command, view }, meta) => decide(command, { ...view, meta }),
   evolve,
 };
+
+/**
+ * `record` with `key` set as its newest entry and at most `limit` entries, the first in the
+ * record's order dropped past it. That is the oldest, except that JS orders integer-like keys
+ * ("42") first: a bound, not an LRU, for keys a client chooses (deviceIds).
+ */
+function withNewest<V>(
+  record: Record<string, V>,
+  key: string,
+  value: V,
+  limit: number,
+): Record<string, V> {
+  const { [key]: _before, ...others } = record;
+  const entries = Object.entries(others);
+  const kept = entries.slice(Math.max(0, entries.length - (limit - 1)));
+  kept.push([key, value]);
+  return Object.fromEntries(kept);
+}
 
 /** When a device was last seen, seen again at `at`. */
 const seenAt = (device: Device | undefined, at: number) => Math.max(device?.seenAt ?? at, at);
