@@ -68,8 +68,11 @@ export interface Device {
   seenAt?: number;
 }
 
+/**
+ * A Sync waiting for its CONNECTED. Not its deviceId: the replay is the session's, from the
+ * CONNECTED (metas stored before may still carry one, unread).
+ */
 export interface PendingSync {
-  deviceId: string;
   /** FROM_ACK, or the lowest `after` of the syncs that waited. */
   after: number;
   /** Another of them asked FROM_ACK too: the replay starts at the lower of both. */
@@ -86,7 +89,7 @@ function pendingAfter(meta: UserMeta, deviceId: string, pending: PendingSync): n
 }
 
 /** Two syncs that waited for one CONNECTED, as one: its replay covers both of theirs. */
-function mergedSync(waiting: PendingSync, after: number): Omit<PendingSync, 'deviceId'> {
+function mergedSync(waiting: PendingSync, after: number): PendingSync {
   if (waiting.after === FROM_ACK) return after === FROM_ACK ? { after } : { after, fromAck: true };
   if (after === FROM_ACK) return { after: waiting.after, fromAck: true };
   return { after: Math.min(waiting.after, after), ...(waiting.fromAck ? { fromAck: true } : {}) };
@@ -192,13 +195,7 @@ export type UserEvent =
     }
   /** `at`: when the device was last seen on it (its DISCONNECTED's time), when known. */
   | { type: 'session-closed'; connectionId: string; at?: number }
-  | {
-      type: 'sync-pending';
-      connectionId: string;
-      deviceId: string;
-      after: number;
-      fromAck?: boolean;
-    }
+  | { type: 'sync-pending'; connectionId: string; after: number; fromAck?: boolean }
   /** Devices evicted past MAX_DEVICES: folded into the EVICTED placeholder. */
   | { type: 'devices-evicted'; deviceIds: string[]; at: number }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
@@ -489,7 +486,6 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
           {
             type: 'sync-pending',
             connectionId: command.connectionId,
-            deviceId: command.deviceId,
             ...(waiting ? mergedSync(waiting, command.after) : { after: command.after }),
           },
         ];
@@ -723,8 +719,8 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       };
     }
     case 'sync-pending': {
-      const { deviceId, after, fromAck } = event;
-      const pending = { deviceId, after, ...(fromAck ? { fromAck } : {}) };
+      const { after, fromAck } = event;
+      const pending = { after, ...(fromAck ? { fromAck } : {}) };
       return {
         ...meta,
         pendingSyncs: withNewest(meta.pendingSyncs, event.connectionId, pending, MAX_PENDING_SYNCS),

@@ -336,7 +336,7 @@ describe('users actor: scenarios', () => {
       ),
       [],
     );
-    const waiting = metaWith({ pendingSyncs: { c1: { deviceId: 'phone', after: FROM_ACK } } });
+    const waiting = metaWith({ pendingSyncs: { c1: { after: FROM_ACK } } });
     const events = decide(connected, view(waiting, { gatewayStartedAt: T + 1 }));
     assert.deepEqual(events, [{ type: 'session-closed', connectionId: 'c1' }]);
     assert.deepEqual(evolve(waiting, events[0]!).pendingSyncs, {});
