@@ -79,14 +79,14 @@ const RESTORE_PROGRESS_MS = 1000;
 
 export const changelogTopic = (applicationId: string, store: string) =>
   `${applicationId}-${store}-changelog`;
+export const deadLetterTopic = (applicationId: string) => `${applicationId}-dead-letters`;
+
 /**
  * How long a topic chosen per record and found missing counts as missing without asking again:
  * a burst of records for it costs one question, and a topic created meanwhile (a gateway
  * starting) is seen within this.
  */
 const MISSING_TOPIC_RECHECK_MS = 2_000;
-
-export const deadLetterTopic = (applicationId: string) => `${applicationId}-dead-letters`;
 
 interface RunningTask {
   task: StreamTask;

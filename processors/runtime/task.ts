@@ -16,6 +16,7 @@ import type {
   RecordMetadata,
   Topology,
 } from './topology.ts';
+import { UnknownTopicError } from '../../log/errors.ts';
 import { isRetriable } from './errors.ts';
 
 /** What a task needs of a store beyond the KeyValueStore a processor sees. */
@@ -236,16 +237,14 @@ export class StreamTask {
       topic: this.options.deadLetterTopic,
       headers: {
         ...output.headers,
-        'dlq.reason': `unknown topic "${output.topic}"`,
-        'dlq.error': 'UnknownTopicError',
+        ...this.deadLetterHeaders(new UnknownTopicError(output.topic)),
         'dlq.output-topic': output.topic,
-        'dlq.task': this.id,
       },
     };
   }
 
+  /** An input record that cannot be processed, as a dead letter naming where it was read. */
   private deadLetter(record: LogRecord, error: unknown): ProducerRecord {
-    const message = error instanceof Error ? error.message : String(error);
     return {
       topic: this.options.deadLetterTopic,
       key: record.key,
@@ -253,13 +252,21 @@ export class StreamTask {
       timestamp: record.timestamp,
       headers: {
         ...record.headers,
-        'dlq.reason': message.slice(0, 1000),
-        'dlq.error': error instanceof Error ? error.name : 'Error',
+        ...this.deadLetterHeaders(error),
         'dlq.topic': record.topic,
         'dlq.partition': String(record.partition),
         'dlq.offset': String(record.offset),
-        'dlq.task': this.id,
       },
+    };
+  }
+
+  /** What every dead letter says: why, and which task sent it. */
+  private deadLetterHeaders(error: unknown): { [header: string]: string } {
+    const message = error instanceof Error ? error.message : String(error);
+    return {
+      'dlq.reason': message.slice(0, 1000),
+      'dlq.error': error instanceof Error ? error.name : 'Error',
+      'dlq.task': this.id,
     };
   }
 }
