@@ -220,6 +220,13 @@ export type UserEvent =
   | { type: 'receipt-owed'; to: string; receipt: Receipt }
   | { type: 'push-requested'; request: PushRequest };
 
+/**
+ * A record's own entry: a deviceId may be `constructor` or `__proto__` ([A-Za-z0-9_-]), which a
+ * plain lookup would find on Object.prototype.
+ */
+const own = <V>(record: Record<string, V>, key: string): V | undefined =>
+  Object.prototype.hasOwnProperty.call(record, key) ? record[key] : undefined;
+
 /** The message of an entry, when the entry is a message copy. */
 export function messageOf(entry: InboxEntry) {
   const { name, value } = branchOf(entry.entry);
@@ -296,13 +303,6 @@ function replay(
   events.push({ type: 'session-live', connectionId, sentUpTo: view.meta.nextSeq - 1 });
   return events;
 }
-
-/**
- * A record's own entry: a deviceId may be `constructor` or `__proto__` ([A-Za-z0-9_-]), which a
- * plain lookup would find on Object.prototype.
- */
-const own = <V>(record: Record<string, V>, key: string): V | undefined =>
-  Object.prototype.hasOwnProperty.call(record, key) ? record[key] : undefined;
 
 /** The devices with an open connection: never evicted. */
 const connectedDevices = (meta: UserMeta) =>

@@ -47,10 +47,10 @@ export const DEFAULT_RETENTION_MS = 30 * 86_400_000;
  * What every device acked is pruned by the ack itself; the walks are left with what ages out
  * (entries and dedup keys past the retention), which is counted in days: each walk goes round
  * at most once an hour, a slice per tick, so that a tick holds its task up for a bounded time
- * whatever the stores hold. At 1,000 users a second, a walk goes round a
- * million users in 17 minutes; at 2,000 dedup keys a second, 10 million in under an hour and a
- * half. (Walking the users every minute cost a task a meta read per user per minute; walking
- * the dedup keys every minute, up to 5,000 reads a second for nothing: bench/README.md, chat.)
+ * whatever the stores hold. At 1,000 users a second, a walk goes round a million users in 17
+ * minutes; at 2,000 dedup keys a second, 10 million in under an hour and a half. (Walking the
+ * users every minute cost a task a meta read per user per minute; walking the dedup keys every
+ * minute, up to 5,000 reads a second for nothing: bench/README.md, chat.)
  */
 const PRUNE_DEFAULTS: PruneOptions = {
   everyMs: 3_600_000,
