@@ -268,15 +268,9 @@ describe('users actor: scenarios', () => {
   it('replays, after a (re)connect, every entry above the applied ack, then delivers live in seq order', () => {
     const inbox = new Inbox();
     for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
-    inbox.run({
-      kind: 'connected',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c1',
-      at: T,
-    });
+    inbox.connect('phone', 'c1');
     inbox.append('m4'); // arrives before the sync: not sent live, the replay covers it
-    inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+    inbox.sync('phone', 'c1');
     inbox.append('m5');
     assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3, 4, 5]);
 
@@ -289,7 +283,7 @@ describe('users actor: scenarios', () => {
       at: T,
     }); // reconnect elsewhere
     inbox.run({ kind: 'disconnected', connectionId: 'c1', at: T }); // the old connection's late close
-    inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c2', after: FROM_ACK, at: T });
+    inbox.sync('phone', 'c2');
     assert.deepEqual(inbox.deliveredSeqs('c2'), [5], 'nothing at or below the applied ack');
     assert.deepEqual(
       Object.keys(inbox.meta.sessions),
@@ -301,15 +295,9 @@ describe('users actor: scenarios', () => {
   it('handles a sync that overtook its CONNECTED', () => {
     const inbox = new Inbox();
     inbox.append('m1');
-    inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+    inbox.sync('phone', 'c1');
     assert.deepEqual(inbox.deliveredSeqs('c1'), []);
-    inbox.run({
-      kind: 'connected',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c1',
-      at: T,
-    });
+    inbox.connect('phone', 'c1');
     assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
     assert.equal(inbox.meta.sessions.c1?.live, true);
     inbox.append('m2');
@@ -350,15 +338,9 @@ describe('users actor: scenarios', () => {
   it('a first-time device gets every kept entry; a sync frame resends above its own `after`', () => {
     const inbox = new Inbox();
     for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
-    inbox.run({
-      kind: 'connected',
-      deviceId: 'laptop',
-      gatewayId: 'gw1',
-      connectionId: 'c1',
-      at: T,
-    });
-    inbox.run({ kind: 'sync', deviceId: 'laptop', connectionId: 'c1', after: FROM_ACK, at: T });
-    inbox.run({ kind: 'sync', deviceId: 'laptop', connectionId: 'c1', after: 2, at: T });
+    inbox.connect('laptop', 'c1');
+    inbox.sync('laptop', 'c1');
+    inbox.sync('laptop', 'c1', 2);
     assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3, 3]);
   });
 
@@ -371,13 +353,7 @@ describe('users actor: scenarios', () => {
       ['phone', 'c1'],
       ['laptop', 'c2'],
     ]) {
-      inbox.run({
-        kind: 'connected',
-        deviceId: device!,
-        gatewayId: 'gw1',
-        connectionId: connection!,
-        at: T,
-      });
+      inbox.connect(device!, connection!);
     }
     inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2, at: T });
     inbox.run({ kind: 'ack', deviceId: 'laptop', upTo: 3, at: T });
@@ -398,13 +374,7 @@ describe('users actor: scenarios', () => {
   it('owes a `read` receipt for a message in the inbox, and refuses one that is not', () => {
     const inbox = new Inbox();
     inbox.append('m1', 'bob');
-    inbox.run({
-      kind: 'connected',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c1',
-      at: T,
-    });
+    inbox.connect('phone', 'c1');
     inbox.run({
       kind: 'read',
       deviceId: 'phone',
@@ -515,13 +485,7 @@ describe('users actor: scenarios', () => {
   it('prunes what every device acked without reading the entries', () => {
     const inbox = new Inbox();
     for (let i = 1; i <= 10; i++) inbox.append(`m${i}`);
-    inbox.run({
-      kind: 'connected',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c1',
-      at: T,
-    });
+    inbox.connect('phone', 'c1');
     inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 10, at: T });
     const command = { kind: 'prune', now: T, retentionMs: 86_400_000 } as const;
     assert.equal(entriesNeeded(command, inbox.meta, new Set(['gw1'])), undefined);
@@ -537,13 +501,7 @@ describe('users actor: scenarios', () => {
     inbox.append('m2', 'bob', T - 2 * day);
     inbox.append('m3', 'bob', T);
     for (const device of ['phone', 'laptop']) {
-      inbox.run({
-        kind: 'connected',
-        deviceId: device,
-        gatewayId: 'gw1',
-        connectionId: device,
-        at: T,
-      });
+      inbox.connect(device, device);
     }
     inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3, at: T });
     inbox.run({ kind: 'prune', now: T, retentionMs: 30 * day });
@@ -806,14 +764,8 @@ describe('users actor: scenarios', () => {
   describe('a gateway that counted as silent', () => {
     /** A phone connects on gw1 as c1 and syncs from its last ack. */
     const connectPhone = (inbox: Inbox) => {
-      inbox.run({
-        kind: 'connected',
-        deviceId: 'phone',
-        gatewayId: 'gw1',
-        connectionId: 'c1',
-        at: T,
-      });
-      inbox.run({ kind: 'sync', deviceId: 'phone', connectionId: 'c1', after: FROM_ACK, at: T });
+      inbox.connect('phone', 'c1');
+      inbox.sync('phone', 'c1');
     };
     /** An inbox with m1 and a phone live on gw1 that has been sent m1. */
     const connectedOnGw1 = () => {
@@ -889,13 +841,7 @@ describe('users actor: scenarios', () => {
       ['t1', 't2'],
     );
     assert.equal(push.request.notification.body, 'hi m1');
-    inbox.run({
-      kind: 'connected',
-      deviceId: 'phone',
-      gatewayId: 'gw1',
-      connectionId: 'c1',
-      at: T,
-    });
+    inbox.connect('phone', 'c1');
     assert.ok(
       !inbox.append('m2', 'bob').some((e) => e.type === 'push-requested'),
       'online: no push',
