@@ -1092,6 +1092,35 @@ describe('gateway (WebSocket, embedded log)', function () {
       );
     });
 
+    /** A Delivery of message `m-<seq>` from bob to `userId`, for the given connections. */
+    const messageDelivery = (
+      userId: string,
+      targets: Delivery['targets'],
+      seq: number,
+      body: string,
+      at = Date.now(),
+    ): Delivery => ({
+      userId,
+      targets,
+      frame: {
+        [fullNames.InboxEntry]: {
+          userId,
+          seq,
+          at,
+          entry: {
+            [fullNames.MessageCopy]: {
+              messageId: `m-${seq}`,
+              from: 'bob',
+              to: userId,
+              group: null,
+              body,
+              sentAt: at,
+            },
+          },
+        },
+      },
+    });
+
     async function produceDeliveries(at: Running, deliveries: Delivery[]): Promise<void> {
       const producer = await log.producer();
       await producer.send(
@@ -1115,30 +1144,16 @@ describe('gateway (WebSocket, embedded log)', function () {
       });
       const sentAt = Date.now();
       await produceDeliveries(main, [
-        {
-          userId: alice,
-          targets: [
+        messageDelivery(
+          alice,
+          [
             { deviceId: 'phone', connectionId: phone },
             { deviceId: 'gone', connectionId: 'no-such-connection' },
           ],
-          frame: {
-            [fullNames.InboxEntry]: {
-              userId: alice,
-              seq: 1,
-              at: sentAt,
-              entry: {
-                [fullNames.MessageCopy]: {
-                  messageId: 'm-1',
-                  from: 'bob',
-                  to: alice,
-                  group: null,
-                  body: '{"text":"hi"}',
-                  sentAt,
-                },
-              },
-            },
-          },
-        },
+          1,
+          '{"text":"hi"}',
+          sentAt,
+        ),
         {
           userId: alice,
           targets: [{ deviceId: 'laptop', connectionId: laptop }],
@@ -1177,29 +1192,9 @@ describe('gateway (WebSocket, embedded log)', function () {
       const skippedBefore = await counter(main, 'kchat_gateway_deliveries_skipped_total', {
         reason: 'unwritable',
       });
-      const at = Date.now();
       // Not from this gateway (it refuses such a body): a body too deep to serialize again.
-      const copy = (seq: number, body: string): Delivery => ({
-        userId: alice,
-        targets: [{ deviceId: 'phone', connectionId: phone }],
-        frame: {
-          [fullNames.InboxEntry]: {
-            userId: alice,
-            seq,
-            at,
-            entry: {
-              [fullNames.MessageCopy]: {
-                messageId: `m-${seq}`,
-                from: 'bob',
-                to: alice,
-                group: null,
-                body,
-                sentAt: at,
-              },
-            },
-          },
-        },
-      });
+      const copy = (seq: number, body: string) =>
+        messageDelivery(alice, [{ deviceId: 'phone', connectionId: phone }], seq, body);
       await produceDeliveries(main, [
         copy(1, `${'['.repeat(20_000)}${']'.repeat(20_000)}`),
         copy(2, '"after"'),
@@ -1240,27 +1235,12 @@ describe('gateway (WebSocket, embedded log)', function () {
         await producer.send(
           Array.from({ length: 20 }, () => {
             seq++;
-            const delivery: Delivery = {
-              userId: alice,
-              targets: [{ deviceId: 'slow', connectionId }],
-              frame: {
-                [fullNames.InboxEntry]: {
-                  userId: alice,
-                  seq,
-                  at: Date.now(),
-                  entry: {
-                    [fullNames.MessageCopy]: {
-                      messageId: `m-${seq}`,
-                      from: 'bob',
-                      to: alice,
-                      group: null,
-                      body: JSON.stringify(randomBytes(6000).toString('base64')),
-                      sentAt: Date.now(),
-                    },
-                  },
-                },
-              },
-            };
+            const delivery = messageDelivery(
+              alice,
+              [{ deviceId: 'slow', connectionId }],
+              seq,
+              JSON.stringify(randomBytes(6000).toString('base64')),
+            );
             return {
               topic: deliveriesTopic(slow.gateway.gatewayId),
               key: Buffer.from(alice),
