@@ -8,6 +8,7 @@
  * The connection is `opening` until the gateway has made its CONNECTED event durable and
  * calls `start`: then `ready` is written first, and the frames that arrived before it follow.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocket, type RawData } from 'ws';
 import type { Producer, ProducerRecord } from '../log/port.ts';
 import type { TopicCodec } from '../schemas/codec.ts';
@@ -38,6 +39,8 @@ import {
   MAX_HELD_BEFORE_READY_BYTES,
   MAX_QUEUED_FRAMES,
   MAX_UNANSWERED_FRAMES,
+  REPLAY_DRAIN_POLL_MS,
+  REPLAY_RESUME_BYTES,
   SLOW_CONSUMER_CLOSE_CODE,
   SYNC_RATE_PER_S,
 } from './limits.ts';
@@ -197,6 +200,48 @@ export class Connection {
   }
 
   /**
+   * A replay part for this connection ended with the entry `after`, and more wait: once the
+   * client has read most of the part (the send buffer is down to REPLAY_RESUME_BYTES), asks the
+   * users actor for the next with a continued Sync. Tried again after a failure for as long as
+   * the connection is open; without it the replay would stop until the client syncs.
+   */
+  continueReplay(after: number): void {
+    void this.askForNextPart(after).catch((err: unknown) => {
+      this.logger.error({ err, after }, 'the next replay part was not asked for');
+    });
+  }
+
+  private async askForNextPart(after: number): Promise<void> {
+    const { userId, deviceId, connectionId } = this.identity;
+    const open = () => this.state !== 'closed' && !this.closing;
+    for (let attempt = 0; open();) {
+      if (this.state !== 'ready' || this.ws.bufferedAmount > REPLAY_RESUME_BYTES) {
+        await sleep(REPLAY_DRAIN_POLL_MS, undefined, { ref: false });
+        continue;
+      }
+      const command: UserCommand = {
+        userId,
+        at: this.context.now(),
+        command: { [fullNames.Sync]: { deviceId, connectionId, after, continued: true } },
+      };
+      try {
+        await this.context.producer.send([
+          record(topics.userCommands, userId, this.context.codecs.userCommands.encode(command)),
+        ]);
+        this.context.instruments.replayPartAsked();
+        return;
+      } catch (err) {
+        attempt++;
+        this.logger[attempt < 5 ? 'warn' : 'debug'](
+          { err, after, attempt },
+          'asking for the next replay part failed; trying again',
+        );
+        await sleep(Math.min(2_000, 100 * 2 ** (attempt - 1)), undefined, { ref: false });
+      }
+    }
+  }
+
+  /**
    * The liveness check, every PING_INTERVAL_MS: a peer that has not answered the previous ping
    * (nor sent anything since) is terminated. Returns false when it was.
    */
@@ -339,7 +384,9 @@ export class Connection {
       case 'typing':
         return this.typing(frame);
       case 'sync':
-        return this.command({ [fullNames.Sync]: { deviceId, connectionId, after: frame.after } });
+        return this.command({
+          [fullNames.Sync]: { deviceId, connectionId, after: frame.after, continued: false },
+        });
       case 'ping':
         return { answer: () => this.write(pongFrame(frame.id)) };
       default:

@@ -108,6 +108,9 @@ export class DeliveryConsumer {
         }
         connection.deliver(text);
         instruments.delivered();
+        // The end of a replay part: the connection asks for the next once it has taken this one.
+        if (delivery.more && 'chat.v1.InboxEntry' in delivery.frame)
+          connection.continueReplay(delivery.frame['chat.v1.InboxEntry'].seq);
       }
     }
   }

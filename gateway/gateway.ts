@@ -396,7 +396,7 @@ class WebSocketGateway implements Gateway {
       const sync: UserCommand = {
         userId,
         at: event.at,
-        command: { 'chat.v1.Sync': { deviceId, connectionId, after: FROM_ACK } },
+        command: { 'chat.v1.Sync': { deviceId, connectionId, after: FROM_ACK, continued: false } },
       };
       const commands = this.deps.codecs['chat.user-commands'];
       records.push({ topic: topics.userCommands, key, value: commands.encode(sync) });

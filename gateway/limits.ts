@@ -58,6 +58,17 @@ export const SEND_BUFFER_LIMIT_BYTES = 1 << 20;
  */
 export const SLOW_CONSUMER_CLOSE_CODE = 1013;
 
+/**
+ * A replay goes out in parts (processors/users/decider.ts, REPLAY_PART_BYTES): the gateway asks
+ * for the next part once the connection's send buffer is down to this many bytes. Together with
+ * the part this stays well under SEND_BUFFER_LIMIT_BYTES, so a client that reads is never closed
+ * for the size of its inbox; one that does not read just gets no more parts.
+ */
+export const REPLAY_RESUME_BYTES = 256 * 1024;
+
+/** How often a connection waiting to ask for a replay's next part looks at its send buffer. */
+export const REPLAY_DRAIN_POLL_MS = 10;
+
 /** 1001 "Going Away": the gateway is shutting down. */
 export const GOING_AWAY_CLOSE_CODE = 1001;
 

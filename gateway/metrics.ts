@@ -1,6 +1,6 @@
 /**
  * The gateway's Prometheus instruments: open connections, client frames by type, error frames
- * by code, slow consumers closed, deliveries written and skipped. Without a Metrics registry
+ * by code, slow consumers closed, deliveries written and skipped, replay parts asked for. Without a Metrics registry
  * (tests, tools) they count nothing.
  */
 import type { Metrics } from '../observability/metrics.ts';
@@ -16,6 +16,8 @@ export interface GatewayInstruments {
   /** A Delivery target this gateway does not hold (closed meanwhile, or never here). */
   deliverySkipped(reason: 'unknown_connection' | 'other_user' | 'undecodable' | 'unwritable'): void;
   heartbeatFailed(): void;
+  /** A connection asked for the next part of its replay. */
+  replayPartAsked(): void;
 }
 
 export const noInstruments: GatewayInstruments = {
@@ -25,6 +27,7 @@ export const noInstruments: GatewayInstruments = {
   delivered() {},
   deliverySkipped() {},
   heartbeatFailed() {},
+  replayPartAsked() {},
 };
 
 export function gatewayInstruments(
@@ -54,6 +57,10 @@ export function gatewayInstruments(
     'kchat_gateway_heartbeat_failures_total',
     'GatewayHeartbeat records the log refused',
   );
+  const parts = metrics.counter(
+    'kchat_gateway_replay_parts_asked_total',
+    'Continued Syncs: connections that took a replay part and asked for the next',
+  );
   return {
     frameReceived: (type) => frames.inc({ type }),
     errorSent: (code) => errors.inc({ code }),
@@ -61,5 +68,6 @@ export function gatewayInstruments(
     delivered: () => delivered.inc(),
     deliverySkipped: (reason) => skipped.inc({ reason }),
     heartbeatFailed: () => heartbeats.inc(),
+    replayPartAsked: () => parts.inc(),
   };
 }

@@ -336,6 +336,14 @@ export interface Sync {
   connectionId: string;
   /** Send every entry with seq greater than this. */
   after: number;
+  /**
+   * Set by the gateway, never from a client frame: the connection has taken the part of a
+   * replay that ended at `after` (its send buffer drained) and asks for the next part. The
+   * users actor drops it unless the connection's replay waits at `after`. A reader that
+   * does not know the field replays everything above `after`, as before replays went out in
+   * parts.
+   */
+  continued: boolean;
 }
 
 /**
@@ -520,6 +528,13 @@ export interface Delivery {
     | { 'chat.v1.InboxEntry': InboxEntry }
     | { 'chat.v1.Typing': Typing }
     | { 'chat.v1.ErrorFrame': ErrorFrame };
+  /**
+   * The inbox entry ends a part of a replay and more entries wait: once a target connection
+   * has taken this part (its send buffer drained), the gateway asks for the next with a
+   * continued Sync after this entry's seq. A replay goes out in parts so that a large inbox
+   * never overflows a connection's send buffer.
+   */
+  more: boolean;
 }
 
 /** One connection of the user on this gateway. */

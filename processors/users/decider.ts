@@ -13,6 +13,13 @@
  * replay: the replay starts above the device's last applied ack, and live deliveries start only
  * after it, keeping seq order. A Sync that overtakes its CONNECTED (they travel on different
  * topics) waits as pending until the session appears.
+ *
+ * Replays go out in parts (REPLAY_PART_ENTRIES, REPLAY_PART_BYTES): a device back from a long
+ * absence may be owed more than its gateway would buffer for one connection. After a part that
+ * leaves entries behind, the session waits (not live, `resumeAfter` set) until its gateway has
+ * written the part and the client has read most of it; the gateway then asks for the next part
+ * with a continued Sync after the part's last seq. Live entries wait meanwhile: the last part
+ * ends at the inbox's head and makes the session live, so seq order holds throughout.
  */
 import type { InboxEntry, PushRequest, Receipt, Typing } from '../../schemas/types.generated.ts';
 import { branchOf } from '../../schemas/avro.ts';
@@ -24,8 +31,13 @@ export type EntryBody = InboxEntry['entry'];
 export interface Session {
   deviceId: string;
   gatewayId: string;
-  /** False until the session's sync has run: live deliveries wait for it. */
+  /** False until the session's replay has been sent whole: live deliveries wait for it. */
   live: boolean;
+  /**
+   * The last seq of the replay part sent, while more wait for the gateway's continued Sync after
+   * it (absent: no part waits).
+   */
+  resumeAfter?: number;
   /**
    * The highest seq sent to this connection, by its replay or live. What it missed while its
    * gateway counted as silent goes to it, in order, as soon as the gateway is heard again.
@@ -171,7 +183,15 @@ export type UserCommand =
       at: number;
     }
   | { kind: 'typing'; typing: Typing }
-  | { kind: 'sync'; deviceId: string; connectionId: string; after: number; at: number }
+  /** `continued`: the gateway asks for the next part of a replay (see the module comment). */
+  | {
+      kind: 'sync';
+      deviceId: string;
+      connectionId: string;
+      after: number;
+      continued?: boolean;
+      at: number;
+    }
   | { kind: 'device-registered'; deviceId: string; pushToken: string; platform: string | null }
   | { kind: 'device-removed'; deviceId: string; pushToken: string | null }
   | { kind: 'prune'; now: number; retentionMs: number }
@@ -200,6 +220,8 @@ export type UserEvent =
   | { type: 'devices-evicted'; deviceIds: string[]; at: number }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
   | { type: 'session-live'; connectionId: string; sentUpTo: number }
+  /** A part of the session's replay has been sent, up to `resumeAfter`; more wait. */
+  | { type: 'session-paced'; connectionId: string; resumeAfter: number }
   | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
   | { type: 'acked'; deviceId: string; upTo: number; at: number }
   | { type: 'receipted'; upTo: number }
@@ -207,7 +229,14 @@ export type UserEvent =
   | { type: 'push-removed'; deviceId: string }
   | { type: 'pruned'; below: number }
   // Facts about what was sent, which the processor turns into records:
-  | { type: 'delivered'; gatewayId: string; targets: Target[]; entries: InboxEntry[] }
+  /** `more`: the entries are a part of a replay, and more wait for the gateway to ask. */
+  | {
+      type: 'delivered';
+      gatewayId: string;
+      targets: Target[];
+      entries: InboxEntry[];
+      more?: boolean;
+    }
   | { type: 'typing-relayed'; gatewayId: string; targets: Target[]; typing: Typing }
   | {
       type: 'refused';
@@ -252,18 +281,14 @@ export function sessionsBehind(
   return behind;
 }
 
-/** What a session that fell behind missed, as one delivery, in seq order. */
+/** What a session that fell behind missed, in seq order: the first part of it. */
 function catchUp(
   behind: { connectionId: string; session: Session; after: number },
   entries: InboxEntry[],
-): UserEvent {
+  head: number,
+): UserEvent[] {
   const { connectionId, session, after } = behind;
-  return {
-    type: 'delivered',
-    gatewayId: session.gatewayId,
-    targets: [{ deviceId: session.deviceId, connectionId }],
-    entries: entries.filter((e) => e.seq > after),
-  };
+  return sendPart(connectionId, session, entries, after, head);
 }
 
 /** Live sessions on live gateways, grouped by gateway. */
@@ -280,8 +305,9 @@ function liveTargets(view: UserView, only?: (s: Session, connectionId: string) =
 }
 
 /**
- * The replay of a sync: every kept entry above `after` (or the device's ack), to one session.
- * Sent whether or not the gateway counts as live: the sync itself just came through it.
+ * The replay of a sync: every kept entry above `after` (or the device's ack), to one session,
+ * its first part now. Sent whether or not the gateway counts as live: the sync itself just came
+ * through it.
  */
 function replay(
   view: UserView,
@@ -290,17 +316,72 @@ function replay(
   after: number,
 ): UserEvent[] {
   const from = replayAfter(view.meta, session.deviceId, after);
-  const entries = view.entries.filter((e) => e.seq > from);
+  return sendPart(connectionId, session, view.entries, from, view.meta.nextSeq - 1);
+}
+
+/**
+ * A replay part goes out with at most this many entries: a Kafka transaction and a gateway's
+ * batch of deliveries stay bounded, and so does what one command reads from the inbox.
+ */
+export const REPLAY_PART_ENTRIES = 256;
+/**
+ * And with at most this many bytes of entries (about what their frames weigh): with the
+ * gateway's resume threshold (REPLAY_RESUME_BYTES in gateway/limits.ts) it stays well under a
+ * connection's send buffer limit, whatever the bodies weigh.
+ */
+export const REPLAY_PART_BYTES = 256 * 1024;
+
+/** About the bytes of an entry's frame: its body, plus room for the other fields. */
+const frameBytes = (entry: InboxEntry) => Buffer.byteLength(messageOf(entry)?.body ?? '') + 256;
+
+/**
+ * The entries above `after` that go in one part: in a row of seqs (`entries` may stop short of
+ * the head, or have a gap before an entry just appended), at most REPLAY_PART_ENTRIES and
+ * REPLAY_PART_BYTES, and at least one.
+ */
+export function replayPart(entries: InboxEntry[], after: number): InboxEntry[] {
+  const part: InboxEntry[] = [];
+  let bytes = 0;
+  for (const entry of entries) {
+    if (entry.seq <= after) continue;
+    const last = part[part.length - 1];
+    if (last && entry.seq !== last.seq + 1) break;
+    bytes += frameBytes(entry);
+    if (last && (part.length >= REPLAY_PART_ENTRIES || bytes > REPLAY_PART_BYTES)) break;
+    part.push(entry);
+  }
+  return part;
+}
+
+/**
+ * Sends a session the part of what it is owed above `after` that goes now. The session is live
+ * afterwards when the part reaches `head`, else it waits at the part's last seq.
+ */
+function sendPart(
+  connectionId: string,
+  session: Session,
+  entries: InboxEntry[],
+  after: number,
+  head: number,
+): UserEvent[] {
+  const part = replayPart(entries, after);
+  const last = part[part.length - 1]?.seq ?? head;
+  const more = last < head;
   const events: UserEvent[] = [];
-  if (entries.length > 0) {
+  if (part.length > 0) {
     events.push({
       type: 'delivered',
       gatewayId: session.gatewayId,
       targets: [{ deviceId: session.deviceId, connectionId }],
-      entries,
+      entries: part,
+      ...(more ? { more } : {}),
     });
   }
-  events.push({ type: 'session-live', connectionId, sentUpTo: view.meta.nextSeq - 1 });
+  events.push(
+    more
+      ? { type: 'session-paced', connectionId, resumeAfter: last }
+      : { type: 'session-live', connectionId, sentUpTo: head },
+  );
   return events;
 }
 
@@ -391,16 +472,25 @@ export function entriesNeeded(
   liveGateways: ReadonlySet<string>,
 ): { from: number; to: number } | undefined {
   const replayFrom = (deviceId: string, after: number) => replayAfter(meta, deviceId, after) + 1;
-  const upToEnd = (from: number) => (from < meta.nextSeq ? { from, to: meta.nextSeq } : undefined);
+  // A replay reads one part's worth: the kept entries from `from` on, at most a part of them.
+  const aPart = (from: number) => {
+    const first = Math.max(from, meta.firstKept);
+    return first < meta.nextSeq
+      ? { from: first, to: Math.min(meta.nextSeq, first + REPLAY_PART_ENTRIES) }
+      : undefined;
+  };
   switch (command.kind) {
     case 'connected': {
       // The replay is the session's, whatever device the sync named (as in decide).
       const pending = meta.pendingSyncs[command.connectionId];
-      return pending && upToEnd(pendingAfter(meta, command.deviceId, pending) + 1);
+      return pending && aPart(pendingAfter(meta, command.deviceId, pending) + 1);
     }
     case 'sync': {
       const session = meta.sessions[command.connectionId];
-      return session ? upToEnd(replayFrom(session.deviceId, command.after)) : undefined;
+      if (!session) return undefined;
+      if (command.continued)
+        return session.resumeAfter === command.after ? aPart(command.after + 1) : undefined;
+      return aPart(replayFrom(session.deviceId, command.after));
     }
     case 'ack': {
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
@@ -419,7 +509,7 @@ export function entriesNeeded(
       const behind = sessionsBehind(meta, liveGateways);
       return behind.length === 0
         ? undefined
-        : upToEnd(behind.reduce((m, b) => Math.min(m, b.after), Infinity) + 1);
+        : aPart(behind.reduce((m, b) => Math.min(m, b.after), Infinity) + 1);
     }
     default:
       return undefined;
@@ -477,6 +567,12 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
 
     case 'sync': {
       const session = meta.sessions[command.connectionId];
+      if (command.continued) {
+        // The next part, unless the session no longer waits there: it closed, a client sync
+        // started its replay again, or this repeats a continued Sync already served.
+        if (!session || session.resumeAfter !== command.after) return [];
+        return replay(view, command.connectionId, session, command.after);
+      }
       if (!session) {
         // After its connection's DISCONNECTED: nothing to replay to, ever.
         if (meta.recentlyClosed?.includes(command.connectionId)) return [];
@@ -508,7 +604,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       const targets = liveTargets(view, (s, connectionId) => s.live && !lagging.has(connectionId));
       for (const [gatewayId, list] of targets)
         events.push({ type: 'delivered', gatewayId, targets: list, entries: [entry] });
-      for (const b of behind) events.push(catchUp(b, [...view.entries, entry]));
+      for (const b of behind) events.push(...catchUp(b, [...view.entries, entry], entry.seq));
       const message = messageOf(entry);
       const online = Object.values(meta.sessions).some((s) => view.liveGateways.has(s.gatewayId));
       const pushDevices = Object.entries(meta.push);
@@ -641,7 +737,9 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'catch-up':
-      return sessionsBehind(meta, view.liveGateways).map((b) => catchUp(b, view.entries));
+      return sessionsBehind(meta, view.liveGateways).flatMap((b) =>
+        catchUp(b, view.entries, meta.nextSeq - 1),
+      );
 
     case 'prune': {
       // Kept until every device that ever connected acked it, or until it is too old. Both
@@ -680,11 +778,18 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     case 'session-live': {
       const session = meta.sessions[event.connectionId];
       if (!session) return meta;
+      const { resumeAfter: _served, ...rest } = session;
       const sentUpTo = Math.max(session.sentUpTo ?? 0, event.sentUpTo);
       return {
         ...meta,
-        sessions: { ...meta.sessions, [event.connectionId]: { ...session, live: true, sentUpTo } },
+        sessions: { ...meta.sessions, [event.connectionId]: { ...rest, live: true, sentUpTo } },
       };
+    }
+    case 'session-paced': {
+      const session = meta.sessions[event.connectionId];
+      if (!session) return meta;
+      const paced = { ...session, live: false, resumeAfter: event.resumeAfter };
+      return { ...meta, sessions: { ...meta.sessions, [event.connectionId]: paced } };
     }
     case 'delivered': {
       // Entries go out in seq order: the last one sent is how far the session has them.

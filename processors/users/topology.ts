@@ -200,6 +200,7 @@ function toCommand(input: Input, at: number): UserCommand | undefined {
         deviceId: value.deviceId,
         connectionId: value.connectionId,
         after: value.after,
+        continued: value.continued,
         at: when,
       };
     case 'chat.v1.DeviceRegistered':
@@ -351,6 +352,8 @@ class InboxProcessor implements Processor<Input, unknown> {
             userId,
             targets: event.targets,
             frame: { 'chat.v1.InboxEntry': entry },
+            // On the part's last entry: the gateway asks for the next part once it is taken.
+            more: event.more === true && entry === event.entries[event.entries.length - 1],
           };
           await this.send(
             'deliveries',
@@ -365,6 +368,7 @@ class InboxProcessor implements Processor<Input, unknown> {
           userId,
           targets: event.targets,
           frame: { 'chat.v1.Typing': event.typing },
+          more: false,
         };
         return this.send('deliveries', userId, codecs.deliveries.encode(delivery), event.gatewayId);
       }
@@ -384,6 +388,7 @@ class InboxProcessor implements Processor<Input, unknown> {
           frame: {
             'chat.v1.ErrorFrame': { id: event.id, code: event.code, message: event.message },
           },
+          more: false,
         };
         return this.send('deliveries', userId, codecs.deliveries.encode(delivery), event.gatewayId);
       }

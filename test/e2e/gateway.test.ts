@@ -25,12 +25,18 @@ import {
   type GatewayHeartbeat,
   type GroupMessage,
   type InboxCommand,
+  type Sync,
   type UserCommand,
 } from '../../schemas/types.generated.ts';
 import { Metrics } from '../../observability/metrics.ts';
 import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
-import { MAX_BODY_DEPTH, MAX_QUEUED_FRAMES, MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
+import {
+  MAX_BODY_DEPTH,
+  MAX_QUEUED_FRAMES,
+  MAX_UNANSWERED_FRAMES,
+  REPLAY_RESUME_BYTES,
+} from '../../gateway/limits.ts';
 import { eventually, uniqueName } from '../support/log-helpers.ts';
 
 const PARTITIONS = 12;
@@ -1045,7 +1051,14 @@ describe('gateway (WebSocket, embedded log)', function () {
         {
           // Asked for with CONNECTED: replay from the device's last applied ack.
           userId: alice,
-          command: { [fullNames.Sync]: { deviceId: 'laptop', connectionId, after: FROM_ACK } },
+          command: {
+            [fullNames.Sync]: {
+              deviceId: 'laptop',
+              connectionId,
+              after: FROM_ACK,
+              continued: false,
+            },
+          },
         },
         {
           userId: alice,
@@ -1055,7 +1068,9 @@ describe('gateway (WebSocket, embedded log)', function () {
         },
         {
           userId: alice,
-          command: { [fullNames.Sync]: { deviceId: 'laptop', connectionId, after: 7 } },
+          command: {
+            [fullNames.Sync]: { deviceId: 'laptop', connectionId, after: 7, continued: false },
+          },
         },
       ]);
       const [typing] = byKey(bob);
@@ -1099,9 +1114,11 @@ describe('gateway (WebSocket, embedded log)', function () {
       seq: number,
       body: string,
       at = Date.now(),
+      more = false,
     ): Delivery => ({
       userId,
       targets,
+      more,
       frame: {
         [fullNames.InboxEntry]: {
           userId,
@@ -1160,6 +1177,7 @@ describe('gateway (WebSocket, embedded log)', function () {
           frame: {
             [fullNames.Typing]: { from: 'bob', to: alice, group: null, state: 'start', at: sentAt },
           },
+          more: false,
         },
       ]);
       assert.deepEqual(await a.next(), {
@@ -1261,6 +1279,68 @@ describe('gateway (WebSocket, embedded log)', function () {
       const other = await connect(newUser(), 'default', slow);
       await other.alive();
       other.close();
+    });
+    it("asks for a replay's next part once the client has read the part, not before", async () => {
+      const paced = await startGateway({ limits: { sendBufferLimitBytes: 8 * 1024 * 1024 } });
+      const codec = await new Codecs(registry).forTopic<Delivery>(
+        deliveriesTopic(paced.gateway.gatewayId),
+        loadSchema('Delivery'),
+        avroTypeOptions(),
+      );
+      const alice = newUser('alice');
+      const client = await open(alice, {
+        at: paced,
+        deviceId: 'back',
+        ws: { perMessageDeflate: false },
+      });
+      assert.equal((await client.next()).type, 'ready');
+      const connectionId = await connectionIdOf(paced, alice, 'back');
+      const socket = (client.ws as unknown as { _socket: { pause(): void; resume(): void } })
+        ._socket;
+      const held = () =>
+        (
+          paced.gateway as unknown as {
+            connections: Map<string, { ws: { bufferedAmount: number } }>;
+          }
+        ).connections.get(connectionId)!.ws.bufferedAmount;
+      const continued = async () =>
+        (await userCommands()).flatMap((r) => {
+          const sync = r.value && (r.value.command as { [fullNames.Sync]?: Sync })[fullNames.Sync];
+          return sync?.connectionId === connectionId && sync.continued ? [sync.after] : [];
+        });
+      // The client stops reading; entries go out until the gateway holds more than the resume
+      // threshold for it (the kernel's buffers fill first).
+      socket.pause();
+      const producer = await log.producer();
+      const deliver = (delivery: Delivery) =>
+        producer.send([
+          {
+            topic: deliveriesTopic(paced.gateway.gatewayId),
+            key: Buffer.from(alice),
+            value: codec.encode(delivery),
+          },
+        ]);
+      const body = JSON.stringify(randomBytes(6000).toString('base64'));
+      const target = [{ deviceId: 'back', connectionId }];
+      let seq = 0;
+      for (let round = 0; round < 2_000 && held() <= REPLAY_RESUME_BYTES; round++) {
+        await deliver(messageDelivery(alice, target, ++seq, body));
+        if (seq % 20 === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+      }
+      assert.ok(held() > REPLAY_RESUME_BYTES, `${held()} bytes held`);
+      // The end of a part: not asked for while the client does not read.
+      await deliver(messageDelivery(alice, target, ++seq, body, Date.now(), true));
+      const partEnd = seq;
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      assert.deepEqual(await continued(), []);
+      // It reads: the gateway asks for the part after the last entry it wrote, once.
+      socket.resume();
+      await eventually(async () => (await continued()).length > 0, 5_000, 'a continued Sync');
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      assert.deepEqual(await continued(), [partEnd]);
+      assert.equal(await counter(paced, 'kchat_gateway_replay_parts_asked_total'), 1);
+      await producer.close();
+      client.close();
     });
   });
 

@@ -127,7 +127,16 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
     {
       userId: 'bob',
       at: t0,
-      command: { [fullNames.Sync]: { deviceId: 'default', connectionId: 'c-1', after: 0 } },
+      command: {
+        [fullNames.Sync]: { deviceId: 'default', connectionId: 'c-1', after: 0, continued: false },
+      },
+    },
+    {
+      userId: 'bob',
+      at: t0,
+      command: {
+        [fullNames.Sync]: { deviceId: 'default', connectionId: 'c-1', after: 256, continued: true },
+      },
     },
   ],
   GroupMessage: [
@@ -242,6 +251,13 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
       userId: 'bob',
       targets: [{ deviceId: 'default', connectionId: 'c-1' }],
       frame: { [fullNames.InboxEntry]: inboxEntry },
+      more: false,
+    },
+    {
+      userId: 'bob',
+      targets: [{ deviceId: 'default', connectionId: 'c-1' }],
+      frame: { [fullNames.InboxEntry]: inboxEntry },
+      more: true,
     },
     {
       userId: 'bob',
@@ -250,6 +266,7 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
         { deviceId: 'phone', connectionId: 'c-9' },
       ],
       frame: { [fullNames.Typing]: typing },
+      more: false,
     },
     {
       userId: 'bob',
@@ -257,6 +274,7 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
       frame: {
         [fullNames.ErrorFrame]: { id: 'r1', code: 'unknown_message', message: 'no such message' },
       },
+      more: false,
     },
   ],
   Account: [{ userId: 'alice', displayName: 'Alice', createdAt: t0 }],

@@ -17,7 +17,10 @@ import {
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   PRUNED_PER_COMMAND,
+  REPLAY_PART_BYTES,
+  REPLAY_PART_ENTRIES,
   type EntryBody,
+  type Session,
   type UserCommand,
   type UserEvent,
   type UserMeta,
@@ -113,6 +116,20 @@ class Inbox {
 
   sync(deviceId: string, connectionId: string, after = FROM_ACK): UserEvent[] {
     return this.run({ kind: 'sync', deviceId, connectionId, after, at: T });
+  }
+
+  /** The gateway asks for the next part of a replay, after the part that ended at `after`. */
+  continued(connectionId: string, after: number, deviceId = 'phone'): UserEvent[] {
+    return this.run({ kind: 'sync', deviceId, connectionId, after, continued: true, at: T });
+  }
+
+  /** The seqs at which a replay part ended with more to come, in order. */
+  partEnds(connectionId: string): number[] {
+    return this.sent.flatMap((e) =>
+      e.type === 'delivered' && e.more && e.targets.some((t) => t.connectionId === connectionId)
+        ? [e.entries[e.entries.length - 1]!.seq]
+        : [],
+    );
   }
 
   disconnect(connectionId: string): UserEvent[] {
@@ -821,6 +838,129 @@ describe('users actor: scenarios', () => {
       inbox.liveGateways = new Set(['gw2']);
       connectPhone(inbox);
       assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
+    });
+  });
+
+  describe('replays in parts', () => {
+    const N = REPLAY_PART_ENTRIES;
+    const range = (from: number, to: number) =>
+      Array.from({ length: to - from + 1 }, (_, i) => from + i);
+    /** An inbox of `count` messages, and the phone connected on c1 and synced. */
+    const backAfter = (count: number) => {
+      const inbox = new Inbox();
+      for (let i = 1; i <= count; i++) inbox.append(`m${i}`);
+      inbox.connect('phone', 'c1');
+      inbox.sync('phone', 'c1');
+      return inbox;
+    };
+
+    it('sends a part, waits for the gateway to ask for the next, and goes live at the head', () => {
+      const inbox = backAfter(2 * N + 10);
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, N));
+      assert.deepEqual(inbox.partEnds('c1'), [N]);
+      assert.deepEqual(inbox.meta.sessions.c1, {
+        deviceId: 'phone',
+        gatewayId: 'gw1',
+        live: false,
+        connectedAt: T,
+        resumeAfter: N,
+      });
+      // Meanwhile a new entry waits: delivered live it would come before the ones still owed.
+      inbox.append('late');
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, N));
+      inbox.continued('c1', N);
+      inbox.continued('c1', 2 * N);
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, 2 * N + 11));
+      assert.deepEqual(inbox.partEnds('c1'), [N, 2 * N], 'the last part is not marked');
+      const { live, sentUpTo, resumeAfter } = inbox.meta.sessions.c1 as Session;
+      assert.deepEqual(
+        { live, sentUpTo, resumeAfter },
+        {
+          live: true,
+          sentUpTo: 2 * N + 11,
+          resumeAfter: undefined,
+        },
+      );
+      inbox.append('live again');
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, 2 * N + 12));
+    });
+
+    it('reads at most a part of the inbox for a replay', () => {
+      const inbox = backAfter(3 * N);
+      const sync = { kind: 'sync', deviceId: 'phone', connectionId: 'c1', at: T } as const;
+      assert.deepEqual(entriesNeeded({ ...sync, after: 0 }, inbox.meta, inbox.liveGateways), {
+        from: 1,
+        to: N + 1,
+      });
+      assert.deepEqual(
+        entriesNeeded({ ...sync, after: N, continued: true }, inbox.meta, inbox.liveGateways),
+        { from: N + 1, to: 2 * N + 1 },
+      );
+      assert.equal(
+        entriesNeeded({ ...sync, after: 7, continued: true }, inbox.meta, inbox.liveGateways),
+        undefined,
+        'a continued Sync the session does not wait at reads nothing',
+      );
+    });
+
+    it('drops a continued Sync the session does not wait at: repeated, stale, or closed', () => {
+      const inbox = backAfter(3 * N);
+      assert.deepEqual(inbox.continued('c1', N - 1), [], 'not where the part ended');
+      inbox.continued('c1', N);
+      assert.deepEqual(inbox.continued('c1', N), [], 'a repeat of the one just served');
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, 2 * N));
+      inbox.disconnect('c1');
+      assert.deepEqual(inbox.continued('c1', 2 * N), [], 'the connection closed');
+      assert.deepEqual(inbox.continued('c9', 0), [], 'a connection never seen');
+    });
+
+    it("restarts from a client's sync during a replay, and the parts follow from there", () => {
+      const inbox = backAfter(3 * N);
+      inbox.sync('phone', 'c1', 10); // the client found it wants everything above 10 again
+      assert.deepEqual(inbox.deliveredSeqs('c1'), [...range(1, N), ...range(11, N + 10)]);
+      assert.deepEqual(inbox.continued('c1', N), [], "the first part's ask comes too late");
+      inbox.continued('c1', N + 10);
+      inbox.continued('c1', 2 * N + 10);
+      assert.deepEqual(inbox.deliveredSeqs('c1').slice(N), range(11, 3 * N));
+      assert.equal(inbox.meta.sessions.c1!.live, true);
+    });
+
+    it('bounds a part by bytes too, with one entry at least', () => {
+      const big = (i: number): EntryBody => ({
+        'chat.v1.MessageCopy': {
+          messageId: `b${i}`,
+          from: 'bob',
+          to: ALICE,
+          group: null,
+          body: JSON.stringify('x'.repeat(16_000)),
+          sentAt: T,
+        },
+      });
+      const inbox = new Inbox();
+      for (let i = 1; i <= 40; i++)
+        inbox.run({ kind: 'append', entry: big(i), dedupKey: `m:b${i}`, at: T });
+      inbox.connect('phone', 'c1');
+      inbox.sync('phone', 'c1');
+      const perPart = inbox.deliveredSeqs('c1').length;
+      assert.ok(perPart > 1 && perPart * 16_000 <= REPLAY_PART_BYTES, `${perPart} entries`);
+      for (let round = 0; round < 40 && !inbox.meta.sessions.c1!.live; round++)
+        inbox.continued('c1', inbox.meta.sessions.c1!.resumeAfter!);
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, 40));
+    });
+
+    it('catches up a session whose gateway was silent in parts too', () => {
+      const inbox = backAfter(1);
+      inbox.liveGateways = new Set(['gw2']);
+      for (let i = 2; i <= N + 5; i++) inbox.append(`m${i}`);
+      inbox.liveGateways = new Set(['gw1', 'gw2']);
+      inbox.run({ kind: 'catch-up' });
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, N + 1));
+      assert.equal(inbox.meta.sessions.c1!.resumeAfter, N + 1);
+      inbox.append('next'); // waits: the session is paced
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, N + 1));
+      inbox.continued('c1', N + 1);
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, N + 6));
+      assert.equal(inbox.meta.sessions.c1!.live, true);
     });
   });
 
