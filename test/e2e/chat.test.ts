@@ -148,6 +148,45 @@ describe('chat end to end (npm start, embedded shape)', function () {
     await tablet.close();
   });
 
+  it('gives a device back after a long absence an inbox larger than its send buffer, in parts, in order', async () => {
+    for (const username of ['carol', 'dave']) {
+      const response = await fetch(`${server.url}/v1/auth/register`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ username, password: 'a good password' }),
+      });
+      assert.equal(response.status, 201);
+      tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
+    }
+    // dave's phone connected once, so the inbox keeps everything it has not acked.
+    await (await Client.open(server.url, tokens.get('dave')!, 'phone')).close();
+    const carol = await Client.open(server.url, tokens.get('carol')!, 'phone');
+    // 480 messages of 8 KB: about 4 MB, four times what the gateway buffers for a connection.
+    const count = 480;
+    const text = 'x'.repeat(8_000);
+    for (let i = 1; i <= count; i++) {
+      carol.send({ type: 'send', id: `away-${i}`, to: 'dave', body: { n: i, text } });
+      if (i % 40 === 0) await carol.next((f) => f.type === 'sent' && f.id === `away-${i}`);
+    }
+    const dave = await Client.open(server.url, tokens.get('dave')!, 'phone');
+    // More come while the replay goes: they wait for it, and follow in seq order.
+    for (let i = count + 1; i <= count + 20; i++)
+      carol.send({ type: 'send', id: `away-${i}`, to: 'dave', body: { n: i, text: 'live' } });
+    const entries = await dave.receive(count + 20);
+    assert.equal(dave.ws.readyState, dave.ws.OPEN, 'the connection stays open');
+    assert.deepEqual(
+      entries.map((f) => f.seq),
+      Array.from({ length: count + 20 }, (_, i) => i + 1),
+      'every seq once, in order',
+    );
+    assert.deepEqual(
+      entries.map((f) => (f.body as { n: number }).n),
+      Array.from({ length: count + 20 }, (_, i) => i + 1),
+    );
+    await carol.close();
+    await dave.close();
+  });
+
   it('loses nothing acknowledged and duplicates nothing when the process is killed under load', async () => {
     const total = 300;
     const alice = await Client.open(server.url, tokens.get('alice')!, 'laptop');

@@ -4,7 +4,8 @@
  * actor's tasks. One is killed with SIGKILL: its tasks move to the other, restored from their
  * changelogs, and a user who reconnects there gets everything above its ack, in order. Then a
  * gateway killed and started again under the same GATEWAY_ID: the users actor closes the
- * sessions of its earlier run.
+ * sessions of its earlier run. Then a replay larger than a connection's send buffer, in parts
+ * asked for by a gateway process of a users processor in another process.
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -137,5 +138,54 @@ describe('chat on Kafka: a gateway killed and started again under the same id', 
     );
     await carolOnHub.close();
     await daveAgain.close();
+  });
+});
+
+describe('chat on Kafka: a replay larger than the send buffer, in parts', function () {
+  this.timeout(240_000);
+  const deployment = new KafkaDeployment();
+  const run = randomBytes(3).toString('hex');
+  const erin = `erin-${run}`;
+  const frank = `frank-${run}`;
+  after(() => deployment.stopAll());
+
+  it('gives a device back after a long absence every entry, in order, on an open connection', async () => {
+    // Sends faster than the default 50 a second a connection may.
+    const env = { RATE_LIMIT_PER_S: '5000' };
+    const hub = await deployment.start('hub', [], env); // every role
+    const edge = await deployment.start('edge', ['gateway'], env);
+    const erinToken = await register(hub.url, erin);
+    const frankToken = await register(hub.url, frank);
+    await (await Client.open(edge.url, frankToken, 'phone')).close();
+    const erinOnHub = await Client.open(hub.url, erinToken, 'phone');
+    await sendOnceKnown(erinOnHub, frank, { n: 1 });
+    // 320 messages of 8 KB more: two and a half times what a gateway buffers for a connection.
+    const count = 321;
+    const text = 'x'.repeat(8_000);
+    for (let n = 2; n <= count; n++) {
+      erinOnHub.send({ type: 'send', id: `away-${n}`, to: frank, body: { n, text } });
+      if (n % 40 === 0) await erinOnHub.next((f) => f.type === 'sent' && f.id === `away-${n}`);
+    }
+    await erinOnHub.next((f) => f.type === 'sent' && f.id === `away-${count}`, 60_000);
+    const frankOnEdge = await Client.open(edge.url, frankToken, 'phone');
+    // A client on a slow link: it reads nothing for a while, then everything.
+    const socket = (frankOnEdge.ws as unknown as { _socket: { pause(): void; resume(): void } })
+      ._socket;
+    socket.pause();
+    await new Promise((resolve) => setTimeout(resolve, 3_000));
+    socket.resume();
+    const entries = await frankOnEdge.receive(count, 120_000);
+    assert.equal(frankOnEdge.ws.readyState, frankOnEdge.ws.OPEN, 'the connection stays open');
+    assert.deepEqual(
+      entries.map((f) => [f.seq, (f.body as { n: number }).n]),
+      Array.from({ length: count }, (_, i) => [i + 1, i + 1]),
+      'every entry once, in order',
+    );
+    // In parts of at most 256 KiB, each asked for by the edge gateway through the log.
+    const metrics = await fetch(`${edge.url}/metrics`).then((r) => r.text());
+    const asked = /^kchat_gateway_replay_parts_asked_total(?:\{[^}]*\})? (\d+)/m.exec(metrics);
+    assert.ok(Number(asked?.[1]) >= 5, `${asked?.[1]} parts asked for`);
+    await erinOnHub.close();
+    await frankOnEdge.close();
   });
 });

@@ -38,6 +38,28 @@ export class Client {
     return this.frames.filter((f) => f.type === 'message' || f.type === 'receipt');
   }
 
+  /**
+   * Waits until `count` entries have come, or the connection closed, acking as a client does
+   * (cumulatively, every `ackEvery` entries); answers the entries.
+   */
+  async receive(count: number, timeoutMs = 60_000, ackEvery = 50): Promise<Frame[]> {
+    let acked = 0;
+    await eventually(
+      () => {
+        const seqs = this.entries().map((f) => f.seq as number);
+        const top = seqs[seqs.length - 1] ?? 0;
+        if (top >= acked + ackEvery && this.ws.readyState === WebSocket.OPEN) {
+          this.send({ type: 'ack', upTo: top });
+          acked = top;
+        }
+        return seqs.length >= count || this.ws.readyState !== WebSocket.OPEN;
+      },
+      timeoutMs,
+      `${count} entries`,
+    );
+    return this.entries();
+  }
+
   async close(): Promise<void> {
     if (this.ws.readyState === WebSocket.CLOSED) return; // e.g. its server was killed
     const closed = new Promise((resolve) => this.ws.once('close', resolve));
