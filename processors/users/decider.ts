@@ -405,10 +405,19 @@ function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] 
   return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds, at }] : [];
 }
 
-/** Room for one more session past MAX_SESSIONS: the oldest on silent gateways closed. */
-function closeOldestSessions(meta: UserMeta, liveGateways: ReadonlySet<string>): UserEvent[] {
+/**
+ * Room for one more session past MAX_SESSIONS: the oldest on silent gateways closed. None while
+ * the gateway of the new connection itself counts as silent: it has just written the CONNECTED,
+ * so the heartbeats lag (a broker restart holds up every gateway's), and the others may be as
+ * alive as it is. The sessions past the limit go at a later CONNECTED.
+ */
+function closeOldestSessions(
+  meta: UserMeta,
+  liveGateways: ReadonlySet<string>,
+  gatewayId: string,
+): UserEvent[] {
   const open = Object.entries(meta.sessions);
-  if (open.length < MAX_SESSIONS) return [];
+  if (open.length < MAX_SESSIONS || !liveGateways.has(gatewayId)) return [];
   return open
     .filter(([, s]) => !liveGateways.has(s.gatewayId))
     .sort(([, a], [, b]) => (a.connectedAt ?? 0) - (b.connectedAt ?? 0))
@@ -540,7 +549,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         ...session,
       };
       const pending = meta.pendingSyncs[command.connectionId];
-      const closed = closeOldestSessions(meta, view.liveGateways);
+      const closed = closeOldestSessions(meta, view.liveGateways, command.gatewayId);
       return [
         ...closed,
         // The devices of the sessions just closed may make room.

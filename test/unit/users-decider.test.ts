@@ -666,8 +666,10 @@ describe('users actor: scenarios', () => {
     it('keeps at most MAX_SESSIONS sessions, closing the oldest on silent gateways first', () => {
       const inbox = new Inbox();
       inbox.connect('phone', 'live-old', T); // on gw1, live
-      // Gateways that died without a DISCONNECTED and never came back under their ids.
-      for (let i = 1; i <= MAX_SESSIONS + 10; i++)
+      // Gateways that died without a DISCONNECTED and never came back under their ids: each
+      // live when its connection opened, silent after.
+      for (let i = 1; i <= MAX_SESSIONS + 10; i++) {
+        inbox.liveGateways = new Set(['gw1', `pod-${i}`]);
         inbox.run({
           kind: 'connected',
           deviceId: `d${i}`,
@@ -675,6 +677,7 @@ describe('users actor: scenarios', () => {
           connectionId: `c${i}`,
           at: T + i,
         });
+      }
       const sessions = Object.keys(inbox.meta.sessions);
       assert.equal(sessions.length, MAX_SESSIONS);
       assert.ok(sessions.includes('live-old'), 'the session on a live gateway stays');
@@ -685,6 +688,27 @@ describe('users actor: scenarios', () => {
       const busy = new Inbox();
       for (let i = 1; i <= MAX_SESSIONS + 1; i++) busy.connect('phone', `c${i}`, T + i);
       assert.equal(Object.keys(busy.meta.sessions).length, MAX_SESSIONS + 1);
+    });
+
+    it("closes no session for the limit while the heartbeats lag (the new connection's gateway counts as silent)", () => {
+      const inbox = new Inbox();
+      for (let i = 1; i <= MAX_SESSIONS; i++) inbox.connect('phone', `c${i}`, T + i);
+      // A broker restart holds up every gateway's heartbeats: all count as silent for a while.
+      inbox.liveGateways = new Set();
+      inbox.connect('phone', 'during-the-gap', T + 100);
+      assert.equal(Object.keys(inbox.meta.sessions).length, MAX_SESSIONS + 1);
+      assert.ok(inbox.meta.sessions.c1, 'the oldest session, whose connection is open, stays');
+      // Once heard again, a gateway that really died loses its sessions at the next CONNECTED.
+      inbox.liveGateways = new Set(['gw2']);
+      inbox.run({
+        kind: 'connected',
+        deviceId: 'tablet',
+        gatewayId: 'gw2',
+        connectionId: 'after',
+        at: T + 200,
+      });
+      assert.equal(Object.keys(inbox.meta.sessions).length, MAX_SESSIONS);
+      assert.ok(!inbox.meta.sessions.c1 && !inbox.meta.sessions.c2 && inbox.meta.sessions.after);
     });
 
     it('takes deviceIds that name Object.prototype members as any other', () => {
