@@ -247,6 +247,8 @@ export type UserEvent =
       message: string;
     }
   | { type: 'receipt-owed'; to: string; receipt: Receipt }
+  /** An ack owes more receipts than one command may: a copy of it goes on with them. */
+  | { type: 'receipts-continued'; deviceId: string; upTo: number; at: number }
   | { type: 'push-requested'; request: PushRequest };
 
 /**
@@ -451,8 +453,21 @@ function prunableBelow(meta: UserMeta): number {
   // A loop, not Math.min(...): spread arguments overflow the stack past ~100,000 devices.
   const ackedByAll =
     devices.length === 0 ? 0 : devices.reduce((m, d) => Math.min(m, d.ack), Infinity);
-  return Math.max(meta.firstKept, Math.min(ackedByAll + 1, meta.firstKept + PRUNED_PER_COMMAND));
+  // Not an entry whose `delivered` receipt is still owed: the receipt is read from it.
+  const below = Math.min(ackedByAll, meta.receiptedUpTo) + 1;
+  return Math.max(meta.firstKept, Math.min(below, meta.firstKept + PRUNED_PER_COMMAND));
 }
+
+/**
+ * Entries one ack owes `delivered` receipts for, at most (each is an entry read and a record):
+ * an ack that covers more, from a device back from a long absence, asks the actor to go on with
+ * a copy of itself on `chat.user-commands`, which owes the next ones.
+ */
+export const RECEIPTED_PER_COMMAND = 1_024;
+
+/** How far an ack up to `upTo` owes receipts in this command. */
+const receiptsThrough = (meta: UserMeta, upTo: number) =>
+  Math.min(upTo, meta.nextSeq - 1, meta.receiptedUpTo + RECEIPTED_PER_COMMAND);
 
 /**
  * Where a prune's kept entries start: above what every device acked, and above the expired
@@ -502,8 +517,10 @@ export function entriesNeeded(
       return aPart(replayFrom(session.deviceId, command.after));
     }
     case 'ack': {
-      const upTo = Math.min(command.upTo, meta.nextSeq - 1);
-      return upTo > meta.receiptedUpTo ? { from: meta.receiptedUpTo + 1, to: upTo + 1 } : undefined;
+      const through = receiptsThrough(meta, command.upTo);
+      return through > meta.receiptedUpTo
+        ? { from: meta.receiptedUpTo + 1, to: through + 1 }
+        : undefined;
     }
     case 'prune': {
       // Only the slice right above what every device acked: whether its first entries expired.
@@ -643,19 +660,24 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       const device = own(meta.devices, command.deviceId);
       // Acks are cumulative and cannot reach past what the inbox holds.
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
-      if (device && upTo <= device.ack) return [];
-      const events: UserEvent[] = [
-        ...makeRoomFor(meta, command.deviceId, command.at),
-        { type: 'acked', deviceId: command.deviceId, upTo, at: command.at },
-      ];
-      if (upTo > meta.receiptedUpTo) {
+      const raises = !device || upTo > device.ack;
+      // Owed receipts: of this ack, or of an earlier one that covered more than one command owes.
+      const through = receiptsThrough(meta, upTo);
+      if (!raises && through <= meta.receiptedUpTo) return [];
+      const events: UserEvent[] = raises
+        ? [
+            ...makeRoomFor(meta, command.deviceId, command.at),
+            { type: 'acked', deviceId: command.deviceId, upTo, at: command.at },
+          ]
+        : [];
+      if (through > meta.receiptedUpTo) {
         // One `delivered` per message and recipient: on the first ack of any device covering it.
         for (const entry of view.entries) {
           const message = messageOf(entry);
           if (
             !message ||
             entry.seq <= meta.receiptedUpTo ||
-            entry.seq > upTo ||
+            entry.seq > through ||
             message.from === view.userId
           )
             continue;
@@ -670,7 +692,14 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
             },
           });
         }
-        events.push({ type: 'receipted', upTo });
+        events.push({ type: 'receipted', upTo: through });
+        if (through < upTo)
+          events.push({
+            type: 'receipts-continued',
+            deviceId: command.deviceId,
+            upTo,
+            at: command.at,
+          });
       }
       // What every device has now acked goes at once; the prune walk is left with expiry.
       const below = prunableBelow(events.reduce(evolve, meta));

@@ -381,6 +381,15 @@ class InboxProcessor implements Processor<Input, unknown> {
       }
       case 'push-requested':
         return this.send('push', userId, codecs.push.encode(event.request));
+      case 'receipts-continued': {
+        // The same ack again, keyed by this user: this task reads it after this commit.
+        const command: UserCommandRecord = {
+          userId,
+          at: event.at,
+          command: { 'chat.v1.Ack': { deviceId: event.deviceId, upTo: event.upTo } },
+        };
+        return this.send('own-acks', userId, codecs.userCommands.encode(command));
+      }
       case 'refused': {
         const delivery: Delivery = {
           userId,
@@ -564,6 +573,7 @@ export function usersTopology(options: UsersOptions): Topology {
     )
     .addSink<Encoded>('receipts', { topic: topics.messages, encode: (e) => e.value }, 'inbox')
     .addSink<Encoded>('push', { topic: topics.push, encode: (e) => e.value }, 'inbox')
+    .addSink<Encoded>('own-acks', { topic: topics.userCommands, encode: (e) => e.value }, 'inbox')
     .addSink<Encoded>(
       'inbox-entries',
       { topic: topics.inboxEntries, encode: (e) => e.value },

@@ -21,7 +21,7 @@ import {
   USERS_APPLICATION,
   type UsersOptions,
 } from '../../processors/users/topology.ts';
-import { FROM_ACK } from '../../processors/users/decider.ts';
+import { FROM_ACK, RECEIPTED_PER_COMMAND } from '../../processors/users/decider.ts';
 import { eventually } from '../support/log-helpers.ts';
 import { partitionFor } from '../../log/partitioner.ts';
 
@@ -237,6 +237,56 @@ describe('users actor on the runtime (embedded log)', function () {
         ['m2', 'bob', 'delivered'],
       ],
     );
+  });
+
+  it('owes the receipts of an ack over more messages than one command owes, through its own loop', async () => {
+    const count = RECEIPTED_PER_COMMAND + 76;
+    const actorProducer = await actor.log.producer();
+    await actorProducer.send(
+      Array.from({ length: count }, (_, i) => ({
+        topic: topics.messages,
+        key: Buffer.from('ivy'),
+        value: codecs[topics.messages].encode({
+          ...copy('ivy', `r${i + 1}`),
+          userId: 'ivy',
+        }),
+      })),
+    );
+    await actorProducer.close();
+    // Every copy in ivy's inbox before the ack: it cannot cover what is not there yet.
+    await eventually(
+      async () =>
+        (await readAll(topics.inboxEntries, codecs[topics.inboxEntries])).filter(
+          (e) => e.userId === 'ivy',
+        ).length === count,
+      20_000,
+      `ivy's ${count} entries`,
+    );
+    await produce(topics.userCommands, 'ivy', {
+      userId: 'ivy',
+      at: T,
+      command: { 'chat.v1.Ack': { deviceId: 'phone', upTo: count } },
+    });
+    const receiptsByIvy = async () =>
+      (await readAll(topics.inboxEntries, codecs[topics.inboxEntries])).flatMap((e) => {
+        const { name, value } = branchOf(e.entry);
+        return e.userId === 'alice' && name === 'chat.v1.Receipt' && value.by === 'ivy'
+          ? [value.messageId]
+          : [];
+      });
+    await eventually(
+      async () => (await receiptsByIvy()).length >= count,
+      20_000,
+      `alice's ${count} receipts`,
+    );
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const receipts = await receiptsByIvy();
+    assert.equal(receipts.length, count, 'each once');
+    assert.equal(new Set(receipts).size, count);
+    const acks = (await readAll(topics.userCommands, codecs[topics.userCommands])).filter(
+      (c) => c.userId === 'ivy' && 'chat.v1.Ack' in c.command,
+    );
+    assert.equal(acks.length, 2, "the device's ack, and the actor's own copy that went on");
   });
 
   it('sends a session what it missed while its gateway counted as silent, once the gateway is heard again', async () => {

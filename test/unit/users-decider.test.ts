@@ -17,6 +17,7 @@ import {
   newUserMeta,
   PRUNE_SLICE_ENTRIES,
   PRUNED_PER_COMMAND,
+  RECEIPTED_PER_COMMAND,
   REPLAY_PART_BYTES,
   REPLAY_PART_ENTRIES,
   type EntryBody,
@@ -70,12 +71,17 @@ class Inbox {
   sent: UserEvent[] = [];
   /** How many appends asked for kept entries. */
   entriesLoaded = 0;
+  /** Acks the actor sent itself on chat.user-commands, not read yet. */
+  looped: UserCommand[] = [];
+  /** The most entries one command read. */
+  mostLoaded = 0;
 
   run(command: UserCommand): UserEvent[] {
     const duplicate = command.kind === 'append' && this.dedup.has(command.dedupKey);
     // Only what the processor would load: the range entriesNeeded names, or a read's one entry.
     const needed = entriesNeeded(command, this.meta, this.liveGateways);
     if (needed && command.kind === 'append') this.entriesLoaded++;
+    if (needed) this.mostLoaded = Math.max(this.mostLoaded, needed.to - needed.from);
     const entries = needed
       ? this.entries.filter((e) => e.seq >= needed.from && e.seq < needed.to)
       : command.kind === 'read'
@@ -99,6 +105,8 @@ class Inbox {
         if (name === 'chat.v1.MessageCopy') this.senders.set(value.messageId, value.from);
       }
       if (event.type === 'pruned') this.entries = this.entries.filter((e) => e.seq >= event.below);
+      if (event.type === 'receipts-continued')
+        this.looped.push({ kind: 'ack', deviceId: event.deviceId, upTo: event.upTo, at: event.at });
     }
     this.sent.push(
       ...events.filter((e) =>
@@ -140,6 +148,20 @@ class Inbox {
     return this.run({ kind: 'append', entry: message(id, from), dedupKey: `m:${id}`, at });
   }
 
+  /** Reads what the actor sent itself, until it sends no more; answers how many it read. */
+  loop(): number {
+    let read = 0;
+    for (; this.looped.length > 0 && read < 1_000; read++) this.run(this.looped.shift()!);
+    return read;
+  }
+
+  /** The `delivered` receipts owed so far, by messageId. */
+  receiptsOwed(): string[] {
+    return this.sent.flatMap((e) =>
+      e.type === 'receipt-owed' && e.receipt.status === 'delivered' ? [e.receipt.messageId] : [],
+    );
+  }
+
   deliveredSeqs(connectionId: string): number[] {
     return this.sent.flatMap((e) =>
       e.type === 'delivered' && e.targets.some((t) => t.connectionId === connectionId)
@@ -152,6 +174,7 @@ class Inbox {
 describe('users actor: decide', () => {
   const online = metaWith({
     nextSeq: 4,
+    receiptedUpTo: 3,
     devices: { phone: { ack: 3 } },
     sessions: { c1: { deviceId: 'phone', gatewayId: 'gw1', live: true } },
   });
@@ -452,7 +475,9 @@ describe('users actor: scenarios', () => {
     const inbox = new Inbox();
     inbox.connect('phone', 'c1');
     const count = PRUNED_PER_COMMAND + 100;
-    for (let i = 1; i <= count; i++) inbox.append(`m${i}`);
+    // Its own messages: they owe no receipts, which would hold pruning back.
+    for (let i = 1; i <= count; i++) inbox.append(`m${i}`, ALICE);
+    inbox.meta = { ...inbox.meta, receiptedUpTo: count };
     inbox.run({ kind: 'ack', deviceId: 'phone', upTo: count, at: T });
     assert.equal(inbox.meta.firstKept, 1 + PRUNED_PER_COMMAND);
     inbox.run({ kind: 'prune', now: T, retentionMs: 86_400_000 });
@@ -494,7 +519,11 @@ describe('users actor: scenarios', () => {
     const devices = Object.fromEntries(
       Array.from({ length: 200_000 }, (_, i) => [`d${i}`, { ack: 1 }]),
     );
-    inbox.meta = { ...inbox.meta, devices: devices as typeof inbox.meta.devices };
+    inbox.meta = {
+      ...inbox.meta,
+      receiptedUpTo: 1,
+      devices: devices as typeof inbox.meta.devices,
+    };
     inbox.run({ kind: 'prune', now: T, retentionMs: 86_400_000 });
     assert.equal(inbox.meta.firstKept, 2);
   });
@@ -862,6 +891,45 @@ describe('users actor: scenarios', () => {
       inbox.liveGateways = new Set(['gw2']);
       connectPhone(inbox);
       assert.deepEqual(inbox.deliveredSeqs('c1'), [1]);
+    });
+  });
+
+  describe('receipts for an ack that covers many messages', () => {
+    const N = RECEIPTED_PER_COMMAND;
+    /** An inbox of `count` messages from bob, and the phone that will ack them. */
+    const owing = (count: number) => {
+      const inbox = new Inbox();
+      inbox.connect('phone', 'c1');
+      for (let i = 1; i <= count; i++) inbox.append(`m${i}`);
+      return inbox;
+    };
+
+    it('owes them a command at a time, going on through the log, each once', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
+      assert.equal(inbox.receiptsOwed().length, N);
+      assert.equal(inbox.meta.devices.phone!.ack, 2 * N + 5, 'the ack itself is applied at once');
+      assert.equal(inbox.meta.firstKept, N + 1, 'nothing pruned whose receipt is still owed');
+      assert.equal(inbox.loop(), 2);
+      assert.deepEqual(
+        inbox.receiptsOwed(),
+        Array.from({ length: 2 * N + 5 }, (_, i) => `m${i + 1}`),
+      );
+      assert.equal(inbox.meta.receiptedUpTo, 2 * N + 5);
+      assert.equal(inbox.meta.firstKept, 2 * N + 6, 'all pruned once owed');
+      assert.ok(inbox.mostLoaded <= N, `${inbox.mostLoaded} entries read by one command`);
+      assert.equal(inbox.loop(), 0);
+    });
+
+    it('never lowers an ack raised meanwhile', () => {
+      const inbox = owing(N + 10);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: N + 5, at: T });
+      inbox.append('m-new');
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: N + 11, at: T + 1 }); // before the loop
+      inbox.loop();
+      assert.equal(inbox.meta.devices.phone!.ack, N + 11);
+      assert.equal(new Set(inbox.receiptsOwed()).size, N + 11);
+      assert.equal(inbox.receiptsOwed().length, N + 11, 'each once');
     });
   });
 
