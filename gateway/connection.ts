@@ -39,6 +39,7 @@ import {
   MAX_HELD_BEFORE_READY_BYTES,
   MAX_QUEUED_FRAMES,
   MAX_UNANSWERED_FRAMES,
+  REPLAY_DRAIN_POLL_MAX_MS,
   REPLAY_DRAIN_POLL_MS,
   REPLAY_RESUME_BYTES,
   SLOW_CONSUMER_CLOSE_CODE,
@@ -100,7 +101,7 @@ export class Connection {
   private readonly unanswered: Array<Promise<void>> = [];
   private paused = false;
   /** Deliveries that came before `ready` was written (in practice none: see `deliver`). */
-  private held: string[] = [];
+  private held: Array<{ text: string; partEnd?: number }> = [];
   private heldBytes = 0;
   private readonly bucket: TokenBucket;
   /** `sync` frames have their own bucket: each may replay the whole inbox. */
@@ -176,7 +177,7 @@ export class Connection {
     const held = this.held;
     this.held = [];
     this.heldBytes = 0;
-    for (const text of held) this.write(text);
+    for (const { text, partEnd } of held) this.deliver(text, partEnd);
     this.drain();
   }
 
@@ -184,8 +185,12 @@ export class Connection {
    * Writes a delivered frame. Before `ready` it is held: the users actor cannot address this
    * connection before its CONNECTED is durable, and `start` follows that at once, but the
    * order of `ready` first must not rest on timing.
+   *
+   * `partEnd`: the frame is the entry that ends a replay part, and more wait. Once it has left
+   * the process (ws.send's callback) and the send buffer is down to REPLAY_RESUME_BYTES, the
+   * connection asks the users actor for the next part with a continued Sync.
    */
-  deliver(text: string): void {
+  deliver(text: string, partEnd?: number): void {
     if (this.state === 'closed' || this.closing) return;
     if (this.state === 'opening') {
       this.heldBytes += Buffer.byteLength(text);
@@ -193,30 +198,32 @@ export class Connection {
         this.closeSlowConsumer();
         return;
       }
-      this.held.push(text);
+      this.held.push(partEnd === undefined ? { text } : { text, partEnd });
       return;
     }
-    this.write(text);
+    if (partEnd === undefined) this.write(text);
+    else this.write(text, () => this.askForNextPart(partEnd));
   }
 
   /**
-   * A replay part for this connection ended with the entry `after`, and more wait: once the
-   * client has read most of the part (the send buffer is down to REPLAY_RESUME_BYTES), asks the
-   * users actor for the next with a continued Sync. Tried again after a failure for as long as
-   * the connection is open; without it the replay would stop until the client syncs.
+   * Asks for the replay part after `after`. Tried again after a failure for as long as the
+   * connection is open: without it the replay would stop until the client syncs.
    */
-  continueReplay(after: number): void {
-    void this.askForNextPart(after).catch((err: unknown) => {
+  private askForNextPart(after: number): void {
+    void this.nextPart(after).catch((err: unknown) => {
       this.logger.error({ err, after }, 'the next replay part was not asked for');
     });
   }
 
-  private async askForNextPart(after: number): Promise<void> {
+  private async nextPart(after: number): Promise<void> {
     const { userId, deviceId, connectionId } = this.identity;
     const open = () => this.state !== 'closed' && !this.closing;
+    let wait = REPLAY_DRAIN_POLL_MS;
     for (let attempt = 0; open();) {
-      if (this.state !== 'ready' || this.ws.bufferedAmount > REPLAY_RESUME_BYTES) {
-        await sleep(REPLAY_DRAIN_POLL_MS, undefined, { ref: false });
+      if (this.ws.bufferedAmount > REPLAY_RESUME_BYTES) {
+        // Frames written after the part's last are still waiting: look again, less often.
+        await sleep(wait, undefined, { ref: false });
+        wait = Math.min(REPLAY_DRAIN_POLL_MAX_MS, wait * 2);
         continue;
       }
       const command: UserCommand = {
@@ -498,15 +505,18 @@ export class Connection {
 
   // ---- writing ----
 
-  /** Writes a frame unless that would take the send buffer over its limit: then it closes. */
-  private write(frame: ServerFrame | string): void {
+  /**
+   * Writes a frame unless that would take the send buffer over its limit: then it closes.
+   * `written` is called once the frame has left the process (not if the socket fails first).
+   */
+  private write(frame: ServerFrame | string, written?: () => void): void {
     if (this.state === 'closed' || this.closing || this.ws.readyState !== WebSocket.OPEN) return;
     const text = typeof frame === 'string' ? frame : serialize(frame);
     if (this.ws.bufferedAmount + Buffer.byteLength(text) > this.context.sendBufferLimitBytes) {
       this.closeSlowConsumer();
       return;
     }
-    this.ws.send(text);
+    this.ws.send(text, written && ((err) => err || written()));
   }
 
   private closeSlowConsumer(): void {

@@ -92,6 +92,10 @@ export class DeliveryConsumer {
         instruments.deliverySkipped('unwritable');
         continue;
       }
+      const partEnd =
+        delivery.more && 'chat.v1.InboxEntry' in delivery.frame
+          ? delivery.frame['chat.v1.InboxEntry'].seq
+          : undefined;
       for (const target of delivery.targets) {
         const connection = this.options.connection(target.connectionId);
         if (connection === undefined) {
@@ -106,11 +110,9 @@ export class DeliveryConsumer {
           instruments.deliverySkipped('other_user');
           continue;
         }
-        connection.deliver(text);
-        instruments.delivered();
         // The end of a replay part: the connection asks for the next once it has taken this one.
-        if (delivery.more && 'chat.v1.InboxEntry' in delivery.frame)
-          connection.continueReplay(delivery.frame['chat.v1.InboxEntry'].seq);
+        connection.deliver(text, partEnd);
+        instruments.delivered();
       }
     }
   }

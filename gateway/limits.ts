@@ -66,8 +66,13 @@ export const SLOW_CONSUMER_CLOSE_CODE = 1013;
  */
 export const REPLAY_RESUME_BYTES = 256 * 1024;
 
-/** How often a connection waiting to ask for a replay's next part looks at its send buffer. */
+/**
+ * When the frames after a replay part's last one still hold the send buffer over
+ * REPLAY_RESUME_BYTES, the connection looks at it again after this long, doubling up to
+ * REPLAY_DRAIN_POLL_MAX_MS: a client that has stopped reading costs a few timers a second.
+ */
 export const REPLAY_DRAIN_POLL_MS = 10;
+export const REPLAY_DRAIN_POLL_MAX_MS = 250;
 
 /** 1001 "Going Away": the gateway is shutting down. */
 export const GOING_AWAY_CLOSE_CODE = 1001;
