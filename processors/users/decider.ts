@@ -484,17 +484,43 @@ function prunedBelow(meta: UserMeta, entries: InboxEntry[], now: number, retenti
   return Math.min(below, meta.nextSeq);
 }
 
+/** Seqs from `from` up to, not including, `to`. */
+export interface SeqRange {
+  from: number;
+  to: number;
+}
+
 /**
- * The seqs [from, to) of kept entries a command's decision reads, for the processor to load
- * (none: undefined). `read` finds its one entry by messageId instead. An ack reads only what it
- * may owe receipts for, and a CONNECTED only what a pending sync replays: neither costs the
- * whole inbox.
+ * The seqs of kept entries a command's decision reads, for the processor to load: ranges in
+ * seq order that do not overlap (none: empty). `read` finds its one entry by messageId instead.
+ * An ack reads only what it may owe receipts for, a replay one part, and a catch-up one part
+ * for each session behind (they may be far apart): nothing costs the whole inbox.
  */
 export function entriesNeeded(
   command: UserCommand,
   meta: UserMeta,
   liveGateways: ReadonlySet<string>,
-): { from: number; to: number } | undefined {
+): SeqRange[] {
+  const ranges = rangesNeeded(command, meta, liveGateways);
+  return (Array.isArray(ranges) ? merged(ranges) : [ranges]).filter((r) => r !== undefined);
+}
+
+/** The ranges sorted, those that overlap or touch made one. */
+function merged(ranges: Array<SeqRange | undefined>): SeqRange[] {
+  const out: SeqRange[] = [];
+  for (const range of ranges.filter((r) => r !== undefined).sort((a, b) => a.from - b.from)) {
+    const last = out[out.length - 1];
+    if (last && range.from <= last.to) last.to = Math.max(last.to, range.to);
+    else out.push({ ...range });
+  }
+  return out;
+}
+
+function rangesNeeded(
+  command: UserCommand,
+  meta: UserMeta,
+  liveGateways: ReadonlySet<string>,
+): SeqRange | undefined | Array<SeqRange | undefined> {
   const replayFrom = (deviceId: string, after: number) => replayAfter(meta, deviceId, after) + 1;
   // A replay reads one part's worth: the kept entries from `from` on, at most a part of them.
   const aPart = (from: number) => {
@@ -531,11 +557,9 @@ export function entriesNeeded(
     }
     case 'append':
     case 'catch-up': {
-      // What sessions that fell behind missed; nothing when none did (the usual case).
-      const behind = sessionsBehind(meta, liveGateways);
-      return behind.length === 0
-        ? undefined
-        : aPart(behind.reduce((m, b) => Math.min(m, b.after), Infinity) + 1);
+      // What sessions that fell behind missed, a part each; nothing when none did (the usual
+      // case).
+      return sessionsBehind(meta, liveGateways).map((b) => aPart(b.after + 1));
     }
     default:
       return undefined;

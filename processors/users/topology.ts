@@ -270,14 +270,11 @@ class InboxProcessor implements Processor<Input, unknown> {
     const liveGateways = this.options.liveGateways();
     let entries: InboxEntry[] = [];
     let pruned: { messageId: string; from: string } | undefined;
-    const needed = entriesNeeded(command, meta, liveGateways);
-    if (needed) {
-      const range = await this.entries.range(
-        seqKey(userId, needed.from),
-        seqKey(userId, needed.to),
-      );
-      entries = range.map(([, entry]) => entry);
-    } else if (command.kind === 'read') {
+    for (const { from, to } of entriesNeeded(command, meta, liveGateways)) {
+      const range = await this.entries.range(seqKey(userId, from), seqKey(userId, to));
+      for (const [, entry] of range) entries.push(entry);
+    }
+    if (command.kind === 'read') {
       const found = await this.dedup.get(`${userId}/m:${command.messageId}`);
       const entry = found && (await this.entries.get(seqKey(userId, found.seq)));
       if (entry) entries = [entry];

@@ -80,13 +80,13 @@ class Inbox {
     const duplicate = command.kind === 'append' && this.dedup.has(command.dedupKey);
     // Only what the processor would load: the range entriesNeeded names, or a read's one entry.
     const needed = entriesNeeded(command, this.meta, this.liveGateways);
-    if (needed && command.kind === 'append') this.entriesLoaded++;
-    if (needed) this.mostLoaded = Math.max(this.mostLoaded, needed.to - needed.from);
-    const entries = needed
-      ? this.entries.filter((e) => e.seq >= needed.from && e.seq < needed.to)
-      : command.kind === 'read'
+    if (needed.length > 0 && command.kind === 'append') this.entriesLoaded++;
+    const loaded = needed.reduce((n, r) => n + r.to - r.from, 0);
+    this.mostLoaded = Math.max(this.mostLoaded, loaded);
+    const entries =
+      command.kind === 'read'
         ? this.entries.filter((e) => messageIdOf(e) === command.messageId)
-        : [];
+        : this.entries.filter((e) => needed.some((r) => e.seq >= r.from && e.seq < r.to));
     const from = command.kind === 'read' ? this.senders.get(command.messageId) : undefined;
     const pruned =
       command.kind === 'read' && entries.length === 0 && from !== undefined
@@ -497,10 +497,7 @@ describe('users actor: scenarios', () => {
 
     assert.deepEqual(
       entriesNeeded({ kind: 'prune', now: T, retentionMs: 30 * day }, inbox.meta, new Set()),
-      {
-        from: 1,
-        to: 1 + PRUNE_SLICE_ENTRIES,
-      },
+      [{ from: 1, to: 1 + PRUNE_SLICE_ENTRIES }],
     );
     prune();
     assert.equal(inbox.meta.firstKept, 1 + PRUNE_SLICE_ENTRIES, 'one slice');
@@ -534,7 +531,7 @@ describe('users actor: scenarios', () => {
     inbox.connect('phone', 'c1');
     inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 10, at: T });
     const command = { kind: 'prune', now: T, retentionMs: 86_400_000 } as const;
-    assert.equal(entriesNeeded(command, inbox.meta, new Set(['gw1'])), undefined);
+    assert.deepEqual(entriesNeeded(command, inbox.meta, new Set(['gw1'])), []);
     inbox.run(command);
     assert.equal(inbox.meta.firstKept, 11);
     assert.deepEqual(inbox.entries, []);
@@ -980,17 +977,16 @@ describe('users actor: scenarios', () => {
     it('reads at most a part of the inbox for a replay', () => {
       const inbox = backAfter(3 * N);
       const sync = { kind: 'sync', deviceId: 'phone', connectionId: 'c1', at: T } as const;
-      assert.deepEqual(entriesNeeded({ ...sync, after: 0 }, inbox.meta, inbox.liveGateways), {
-        from: 1,
-        to: N + 1,
-      });
+      assert.deepEqual(entriesNeeded({ ...sync, after: 0 }, inbox.meta, inbox.liveGateways), [
+        { from: 1, to: N + 1 },
+      ]);
       assert.deepEqual(
         entriesNeeded({ ...sync, after: N, continued: true }, inbox.meta, inbox.liveGateways),
-        { from: N + 1, to: 2 * N + 1 },
+        [{ from: N + 1, to: 2 * N + 1 }],
       );
-      assert.equal(
+      assert.deepEqual(
         entriesNeeded({ ...sync, after: 7, continued: true }, inbox.meta, inbox.liveGateways),
-        undefined,
+        [],
         'a continued Sync the session does not wait at reads nothing',
       );
     });
@@ -1038,6 +1034,28 @@ describe('users actor: scenarios', () => {
       for (let round = 0; round < 40 && !inbox.meta.sessions.c1!.live; round++)
         inbox.continued('c1', inbox.meta.sessions.c1!.resumeAfter!);
       assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, 40));
+    });
+
+    it('catches up two sessions far apart, each from where it is, without a gap', () => {
+      const inbox = backAfter(0); // the phone live on gw1 at 0
+      inbox.liveGateways = new Set(['gw2']); // gw1's heartbeats held up
+      for (let i = 1; i <= N + 44; i++) inbox.append(`m${i}`); // the phone misses them
+      // The tablet connects through gw1 meanwhile, and gets its replay whole.
+      inbox.connect('tablet', 'c2');
+      inbox.sync('tablet', 'c2');
+      for (let round = 0; round < 10 && !inbox.meta.sessions.c2!.live; round++)
+        inbox.continued('c2', inbox.meta.sessions.c2!.resumeAfter!, 'tablet');
+      for (let i = N + 45; i <= N + 64; i++) inbox.append(`m${i}`); // both miss these
+      inbox.liveGateways = new Set(['gw1', 'gw2']);
+      const needed = entriesNeeded({ kind: 'catch-up' }, inbox.meta, inbox.liveGateways);
+      assert.deepEqual(needed, [
+        { from: 1, to: N + 1 },
+        { from: N + 45, to: N + 65 },
+      ]);
+      inbox.run({ kind: 'catch-up' });
+      assert.deepEqual(inbox.deliveredSeqs('c2'), range(1, N + 64), 'the tablet, at once');
+      inbox.continued('c1', N);
+      assert.deepEqual(inbox.deliveredSeqs('c1'), range(1, N + 64), 'the phone, in two parts');
     });
 
     it('catches up a session whose gateway was silent in parts too', () => {
