@@ -101,7 +101,7 @@ export class Connection {
   private readonly unanswered: Array<Promise<void>> = [];
   private paused = false;
   /** Deliveries that came before `ready` was written (in practice none: see `deliver`). */
-  private held: Array<{ text: string; partEnd?: number }> = [];
+  private held: Array<{ text: string | undefined; partEnd?: number }> = [];
   private heldBytes = 0;
   private readonly bucket: TokenBucket;
   /** `sync` frames have their own bucket: each may replay the whole inbox. */
@@ -190,10 +190,10 @@ export class Connection {
    * the process (ws.send's callback) and the send buffer is down to REPLAY_RESUME_BYTES, the
    * connection asks the users actor for the next part with a continued Sync.
    */
-  deliver(text: string, partEnd?: number): void {
+  deliver(text: string | undefined, partEnd?: number): void {
     if (this.state === 'closed' || this.closing) return;
     if (this.state === 'opening') {
-      this.heldBytes += Buffer.byteLength(text);
+      this.heldBytes += text === undefined ? 0 : Buffer.byteLength(text);
       if (this.heldBytes > MAX_HELD_BEFORE_READY_BYTES) {
         this.closeSlowConsumer();
         return;
@@ -201,8 +201,21 @@ export class Connection {
       this.held.push(partEnd === undefined ? { text } : { text, partEnd });
       return;
     }
+    if (text === undefined) {
+      // Nothing to write (see `skipped`): the ask waits for the send buffer alone.
+      if (partEnd !== undefined) this.askForNextPart(partEnd);
+      return;
+    }
     if (partEnd === undefined) this.write(text);
     else this.write(text, () => this.askForNextPart(partEnd));
+  }
+
+  /**
+   * The entry that ends a replay part could not be written as a frame: the next part is asked
+   * for all the same, once the send buffer is down to REPLAY_RESUME_BYTES.
+   */
+  skipped(partEnd: number): void {
+    this.deliver(undefined, partEnd);
   }
 
   /**

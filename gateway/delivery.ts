@@ -80,7 +80,12 @@ export class DeliveryConsumer {
         instruments.deliverySkipped('undecodable');
         continue;
       }
-      let text: string;
+      // The end of a replay part: the connection asks for the next once it has taken this one.
+      const partEnd =
+        delivery.more && 'chat.v1.InboxEntry' in delivery.frame
+          ? delivery.frame['chat.v1.InboxEntry'].seq
+          : undefined;
+      let text: string | undefined;
       try {
         text = serialize(deliveryFrame(delivery.frame));
       } catch (error) {
@@ -90,12 +95,9 @@ export class DeliveryConsumer {
           'delivery cannot be written as a frame; skipped',
         );
         instruments.deliverySkipped('unwritable');
-        continue;
+        // But a replay goes on past it: else its session would wait for the next part for good.
+        if (partEnd === undefined) continue;
       }
-      const partEnd =
-        delivery.more && 'chat.v1.InboxEntry' in delivery.frame
-          ? delivery.frame['chat.v1.InboxEntry'].seq
-          : undefined;
       for (const target of delivery.targets) {
         const connection = this.options.connection(target.connectionId);
         if (connection === undefined) {
@@ -110,7 +112,10 @@ export class DeliveryConsumer {
           instruments.deliverySkipped('other_user');
           continue;
         }
-        // The end of a replay part: the connection asks for the next once it has taken this one.
+        if (text === undefined) {
+          connection.skipped(partEnd!);
+          continue;
+        }
         connection.deliver(text, partEnd);
         instruments.delivered();
       }

@@ -1228,6 +1228,36 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.close();
     });
 
+    it('asks for the next replay part even when the entry that ends the part cannot be written', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      const phone = await connectionIdOf(main, alice, 'phone');
+      const target = [{ deviceId: 'phone', connectionId: phone }];
+      await produceDeliveries(main, [
+        messageDelivery(alice, target, 1, '"before"'),
+        messageDelivery(
+          alice,
+          target,
+          2,
+          `${'['.repeat(20_000)}${']'.repeat(20_000)}`,
+          Date.now(),
+          true,
+        ),
+      ]);
+      assert.deepEqual((await client.next()).seq, 1);
+      await eventually(
+        async () =>
+          (await userCommands()).some((r) => {
+            const sync =
+              r.value && (r.value.command as { [fullNames.Sync]?: Sync })[fullNames.Sync];
+            return sync?.connectionId === phone && sync.continued && sync.after === 2;
+          }),
+        5_000,
+        'a continued Sync after 2',
+      );
+      client.close();
+    });
+
     it('closes a client that does not read once over the send buffer limit; the rest goes on', async () => {
       const slow = await startGateway({
         limits: { sendBufferLimitBytes: 256 * 1024, closeTimeoutMs: 300 },
