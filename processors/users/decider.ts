@@ -333,8 +333,16 @@ export const REPLAY_PART_ENTRIES = 256;
  */
 export const REPLAY_PART_BYTES = 256 * 1024;
 
-/** About the bytes of an entry's frame: its body, plus room for the other fields. */
-const frameBytes = (entry: InboxEntry) => Buffer.byteLength(messageOf(entry)?.body ?? '') + 256;
+/**
+ * About the bytes of an entry's frame: a message's body plus room for its other fields; any
+ * other entry's fields as JSON (a group notice lists members: not only bodies weigh).
+ */
+function frameBytes(entry: InboxEntry): number {
+  const message = messageOf(entry);
+  return message
+    ? Buffer.byteLength(message.body) + 256
+    : Buffer.byteLength(JSON.stringify(entry.entry)) + 64;
+}
 
 /**
  * The entries above `after` that go in one part: in a row of seqs (`entries` may stop short of
