@@ -28,16 +28,19 @@ describe('chat end to end (npm start, embedded shape)', function () {
       RATE_LIMIT_PER_S: '5000',
     };
     server = await startServer(env);
-    for (const username of ['alice', 'bob']) {
-      const response = await fetch(`${server.url}/v1/auth/register`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ username, password: 'a good password' }),
-      });
-      assert.equal(response.status, 201);
-      tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
-    }
+    for (const username of ['alice', 'bob']) await register(username);
   });
+
+  /** Registers an account and keeps its access token. */
+  async function register(username: string): Promise<void> {
+    const response = await fetch(`${server.url}/v1/auth/register`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ username, password: 'a good password' }),
+    });
+    assert.equal(response.status, 201);
+    tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
+  }
 
   after(async () => {
     await server?.stop();
@@ -149,15 +152,7 @@ describe('chat end to end (npm start, embedded shape)', function () {
   });
 
   it('gives a device back after a long absence an inbox larger than its send buffer, in parts, in order', async () => {
-    for (const username of ['carol', 'dave']) {
-      const response = await fetch(`${server.url}/v1/auth/register`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ username, password: 'a good password' }),
-      });
-      assert.equal(response.status, 201);
-      tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
-    }
+    for (const username of ['carol', 'dave']) await register(username);
     // dave's phone connected once, so the inbox keeps everything it has not acked.
     await (await Client.open(server.url, tokens.get('dave')!, 'phone')).close();
     const carol = await Client.open(server.url, tokens.get('carol')!, 'phone');

@@ -32,15 +32,14 @@ import type { InboxEntry } from '../../schemas/types.generated.ts';
 const T = 1_800_000_000_000;
 const ALICE = 'alice';
 
-const message = (messageId: string, from: string, to = ALICE): EntryBody => ({
-  'chat.v1.MessageCopy': {
-    messageId,
-    from,
-    to,
-    group: null,
-    body: JSON.stringify({ text: `hi ${messageId}` }),
-    sentAt: T,
-  },
+const message = (
+  messageId: string,
+  from: string,
+  to = ALICE,
+  body = JSON.stringify({ text: `hi ${messageId}` }),
+  sentAt = T,
+): EntryBody => ({
+  'chat.v1.MessageCopy': { messageId, from, to, group: null, body, sentAt },
 });
 
 const view = (meta: UserMeta, extra: Partial<UserView> = {}): UserView => ({
@@ -1018,16 +1017,7 @@ describe('users actor: scenarios', () => {
     });
 
     it('bounds a part by bytes too, with one entry at least', () => {
-      const big = (i: number): EntryBody => ({
-        'chat.v1.MessageCopy': {
-          messageId: `b${i}`,
-          from: 'bob',
-          to: ALICE,
-          group: null,
-          body: JSON.stringify('x'.repeat(16_000)),
-          sentAt: T,
-        },
-      });
+      const big = (i: number) => message(`b${i}`, 'bob', ALICE, JSON.stringify('x'.repeat(16_000)));
       const inbox = new Inbox();
       for (let i = 1; i <= 40; i++)
         inbox.run({ kind: 'append', entry: big(i), dedupKey: `m:b${i}`, at: T });
@@ -1185,16 +1175,14 @@ describe('users actor: replays under random commands', () => {
           }
         }
       };
-      const bigBody = (n: number): EntryBody => ({
-        'chat.v1.MessageCopy': {
-          messageId: `m${n}`,
-          from: 'bob',
-          to: ALICE,
-          group: null,
-          body: JSON.stringify('x'.repeat(random() < 0.3 ? 20 : 16_000)),
-          sentAt: now,
-        },
-      });
+      const bigBody = (n: number) =>
+        message(
+          `m${n}`,
+          'bob',
+          ALICE,
+          JSON.stringify('x'.repeat(random() < 0.3 ? 20 : 16_000)),
+          now,
+        );
       let messages = 0;
       for (let step = 0; step < 600; step++) {
         now += Math.floor(random() * 60_000);
