@@ -31,7 +31,7 @@ import type { LoadConfig, LoadResult } from './chat/load.ts';
 import { summarizeProfile } from './profile.ts';
 import { freePort } from '../test/support/process.ts';
 
-type ShapeName = 'relay' | 'embedded' | 'kafka' | 'kafka-split';
+export type ShapeName = 'relay' | 'embedded' | 'kafka' | 'kafka-split';
 const onKafka = (shape: ShapeName) => shape === 'kafka' || shape === 'kafka-split';
 
 interface Server {
@@ -48,7 +48,11 @@ interface Shape {
   stop(): Promise<void>;
 }
 
-async function startShape(shape: ShapeName, dataDir: string, profileDir?: string): Promise<Shape> {
+export async function startShape(
+  shape: ShapeName,
+  dataDir: string,
+  profileDir?: string,
+): Promise<Shape> {
   const jwtSecret = randomBytes(32).toString('base64url');
   const servers = [await startServer(shape, [], join(dataDir, 'all'), jwtSecret, profileDir)];
   const stop = () => Promise.all(servers.map((s) => s.stop())).then(() => undefined);

@@ -1,6 +1,6 @@
 /**
  * `npm run bench -- <name> [options]`: runs one benchmark and prints its figures with the
- * command line that produced them. Benchmarks: log, runtime, state-memory, chat, codec.
+ * command line that produced them. Benchmarks: log, runtime, state-memory, chat, codec, replay.
  */
 const [name, ...args] = process.argv.slice(2);
 const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void> }>> = {
@@ -9,6 +9,7 @@ const benches: Record<string, () => Promise<{ run(args: string[]): Promise<void>
   'state-memory': () => import('./state-memory.ts'),
   chat: () => import('./chat.ts'),
   codec: () => import('./codec.ts'),
+  replay: () => import('./replay.ts'),
 };
 const load = name ? benches[name] : undefined;
 if (!load) {

@@ -186,9 +186,10 @@ export class Connection {
    * connection before its CONNECTED is durable, and `start` follows that at once, but the
    * order of `ready` first must not rest on timing.
    *
-   * `partEnd`: the frame is the entry that ends a replay part, and more wait. Once it has left
-   * the process (ws.send's callback) and the send buffer is down to REPLAY_RESUME_BYTES, the
-   * connection asks the users actor for the next part with a continued Sync.
+   * `partEnd`: the frame is the entry that ends a replay part, and more wait. Once the send
+   * buffer is down to REPLAY_RESUME_BYTES (at once, or when the frame has left the process:
+   * ws.send's callback), the connection asks the users actor for the next part with a
+   * continued Sync.
    */
   deliver(text: string | undefined, partEnd?: number): void {
     if (this.state === 'closed' || this.closing) return;
@@ -206,8 +207,20 @@ export class Connection {
       if (partEnd !== undefined) this.askForNextPart(partEnd);
       return;
     }
-    if (partEnd === undefined) this.write(text);
-    else this.write(text, () => this.askForNextPart(partEnd));
+    if (partEnd === undefined) {
+      this.write(text);
+      return;
+    }
+    // At once if the part is already on its way (the kernel took it), so that the next part
+    // comes while this one drains; else once its last frame has left the process.
+    let asked = false;
+    const ask = () => {
+      if (asked) return;
+      asked = true;
+      this.askForNextPart(partEnd);
+    };
+    this.write(text, ask);
+    if (this.ws.bufferedAmount <= REPLAY_RESUME_BYTES) ask();
   }
 
   /**
