@@ -283,16 +283,6 @@ export function sessionsBehind(
   return behind;
 }
 
-/** What a session that fell behind missed, in seq order: the first part of it. */
-function catchUp(
-  behind: { connectionId: string; session: Session; after: number },
-  entries: InboxEntry[],
-  head: number,
-): UserEvent[] {
-  const { connectionId, session, after } = behind;
-  return sendPart(connectionId, session, entries, after, head);
-}
-
 /** Live sessions on live gateways, grouped by gateway. */
 function liveTargets(view: UserView, only?: (s: Session, connectionId: string) => boolean) {
   const byGateway = new Map<string, Target[]>();
@@ -509,8 +499,7 @@ export function entriesNeeded(
   meta: UserMeta,
   liveGateways: ReadonlySet<string>,
 ): SeqRange[] {
-  const ranges = rangesNeeded(command, meta, liveGateways);
-  return (Array.isArray(ranges) ? merged(ranges) : [ranges]).filter((r) => r !== undefined);
+  return merged(rangesNeeded(command, meta, liveGateways));
 }
 
 /** The ranges sorted, those that overlap or touch made one. */
@@ -528,40 +517,39 @@ function rangesNeeded(
   command: UserCommand,
   meta: UserMeta,
   liveGateways: ReadonlySet<string>,
-): SeqRange | undefined | Array<SeqRange | undefined> {
+): Array<SeqRange | undefined> {
   const replayFrom = (deviceId: string, after: number) => replayAfter(meta, deviceId, after) + 1;
-  // A replay reads one part's worth: the kept entries from `from` on, at most a part of them.
-  const aPart = (from: number) => {
+  // At most `count` kept entries from `from` on.
+  const aSlice = (from: number, count: number) => {
     const first = Math.max(from, meta.firstKept);
     return first < meta.nextSeq
-      ? { from: first, to: Math.min(meta.nextSeq, first + REPLAY_PART_ENTRIES) }
+      ? { from: first, to: Math.min(meta.nextSeq, first + count) }
       : undefined;
   };
+  // A replay reads one part's worth.
+  const aPart = (from: number) => aSlice(from, REPLAY_PART_ENTRIES);
   switch (command.kind) {
     case 'connected': {
       // The replay is the session's, whatever device the sync named (as in decide).
       const pending = meta.pendingSyncs[command.connectionId];
-      return pending && aPart(pendingAfter(meta, command.deviceId, pending) + 1);
+      return pending ? [aPart(pendingAfter(meta, command.deviceId, pending) + 1)] : [];
     }
     case 'sync': {
       const session = meta.sessions[command.connectionId];
-      if (!session) return undefined;
+      if (!session) return [];
       if (command.continued)
-        return session.resumeAfter === command.after ? aPart(command.after + 1) : undefined;
-      return aPart(replayFrom(session.deviceId, command.after));
+        return session.resumeAfter === command.after ? [aPart(command.after + 1)] : [];
+      return [aPart(replayFrom(session.deviceId, command.after))];
     }
     case 'ack': {
       const through = receiptsThrough(meta, command.upTo);
       return through > meta.receiptedUpTo
-        ? { from: meta.receiptedUpTo + 1, to: through + 1 }
-        : undefined;
+        ? [{ from: meta.receiptedUpTo + 1, to: through + 1 }]
+        : [];
     }
     case 'prune': {
       // Only the slice right above what every device acked: whether its first entries expired.
-      const from = prunableBelow(meta);
-      return from < meta.nextSeq
-        ? { from, to: Math.min(meta.nextSeq, from + PRUNE_SLICE_ENTRIES) }
-        : undefined;
+      return [aSlice(prunableBelow(meta), PRUNE_SLICE_ENTRIES)];
     }
     case 'append':
     case 'catch-up': {
@@ -570,7 +558,7 @@ function rangesNeeded(
       return sessionsBehind(meta, liveGateways).map((b) => aPart(b.after + 1));
     }
     default:
-      return undefined;
+      return [];
   }
 }
 
@@ -662,7 +650,9 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       const targets = liveTargets(view, (s, connectionId) => s.live && !lagging.has(connectionId));
       for (const [gatewayId, list] of targets)
         events.push({ type: 'delivered', gatewayId, targets: list, entries: [entry] });
-      for (const b of behind) events.push(...catchUp(b, [...view.entries, entry], entry.seq));
+      // A session that fell behind gets the first part of what it missed.
+      for (const { connectionId, session, after } of behind)
+        events.push(...sendPart(connectionId, session, [...view.entries, entry], after, entry.seq));
       const message = messageOf(entry);
       const online = Object.values(meta.sessions).some((s) => view.liveGateways.has(s.gatewayId));
       const pushDevices = Object.entries(meta.push);
@@ -807,8 +797,8 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'catch-up':
-      return sessionsBehind(meta, view.liveGateways).flatMap((b) =>
-        catchUp(b, view.entries, meta.nextSeq - 1),
+      return sessionsBehind(meta, view.liveGateways).flatMap(({ connectionId, session, after }) =>
+        sendPart(connectionId, session, view.entries, after, meta.nextSeq - 1),
       );
 
     case 'prune': {
