@@ -189,7 +189,8 @@ export class Connection {
    * `partEnd`: the frame is the entry that ends a replay part, and more wait. Once the send
    * buffer is down to REPLAY_RESUME_BYTES (at once, or when the frame has left the process:
    * ws.send's callback), the connection asks the users actor for the next part with a
-   * continued Sync.
+   * continued Sync. `text` undefined: that entry could not be written as a frame; the next part
+   * is asked for all the same, once the send buffer alone allows.
    */
   deliver(text: string | undefined, partEnd?: number): void {
     if (this.state === 'closed' || this.closing) return;
@@ -202,13 +203,8 @@ export class Connection {
       this.held.push(partEnd === undefined ? { text } : { text, partEnd });
       return;
     }
-    if (text === undefined) {
-      // Nothing to write (see `skipped`): the ask waits for the send buffer alone.
-      if (partEnd !== undefined) this.askForNextPart(partEnd);
-      return;
-    }
     if (partEnd === undefined) {
-      this.write(text);
+      if (text !== undefined) this.write(text);
       return;
     }
     // At once if the part is already on its way (the kernel took it), so that the next part
@@ -219,16 +215,8 @@ export class Connection {
       asked = true;
       this.askForNextPart(partEnd);
     };
-    this.write(text, ask);
-    if (this.ws.bufferedAmount <= REPLAY_RESUME_BYTES) ask();
-  }
-
-  /**
-   * The entry that ends a replay part could not be written as a frame: the next part is asked
-   * for all the same, once the send buffer is down to REPLAY_RESUME_BYTES.
-   */
-  skipped(partEnd: number): void {
-    this.deliver(undefined, partEnd);
+    if (text !== undefined) this.write(text, ask);
+    if (text === undefined || this.ws.bufferedAmount <= REPLAY_RESUME_BYTES) ask();
   }
 
   /**

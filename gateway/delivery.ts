@@ -112,12 +112,8 @@ export class DeliveryConsumer {
           instruments.deliverySkipped('other_user');
           continue;
         }
-        if (text === undefined) {
-          connection.skipped(partEnd!);
-          continue;
-        }
         connection.deliver(text, partEnd);
-        instruments.delivered();
+        if (text !== undefined) instruments.delivered();
       }
     }
   }
