@@ -21,6 +21,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { WebSocket } from 'ws';
 import { startShape, type ShapeName } from './chat.ts';
+import { register } from '../test/support/chat-client.ts';
 
 type Frame = { type: string; seq?: number; id?: string; code?: string };
 
@@ -88,16 +89,6 @@ class Device {
     this.ws.close();
     await this.until(() => false, 10_000).catch(() => undefined);
   }
-}
-
-async function register(url: string, username: string): Promise<string> {
-  const response = await fetch(`${url}/v1/auth/register`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ username, password: 'a good password' }),
-  });
-  if (response.status !== 201) throw new Error(`register ${username}: ${response.status}`);
-  return ((await response.json()) as { accessToken: string }).accessToken;
 }
 
 /** Sends `count` messages of about `bytes` bytes, at most 64 waiting for `sent`. */

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, startServer, type Started } from '../support/process.ts';
 import { eventually } from '../support/log-helpers.ts';
-import { Client } from '../support/chat-client.ts';
+import { Client, register } from '../support/chat-client.ts';
 
 describe('chat end to end (npm start, embedded shape)', function () {
   this.timeout(120_000);
@@ -28,19 +28,12 @@ describe('chat end to end (npm start, embedded shape)', function () {
       RATE_LIMIT_PER_S: '5000',
     };
     server = await startServer(env);
-    for (const username of ['alice', 'bob']) await register(username);
+    for (const username of ['alice', 'bob']) await signUp(username);
   });
 
   /** Registers an account and keeps its access token. */
-  async function register(username: string): Promise<void> {
-    const response = await fetch(`${server.url}/v1/auth/register`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ username, password: 'a good password' }),
-    });
-    assert.equal(response.status, 201);
-    tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
-  }
+  const signUp = async (username: string) =>
+    tokens.set(username, await register(server.url, username));
 
   after(async () => {
     await server?.stop();
@@ -152,7 +145,7 @@ describe('chat end to end (npm start, embedded shape)', function () {
   });
 
   it('gives a device back after a long absence an inbox larger than its send buffer, in parts, in order', async () => {
-    for (const username of ['carol', 'dave']) await register(username);
+    for (const username of ['carol', 'dave']) await signUp(username);
     // dave's phone connected once, so the inbox keeps everything it has not acked.
     await (await Client.open(server.url, tokens.get('dave')!, 'phone')).close();
     const carol = await Client.open(server.url, tokens.get('carol')!, 'phone');

@@ -15,7 +15,7 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
 import { KafkaDeployment } from '../support/process.ts';
-import { Client } from '../support/chat-client.ts';
+import { Client, register } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
 import { orderViolations, ResilientSender } from '../support/resilient-sender.ts';
 
@@ -62,15 +62,7 @@ describe('chat on Kafka, one role per process: gateway, users processor and brok
 
     const tokens = new Map<string, string>();
     const users = ['a1', 'b1', 'a2', 'b2'].map((u) => `${u}-${run}`);
-    for (const username of users) {
-      const response = await fetch(`${api!.url}/v1/auth/register`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ username, password: 'a good password' }),
-      });
-      assert.equal(response.status, 201, await response.clone().text());
-      tokens.set(username, ((await response.json()) as { accessToken: string }).accessToken);
-    }
+    for (const username of users) tokens.set(username, await register(api!.url, username));
     const [a1, b1, a2, b2] = users as [string, string, string, string];
     // Both gateways know every user once the accounts table has the registrations.
     for (const url of gatewayUrls) {

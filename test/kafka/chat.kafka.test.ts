@@ -10,19 +10,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { KafkaDeployment } from '../support/process.ts';
-import { Client, type Frame } from '../support/chat-client.ts';
+import { Client, register, type Frame } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
-
-/** Registers an account; answers its access token. */
-async function register(apiUrl: string, username: string): Promise<string> {
-  const response = await fetch(`${apiUrl}/v1/auth/register`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ username, password: 'a good password' }),
-  });
-  assert.equal(response.status, 201, await response.clone().text());
-  return ((await response.json()) as { accessToken: string }).accessToken;
-}
 
 /** Sends until the gateway knows the recipient (its accounts table lags registration). */
 async function sendOnceKnown(client: Client, to: string, body: unknown): Promise<Frame> {

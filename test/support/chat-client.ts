@@ -1,8 +1,20 @@
 /** A WebSocket chat client for end-to-end tests: it keeps every frame it receives. */
+import assert from 'node:assert/strict';
 import { WebSocket } from 'ws';
 import { eventually } from './log-helpers.ts';
 
 export type Frame = { type: string; [field: string]: unknown };
+
+/** Registers an account through the REST API at `apiUrl`; answers its access token. */
+export async function register(apiUrl: string, username: string): Promise<string> {
+  const response = await fetch(`${apiUrl}/v1/auth/register`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ username, password: 'a good password' }),
+  });
+  assert.equal(response.status, 201, await response.clone().text());
+  return ((await response.json()) as { accessToken: string }).accessToken;
+}
 
 export class Client {
   readonly frames: Frame[] = [];
