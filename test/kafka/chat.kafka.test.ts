@@ -9,6 +9,10 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { KafkaLog } from '../../log/kafka/kafka-log.ts';
+import { partitionFor } from '../../log/partitioner.ts';
+import { topics } from '../../schemas/topics.ts';
+import { USERS_APPLICATION } from '../../processors/users/topology.ts';
 import { KafkaDeployment } from '../support/process.ts';
 import { Client, register, type Frame } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
@@ -130,6 +134,26 @@ describe('chat on Kafka: a gateway killed and started again under the same id', 
   });
 });
 
+/** Waits until the users actor has processed every message copy in `userId`'s partition. */
+async function inboxCaughtUp(userId: string): Promise<void> {
+  const log = new KafkaLog({ brokers: process.env.KAFKA_BROKERS!.split(','), clientId: 'probe' });
+  try {
+    const marks = await log.admin.watermarks(topics.messages);
+    const partition = partitionFor(Buffer.from(userId, 'utf8'), marks.length);
+    const end = marks.find((m) => m.partition === partition)!.high;
+    await eventually(
+      async () => {
+        const committed = await log.admin.committedOffsets(USERS_APPLICATION, topics.messages);
+        return (committed.find((c) => c.partition === partition)?.offset ?? -1) >= end;
+      },
+      60_000,
+      `the users actor to append every copy for ${userId}`,
+    );
+  } finally {
+    await log.close();
+  }
+}
+
 describe('chat on Kafka: a replay larger than the send buffer, in parts', function () {
   this.timeout(240_000);
   const deployment = new KafkaDeployment();
@@ -156,6 +180,9 @@ describe('chat on Kafka: a replay larger than the send buffer, in parts', functi
       if (n % 40 === 0) await erinOnHub.next((f) => f.type === 'sent' && f.id === `away-${n}`);
     }
     await erinOnHub.next((f) => f.type === 'sent' && f.id === `away-${count}`, 60_000);
+    // `sent` says the copies are in the log, not that the users actor has appended them: until
+    // it has, frank's CONNECTED could come first (another topic) and every entry go out live.
+    await inboxCaughtUp(frank);
     const frankOnEdge = await Client.open(edge.url, frankToken, 'phone');
     // A client on a slow link: it reads nothing for a while, then everything.
     const socket = (frankOnEdge.ws as unknown as { _socket: { pause(): void; resume(): void } })
