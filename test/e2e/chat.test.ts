@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, startServer, type Started } from '../support/process.ts';
 import { eventually } from '../support/log-helpers.ts';
-import { Client, register } from '../support/chat-client.ts';
+import { Client, metric, register } from '../support/chat-client.ts';
 
 describe('chat end to end (npm start, embedded shape)', function () {
   this.timeout(120_000);
@@ -152,10 +152,20 @@ describe('chat end to end (npm start, embedded shape)', function () {
     // 480 messages of 8 KB: about 4 MB, four times what the gateway buffers for a connection.
     const count = 480;
     const text = 'x'.repeat(8_000);
+    const processed = () =>
+      metric(server.url, 'kchat_streams_records_processed_total', { application: 'users' });
+    const before = await processed();
     for (let i = 1; i <= count; i++) {
       carol.send({ type: 'send', id: `away-${i}`, to: 'dave', body: { n: i, text } });
       if (i % 40 === 0) await carol.next((f) => f.type === 'sent' && f.id === `away-${i}`);
     }
+    // `sent` says the copies (dave's and carol's) are in the log; once the users actor has taken
+    // them, dave's CONNECTED cannot come first and have them all go out live.
+    await eventually(
+      async () => (await processed()) >= before + 2 * count,
+      30_000,
+      'the users actor to append every copy',
+    );
     const dave = await Client.open(server.url, tokens.get('dave')!, 'phone');
     // More come while the replay goes: they wait for it, and follow in seq order.
     for (let i = count + 1; i <= count + 20; i++)
@@ -171,6 +181,9 @@ describe('chat end to end (npm start, embedded shape)', function () {
       entries.map((f) => (f.body as { n: number }).n),
       Array.from({ length: count + 20 }, (_, i) => i + 1),
     );
+    // About 4 MB in parts of at most 256 KiB, each asked for by the gateway.
+    const asked = await metric(server.url, 'kchat_gateway_replay_parts_asked_total');
+    assert.ok(asked >= 10, `${asked} parts asked for`);
     await carol.close();
     await dave.close();
   });

@@ -16,6 +16,27 @@ export async function register(apiUrl: string, username: string): Promise<string
   return ((await response.json()) as { accessToken: string }).accessToken;
 }
 
+/**
+ * A counter or gauge of the process serving `url`, read from its /metrics: the sum of its
+ * series whose labels include `labels` (0 when it has none yet).
+ */
+export async function metric(
+  url: string,
+  name: string,
+  labels: Record<string, string> = {},
+): Promise<number> {
+  const text = await fetch(`${url}/metrics`).then((r) => r.text());
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const found = /^(\w+)(?:\{([^}]*)\})? (\S+)$/.exec(line);
+    if (!found || found[1] !== name) continue;
+    const series = found[2] ?? '';
+    if (Object.entries(labels).every(([k, v]) => series.includes(`${k}="${v}"`)))
+      sum += Number(found[3]);
+  }
+  return sum;
+}
+
 export class Client {
   readonly frames: Frame[] = [];
   private constructor(readonly ws: WebSocket) {
