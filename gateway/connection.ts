@@ -391,7 +391,7 @@ export class Connection {
       case 'send':
         return this.send(frame);
       case 'ack':
-        return this.command({ [fullNames.Ack]: { deviceId, upTo: frame.upTo } });
+        return this.command({ [fullNames.Ack]: { deviceId, upTo: frame.upTo, continued: false } });
       case 'read':
         // The users actor answers `unknown_message` on this connection, with the frame's id.
         return this.command({

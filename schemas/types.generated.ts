@@ -258,6 +258,13 @@ export interface Ack {
   deviceId: string;
   /** The highest seq acknowledged. */
   upTo: number;
+  /**
+   * Written by the users actor for itself, never from a client frame: `delivered` receipts
+   * are still owed up to `upTo` (one command owes at most RECEIPTED_PER_COMMAND). It is no
+   * device's ack: it moves no ack and evicts no device. A reader that does not know the
+   * field takes it for an ack of `deviceId` again.
+   */
+  continued: boolean;
 }
 
 /**

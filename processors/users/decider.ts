@@ -171,7 +171,11 @@ export type UserCommand =
   | { kind: 'connected'; deviceId: string; gatewayId: string; connectionId: string; at: number }
   | { kind: 'disconnected'; connectionId: string; at: number }
   | { kind: 'append'; entry: EntryBody; dedupKey: string; at: number }
-  | { kind: 'ack'; deviceId: string; upTo: number; at: number }
+  /**
+   * `continued`: not a device's ack but the actor's own, written by it for itself
+   * (`receipts-continued`): receipts are still owed up to `upTo`.
+   */
+  | { kind: 'ack'; deviceId: string; upTo: number; continued?: boolean; at: number }
   /** view.entries holds the message when the inbox has it. */
   | {
       kind: 'read';
@@ -247,7 +251,10 @@ export type UserEvent =
       message: string;
     }
   | { type: 'receipt-owed'; to: string; receipt: Receipt }
-  /** An ack owes more receipts than one command may: a copy of it goes on with them. */
+  /**
+   * Receipts are owed up to `upTo` past what one command may owe: a continued ack, which the
+   * actor writes for itself, goes on with them.
+   */
   | { type: 'receipts-continued'; deviceId: string; upTo: number; at: number }
   | { type: 'push-requested'; request: PushRequest };
 
@@ -406,10 +413,12 @@ function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] 
 }
 
 /**
- * Room for one more session past MAX_SESSIONS: the oldest on silent gateways closed. None while
- * the gateway of the new connection itself counts as silent: it has just written the CONNECTED,
- * so the heartbeats lag (a broker restart holds up every gateway's), and the others may be as
- * alive as it is. The sessions past the limit go at a later CONNECTED.
+ * Room for one more session past MAX_SESSIONS: the oldest on silent gateways closed. While the
+ * gateway of the new connection itself counts as silent, the limit is twice that: it has just
+ * written the CONNECTED, so the heartbeats lag (a broker restart holds up every gateway's), and
+ * the others may be as alive as it is; the sessions past MAX_SESSIONS go at a later CONNECTED.
+ * But a gateway never heard at all (one that dies at each start, under a new id each time)
+ * must not make sessions pile up without end.
  */
 function closeOldestSessions(
   meta: UserMeta,
@@ -417,11 +426,12 @@ function closeOldestSessions(
   gatewayId: string,
 ): UserEvent[] {
   const open = Object.entries(meta.sessions);
-  if (open.length < MAX_SESSIONS || !liveGateways.has(gatewayId)) return [];
+  const limit = liveGateways.has(gatewayId) ? MAX_SESSIONS : 2 * MAX_SESSIONS;
+  if (open.length < limit) return [];
   return open
     .filter(([, s]) => !liveGateways.has(s.gatewayId))
     .sort(([, a], [, b]) => (a.connectedAt ?? 0) - (b.connectedAt ?? 0))
-    .slice(0, open.length - MAX_SESSIONS + 1)
+    .slice(0, open.length - limit + 1)
     .map(([connectionId]) => ({ type: 'session-closed', connectionId }));
 }
 
@@ -459,13 +469,30 @@ function prunableBelow(meta: UserMeta): number {
 /**
  * Entries one ack owes `delivered` receipts for, at most (each is an entry read and a record):
  * an ack that covers more, from a device back from a long absence, asks the actor to go on with
- * a copy of itself on `chat.user-commands`, which owes the next ones.
+ * a continued ack on `chat.user-commands` for itself, which owes the next ones.
  */
 export const RECEIPTED_PER_COMMAND = 1_024;
 
+/**
+ * The seq above which `delivered` receipts are still to be owed: receiptedUpTo, or, when
+ * entries above it expired unacked (no receipt was owed for them), the last of those.
+ */
+const receiptedThrough = (meta: UserMeta) => Math.max(meta.receiptedUpTo, meta.firstKept - 1);
+
 /** How far an ack up to `upTo` owes receipts in this command. */
 const receiptsThrough = (meta: UserMeta, upTo: number) =>
-  Math.min(upTo, meta.nextSeq - 1, meta.receiptedUpTo + RECEIPTED_PER_COMMAND);
+  Math.min(upTo, meta.nextSeq - 1, receiptedThrough(meta) + RECEIPTED_PER_COMMAND);
+
+/**
+ * The device with the highest ack, when it acked past what receipts have been owed for: the
+ * rest are owed through a continued ack (none: nothing is owed).
+ */
+function receiptsPending(meta: UserMeta): { deviceId: string; upTo: number } | undefined {
+  let top: { deviceId: string; upTo: number } | undefined;
+  for (const [deviceId, device] of Object.entries(meta.devices))
+    if (device.ack > (top?.upTo ?? receiptedThrough(meta))) top = { deviceId, upTo: device.ack };
+  return top;
+}
 
 /**
  * Where a prune's kept entries start: above what every device acked, and above the expired
@@ -474,8 +501,11 @@ const receiptsThrough = (meta: UserMeta, upTo: number) =>
  */
 function prunedBelow(meta: UserMeta, entries: InboxEntry[], now: number, retentionMs: number) {
   let below = prunableBelow(meta);
+  // Nor an entry a device acked whose receipt is still owed: a continued ack will read it.
+  const owed = receiptsPending(meta) ? receiptedThrough(meta) + 1 : Infinity;
   for (const entry of entries) {
     if (entry.seq < below) continue;
+    if (entry.seq >= owed) break;
     if (entry.seq > below || now - entry.at <= retentionMs) break;
     below = entry.seq + 1;
   }
@@ -542,10 +572,9 @@ function rangesNeeded(
       return [aPart(replayFrom(session.deviceId, command.after))];
     }
     case 'ack': {
+      const from = receiptedThrough(meta) + 1;
       const through = receiptsThrough(meta, command.upTo);
-      return through > meta.receiptedUpTo
-        ? [{ from: meta.receiptedUpTo + 1, to: through + 1 }]
-        : [];
+      return through >= from ? [{ from, to: through + 1 }] : [];
     }
     case 'prune': {
       // Only the slice right above what every device acked: whether its first entries expired.
@@ -682,26 +711,23 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       const device = own(meta.devices, command.deviceId);
       // Acks are cumulative and cannot reach past what the inbox holds.
       const upTo = Math.min(command.upTo, meta.nextSeq - 1);
-      const raises = !device || upTo > device.ack;
+      // The actor's own continued ack only owes receipts: it moves no ack, evicts no device.
+      const raises = !command.continued && (!device || upTo > device.ack);
       // Owed receipts: of this ack, or of an earlier one that covered more than one command owes.
+      const from = receiptedThrough(meta);
       const through = receiptsThrough(meta, upTo);
-      if (!raises && through <= meta.receiptedUpTo) return [];
+      if (!raises && through <= from) return [];
       const events: UserEvent[] = raises
         ? [
             ...makeRoomFor(meta, command.deviceId, command.at),
             { type: 'acked', deviceId: command.deviceId, upTo, at: command.at },
           ]
         : [];
-      if (through > meta.receiptedUpTo) {
+      if (through > from) {
         // One `delivered` per message and recipient: on the first ack of any device covering it.
         for (const entry of view.entries) {
           const message = messageOf(entry);
-          if (
-            !message ||
-            entry.seq <= meta.receiptedUpTo ||
-            entry.seq > through ||
-            message.from === view.userId
-          )
+          if (!message || entry.seq <= from || entry.seq > through || message.from === view.userId)
             continue;
           events.push({
             type: 'receipt-owed',
@@ -806,7 +832,13 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // rules remove a prefix of the inbox: acks are cumulative, and expiry stops at the first
       // entry that is not too old (the entries in view are the slice right above the acked).
       const below = prunedBelow(meta, view.entries, command.now, command.retentionMs);
-      return below > meta.firstKept ? [{ type: 'pruned', below }] : [];
+      const events: UserEvent[] = below > meta.firstKept ? [{ type: 'pruned', below }] : [];
+      // Receipts still owed with no continued ack on its way (a processor of an earlier
+      // version dropped it): the chain starts again. One more on its way is harmless: what it
+      // owes, the other finds owed already.
+      const pending = receiptsPending(meta);
+      if (pending) events.push({ type: 'receipts-continued', ...pending, at: command.now });
+      return events;
     }
   }
 }

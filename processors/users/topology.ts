@@ -182,7 +182,13 @@ function toCommand(input: Input, at: number): UserCommand | undefined {
   const when = input.value.at;
   switch (name) {
     case 'chat.v1.Ack':
-      return { kind: 'ack', deviceId: value.deviceId, upTo: value.upTo, at: when };
+      return {
+        kind: 'ack',
+        deviceId: value.deviceId,
+        upTo: value.upTo,
+        continued: value.continued,
+        at: when,
+      };
     case 'chat.v1.Read':
       return {
         kind: 'read',
@@ -379,11 +385,13 @@ class InboxProcessor implements Processor<Input, unknown> {
       case 'push-requested':
         return this.send('push', userId, codecs.push.encode(event.request));
       case 'receipts-continued': {
-        // The same ack again, keyed by this user: this task reads it after this commit.
+        // A continued ack, keyed by this user: this task reads it after this commit.
         const command: UserCommandRecord = {
           userId,
           at: event.at,
-          command: { 'chat.v1.Ack': { deviceId: event.deviceId, upTo: event.upTo } },
+          command: {
+            'chat.v1.Ack': { deviceId: event.deviceId, upTo: event.upTo, continued: true },
+          },
         };
         return this.send('own-acks', userId, codecs.userCommands.encode(command));
       }

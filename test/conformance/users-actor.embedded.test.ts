@@ -286,7 +286,15 @@ describe('users actor on the runtime (embedded log)', function () {
     const acks = (await readAll(topics.userCommands, codecs[topics.userCommands])).filter(
       (c) => c.userId === 'ivy' && 'chat.v1.Ack' in c.command,
     );
-    assert.equal(acks.length, 2, "the device's ack, and the actor's own copy that went on");
+    assert.deepEqual(
+      // Decoded records are avsc class instances: compared as plain objects.
+      acks.map((c) => ({ ...(c.command as { 'chat.v1.Ack': object })['chat.v1.Ack'] })),
+      [
+        { deviceId: 'phone', upTo: count, continued: false },
+        { deviceId: 'phone', upTo: count, continued: true },
+      ],
+      "the device's ack, and the actor's own continued ack that went on",
+    );
   });
 
   it('sends a session what it missed while its gateway counted as silent, once the gateway is heard again', async () => {

@@ -1025,7 +1025,7 @@ describe('gateway (WebSocket, embedded log)', function () {
       assert.equal(commands.length, 2);
       assert.deepEqual(Object.keys(commands[0]!.value!.command), [fullNames.Sync]);
       assert.deepEqual(commands[1]!.value!.command, {
-        [fullNames.Ack]: { deviceId: 'phone', upTo: 42 },
+        [fullNames.Ack]: { deviceId: 'phone', upTo: 42, continued: false },
       });
       client.close();
     });

@@ -103,7 +103,11 @@ const samples: { [N in SchemaName]: SchemaValues[N][] } = {
     },
   ],
   UserCommand: [
-    { userId: 'bob', at: t0, command: { [fullNames.Ack]: { deviceId: 'default', upTo: 7 } } },
+    {
+      userId: 'bob',
+      at: t0,
+      command: { [fullNames.Ack]: { deviceId: 'default', upTo: 7, continued: false } },
+    },
     {
       userId: 'bob',
       at: t0,

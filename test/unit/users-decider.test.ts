@@ -30,6 +30,7 @@ import {
 import type { InboxEntry } from '../../schemas/types.generated.ts';
 
 const T = 1_800_000_000_000;
+const DAY = 86_400_000;
 const ALICE = 'alice';
 
 const message = (
@@ -109,7 +110,13 @@ class Inbox {
       }
       if (event.type === 'pruned') this.entries = this.entries.filter((e) => e.seq >= event.below);
       if (event.type === 'receipts-continued')
-        this.looped.push({ kind: 'ack', deviceId: event.deviceId, upTo: event.upTo, at: event.at });
+        this.looped.push({
+          kind: 'ack',
+          deviceId: event.deviceId,
+          upTo: event.upTo,
+          continued: true,
+          at: event.at,
+        });
     }
     this.sent.push(
       ...events.filter((e) =>
@@ -740,6 +747,23 @@ describe('users actor: scenarios', () => {
       assert.ok(!inbox.meta.sessions.c1 && !inbox.meta.sessions.c2 && inbox.meta.sessions.after);
     });
 
+    it('keeps at most twice MAX_SESSIONS sessions on gateways never heard', () => {
+      const inbox = new Inbox();
+      inbox.liveGateways = new Set();
+      // A gateway that dies at each start, under a new id each time: none is ever live.
+      for (let i = 1; i <= 2 * MAX_SESSIONS + 5; i++)
+        inbox.run({
+          kind: 'connected',
+          deviceId: 'phone',
+          gatewayId: `crashing-${i}`,
+          connectionId: `c${i}`,
+          at: T + i,
+        });
+      const sessions = Object.keys(inbox.meta.sessions);
+      assert.equal(sessions.length, 2 * MAX_SESSIONS);
+      assert.ok(!sessions.includes('c5') && sessions.includes('c6'), 'the oldest closed');
+    });
+
     it('takes deviceIds that name Object.prototype members as any other', () => {
       const inbox = new Inbox();
       inbox.append('m1');
@@ -919,6 +943,61 @@ describe('users actor: scenarios', () => {
       assert.equal(inbox.meta.firstKept, 2 * N + 6, 'all pruned once owed');
       assert.ok(inbox.mostLoaded <= N, `${inbox.mostLoaded} entries read by one command`);
       assert.equal(inbox.loop(), 0);
+    });
+
+    it('prunes no expired entry whose receipt is still owed', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
+      // Every entry expired; the prune walk comes before the loop.
+      inbox.run({ kind: 'prune', now: T + 40 * DAY, retentionMs: 30 * DAY });
+      assert.equal(inbox.meta.firstKept, N + 1);
+      inbox.loop();
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+      assert.equal(inbox.meta.firstKept, 2 * N + 6);
+    });
+
+    it('starts the chain again at the prune walk when the continued ack was lost', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
+      // A processor of an earlier version read it and dropped it.
+      inbox.looped.length = 0;
+      inbox.run({ kind: 'prune', now: T + 1, retentionMs: 30 * DAY });
+      assert.equal(inbox.looped.length, 1);
+      inbox.loop();
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+      assert.equal(inbox.meta.receiptedUpTo, 2 * N + 5);
+      // Nothing owed: the walk starts no chain.
+      inbox.run({ kind: 'prune', now: T + 2, retentionMs: 30 * DAY });
+      assert.equal(inbox.looped.length, 0);
+    });
+
+    it('is no ack of the device it names: it moves no ack and evicts no one', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
+      inbox.disconnect('c1');
+      // Before the loop, the phone is evicted by as many new devices as the actor remembers.
+      for (let i = 1; i <= MAX_DEVICES; i++) {
+        inbox.connect(`d${i}`, `c-d${i}`, T + i);
+        inbox.disconnect(`c-d${i}`);
+      }
+      const devices = structuredClone(inbox.meta.devices);
+      assert.ok(!('phone' in devices));
+      inbox.loop();
+      assert.deepEqual(inbox.meta.devices, devices, 'the phone stays evicted, the others stay');
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+    });
+
+    it('owes nothing for entries that expired before any device acked them', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.disconnect('c1');
+      // The phone never acks; everything expires, a slice per visit of the walk.
+      for (let visit = 0; inbox.meta.firstKept <= 2 * N + 5 && visit < 1_000; visit++)
+        inbox.run({ kind: 'prune', now: T + 40 * DAY, retentionMs: 30 * DAY });
+      assert.equal(inbox.meta.firstKept, 2 * N + 6);
+      inbox.append('fresh', 'bob', T + 40 * DAY);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 6, at: T + 40 * DAY });
+      assert.deepEqual(inbox.receiptsOwed(), ['fresh']);
+      assert.equal(inbox.looped.length, 0, 'no chain over what expired');
     });
 
     it('never lowers an ack raised meanwhile', () => {
@@ -1138,7 +1217,6 @@ describe('users actor: replays under random commands', () => {
     t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
     return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
   };
-  const DAY = 86_400_000;
 
   for (let seed = 1; seed <= 20; seed++) {
     it(`keeps every connection gapless and finishes every replay (seed ${seed})`, () => {
@@ -1258,6 +1336,16 @@ describe('users actor: replays under random commands', () => {
         const deviceId = open.get(connectionId)!.deviceId;
         run({ kind: 'sync', deviceId, connectionId, after, continued: true, at: now });
       }
+      // Receipts: each once, and every one owed that an ack called for (what expired before
+      // any device acked it owes none).
+      const owed = inbox.receiptsOwed();
+      assert.equal(new Set(owed).size, owed.length, 'a receipt owed twice');
+      const topAck = Math.max(0, ...Object.values(inbox.meta.devices).map((d) => d.ack));
+      const { receiptedUpTo, firstKept } = inbox.meta;
+      assert.ok(
+        Math.max(receiptedUpTo, firstKept - 1) >= topAck,
+        `receipts stop at ${receiptedUpTo}`,
+      );
       const head = inbox.meta.nextSeq - 1;
       for (const [connectionId, { deviceId, seen }] of open) {
         const session = inbox.meta.sessions[connectionId];
