@@ -23,6 +23,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { closeSync, openSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -87,7 +88,7 @@ async function startServer(
     PORT: String(port),
     HOST: '127.0.0.1',
     DATA_DIR: dataDir,
-    LOG_LEVEL: 'warn',
+    LOG_LEVEL: process.env.BENCH_LOG_LEVEL ?? 'warn',
     RATE_LIMIT_PER_S: '1000000',
     // Its load generator registers every user, 10,100 by default, from one address.
     REGISTRATIONS_PER_HOUR: '0',
@@ -100,10 +101,16 @@ async function startServer(
   const profile = profileDir
     ? ['--cpu-prof', `--cpu-prof-dir=${join(profileDir, shape, role.join('-') || 'all')}`]
     : [];
+  // BENCH_LOG_DIR keeps each process's log (its stdout) there, for a run that needs reading.
+  const logDir = process.env.BENCH_LOG_DIR;
+  const log = logDir
+    ? openSync(join(logDir, `${shape}-${role.join('-') || 'all'}-${port}.log`), 'w')
+    : 'ignore';
   const child = spawn(process.execPath, ['--import', 'tsx', ...profile, script, ...role], {
     env,
-    stdio: ['ignore', 'ignore', 'pipe'],
+    stdio: ['ignore', log, 'pipe'],
   });
+  if (typeof log === 'number') closeSync(log);
   let errors = '';
   child.stderr!.on('data', (d) => (errors = (errors + d).slice(-4000)));
   const exited = new Promise<void>((r) => child.once('exit', () => r()));

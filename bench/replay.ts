@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { WebSocket } from 'ws';
 import { startShape, type ShapeName } from './chat.ts';
-import { register } from '../test/support/chat-client.ts';
+import { metric, register } from '../test/support/chat-client.ts';
 
 type Frame = { type: string; seq?: number; id?: string; code?: string };
 
@@ -62,16 +62,16 @@ class Device {
       perMessageDeflate: deflate,
     });
     const device = new Device(ws);
-    await device.until(() => device.frames.some((f) => f.type === 'ready'), 30_000);
+    await device.until(() => device.frames.some((f) => f.type === 'ready'), 30_000, 'ready');
     return device;
   }
 
   /** Resolves once `done` holds, or the connection closed; rejects after `timeoutMs`. */
-  until(done: () => boolean, timeoutMs: number): Promise<void> {
+  until(done: () => boolean, timeoutMs: number, what = 'a frame'): Promise<void> {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiters.delete(check);
-        reject(new Error('timed out'));
+        reject(new Error(`waited ${timeoutMs} ms for ${what}`));
       }, timeoutMs);
       const check = () => {
         if (!done() && this.closedWith === undefined) return;
@@ -97,10 +97,12 @@ async function sendAll(sender: Device, to: string, count: number, bytes: number,
   const sent = () => sender.frames.filter((f) => f.type === 'sent').length;
   const before = sent();
   for (let i = 0; i < count; i++) {
-    await sender.until(() => i - (sent() - before) < 64, 60_000);
+    await sender.until(() => i - (sent() - before) < 64, 60_000, 'sent');
     sender.ws.send(JSON.stringify({ type: 'send', id: `${tag}-${i}`, to, body: { i, text } }));
   }
-  await sender.until(() => sent() - before >= count, 120_000);
+  await sender.until(() => sent() - before >= count, 120_000, 'the last sent');
+  if (sender.closedWith !== undefined)
+    throw new Error(`the sender was closed (${sender.closedWith})`);
   const refused = sender.frames.find((f) => f.type === 'error');
   if (refused) throw new Error(`a send was refused: ${JSON.stringify(refused)}`);
 }
@@ -111,11 +113,14 @@ interface Figures {
   closedWith?: number;
 }
 
-async function parts(url: string): Promise<number> {
-  const text = await fetch(`${url}/metrics`).then((r) => r.text());
-  return Number(
-    /^kchat_gateway_replay_parts_asked_total(?:\{[^}]*\})? (\d+)/m.exec(text)?.[1] ?? 0,
-  );
+const parts = (url: string) => metric(url, 'kchat_gateway_replay_parts_asked_total');
+
+/** Records the users actor has processed, in every process of the shape. */
+async function processedByUsers(urls: string[]): Promise<number> {
+  let sum = 0;
+  for (const url of urls)
+    sum += await metric(url, 'kchat_streams_records_processed_total', { application: 'users' });
+  return sum;
 }
 
 export async function run(args: string[]): Promise<void> {
@@ -149,13 +154,34 @@ export async function run(args: string[]): Promise<void> {
       // The gateway knows bob once the accounts table has him.
       for (let attempt = 0; ; attempt++) {
         sender.ws.send(JSON.stringify({ type: 'send', id: `probe-${attempt}`, to: bob, body: 0 }));
-        await sender.until(() => sender.frames.some((f) => f.id === `probe-${attempt}`), 10_000);
+        await sender.until(
+          () => sender.frames.some((f) => f.id === `probe-${attempt}`),
+          10_000,
+          'the answer to a probe',
+        );
         if (sender.frames.some((f) => f.id === `probe-${attempt}` && f.type === 'sent')) break;
         if (attempt > 100) throw new Error(`${bob} stayed unknown`);
         await new Promise((r) => setTimeout(r, 100));
       }
       const figures = async (device: Device, from: number): Promise<Figures> => {
-        await device.until(() => device.entries >= count, 600_000);
+        // Progress every 5 s; a minute without a new entry is a stall, not a slow run.
+        for (let last = -1, still = 0; device.entries < count && device.closedWith === undefined;) {
+          await device.until(() => device.entries >= count, 5_000).catch(() => undefined);
+          console.error(
+            `  [replay]   ${device.entries} of ${count} entries, top seq ${device.top}`,
+          );
+          still = device.entries === last ? still + 5 : 0;
+          last = device.entries;
+          if (still >= 60) {
+            // What the processes say about it, for whoever reads the failure.
+            for (const { url } of servers) {
+              const text = await fetch(`${url}/metrics`).then((r) => r.text());
+              const lines = text.split('\n').filter((l) => /^kchat_(users|gateway)_/.test(l));
+              console.error(`  [replay] ${url}/metrics:\n    ${lines.join('\n    ')}`);
+            }
+            throw new Error(`no entry for a minute: ${device.entries} of ${count}`);
+          }
+        }
         return {
           entries: device.entries,
           seconds: (device.lastAt - from) / 1000,
@@ -165,7 +191,7 @@ export async function run(args: string[]): Promise<void> {
 
       console.error(`  [replay] live: ${count} messages of ${bytes} bytes to a device online`);
       const online = await Device.open(url, tokens.bob, 'phone', deflate);
-      await online.until(() => online.entries >= 1, 10_000); // the probe
+      await online.until(() => online.entries >= 1, 10_000, 'the probe'); // the probe
       online.entries = 0;
       const liveStart = performance.now();
       await sendAll(sender, bob, count, bytes, 'live');
@@ -175,7 +201,19 @@ export async function run(args: string[]): Promise<void> {
       await online.close();
 
       console.error(`  [replay] away: ${count} more while the device is away, then it connects`);
+      const urls = servers.map((s) => s.url);
+      const processedBefore = await processedByUsers(urls);
       await sendAll(sender, bob, count, bytes, 'away');
+      // `sent` says the copies are in the log; until the users actor has appended them (bob's
+      // and alice's), bob's CONNECTED could overtake them and they would go out live.
+      const appended = processedBefore + 2 * count;
+      for (let waited = 0, now = processedBefore; now < appended; waited += 100) {
+        if (waited % 5_000 === 0)
+          console.error(`  [replay] the users actor: ${now - processedBefore} of ${2 * count}`);
+        if (waited > 120_000) throw new Error('the users actor did not append the copies');
+        await new Promise((r) => setTimeout(r, 100));
+        now = await processedByUsers(urls);
+      }
       const partsBefore = await parts(url);
       const replayStart = performance.now();
       const back = await Device.open(url, tokens.bob, 'phone', deflate);

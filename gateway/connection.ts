@@ -63,6 +63,8 @@ export interface ConnectionContext {
   groupExists?(groupId: string): boolean | Promise<boolean>;
   rateLimitPerSecond: number;
   sendBufferLimitBytes: number;
+  sendBufferHardLimitBytes: number;
+  slowConsumerGraceMs: number;
   closeTimeoutMs: number;
   now(): number;
   logger: Logger;
@@ -107,6 +109,8 @@ export class Connection {
   /** `sync` frames have their own bucket: each may replay the whole inbox. */
   private readonly syncBucket: TokenBucket;
   private closeTimer: NodeJS.Timeout | undefined;
+  /** Set while the send buffer is over its limit: the time it went over, and its check. */
+  private overLimit: { since: number; check: NodeJS.Timeout } | undefined;
   private readonly logger: Logger;
 
   constructor(
@@ -293,6 +297,8 @@ export class Connection {
   closed(): void {
     this.state = 'closed';
     clearTimeout(this.closeTimer);
+    clearTimeout(this.overLimit?.check);
+    this.overLimit = undefined;
     this.queue.length = 0;
     this.held = [];
   }
@@ -526,16 +532,44 @@ export class Connection {
   private write(frame: ServerFrame | string, written?: () => void): void {
     if (this.state === 'closed' || this.closing || this.ws.readyState !== WebSocket.OPEN) return;
     const text = typeof frame === 'string' ? frame : serialize(frame);
-    if (this.ws.bufferedAmount + Buffer.byteLength(text) > this.context.sendBufferLimitBytes) {
+    if (this.ws.bufferedAmount + Buffer.byteLength(text) > this.context.sendBufferHardLimitBytes) {
       this.closeSlowConsumer();
       return;
     }
     this.ws.send(text, written && ((err) => err || written()));
+    if (this.ws.bufferedAmount > this.context.sendBufferLimitBytes) this.watchSendBuffer();
+  }
+
+  /**
+   * The send buffer is over its limit, as a burst takes it: looked at every tenth of the grace
+   * until it is back under (a client that reads), or closed when it has stayed over all along
+   * (one that does not).
+   */
+  private watchSendBuffer(): void {
+    if (this.overLimit) return;
+    const { slowConsumerGraceMs: grace, sendBufferLimitBytes: limit } = this.context;
+    const look = () => {
+      if (this.state === 'closed' || this.closing || !this.overLimit) return;
+      if (this.ws.bufferedAmount <= limit) {
+        this.overLimit = undefined;
+      } else if (performance.now() - this.overLimit.since >= grace) {
+        this.overLimit = undefined;
+        this.closeSlowConsumer();
+      } else {
+        this.overLimit.check = setTimeout(look, grace / 10).unref();
+      }
+    };
+    this.context.instruments.sendBufferOverLimit();
+    this.overLimit = { since: performance.now(), check: setTimeout(look, grace / 10).unref() };
   }
 
   private closeSlowConsumer(): void {
     this.logger.warn(
-      { bufferedAmount: this.ws.bufferedAmount, limit: this.context.sendBufferLimitBytes },
+      {
+        bufferedAmount: this.ws.bufferedAmount,
+        limit: this.context.sendBufferLimitBytes,
+        hardLimit: this.context.sendBufferHardLimitBytes,
+      },
       'the client does not read its frames; closing',
     );
     this.context.instruments.slowConsumerClosed();

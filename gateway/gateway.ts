@@ -49,7 +49,9 @@ import {
   MAX_FRAME_BYTES,
   PER_MESSAGE_DEFLATE,
   PING_INTERVAL_MS,
+  SEND_BUFFER_HARD_LIMIT_BYTES,
   SEND_BUFFER_LIMIT_BYTES,
+  SLOW_CONSUMER_GRACE_MS,
 } from './limits.ts';
 import { gatewayInstruments, type GatewayInstruments } from './metrics.ts';
 
@@ -75,6 +77,8 @@ const DISCONNECTED_RETRY_MAX_MS = 2_000;
 /** The limits a deployment (or a test) may change; each defaults to its constant of limits.ts. */
 export interface GatewayLimits {
   sendBufferLimitBytes?: number;
+  sendBufferHardLimitBytes?: number;
+  slowConsumerGraceMs?: number;
   pingIntervalMs?: number;
   heartbeatIntervalMs?: number;
   closeTimeoutMs?: number;
@@ -164,6 +168,9 @@ class WebSocketGateway implements Gateway {
     this.now = deps.now ?? Date.now;
     this.limits = {
       sendBufferLimitBytes: deps.limits?.sendBufferLimitBytes ?? SEND_BUFFER_LIMIT_BYTES,
+      sendBufferHardLimitBytes:
+        deps.limits?.sendBufferHardLimitBytes ?? SEND_BUFFER_HARD_LIMIT_BYTES,
+      slowConsumerGraceMs: deps.limits?.slowConsumerGraceMs ?? SLOW_CONSUMER_GRACE_MS,
       pingIntervalMs: deps.limits?.pingIntervalMs ?? PING_INTERVAL_MS,
       heartbeatIntervalMs: deps.limits?.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS,
       closeTimeoutMs: deps.limits?.closeTimeoutMs ?? CLOSE_TIMEOUT_MS,
@@ -203,6 +210,8 @@ class WebSocketGateway implements Gateway {
       groupExists: deps.groupExists,
       rateLimitPerSecond: deps.rateLimitPerSecond ?? DEFAULT_RATE_LIMIT_PER_S,
       sendBufferLimitBytes: this.limits.sendBufferLimitBytes,
+      sendBufferHardLimitBytes: this.limits.sendBufferHardLimitBytes,
+      slowConsumerGraceMs: this.limits.slowConsumerGraceMs,
       closeTimeoutMs: this.limits.closeTimeoutMs,
       now: this.now,
       logger: this.logger,

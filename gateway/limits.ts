@@ -46,11 +46,23 @@ export const MAX_CLIENT_ID = 64;
 export const MAX_SERVER_ID = 128;
 
 /**
- * The bytes a connection may have waiting to be written (ws.bufferedAmount plus the frame about
- * to be written). A client that does not read that much is closed with
- * SLOW_CONSUMER_CLOSE_CODE: it reconnects and gets everything it has not acknowledged again.
+ * The bytes a connection may keep waiting to be written (ws.bufferedAmount: what the kernel has
+ * not taken, and frames still in the permessage-deflate queue). A burst goes over it without
+ * harm: one batch of deliveries can be a megabyte for one connection, and deflating it takes a
+ * while. A connection that stays over it for SLOW_CONSUMER_GRACE_MS is a client that does not
+ * read: it is closed with SLOW_CONSUMER_CLOSE_CODE, reconnects, and gets everything it has not
+ * acknowledged again.
  */
 export const SEND_BUFFER_LIMIT_BYTES = 1 << 20;
+
+/** How long a connection may stay over SEND_BUFFER_LIMIT_BYTES (looked at every tenth of it). */
+export const SLOW_CONSUMER_GRACE_MS = 10_000;
+
+/**
+ * What a connection may never have waiting, burst or not (ws.bufferedAmount plus the frame
+ * about to be written): the bound of its memory. Over it, it is closed at once.
+ */
+export const SEND_BUFFER_HARD_LIMIT_BYTES = 4 * SEND_BUFFER_LIMIT_BYTES;
 
 /**
  * 1013 "Try Again Later": the close code for a client over SEND_BUFFER_LIMIT_BYTES. Not 1008

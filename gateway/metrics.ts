@@ -1,7 +1,7 @@
 /**
  * The gateway's Prometheus instruments: open connections, client frames by type, error frames
- * by code, slow consumers closed, deliveries written and skipped, replay parts asked for. Without a Metrics registry
- * (tests, tools) they count nothing.
+ * by code, send buffers over their limit and slow consumers closed, deliveries written and
+ * skipped, replay parts asked for. Without a Metrics registry (tests, tools) they count nothing.
  */
 import type { Metrics } from '../observability/metrics.ts';
 import type { ErrorCode } from './frames.ts';
@@ -10,6 +10,8 @@ export interface GatewayInstruments {
   /** A client frame arrived: its type, or `invalid` when it has none we know. */
   frameReceived(type: string): void;
   errorSent(code: ErrorCode): void;
+  /** A connection's send buffer went over its limit: a burst, or a client that does not read. */
+  sendBufferOverLimit(): void;
   slowConsumerClosed(): void;
   /** A Delivery frame was written to one connection. */
   delivered(): void;
@@ -23,6 +25,7 @@ export interface GatewayInstruments {
 export const noInstruments: GatewayInstruments = {
   frameReceived() {},
   errorSent() {},
+  sendBufferOverLimit() {},
   slowConsumerClosed() {},
   delivered() {},
   deliverySkipped() {},
@@ -40,6 +43,10 @@ export function gatewayInstruments(
   );
   const frames = metrics.counter('kchat_gateway_frames_total', 'Client frames received', ['type']);
   const errors = metrics.counter('kchat_gateway_errors_total', 'Error frames sent', ['code']);
+  const over = metrics.counter(
+    'kchat_gateway_send_buffer_over_limit_total',
+    "Times a connection's send buffer went over its limit (a burst, or a client that does not read)",
+  );
   const slow = metrics.counter(
     'kchat_gateway_slow_consumers_total',
     'Connections closed because the client did not read its frames',
@@ -64,6 +71,7 @@ export function gatewayInstruments(
   return {
     frameReceived: (type) => frames.inc({ type }),
     errorSent: (code) => errors.inc({ code }),
+    sendBufferOverLimit: () => over.inc(),
     slowConsumerClosed: () => slow.inc(),
     delivered: () => delivered.inc(),
     deliverySkipped: (reason) => skipped.inc({ reason }),

@@ -1258,51 +1258,75 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.close();
     });
 
-    it('closes a client that does not read once over the send buffer limit; the rest goes on', async () => {
-      const slow = await startGateway({
-        limits: { sendBufferLimitBytes: 256 * 1024, closeTimeoutMs: 300 },
-      });
+    /** Deliveries of `count` messages of about `bodyBytes` each to one connection, in one send. */
+    async function deliver(
+      at: Running,
+      userId: string,
+      target: { deviceId: string; connectionId: string },
+      fromSeq: number,
+      count: number,
+      bodyBytes: number,
+    ): Promise<void> {
       const codec = await new Codecs(registry).forTopic<Delivery>(
-        deliveriesTopic(slow.gateway.gatewayId),
+        deliveriesTopic(at.gateway.gatewayId),
         loadSchema('Delivery'),
         avroTypeOptions(),
       );
-      const alice = newUser('alice');
-      const client = await open(alice, {
-        at: slow,
-        deviceId: 'slow',
-        ws: { perMessageDeflate: false },
-      });
-      assert.equal((await client.next()).type, 'ready');
-      const connectionId = await connectionIdOf(slow, alice, 'slow');
-      // Stop reading: the kernel buffers fill, then the gateway's send buffer.
-      (client.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket.pause();
       const producer = await log.producer();
-      let seq = 0;
-      for (let round = 0; round < 200 && slow.gateway.connectionCount > 0; round++) {
+      try {
         await producer.send(
-          Array.from({ length: 20 }, () => {
-            seq++;
-            const delivery = messageDelivery(
-              alice,
-              [{ deviceId: 'slow', connectionId }],
-              seq,
-              JSON.stringify(randomBytes(6000).toString('base64')),
-            );
-            return {
-              topic: deliveriesTopic(slow.gateway.gatewayId),
-              key: Buffer.from(alice),
-              value: codec.encode(delivery),
-            };
-          }),
+          Array.from({ length: count }, (_, i) => ({
+            topic: deliveriesTopic(at.gateway.gatewayId),
+            key: Buffer.from(userId),
+            value: codec.encode(
+              messageDelivery(
+                userId,
+                [target],
+                fromSeq + i,
+                JSON.stringify(randomBytes((bodyBytes * 3) / 4).toString('base64')),
+              ),
+            ),
+          })),
         );
-        await new Promise((resolve) => setTimeout(resolve, 5));
+      } finally {
+        await producer.close();
       }
-      await producer.close();
+    }
+
+    /** A client that has stopped reading: the kernel buffers fill, then the gateway's. */
+    async function notReading(at: Running, userId: string) {
+      const client = await open(userId, { at, deviceId: 'slow', ws: { perMessageDeflate: false } });
+      assert.equal((await client.next()).type, 'ready');
+      const connectionId = await connectionIdOf(at, userId, 'slow');
+      const socket = (client.ws as unknown as { _socket: { pause(): void; resume(): void } })
+        ._socket;
+      socket.pause();
+      return { client, connectionId, resume: () => socket.resume() };
+    }
+
+    it('closes a client that stays over the send buffer limit for the grace; the rest goes on', async () => {
+      const slow = await startGateway({
+        limits: {
+          sendBufferLimitBytes: 256 * 1024,
+          sendBufferHardLimitBytes: 64 * 1024 * 1024,
+          slowConsumerGraceMs: 1_000,
+          closeTimeoutMs: 300,
+        },
+      });
+      const alice = newUser('alice');
+      const { client, connectionId, resume } = await notReading(slow, alice);
+      const target = { deviceId: 'slow', connectionId };
+      // Deliveries until the send buffer is over the limit, then no more: it stays over.
+      const over = () => counter(slow, 'kchat_gateway_send_buffer_over_limit_total');
+      for (let round = 0, seq = 1; round < 100 && (await over()) === 0; round++, seq += 20)
+        await deliver(slow, alice, target, seq, 20, 6_000);
+      assert.equal(await over(), 1, 'over the limit');
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      assert.equal(slow.gateway.connectionCount, 1, 'not closed before the grace');
       await eventually(() => slow.gateway.connectionCount === 0, 5000, 'the slow client closed');
       assert.equal(await counter(slow, 'kchat_gateway_slow_consumers_total'), 1);
       await disconnectedEventually(connectionId, 'DISCONNECTED of the slow client');
-      (client.ws as unknown as { _socket: { resume(): void } })._socket.resume();
+      resume();
       const { code } = await client.closed;
       assert.ok(code === 1013 || code === 1006, `closed with ${code}`);
       // The gateway itself is fine.
@@ -1310,6 +1334,56 @@ describe('gateway (WebSocket, embedded log)', function () {
       await other.alive();
       other.close();
     });
+
+    it('closes a client over the hard send buffer limit at once, grace or not', async () => {
+      const slow = await startGateway({
+        limits: {
+          sendBufferLimitBytes: 256 * 1024,
+          sendBufferHardLimitBytes: 1024 * 1024,
+          slowConsumerGraceMs: 600_000,
+          closeTimeoutMs: 300,
+        },
+      });
+      const alice = newUser('alice');
+      const { client, connectionId, resume } = await notReading(slow, alice);
+      const target = { deviceId: 'slow', connectionId };
+      for (let round = 0, seq = 1; round < 200 && slow.gateway.connectionCount > 0; round++) {
+        await deliver(slow, alice, target, seq, 20, 6_000);
+        seq += 20;
+      }
+      await eventually(() => slow.gateway.connectionCount === 0, 5000, 'the slow client closed');
+      assert.equal(await counter(slow, 'kchat_gateway_slow_consumers_total'), 1);
+      resume();
+      const { code } = await client.closed;
+      assert.ok(code === 1013 || code === 1006, `closed with ${code}`);
+    });
+
+    it('keeps a client that reads through a burst over the send buffer limit (deflated)', async () => {
+      const bursty = await startGateway({
+        limits: { sendBufferLimitBytes: 64 * 1024, slowConsumerGraceMs: 5_000 },
+      });
+      const alice = newUser('alice');
+      // permessage-deflate offered, as browsers do: frames wait for zlib in the send buffer.
+      const client = await open(alice, { at: bursty, deviceId: 'phone' });
+      assert.equal((await client.next()).type, 'ready');
+      const connectionId = await connectionIdOf(bursty, alice, 'phone');
+      // One batch of about 900 KB for one connection, as a Kafka fetch brings.
+      await deliver(bursty, alice, { deviceId: 'phone', connectionId }, 1, 150, 6_000);
+      await eventually(
+        () => client.frames.filter((f) => f.type === 'message').length === 150,
+        10_000,
+        'the burst read whole',
+      );
+      client.send({ type: 'ping', id: 'after-the-burst' });
+      await eventually(
+        () => client.frames.some((f) => f.type === 'pong' && f.id === 'after-the-burst'),
+        5_000,
+        'a pong: the connection still works',
+      );
+      assert.equal(await counter(bursty, 'kchat_gateway_slow_consumers_total'), 0);
+      client.close();
+    });
+
     it("asks for a replay's next part once the client has read the part, not before", async () => {
       const paced = await startGateway({ limits: { sendBufferLimitBytes: 8 * 1024 * 1024 } });
       const codec = await new Codecs(registry).forTopic<Delivery>(
