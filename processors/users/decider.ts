@@ -485,12 +485,15 @@ const receiptsThrough = (meta: UserMeta, upTo: number) =>
 
 /**
  * The device with the highest ack, when it acked past what receipts have been owed for: the
- * rest are owed through a continued ack (none: nothing is owed).
+ * rest are owed through a continued ack (none: nothing is owed). Not the EVICTED placeholder:
+ * a processor of an earlier version takes a continued ack for the ack of the device it names,
+ * which must have acked that far already.
  */
 function receiptsPending(meta: UserMeta): { deviceId: string; upTo: number } | undefined {
   let top: { deviceId: string; upTo: number } | undefined;
   for (const [deviceId, device] of Object.entries(meta.devices))
-    if (device.ack > (top?.upTo ?? receiptedThrough(meta))) top = { deviceId, upTo: device.ack };
+    if (deviceId !== EVICTED && device.ack > (top?.upTo ?? receiptedThrough(meta)))
+      top = { deviceId, upTo: device.ack };
   return top;
 }
 
