@@ -71,6 +71,11 @@ export interface UserMeta {
    * Sync that comes after its connection's DISCONNECTED is dropped, not left pending for good.
    */
   recentlyClosed?: string[];
+  /**
+   * The latest `at` of a continued ack asked for (absent: none since it was kept): the prune
+   * walk starts a chain of them again only when none was asked for in RECEIPTS_RESTART_MS.
+   */
+  receiptsContinuedAt?: number;
   /** Devices registered for push, by deviceId, oldest registration first (MAX_DEVICES). */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
@@ -399,14 +404,17 @@ const connectedDevices = (meta: UserMeta) =>
 /**
  * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it evicts
  * the least recently seen without an open connection (none: a meta stored without seenAt), at
- * `at` (the time the placeholder takes for devices stored without seenAt).
+ * `at` (the time the placeholder takes for devices stored without seenAt). Nor the device whose
+ * ack receipts are still owed up to: the placeholder would fold its ack into a lower one, and
+ * the prune walk would no longer see what is owed.
  */
 function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] {
   const known = Object.keys(meta.devices).filter((id) => id !== EVICTED);
   if (own(meta.devices, deviceId) || known.length < MAX_DEVICES) return [];
   const connected = connectedDevices(meta);
+  const owing = receiptsPending(meta)?.deviceId;
   const deviceIds = known
-    .filter((id) => !connected.has(id))
+    .filter((id) => !connected.has(id) && id !== owing)
     .sort((a, b) => (meta.devices[a]!.seenAt ?? 0) - (meta.devices[b]!.seenAt ?? 0))
     .slice(0, known.length - MAX_DEVICES + 1);
   return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds, at }] : [];
@@ -478,6 +486,12 @@ export const RECEIPTED_PER_COMMAND = 1_024;
  * entries above it expired unacked (no receipt was owed for them), the last of those.
  */
 const receiptedThrough = (meta: UserMeta) => Math.max(meta.receiptedUpTo, meta.firstKept - 1);
+
+/**
+ * How long receipts may stay owed, with no continued ack asked for, before the prune walk takes
+ * the chain for lost and starts it again (a chain of them takes milliseconds a link).
+ */
+export const RECEIPTS_RESTART_MS = 60_000;
 
 /** How far an ack up to `upTo` owes receipts in this command. */
 const receiptsThrough = (meta: UserMeta, upTo: number) =>
@@ -836,11 +850,13 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // entry that is not too old (the entries in view are the slice right above the acked).
       const below = prunedBelow(meta, view.entries, command.now, command.retentionMs);
       const events: UserEvent[] = below > meta.firstKept ? [{ type: 'pruned', below }] : [];
-      // Receipts still owed with no continued ack on its way (a processor of an earlier
-      // version dropped it): the chain starts again. One more on its way is harmless: what it
-      // owes, the other finds owed already.
+      // Receipts still owed, and no continued ack asked for in a while: it was lost (a
+      // processor of an earlier version dropped it), and the chain starts again. Should one
+      // still be on its way, that is harmless: what it owes, the other finds owed already.
       const pending = receiptsPending(meta);
-      if (pending) events.push({ type: 'receipts-continued', ...pending, at: command.now });
+      const lastAsked = meta.receiptsContinuedAt ?? -Infinity;
+      if (pending && command.now - lastAsked >= RECEIPTS_RESTART_MS)
+        events.push({ type: 'receipts-continued', ...pending, at: command.now });
       return events;
     }
   }
@@ -951,6 +967,8 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     }
     case 'receipted':
       return { ...meta, receiptedUpTo: event.upTo };
+    case 'receipts-continued':
+      return { ...meta, receiptsContinuedAt: Math.max(meta.receiptsContinuedAt ?? 0, event.at) };
     case 'push-registered': {
       const registration = { pushToken: event.pushToken, platform: event.platform };
       return {

@@ -1380,6 +1380,11 @@ describe('gateway (WebSocket, embedded log)', function () {
         5_000,
         'a pong: the connection still works',
       );
+      assert.equal(
+        await counter(bursty, 'kchat_gateway_send_buffer_over_limit_total'),
+        1,
+        'a burst',
+      );
       assert.equal(await counter(bursty, 'kchat_gateway_slow_consumers_total'), 0);
       client.close();
     });

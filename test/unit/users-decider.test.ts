@@ -18,6 +18,7 @@ import {
   PRUNE_SLICE_ENTRIES,
   PRUNED_PER_COMMAND,
   RECEIPTED_PER_COMMAND,
+  RECEIPTS_RESTART_MS,
   REPLAY_PART_BYTES,
   REPLAY_PART_ENTRIES,
   type EntryBody,
@@ -58,6 +59,14 @@ const types = (events: UserEvent[]) => events.map((e) => e.type);
 const messageIdOf = (entry: InboxEntry) => {
   const { name, value } = branchOf(entry.entry);
   return name === 'chat.v1.MessageCopy' ? value.messageId : undefined;
+};
+
+/** mulberry32: a small seeded generator, so that a failing seed can be run again. */
+const generator = (seed: number) => () => {
+  seed = (seed + 0x6d2b79f5) | 0;
+  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+  return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
 };
 
 /** Plays the processor: meta through evolve, entries and dedup keys kept beside it. */
@@ -961,29 +970,65 @@ describe('users actor: scenarios', () => {
       inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
       // A processor of an earlier version read it and dropped it.
       inbox.looped.length = 0;
+      // It may still be on its way for a while: the walk leaves it be.
       inbox.run({ kind: 'prune', now: T + 1, retentionMs: 30 * DAY });
+      assert.equal(inbox.looped.length, 0);
+      inbox.run({ kind: 'prune', now: T + RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
+      assert.equal(inbox.looped.length, 1);
+      // And once restarted, not again for as long.
+      inbox.run({ kind: 'prune', now: T + RECEIPTS_RESTART_MS + 1, retentionMs: 30 * DAY });
       assert.equal(inbox.looped.length, 1);
       inbox.loop();
       assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
       assert.equal(inbox.meta.receiptedUpTo, 2 * N + 5);
       // Nothing owed: the walk starts no chain.
-      inbox.run({ kind: 'prune', now: T + 2, retentionMs: 30 * DAY });
+      inbox.run({ kind: 'prune', now: T + 3 * RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
       assert.equal(inbox.looped.length, 0);
     });
 
     it('is no ack of the device it names: it moves no ack and evicts no one', () => {
       const inbox = owing(2 * N + 5);
       inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
-      inbox.disconnect('c1');
-      // Before the loop, the phone is evicted by as many new devices as the actor remembers.
-      for (let i = 1; i <= MAX_DEVICES; i++) {
+      inbox.connect('laptop', 'c2', T + 1);
+      inbox.run({ kind: 'ack', deviceId: 'laptop', upTo: 3, at: T + 1 });
+      inbox.disconnect('c2');
+      for (let i = 3; i <= MAX_DEVICES; i++) {
         inbox.connect(`d${i}`, `c-d${i}`, T + i);
         inbox.disconnect(`c-d${i}`);
       }
       const devices = structuredClone(inbox.meta.devices);
-      assert.ok(!('phone' in devices));
+      assert.equal(Object.keys(devices).length, MAX_DEVICES);
+      // Crafted, or from a chain of an evicted device: names a device it did not come from.
+      for (const deviceId of ['laptop', 'stranger'])
+        inbox.run({ kind: 'ack', deviceId, upTo: 2 * N + 5, continued: true, at: T + 100 });
+      assert.deepEqual(inbox.meta.devices, devices, 'no ack raised, no device added or evicted');
       inbox.loop();
-      assert.deepEqual(inbox.meta.devices, devices, 'the phone stays evicted, the others stay');
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+    });
+
+    it('never evicts the device whose receipts are still owed, so a lost chain is seen', () => {
+      const inbox = new Inbox();
+      inbox.connect('old', 'c0'); // the first evicted: the placeholder gets its ack of 0
+      inbox.disconnect('c0');
+      inbox.connect('phone', 'c1');
+      for (let i = 1; i <= 2 * N + 5; i++) inbox.append(`m${i}`);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T + 1 });
+      inbox.disconnect('c1');
+      inbox.looped.length = 0; // the continued ack lost
+      for (let i = 1; i <= MAX_DEVICES; i++) {
+        inbox.connect(`d${i}`, `c-d${i}`, T + 1 + i);
+        inbox.disconnect(`c-d${i}`);
+      }
+      assert.equal(inbox.meta.devices.phone?.ack, 2 * N + 5, 'the phone is kept');
+      // Everything expires meanwhile; the walk comes by now and then.
+      for (let visit = 1; visit <= 40; visit++) {
+        inbox.run({
+          kind: 'prune',
+          now: T + 31 * DAY + visit * RECEIPTS_RESTART_MS,
+          retentionMs: 30 * DAY,
+        });
+        inbox.loop();
+      }
       assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
     });
 
@@ -1210,14 +1255,6 @@ describe('users actor: scenarios', () => {
  * every open connection has everything and none waits for a part.
  */
 describe('users actor: replays under random commands', () => {
-  /** mulberry32: a small seeded generator, so that a failing seed can be run again. */
-  const generator = (seed: number) => () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
-  };
-
   for (let seed = 1; seed <= 20; seed++) {
     it(`keeps every connection gapless and finishes every replay (seed ${seed})`, () => {
       const random = generator(seed);
@@ -1355,6 +1392,129 @@ describe('users actor: replays under random commands', () => {
         const has = Math.max(seen, inbox.meta.devices[deviceId]?.ack ?? 0);
         assert.ok(has >= head || head < inbox.meta.firstKept, `${connectionId}: ${has} of ${head}`);
       }
+    });
+  }
+});
+
+/**
+ * `delivered` receipts under random commands, message by message: appends in bursts past what
+ * one ack owes, acks of any device, devices past MAX_DEVICES evicted, expiry, prune walks, and
+ * the actor's continued acks read late, twice, or lost (an earlier version dropped them).
+ * Whatever the order: no receipt owed twice, none owed for a message no device acked, no acked
+ * entry pruned before its receipt was owed, no continued ack that changes the devices; and once
+ * the walk has come by, every message a device acked while it was kept has its receipt.
+ * SEEDS=n runs n seeds instead of 30.
+ */
+describe('users actor: receipts under random commands', () => {
+  for (let seed = 1; seed <= Number(process.env.SEEDS ?? 30); seed++) {
+    it(`owes each acked message's receipt once, whatever is lost or late (seed ${seed})`, () => {
+      const random = generator(seed);
+      const pick = <V>(list: V[]) => list[Math.floor(random() * list.length)]!;
+      const inbox = new Inbox();
+      const seqOf = new Map<string, number>();
+      const acked = new Set<number>(); // messages a device acked while they were kept
+      const owed = new Map<number, number>(); // receipts owed, by seq
+      const devices = pick([1, 3, 90]);
+      const open = new Map<string, string>(); // connectionId → deviceId
+      let now = T;
+      let messages = 0;
+      let connections = 0;
+
+      const run = (command: UserCommand) => {
+        const kept = inbox.entries.slice();
+        const devicesBefore = JSON.stringify(inbox.meta.devices);
+        for (const event of inbox.run(command)) {
+          if (event.type === 'entry-appended')
+            seqOf.set(messageIdOf(event.entry)!, event.entry.seq);
+          if (event.type === 'acked')
+            for (const entry of kept)
+              if (entry.seq <= event.upTo && messageIdOf(entry)?.startsWith('bob-'))
+                acked.add(entry.seq);
+          if (event.type === 'receipt-owed' && event.receipt.status === 'delivered') {
+            const seq = seqOf.get(event.receipt.messageId)!;
+            owed.set(seq, (owed.get(seq) ?? 0) + 1);
+            assert.equal(owed.get(seq), 1, `seq ${seq}: a receipt owed twice`);
+            assert.ok(acked.has(seq), `seq ${seq}: a receipt owed with no ack`);
+          }
+          if (event.type === 'pruned')
+            for (const entry of kept)
+              if (entry.seq < event.below && acked.has(entry.seq))
+                assert.ok(owed.has(entry.seq), `seq ${entry.seq} pruned before its receipt`);
+        }
+        if (command.kind === 'ack' && command.continued)
+          assert.equal(JSON.stringify(inbox.meta.devices), devicesBefore, 'a continued ack');
+      };
+      const connect = (deviceId: string) => {
+        const connectionId = `c${++connections}`;
+        run({ kind: 'connected', deviceId, gatewayId: 'gw1', connectionId, at: now });
+        return connectionId;
+      };
+
+      for (let step = 0; step < 400; step++) {
+        now += Math.floor(random() * (random() < 0.08 ? 40 * DAY : 600_000));
+        const r = random();
+        if (r < 0.3) {
+          // Now and then more than one ack owes receipts for at once.
+          const count = random() < 0.1 ? 500 + Math.floor(random() * 1_500) : 1;
+          for (let i = 0; i < count; i++) {
+            const id = `${random() < 0.05 ? ALICE : 'bob'}-${++messages}`;
+            run({ kind: 'append', entry: message(id, id.split('-')[0]!), dedupKey: id, at: now });
+          }
+        } else if (r < 0.33 && devices > 50) {
+          // New devices, enough to evict: each connects, may ack, and goes.
+          for (let i = Math.floor(random() * 2 * MAX_DEVICES); i > 0; i--) {
+            const deviceId = `new${connections}`;
+            const connectionId = connect(deviceId);
+            if (random() < 0.5)
+              run({
+                kind: 'ack',
+                deviceId,
+                upTo: Math.floor(random() * inbox.meta.nextSeq),
+                at: now,
+              });
+            run({ kind: 'disconnected', connectionId, at: now });
+          }
+        } else if (r < 0.45) {
+          const deviceId = `d${Math.floor(random() * devices)}`;
+          open.set(connect(deviceId), deviceId);
+        } else if (r < 0.55 && open.size > 0) {
+          const connectionId = pick([...open.keys()]);
+          open.delete(connectionId);
+          run({ kind: 'disconnected', connectionId, at: now });
+        } else if (r < 0.75) {
+          const deviceId =
+            open.size > 0 && random() < 0.8
+              ? pick([...open.values()])
+              : `d${Math.floor(random() * devices)}`;
+          run({
+            kind: 'ack',
+            deviceId,
+            upTo: Math.floor(random() * (inbox.meta.nextSeq + 5)),
+            at: now,
+          });
+        } else if (r < 0.85) {
+          // A visit of the walk: a few prunes in a row.
+          for (let i = 1 + Math.floor(random() * 20); i > 0; i--)
+            run({ kind: 'prune', now, retentionMs: 30 * DAY });
+        } else if (inbox.looped.length > 0) {
+          // A continued ack: read, read twice, or lost.
+          const i = Math.floor(random() * inbox.looped.length);
+          const command = inbox.looped[i]!;
+          const fate = random();
+          if (fate >= 0.1 && fate < 0.2) run(command);
+          else inbox.looped.splice(i, 1);
+          if (fate >= 0.1) run(command);
+        }
+      }
+      // What is on its way is read; the walk comes by, after a while, and starts what was lost.
+      for (let visit = 0; visit < 5; visit++) {
+        while (inbox.looped.length > 0) run(inbox.looped.shift()!);
+        now += RECEIPTS_RESTART_MS;
+        run({ kind: 'prune', now, retentionMs: 30 * DAY });
+      }
+      while (inbox.looped.length > 0) run(inbox.looped.shift()!);
+      const missing = [...acked].filter((seq) => !owed.has(seq));
+      assert.deepEqual(missing.slice(0, 5), [], `${missing.length} acked messages owe no receipt`);
     });
   }
 });
