@@ -132,7 +132,11 @@ describe('chat on Kafka: a gateway killed and started again under the same id', 
   });
 });
 
-/** Waits until the users actor has processed every message copy in `userId`'s partition. */
+/**
+ * Waits until the users actor has processed every message copy in `userId`'s partition: its
+ * committed offset there reaches the end. (Gateways write copies without transactions; were a
+ * transaction's commit marker last in the partition, the offset would stop one short of it.)
+ */
 async function inboxCaughtUp(userId: string): Promise<void> {
   const log = new KafkaLog({ brokers: process.env.KAFKA_BROKERS!.split(','), clientId: 'probe' });
   try {
