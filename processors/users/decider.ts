@@ -72,10 +72,11 @@ export interface UserMeta {
    */
   recentlyClosed?: string[];
   /**
-   * The latest `at` of a continued ack asked for (absent: none since it was kept): the prune
-   * walk starts a chain of them again only when none was asked for in RECEIPTS_RESTART_MS.
+   * While receipts are owed, where the prune walk last saw them owed through and when, by its
+   * own clock (absent: not seen owed since it was kept): it starts their chain again when they
+   * have not moved on for RECEIPTS_RESTART_MS.
    */
-  receiptsContinuedAt?: number;
+  receiptsWatch?: { through: number; at: number };
   /** Devices registered for push, by deviceId, oldest registration first (MAX_DEVICES). */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
@@ -234,6 +235,8 @@ export type UserEvent =
   | { type: 'entry-appended'; entry: InboxEntry; dedupKey: string }
   | { type: 'acked'; deviceId: string; upTo: number; at: number }
   | { type: 'receipted'; upTo: number }
+  /** The prune walk saw receipts owed through `through`, at `at` by its clock. */
+  | { type: 'receipts-watched'; through: number; at: number }
   | { type: 'push-registered'; deviceId: string; pushToken: string; platform: string | null }
   | { type: 'push-removed'; deviceId: string }
   | { type: 'pruned'; below: number }
@@ -488,8 +491,9 @@ export const RECEIPTED_PER_COMMAND = 1_024;
 const receiptedThrough = (meta: UserMeta) => Math.max(meta.receiptedUpTo, meta.firstKept - 1);
 
 /**
- * How long receipts may stay owed, with no continued ack asked for, before the prune walk takes
- * the chain for lost and starts it again (a chain of them takes milliseconds a link).
+ * How long receipts may stay owed without moving on, by the prune walk's clock, before it takes
+ * their chain for lost and starts it again (a chain takes milliseconds a link). Not by the
+ * acks' times: those are the gateways', and a gateway's clock ahead would hold a restart off.
  */
 export const RECEIPTS_RESTART_MS = 60_000;
 
@@ -850,13 +854,18 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // entry that is not too old (the entries in view are the slice right above the acked).
       const below = prunedBelow(meta, view.entries, command.now, command.retentionMs);
       const events: UserEvent[] = below > meta.firstKept ? [{ type: 'pruned', below }] : [];
-      // Receipts still owed, and no continued ack asked for in a while: it was lost (a
-      // processor of an earlier version dropped it), and the chain starts again. Should one
-      // still be on its way, that is harmless: what it owes, the other finds owed already.
+      // Receipts still owed, and not moved on for a while: their chain was lost (a processor
+      // of an earlier version dropped it), and starts again. Should it still be on its way,
+      // that is harmless: what one owes, the other finds owed already.
       const pending = receiptsPending(meta);
-      const lastAsked = meta.receiptsContinuedAt ?? -Infinity;
-      if (pending && command.now - lastAsked >= RECEIPTS_RESTART_MS)
-        events.push({ type: 'receipts-continued', ...pending, at: command.now });
+      if (!pending) return events;
+      const through = receiptedThrough(meta);
+      const watch = meta.receiptsWatch;
+      const moved = !watch || watch.through !== through || command.now < watch.at;
+      if (moved || command.now - watch.at >= RECEIPTS_RESTART_MS) {
+        if (!moved) events.push({ type: 'receipts-continued', ...pending, at: command.now });
+        events.push({ type: 'receipts-watched', through, at: command.now });
+      }
       return events;
     }
   }
@@ -967,8 +976,8 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
     }
     case 'receipted':
       return { ...meta, receiptedUpTo: event.upTo };
-    case 'receipts-continued':
-      return { ...meta, receiptsContinuedAt: Math.max(meta.receiptsContinuedAt ?? 0, event.at) };
+    case 'receipts-watched':
+      return { ...meta, receiptsWatch: { through: event.through, at: event.at } };
     case 'push-registered': {
       const registration = { pushToken: event.pushToken, platform: event.platform };
       return {

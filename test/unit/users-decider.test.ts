@@ -970,13 +970,15 @@ describe('users actor: scenarios', () => {
       inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
       // A processor of an earlier version read it and dropped it.
       inbox.looped.length = 0;
-      // It may still be on its way for a while: the walk leaves it be.
+      // It may still be on its way for a while: the walk leaves it be, and watches.
       inbox.run({ kind: 'prune', now: T + 1, retentionMs: 30 * DAY });
       assert.equal(inbox.looped.length, 0);
       inbox.run({ kind: 'prune', now: T + RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
-      assert.equal(inbox.looped.length, 1);
+      assert.equal(inbox.looped.length, 0, 'not a minute yet');
+      inbox.run({ kind: 'prune', now: T + 1 + RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
+      assert.equal(inbox.looped.length, 1, 'a minute without moving on');
       // And once restarted, not again for as long.
-      inbox.run({ kind: 'prune', now: T + RECEIPTS_RESTART_MS + 1, retentionMs: 30 * DAY });
+      inbox.run({ kind: 'prune', now: T + 2 + RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
       assert.equal(inbox.looped.length, 1);
       inbox.loop();
       assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
@@ -984,6 +986,34 @@ describe('users actor: scenarios', () => {
       // Nothing owed: the walk starts no chain.
       inbox.run({ kind: 'prune', now: T + 3 * RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
       assert.equal(inbox.looped.length, 0);
+    });
+
+    it("restarts a lost chain by the walk's clock, whatever clock the ack came with", () => {
+      const inbox = owing(2 * N + 5);
+      // A gateway a year ahead, then the continued ack lost.
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T + 365 * DAY });
+      inbox.looped.length = 0;
+      inbox.run({ kind: 'prune', now: T, retentionMs: 30 * DAY });
+      inbox.run({ kind: 'prune', now: T + RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
+      assert.equal(inbox.looped.length, 1);
+      inbox.loop();
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+    });
+
+    it('restarts no chain that moves on, however slowly', () => {
+      const inbox = owing(3 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3 * N + 5, at: T });
+      // The processor lags: each link is read minutes after the one before.
+      for (let minute = 1; inbox.looped.length > 0; minute++) {
+        inbox.run({
+          kind: 'prune',
+          now: T + minute * 3 * RECEIPTS_RESTART_MS,
+          retentionMs: 30 * DAY,
+        });
+        assert.equal(inbox.looped.length, 1, 'one chain');
+        inbox.run(inbox.looped.shift()!);
+      }
+      assert.equal(inbox.receiptsOwed().length, 3 * N + 5, 'each once');
     });
 
     it('is no ack of the device it names: it moves no ack and evicts no one', () => {
@@ -1419,6 +1449,8 @@ describe('users actor: receipts under random commands', () => {
       let now = T;
       let messages = 0;
       let connections = 0;
+      // An ack's time is its gateway's: some run behind, some ahead, one a year ahead.
+      const gatewayNow = () => now + pick([0, 0, 0, -600_000, 600_000, 365 * DAY]);
 
       const run = (command: UserCommand) => {
         const kept = inbox.entries.slice();
@@ -1470,7 +1502,7 @@ describe('users actor: receipts under random commands', () => {
                 kind: 'ack',
                 deviceId,
                 upTo: Math.floor(random() * inbox.meta.nextSeq),
-                at: now,
+                at: gatewayNow(),
               });
             run({ kind: 'disconnected', connectionId, at: now });
           }
@@ -1490,7 +1522,7 @@ describe('users actor: receipts under random commands', () => {
             kind: 'ack',
             deviceId,
             upTo: Math.floor(random() * (inbox.meta.nextSeq + 5)),
-            at: now,
+            at: gatewayNow(),
           });
         } else if (r < 0.85) {
           // A visit of the walk: a few prunes in a row.
