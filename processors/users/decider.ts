@@ -503,15 +503,18 @@ const receiptsThrough = (meta: UserMeta, upTo: number) =>
 
 /**
  * The device with the highest ack, when it acked past what receipts have been owed for: the
- * rest are owed through a continued ack (none: nothing is owed). Not the EVICTED placeholder:
- * a processor of an earlier version takes a continued ack for the ack of the device it names,
- * which must have acked that far already.
+ * rest are owed through a continued ack (none: nothing is owed). A processor of an earlier
+ * version takes a continued ack for an ack of the device it names, which has acked that far
+ * already. The EVICTED placeholder only when its ack is the highest: every device evicted into
+ * it acked that far (a meta from before the owing device was kept from eviction).
  */
 function receiptsPending(meta: UserMeta): { deviceId: string; upTo: number } | undefined {
   let top: { deviceId: string; upTo: number } | undefined;
-  for (const [deviceId, device] of Object.entries(meta.devices))
-    if (deviceId !== EVICTED && device.ack > (top?.upTo ?? receiptedThrough(meta)))
+  for (const [deviceId, device] of Object.entries(meta.devices)) {
+    const above = top?.upTo ?? receiptedThrough(meta);
+    if (device.ack > above || (device.ack === above && top?.deviceId === EVICTED))
       top = { deviceId, upTo: device.ack };
+  }
   return top;
 }
 

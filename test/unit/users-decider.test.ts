@@ -1016,6 +1016,25 @@ describe('users actor: scenarios', () => {
       assert.equal(inbox.receiptsOwed().length, 3 * N + 5, 'each once');
     });
 
+    it('owes, after a lost chain, what a device folded into the placeholder had acked', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
+      inbox.looped.length = 0;
+      // A meta from before the owing device was kept from eviction: the phone went into it.
+      inbox.disconnect('c1');
+      inbox.meta = { ...inbox.meta, devices: { [EVICTED]: { ack: 2 * N + 5, seenAt: T } } };
+      for (const now of [T + 31 * DAY, T + 31 * DAY + RECEIPTS_RESTART_MS]) {
+        inbox.run({ kind: 'prune', now, retentionMs: 30 * DAY });
+        assert.equal(inbox.meta.firstKept, N + 1, 'nothing expires whose receipt is owed');
+      }
+      assert.deepEqual(
+        inbox.looped.map((c) => c.kind === 'ack' && [c.deviceId, c.upTo]),
+        [[EVICTED, 2 * N + 5]],
+      );
+      inbox.loop();
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+    });
+
     it('is no ack of the device it names: it moves no ack and evicts no one', () => {
       const inbox = owing(2 * N + 5);
       inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 2 * N + 5, at: T });
