@@ -122,9 +122,10 @@ export const MAX_UNANSWERED_FRAMES = 32;
 
 /**
  * Entries delivered before `ready` has been written are held until it has, up to this many
- * bytes; beyond it the connection is closed as a slow consumer.
+ * bytes, as much as a burst may put in the send buffer; beyond it the connection is closed as a
+ * slow consumer. Once written, they are a burst like any other (SLOW_CONSUMER_GRACE_MS).
  */
-export const MAX_HELD_BEFORE_READY_BYTES = SEND_BUFFER_LIMIT_BYTES;
+export const MAX_HELD_BEFORE_READY_BYTES = SEND_BUFFER_HARD_LIMIT_BYTES;
 
 /** `send` and `typing` frames per second a connection may make (PROTOCOL.md: RATE_LIMIT_PER_S). */
 export const DEFAULT_RATE_LIMIT_PER_S = 50;
