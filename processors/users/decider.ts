@@ -415,9 +415,11 @@ function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] 
   const known = Object.keys(meta.devices).filter((id) => id !== EVICTED);
   if (own(meta.devices, deviceId) || known.length < MAX_DEVICES) return [];
   const connected = connectedDevices(meta);
-  const owing = receiptsPending(meta)?.deviceId;
+  const owing = receiptsPending(meta);
+  // Nor, while the placeholder is the one owed for, a device whose lower ack it would take.
+  const floor = owing?.deviceId === EVICTED ? owing.upTo : -Infinity;
   const deviceIds = known
-    .filter((id) => !connected.has(id) && id !== owing)
+    .filter((id) => !connected.has(id) && id !== owing?.deviceId && meta.devices[id]!.ack >= floor)
     .sort((a, b) => (meta.devices[a]!.seenAt ?? 0) - (meta.devices[b]!.seenAt ?? 0))
     .slice(0, known.length - MAX_DEVICES + 1);
   return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds, at }] : [];
@@ -977,8 +979,11 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       };
       return { ...meta, devices: { ...meta.devices, [event.deviceId]: device } };
     }
-    case 'receipted':
-      return { ...meta, receiptedUpTo: event.upTo };
+    case 'receipted': {
+      // Moved on: the walk watches afresh, if they are still owed at its next visit.
+      const { receiptsWatch: _moved, ...rest } = meta;
+      return { ...rest, receiptedUpTo: event.upTo };
+    }
     case 'receipts-watched':
       return { ...meta, receiptsWatch: { through: event.through, at: event.at } };
     case 'push-registered': {

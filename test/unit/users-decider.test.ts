@@ -1022,7 +1022,13 @@ describe('users actor: scenarios', () => {
       inbox.looped.length = 0;
       // A meta from before the owing device was kept from eviction: the phone went into it.
       inbox.disconnect('c1');
-      inbox.meta = { ...inbox.meta, devices: { [EVICTED]: { ack: 2 * N + 5, seenAt: T } } };
+      const devices: UserMeta['devices'] = { [EVICTED]: { ack: 2 * N + 5, seenAt: T } };
+      for (let i = 1; i < MAX_DEVICES; i++) devices[`d${i}`] = { ack: N, seenAt: T + i };
+      inbox.meta = { ...inbox.meta, devices };
+      // A new device: the placeholder takes none whose lower ack would hide what is owed.
+      inbox.connect('newcomer', 'c2', T + 1);
+      inbox.connect('another', 'c3', T + 2);
+      assert.equal(inbox.meta.devices[EVICTED]!.ack, 2 * N + 5);
       for (const now of [T + 31 * DAY, T + 31 * DAY + RECEIPTS_RESTART_MS]) {
         inbox.run({ kind: 'prune', now, retentionMs: 30 * DAY });
         assert.equal(inbox.meta.firstKept, N + 1, 'nothing expires whose receipt is owed');
