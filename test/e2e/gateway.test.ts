@@ -1258,46 +1258,46 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.close();
     });
 
-    /** Deliveries of `count` messages of about `bodyBytes` each to one connection, in one send. */
-    async function deliver(
-      at: Running,
+    /** Writes deliveries for `userId` to the gateway `at`'s topic, as the users actor does. */
+    async function deliveriesTo(at: Running, userId: string) {
+      const topic = deliveriesTopic(at.gateway.gatewayId);
+      const codec = await new Codecs(registry).forTopic<Delivery>(
+        topic,
+        loadSchema('Delivery'),
+        avroTypeOptions(),
+      );
+      const producer = await log.producer();
+      return {
+        send: (deliveries: Delivery[]) =>
+          producer.send(
+            deliveries.map((d) => ({ topic, key: Buffer.from(userId), value: codec.encode(d) })),
+          ),
+        close: () => producer.close(),
+      };
+    }
+
+    /** `count` messages from `fromSeq` on, with bodies of about `bodyBytes`, to one connection. */
+    const messages = (
       userId: string,
       target: { deviceId: string; connectionId: string },
       fromSeq: number,
       count: number,
       bodyBytes: number,
-    ): Promise<void> {
-      const codec = await new Codecs(registry).forTopic<Delivery>(
-        deliveriesTopic(at.gateway.gatewayId),
-        loadSchema('Delivery'),
-        avroTypeOptions(),
+    ) =>
+      Array.from({ length: count }, (_, i) =>
+        messageDelivery(
+          userId,
+          [target],
+          fromSeq + i,
+          JSON.stringify(randomBytes((bodyBytes * 3) / 4).toString('base64')),
+        ),
       );
-      const producer = await log.producer();
-      try {
-        await producer.send(
-          Array.from({ length: count }, (_, i) => ({
-            topic: deliveriesTopic(at.gateway.gatewayId),
-            key: Buffer.from(userId),
-            value: codec.encode(
-              messageDelivery(
-                userId,
-                [target],
-                fromSeq + i,
-                JSON.stringify(randomBytes((bodyBytes * 3) / 4).toString('base64')),
-              ),
-            ),
-          })),
-        );
-      } finally {
-        await producer.close();
-      }
-    }
 
     /** A client that has stopped reading: the kernel buffers fill, then the gateway's. */
-    async function notReading(at: Running, userId: string) {
-      const client = await open(userId, { at, deviceId: 'slow', ws: { perMessageDeflate: false } });
+    async function notReading(at: Running, userId: string, deviceId = 'slow') {
+      const client = await open(userId, { at, deviceId, ws: { perMessageDeflate: false } });
       assert.equal((await client.next()).type, 'ready');
-      const connectionId = await connectionIdOf(at, userId, 'slow');
+      const connectionId = await connectionIdOf(at, userId, deviceId);
       const socket = (client.ws as unknown as { _socket: { pause(): void; resume(): void } })
         ._socket;
       socket.pause();
@@ -1316,10 +1316,12 @@ describe('gateway (WebSocket, embedded log)', function () {
       const alice = newUser('alice');
       const { client, connectionId, resume } = await notReading(slow, alice);
       const target = { deviceId: 'slow', connectionId };
+      const to = await deliveriesTo(slow, alice);
       // Deliveries until the send buffer is over the limit, then no more: it stays over.
       const over = () => counter(slow, 'kchat_gateway_send_buffer_over_limit_total');
       for (let round = 0, seq = 1; round < 100 && (await over()) === 0; round++, seq += 20)
-        await deliver(slow, alice, target, seq, 20, 6_000);
+        await to.send(messages(alice, target, seq, 20, 6_000));
+      await to.close();
       assert.equal(await over(), 1, 'over the limit');
       await new Promise((resolve) => setTimeout(resolve, 300));
       assert.equal(slow.gateway.connectionCount, 1, 'not closed before the grace');
@@ -1347,10 +1349,12 @@ describe('gateway (WebSocket, embedded log)', function () {
       const alice = newUser('alice');
       const { client, connectionId, resume } = await notReading(slow, alice);
       const target = { deviceId: 'slow', connectionId };
+      const to = await deliveriesTo(slow, alice);
       for (let round = 0, seq = 1; round < 200 && slow.gateway.connectionCount > 0; round++) {
-        await deliver(slow, alice, target, seq, 20, 6_000);
+        await to.send(messages(alice, target, seq, 20, 6_000));
         seq += 20;
       }
+      await to.close();
       await eventually(() => slow.gateway.connectionCount === 0, 5000, 'the slow client closed');
       assert.equal(await counter(slow, 'kchat_gateway_slow_consumers_total'), 1);
       resume();
@@ -1368,7 +1372,9 @@ describe('gateway (WebSocket, embedded log)', function () {
       assert.equal((await client.next()).type, 'ready');
       const connectionId = await connectionIdOf(bursty, alice, 'phone');
       // One batch of about 900 KB for one connection, as a Kafka fetch brings.
-      await deliver(bursty, alice, { deviceId: 'phone', connectionId }, 1, 150, 6_000);
+      const to = await deliveriesTo(bursty, alice);
+      await to.send(messages(alice, { deviceId: 'phone', connectionId }, 1, 150, 6_000));
+      await to.close();
       await eventually(
         () => client.frames.filter((f) => f.type === 'message').length === 150,
         10_000,
@@ -1391,21 +1397,10 @@ describe('gateway (WebSocket, embedded log)', function () {
 
     it("asks for a replay's next part once the client has read the part, not before", async () => {
       const paced = await startGateway({ limits: { sendBufferLimitBytes: 8 * 1024 * 1024 } });
-      const codec = await new Codecs(registry).forTopic<Delivery>(
-        deliveriesTopic(paced.gateway.gatewayId),
-        loadSchema('Delivery'),
-        avroTypeOptions(),
-      );
       const alice = newUser('alice');
-      const client = await open(alice, {
-        at: paced,
-        deviceId: 'back',
-        ws: { perMessageDeflate: false },
-      });
-      assert.equal((await client.next()).type, 'ready');
-      const connectionId = await connectionIdOf(paced, alice, 'back');
-      const socket = (client.ws as unknown as { _socket: { pause(): void; resume(): void } })
-        ._socket;
+      // The client stops reading; entries go out until the gateway holds more than the resume
+      // threshold for it (the kernel's buffers fill first).
+      const { client, connectionId, resume } = await notReading(paced, alice, 'back');
       const held = () =>
         (
           paced.gateway as unknown as {
@@ -1417,18 +1412,8 @@ describe('gateway (WebSocket, embedded log)', function () {
           const sync = r.value && (r.value.command as { [fullNames.Sync]?: Sync })[fullNames.Sync];
           return sync?.connectionId === connectionId && sync.continued ? [sync.after] : [];
         });
-      // The client stops reading; entries go out until the gateway holds more than the resume
-      // threshold for it (the kernel's buffers fill first).
-      socket.pause();
-      const producer = await log.producer();
-      const deliver = (delivery: Delivery) =>
-        producer.send([
-          {
-            topic: deliveriesTopic(paced.gateway.gatewayId),
-            key: Buffer.from(alice),
-            value: codec.encode(delivery),
-          },
-        ]);
+      const to = await deliveriesTo(paced, alice);
+      const deliver = (delivery: Delivery) => to.send([delivery]);
       const body = JSON.stringify(randomBytes(6000).toString('base64'));
       const target = [{ deviceId: 'back', connectionId }];
       let seq = 0;
@@ -1443,12 +1428,12 @@ describe('gateway (WebSocket, embedded log)', function () {
       await new Promise((resolve) => setTimeout(resolve, 500));
       assert.deepEqual(await continued(), []);
       // It reads: the gateway asks for the part after the last entry it wrote, once.
-      socket.resume();
+      resume();
       await eventually(async () => (await continued()).length > 0, 5_000, 'a continued Sync');
       await new Promise((resolve) => setTimeout(resolve, 200));
       assert.deepEqual(await continued(), [partEnd]);
       assert.equal(await counter(paced, 'kchat_gateway_replay_parts_asked_total'), 1);
-      await producer.close();
+      await to.close();
       client.close();
     });
   });
