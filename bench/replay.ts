@@ -21,7 +21,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { WebSocket } from 'ws';
 import { startShape, type ShapeName } from './chat.ts';
-import { metric, register } from '../test/support/chat-client.ts';
+import { metric, metricLines, register } from '../test/support/chat-client.ts';
 
 type Frame = { type: string; seq?: number; id?: string; code?: string };
 
@@ -175,8 +175,7 @@ export async function run(args: string[]): Promise<void> {
           if (still >= 60) {
             // What the processes say about it, for whoever reads the failure.
             for (const { url } of servers) {
-              const text = await fetch(`${url}/metrics`).then((r) => r.text());
-              const lines = text.split('\n').filter((l) => /^kchat_(users|gateway)_/.test(l));
+              const lines = await metricLines(url, /^kchat_(users|gateway)_/);
               console.error(`  [replay] ${url}/metrics:\n    ${lines.join('\n    ')}`);
             }
             throw new Error(`no entry for a minute: ${device.entries} of ${count}`);
@@ -191,7 +190,7 @@ export async function run(args: string[]): Promise<void> {
 
       console.error(`  [replay] live: ${count} messages of ${bytes} bytes to a device online`);
       const online = await Device.open(url, tokens.bob, 'phone', deflate);
-      await online.until(() => online.entries >= 1, 10_000, 'the probe'); // the probe
+      await online.until(() => online.entries >= 1, 10_000, 'the probe');
       online.entries = 0;
       const liveStart = performance.now();
       await sendAll(sender, bob, count, bytes, 'live');

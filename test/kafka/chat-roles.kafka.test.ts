@@ -15,7 +15,7 @@ import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { promisify } from 'node:util';
 import { KafkaDeployment } from '../support/process.ts';
-import { Client, register } from '../support/chat-client.ts';
+import { Client, metricLines, register } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
 import { orderViolations, ResilientSender } from '../support/resilient-sender.ts';
 
@@ -147,18 +147,12 @@ describe('chat on Kafka, one role per process: gateway, users processor and brok
                 async (r) => `${r.status} ${await r.text()}`,
                 () => 'down',
               );
-              const metrics = await fetch(`${p.url}/metrics`).then(
-                async (r) =>
-                  (await r.text())
-                    .split('\n')
-                    .filter((l) =>
-                      /^kchat_(streams_records_processed|streams_commits_total|gateway_deliveries|users_live_gateways|users_catch_up)/.test(
-                        l,
-                      ),
-                    )
-                    .join('; '),
-                () => '',
-              );
+              const metrics = (
+                await metricLines(
+                  p.url,
+                  /^kchat_(streams_records_processed|streams_commits_total|gateway_deliveries|users_live_gateways|users_catch_up)/,
+                )
+              ).join('; ');
               return `${name}: readyz ${ready}; ${metrics}`;
             }),
           );

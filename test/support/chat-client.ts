@@ -37,6 +37,18 @@ export async function metric(
   return sum;
 }
 
+/**
+ * The lines of the /metrics of the process serving `url` that match `pattern` (none when it
+ * does not answer): what a failing test or bench prints of a process's state.
+ */
+export async function metricLines(url: string, pattern: RegExp): Promise<string[]> {
+  const text = await fetch(`${url}/metrics`).then(
+    (r) => r.text(),
+    () => '',
+  );
+  return text.split('\n').filter((line) => pattern.test(line));
+}
+
 export class Client {
   readonly frames: Frame[] = [];
   private constructor(readonly ws: WebSocket) {
