@@ -511,9 +511,10 @@ const receiptsThrough = (meta: UserMeta, upTo: number) =>
  * it acked that far (a meta from before the owing device was kept from eviction).
  */
 function receiptsPending(meta: UserMeta): { deviceId: string; upTo: number } | undefined {
+  const through = receiptedThrough(meta);
   let top: { deviceId: string; upTo: number } | undefined;
   for (const [deviceId, device] of Object.entries(meta.devices)) {
-    const above = top?.upTo ?? receiptedThrough(meta);
+    const above = top?.upTo ?? through;
     if (device.ack > above || (device.ack === above && top?.deviceId === EVICTED))
       top = { deviceId, upTo: device.ack };
   }
@@ -522,16 +523,21 @@ function receiptsPending(meta: UserMeta): { deviceId: string; upTo: number } | u
 
 /**
  * Where a prune's kept entries start: above what every device acked, and above the expired
- * entries that follow (a prefix: expiry stops at the first entry that is not too old).
- * `entries`: the slice right above what every device acked.
+ * entries that follow (a prefix: expiry stops at the first entry that is not too old, and at
+ * `owedFrom`, the first whose receipt is still owed). `entries`: the slice right above what
+ * every device acked.
  */
-function prunedBelow(meta: UserMeta, entries: InboxEntry[], now: number, retentionMs: number) {
+function prunedBelow(
+  meta: UserMeta,
+  entries: InboxEntry[],
+  now: number,
+  retentionMs: number,
+  owedFrom: number,
+) {
   let below = prunableBelow(meta);
-  // Nor an entry a device acked whose receipt is still owed: a continued ack will read it.
-  const owed = receiptsPending(meta) ? receiptedThrough(meta) + 1 : Infinity;
   for (const entry of entries) {
     if (entry.seq < below) continue;
-    if (entry.seq >= owed) break;
+    if (entry.seq >= owedFrom) break;
     if (entry.seq > below || now - entry.at <= retentionMs) break;
     below = entry.seq + 1;
   }
@@ -857,14 +863,16 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
       // Kept until every device that ever connected acked it, or until it is too old. Both
       // rules remove a prefix of the inbox: acks are cumulative, and expiry stops at the first
       // entry that is not too old (the entries in view are the slice right above the acked).
-      const below = prunedBelow(meta, view.entries, command.now, command.retentionMs);
+      // Nor an entry a device acked whose receipt is still owed: a continued ack will read it.
+      const pending = receiptsPending(meta);
+      const through = receiptedThrough(meta);
+      const owedFrom = pending ? through + 1 : Infinity;
+      const below = prunedBelow(meta, view.entries, command.now, command.retentionMs, owedFrom);
       const events: UserEvent[] = below > meta.firstKept ? [{ type: 'pruned', below }] : [];
       // Receipts still owed, and not moved on for a while: their chain was lost (a processor
       // of an earlier version dropped it), and starts again. Should it still be on its way,
       // that is harmless: what one owes, the other finds owed already.
-      const pending = receiptsPending(meta);
       if (!pending) return events;
-      const through = receiptedThrough(meta);
       const watch = meta.receiptsWatch;
       const moved = !watch || watch.through !== through || command.now < watch.at;
       if (moved || command.now - watch.at >= RECEIPTS_RESTART_MS) {
