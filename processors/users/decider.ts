@@ -77,6 +77,13 @@ export interface UserMeta {
    * have not moved on for RECEIPTS_RESTART_MS.
    */
   receiptsWatch?: { through: number; at: number };
+  /**
+   * The highest ack any device has made, and the device that made it (absent in metas stored
+   * before it was kept: the highest in `devices`). It never falls: a device evicted past
+   * MAX_DEVICES leaves it here, so what `delivered` receipts are owed for does not hang on
+   * which devices are still remembered.
+   */
+  highestAck?: HighestAck;
   /** Devices registered for push, by deviceId, oldest registration first (MAX_DEVICES). */
   push: Record<string, { pushToken: string; platform: string | null }>;
 }
@@ -84,6 +91,11 @@ export interface UserMeta {
 export interface Device {
   ack: number;
   seenAt?: number;
+}
+
+export interface HighestAck {
+  deviceId: string;
+  upTo: number;
 }
 
 /**
@@ -407,19 +419,14 @@ const connectedDevices = (meta: UserMeta) =>
 /**
  * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it evicts
  * the least recently seen without an open connection (none: a meta stored without seenAt), at
- * `at` (the time the placeholder takes for devices stored without seenAt). Nor the device whose
- * ack receipts are still owed up to: the placeholder would fold its ack into a lower one, and
- * the prune walk would no longer see what is owed.
+ * `at` (the time the placeholder takes for devices stored without seenAt).
  */
 function makeRoomFor(meta: UserMeta, deviceId: string, at: number): UserEvent[] {
   const known = Object.keys(meta.devices).filter((id) => id !== EVICTED);
   if (own(meta.devices, deviceId) || known.length < MAX_DEVICES) return [];
   const connected = connectedDevices(meta);
-  const owing = receiptsPending(meta);
-  // Nor, while the placeholder is the one owed for, a device whose lower ack it would take.
-  const floor = owing?.deviceId === EVICTED ? owing.upTo : -Infinity;
   const deviceIds = known
-    .filter((id) => !connected.has(id) && id !== owing?.deviceId && meta.devices[id]!.ack >= floor)
+    .filter((id) => !connected.has(id))
     .sort((a, b) => (meta.devices[a]!.seenAt ?? 0) - (meta.devices[b]!.seenAt ?? 0))
     .slice(0, known.length - MAX_DEVICES + 1);
   return deviceIds.length > 0 ? [{ type: 'devices-evicted', deviceIds, at }] : [];
@@ -504,21 +511,27 @@ const receiptsThrough = (meta: UserMeta, upTo: number) =>
   Math.min(upTo, meta.nextSeq - 1, receiptedThrough(meta) + RECEIPTED_PER_COMMAND);
 
 /**
- * The device with the highest ack, when it acked past what receipts have been owed for: the
- * rest are owed through a continued ack (none: nothing is owed). A processor of an earlier
- * version takes a continued ack for an ack of the device it names, which has acked that far
- * already. The EVICTED placeholder only when its ack is the highest: every device evicted into
- * it acked that far (a meta from before the owing device was kept from eviction).
+ * The highest ack any device has made: the one kept, or a device's if higher (a meta stored
+ * before it was kept, or since by a processor of an earlier version that did not raise it). In
+ * `devices`, a device rather than the EVICTED placeholder at a tie: every device evicted into
+ * the placeholder acked at least as far as its ack.
  */
-function receiptsPending(meta: UserMeta): { deviceId: string; upTo: number } | undefined {
-  const through = receiptedThrough(meta);
-  let top: { deviceId: string; upTo: number } | undefined;
-  for (const [deviceId, device] of Object.entries(meta.devices)) {
-    const above = top?.upTo ?? through;
-    if (device.ack > above || (device.ack === above && top?.deviceId === EVICTED))
+function highestAckOf(meta: UserMeta): HighestAck | undefined {
+  let top = meta.highestAck;
+  for (const [deviceId, device] of Object.entries(meta.devices))
+    if (!top || device.ack > top.upTo || (device.ack === top.upTo && top.deviceId === EVICTED))
       top = { deviceId, upTo: device.ack };
-  }
   return top;
+}
+
+/**
+ * The highest ack, when it is past what receipts have been owed for: the rest are owed through
+ * a continued ack naming its device (none: nothing is owed). A processor of an earlier version
+ * takes a continued ack for an ack of the device it names, which has acked that far already.
+ */
+function receiptsPending(meta: UserMeta): HighestAck | undefined {
+  const top = highestAckOf(meta);
+  return top && top.upTo > receiptedThrough(meta) ? top : undefined;
 }
 
 /**
@@ -965,6 +978,8 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       };
     }
     case 'devices-evicted': {
+      // The highest ack stays, whichever device it was.
+      const highestAck = highestAckOf(meta);
       const devices = { ...meta.devices };
       let placeholder = devices[EVICTED];
       for (const deviceId of event.deviceIds) {
@@ -976,7 +991,11 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         };
         delete devices[deviceId];
       }
-      return { ...meta, devices: placeholder ? { ...devices, [EVICTED]: placeholder } : devices };
+      return {
+        ...meta,
+        devices: placeholder ? { ...devices, [EVICTED]: placeholder } : devices,
+        ...(highestAck ? { highestAck } : {}),
+      };
     }
     case 'entry-appended':
       return { ...meta, nextSeq: event.entry.seq + 1 };
@@ -985,7 +1004,10 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         ack: event.upTo,
         seenAt: seenAt(own(meta.devices, event.deviceId), event.at),
       };
-      return { ...meta, devices: { ...meta.devices, [event.deviceId]: device } };
+      const top = highestAckOf(meta);
+      const highestAck =
+        top && top.upTo >= event.upTo ? top : { deviceId: event.deviceId, upTo: event.upTo };
+      return { ...meta, devices: { ...meta.devices, [event.deviceId]: device }, highestAck };
     }
     case 'receipted': {
       // Moved on: the walk watches afresh, if they are still owed at its next visit.

@@ -1024,11 +1024,13 @@ describe('users actor: scenarios', () => {
       inbox.disconnect('c1');
       const devices: UserMeta['devices'] = { [EVICTED]: { ack: 2 * N + 5, seenAt: T } };
       for (let i = 1; i < MAX_DEVICES; i++) devices[`d${i}`] = { ack: N, seenAt: T + i };
-      inbox.meta = { ...inbox.meta, devices };
-      // A new device: the placeholder takes none whose lower ack would hide what is owed.
+      const { highestAck: _kept, ...legacy } = inbox.meta; // nor was the highest ack kept
+      inbox.meta = { ...legacy, devices };
+      // New devices: the placeholder takes in lower acks, and the highest is kept apart.
       inbox.connect('newcomer', 'c2', T + 1);
       inbox.connect('another', 'c3', T + 2);
-      assert.equal(inbox.meta.devices[EVICTED]!.ack, 2 * N + 5);
+      assert.equal(inbox.meta.devices[EVICTED]!.ack, N);
+      assert.deepEqual(inbox.meta.highestAck, { deviceId: EVICTED, upTo: 2 * N + 5 });
       for (const now of [T + 31 * DAY, T + 31 * DAY + RECEIPTS_RESTART_MS]) {
         inbox.run({ kind: 'prune', now, retentionMs: 30 * DAY });
         assert.equal(inbox.meta.firstKept, N + 1, 'nothing expires whose receipt is owed');
@@ -1039,6 +1041,27 @@ describe('users actor: scenarios', () => {
       );
       inbox.loop();
       assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
+    });
+
+    it('owes up to a device ack above the highest kept (an earlier version applied it)', () => {
+      const inbox = owing(2 * N + 5);
+      inbox.run({ kind: 'ack', deviceId: 'phone', upTo: 3, at: T });
+      // A processor of an earlier version applied the phone's next ack, and dropped its chain.
+      inbox.meta = {
+        ...inbox.meta,
+        devices: { phone: { ack: 2 * N + 5, seenAt: T + 1 } },
+        receiptedUpTo: N,
+      };
+      assert.deepEqual(inbox.meta.highestAck, { deviceId: 'phone', upTo: 3 }, 'left behind');
+      inbox.run({ kind: 'prune', now: T + 2, retentionMs: 30 * DAY });
+      inbox.run({ kind: 'prune', now: T + 2 + RECEIPTS_RESTART_MS, retentionMs: 30 * DAY });
+      assert.deepEqual(
+        inbox.looped.map((c) => c.kind === 'ack' && [c.deviceId, c.upTo, c.continued]),
+        [['phone', 2 * N + 5, true]],
+      );
+      inbox.loop();
+      assert.equal(inbox.meta.receiptedUpTo, 2 * N + 5);
+      assert.equal(inbox.receiptsOwed().length, 2 * N + 5 - N + 3, 'each once');
     });
 
     it('is no ack of the device it names: it moves no ack and evicts no one', () => {
@@ -1061,7 +1084,7 @@ describe('users actor: scenarios', () => {
       assert.equal(inbox.receiptsOwed().length, 2 * N + 5, 'each once');
     });
 
-    it('never evicts the device whose receipts are still owed, so a lost chain is seen', () => {
+    it('sees a lost chain after the device whose receipts are owed was evicted', () => {
       const inbox = new Inbox();
       inbox.connect('old', 'c0'); // the first evicted: the placeholder gets its ack of 0
       inbox.disconnect('c0');
@@ -1074,7 +1097,9 @@ describe('users actor: scenarios', () => {
         inbox.connect(`d${i}`, `c-d${i}`, T + 1 + i);
         inbox.disconnect(`c-d${i}`);
       }
-      assert.equal(inbox.meta.devices.phone?.ack, 2 * N + 5, 'the phone is kept');
+      assert.equal(inbox.meta.devices.phone, undefined, 'the phone is evicted like any other');
+      assert.equal(Object.keys(inbox.meta.devices).length, MAX_DEVICES + 1);
+      assert.deepEqual(inbox.meta.highestAck, { deviceId: 'phone', upTo: 2 * N + 5 });
       // Everything expires meanwhile; the walk comes by now and then.
       for (let visit = 1; visit <= 40; visit++) {
         inbox.run({
@@ -1456,7 +1481,8 @@ describe('users actor: replays under random commands', () => {
  * one ack owes, acks of any device, devices past MAX_DEVICES evicted, expiry, prune walks, and
  * the actor's continued acks read late, twice, or lost (an earlier version dropped them).
  * Whatever the order: no receipt owed twice, none owed for a message no device acked, no acked
- * entry pruned before its receipt was owed, no continued ack that changes the devices; and once
+ * entry pruned before its receipt was owed, no continued ack that changes the devices, no more
+ * than MAX_DEVICES devices remembered while fewer are connected; and once
  * the walk has come by, every message a device acked while it was kept has its receipt.
  * SEEDS=n runs n seeds instead of 30.
  */
@@ -1500,6 +1526,10 @@ describe('users actor: receipts under random commands', () => {
         }
         if (command.kind === 'ack' && command.continued)
           assert.equal(JSON.stringify(inbox.meta.devices), devicesBefore, 'a continued ack');
+        // Past MAX_DEVICES only while more than that are connected.
+        const connected = new Set(Object.values(inbox.meta.sessions).map((s) => s.deviceId));
+        const known = Object.keys(inbox.meta.devices).filter((id) => id !== EVICTED);
+        assert.ok(known.length <= Math.max(MAX_DEVICES, connected.size + 1), 'devices remembered');
       };
       const connect = (deviceId: string) => {
         const connectionId = `c${++connections}`;
