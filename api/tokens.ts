@@ -70,12 +70,14 @@ export class TokenService {
   }
 
   async issueAccessToken(userId: string): Promise<IssuedAccessToken> {
-    const issuedAt = Math.floor(this.now() / 1000);
+    const now = this.now() / 1000;
+    // JWT times are whole seconds, and a token is refused once its exp is reached: exp rounds
+    // up, so that it stays valid for the whole expiresIn the client is told.
     const accessToken = await new SignJWT({})
       .setProtectedHeader({ alg: 'HS256', typ: 'JWT' })
       .setSubject(userId)
-      .setIssuedAt(issuedAt)
-      .setExpirationTime(issuedAt + this.accessTokenTtlS)
+      .setIssuedAt(Math.floor(now))
+      .setExpirationTime(Math.ceil(now) + this.accessTokenTtlS)
       .sign(this.key);
     return { accessToken, expiresIn: this.accessTokenTtlS };
   }

@@ -891,6 +891,15 @@ describe('TokenService', () => {
     await assert.rejects(tokens.verifyAccessToken(accessToken), InvalidAccessTokenError);
   });
 
+  it('stays valid for the whole expiresIn, whatever the millisecond it was issued at', async () => {
+    now = START + 999;
+    const { accessToken, expiresIn } = await tokens.issueAccessToken('alice');
+    now += expiresIn * 1000 - 1;
+    assert.equal(await tokens.verifyAccessToken(accessToken), 'alice');
+    now = START + 1_000 + expiresIn * 1000;
+    await assert.rejects(tokens.verifyAccessToken(accessToken), InvalidAccessTokenError);
+  });
+
   it('verifies as a plain function, as the gateway takes it', async () => {
     now = START;
     const { accessToken } = await tokens.issueAccessToken('carol');
