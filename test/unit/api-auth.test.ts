@@ -361,6 +361,37 @@ describe('REST API: accounts', () => {
       assert.equal((await api.login(userId)).status, 200);
     });
 
+    it('ignores an unknown field named __proto__, as any other', async () => {
+      const userId = fresh();
+      const answer = await api.call('POST', '/v1/auth/register', {
+        raw: `{"username":"${userId}","password":"correct horse","__proto__":{"admin":true}}`,
+        headers: { 'content-type': 'application/json' },
+      });
+      assertTokenPair(answer, 201, userId);
+    });
+
+    it('answers 400 for a body that is not valid UTF-8, not reading it as U+FFFD', async () => {
+      const userId = fresh();
+      const body = (bytes: number[]) =>
+        Buffer.concat([
+          Buffer.from(`{"username":"${userId}","password":"correct `),
+          Buffer.from(bytes),
+          Buffer.from('"}'),
+        ]);
+      // Latin-1 "hörse": one byte that is no UTF-8, which a lenient reader makes U+FFFD.
+      assertError(
+        await api.call('POST', '/v1/auth/register', { raw: body([0x68, 0xf6, 0x72, 0x73, 0x65]) }),
+        400,
+        'bad_request',
+      );
+      assertError(
+        await api.call('POST', '/v1/auth/login', { raw: body([0x68, 0xe4, 0x72, 0x73, 0x65]) }),
+        400,
+        'bad_request',
+      );
+      assert.equal((await api.register(userId, 'correct h\u00f6rse')).status, 201);
+    });
+
     it('reads the body as JSON whatever its Content-Type', async () => {
       const userId = fresh();
       const answer = await api.call('POST', '/v1/auth/register', {
