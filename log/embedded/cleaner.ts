@@ -24,12 +24,15 @@ export async function cleanPartition(
   if (!meta) return { topic, partition, removed: 0 };
   const doomed: number[] = [];
   if (meta.cleanupPolicy === 'compact') {
-    // First pass: the latest offset of every key. Second pass: everything superseded.
+    // First pass: the latest offset of every key. Second pass: everything superseded. Both
+    // stop at the end as it was before the first: a record appended meanwhile was never seen
+    // as the latest of its key, and would go while the value it replaced stayed.
+    const end = store.end(topic, partition);
     const latest = new Map<string, number>();
-    for await (const records of store.scan(topic, partition)) {
+    for await (const records of store.scan(topic, partition, 0, 1000, end)) {
       for (const r of records) if (r.key) latest.set(r.key.toString('base64'), r.offset);
     }
-    for await (const records of store.scan(topic, partition)) {
+    for await (const records of store.scan(topic, partition, 0, 1000, end)) {
       for (const r of records) {
         if (!r.key) {
           doomed.push(r.offset); // an unkeyed record has no place in a compacted topic

@@ -293,16 +293,21 @@ export class PartitionStore {
     }
   }
 
-  /** Iterates a partition's durable records in slices, for scans (cleaner, time lookups). */
+  /**
+   * Iterates a partition's durable records in slices, for scans (cleaner, time lookups), from
+   * `from` up to, not including, `to` (default: to the end, however far it moves meanwhile).
+   */
   async *scan(
     topic: string,
     partition: number,
     from = 0,
     slice = 1000,
+    to = Infinity,
   ): AsyncGenerator<LogRecord[]> {
     let at = from;
-    while (true) {
-      const records = await this.read(topic, partition, at, slice);
+    while (at < to) {
+      const read = await this.read(topic, partition, at, slice);
+      const records = read.filter((r) => r.offset < to);
       if (records.length === 0) return;
       yield records;
       at = records[records.length - 1]!.offset + 1;

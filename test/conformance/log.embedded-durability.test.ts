@@ -129,6 +129,51 @@ describe('embedded log', () => {
       assert.equal(next!.offset, 6);
     }));
 
+  it('keeps every record appended to a compacted topic while the cleaner runs', async function () {
+    this.timeout(60_000);
+    await withLog(async (log) => {
+      await log.admin.createTopics([
+        { topic: 'table', partitions: 1, config: { 'cleanup.policy': 'compact' } },
+      ]);
+      const producer = await log.producer();
+      // Enough that the cleaner's scans take many turns of the event loop.
+      for (let b = 0; b < 20; b++)
+        await producer.send(
+          Array.from({ length: 1000 }, (_, i) => ({
+            topic: 'table',
+            key: Buffer.from(`k${i % 100}`),
+            value: Buffer.from(`v${b}-${i}`),
+          })),
+        );
+      const expected = new Map<string, string>();
+      for (let i = 0; i < 100; i++) expected.set(`k${i}`, `v19-${900 + i}`);
+      // While it cleans, new keys and new values of old keys, with pauses as real traffic has.
+      let cleaning = true;
+      const cleaned = log.clean().finally(() => (cleaning = false));
+      let n = 0;
+      const deadline = Date.now() + 15_000;
+      for (; cleaning && n < 10_000 && Date.now() < deadline; n++) {
+        const key = n % 2 === 0 ? `late${n}` : `k${n % 100}`;
+        await producer.send([
+          { topic: 'table', key: Buffer.from(key), value: Buffer.from(`late-${n}`) },
+        ]);
+        expected.set(key, `late-${n}`);
+        await new Promise((resolve) => setTimeout(resolve, 2));
+      }
+      await cleaned;
+      assert.ok(n > 0, 'appends raced the cleaner');
+      const latest = new Map<string, string>();
+      for (const r of await log.store.read('table', 0, 0, 100_000))
+        latest.set(text(r.key)!, text(r.value)!);
+      const lost = [...expected].filter(([k, v]) => latest.get(k) !== v);
+      assert.deepEqual(
+        lost.slice(0, 5).map(([k, v]) => `${k}: ${v} expected, ${latest.get(k)} kept`),
+        [],
+        `${lost.length} of ${expected.size} keys lost their latest value (${n} appends raced)`,
+      );
+    });
+  });
+
   it('drops records older than retention.ms from a delete-policy topic', () =>
     withLog(async (log) => {
       await log.admin.createTopics([
