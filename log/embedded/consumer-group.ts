@@ -208,6 +208,7 @@ export class EmbeddedConsumer implements Consumer {
           handed = true;
           backoff = RETRY_BACKOFF_MS.initial;
         }
+        if (result === 'sought') handed = true; // read again from there, at once
       }
       cursor++;
       if (!handed && !this.suspended && !this.stopped) await this.wakeup.wait();
@@ -251,18 +252,26 @@ export class EmbeddedConsumer implements Consumer {
     }
   }
 
-  private async fetchAndHandle(tp: TopicPartition): Promise<'idle' | 'handed' | 'failed'> {
+  /**
+   * Reads the partition at its position and hands what it read: 'idle' when there is nothing,
+   * 'sought' when a seek came while the read was on its way (what it read is dropped: it is
+   * from the old position, and handing it would move the position past the seek's).
+   */
+  private async fetchAndHandle(
+    tp: TopicPartition,
+  ): Promise<'idle' | 'handed' | 'failed' | 'sought'> {
     const id = `${tp.topic}/${tp.partition}`;
     const position = this.positions.get(id)!;
     const end = this.store.end(tp.topic, tp.partition);
     if (position >= end) return 'idle';
+    const seeksBefore = this.seeks.get(id) ?? 0;
     const records = await this.store.read(tp.topic, tp.partition, position, this.maxBatch);
+    if ((this.seeks.get(id) ?? 0) !== seeksBefore) return 'sought';
     if (records.length === 0) {
       // Everything up to the end was compacted away or expired.
       this.positions.set(id, end);
       return 'idle';
     }
-    const seeksBefore = this.seeks.get(id) ?? 0;
     const batch: Batch = { topic: tp.topic, partition: tp.partition, records, highWatermark: end };
     try {
       await this.handlers!.eachBatch(batch);

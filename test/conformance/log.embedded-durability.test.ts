@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import { text } from '../support/log-helpers.ts';
+import { eventually, text } from '../support/log-helpers.ts';
 
 async function withLog<T>(run: (log: EmbeddedLog, dir: string) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), 'kchat-log-'));
@@ -173,6 +173,40 @@ describe('embedded log', () => {
       );
     });
   });
+
+  it('hands nothing read before a seek that came while the read was on its way', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 't', partitions: 1 }]);
+      const producer = await log.producer();
+      await producer.send(
+        Array.from({ length: 50 }, (_, i) => ({
+          topic: 't',
+          key: null,
+          value: Buffer.from(`${i}`),
+        })),
+      );
+      const consumer = log.consumer({ groupId: 'g', maxBatchSize: 10 });
+      // The third read is slow, and a seek back to 0 comes meanwhile (the runtime's revive).
+      const read = log.store.read.bind(log.store);
+      let reads = 0;
+      log.store.read = async (...args) => {
+        const records = await read(...args);
+        if (++reads === 3) {
+          consumer.seek({ topic: 't', partition: 0, offset: 0 });
+          await new Promise((resolve) => setTimeout(resolve, 10));
+        }
+        return records;
+      };
+      const starts: number[] = [];
+      await consumer.subscribe(['t']);
+      await consumer.run({
+        eachBatch: async (batch) => void starts.push(batch.records[0]!.offset),
+      });
+      await eventually(() => starts.includes(40), 5_000, 'the end');
+      await consumer.close();
+      // What was read from 20 before the seek is neither handed nor moves the position.
+      assert.deepEqual(starts, [0, 10, 0, 10, 20, 30, 40]);
+    }));
 
   it('drops records older than retention.ms from a delete-policy topic', () =>
     withLog(async (log) => {
