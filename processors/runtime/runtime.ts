@@ -532,9 +532,23 @@ export class StreamsRuntime {
     }
     this.failingCommits.delete(task.id);
     this.options.onCommitStage?.('committed', task.id);
-    for (const { store, writes: w } of writes) await store.flush(w);
-    this.options.onCommitStage?.('flushed', task.id);
+    // The outputs and offsets are in the log: whatever comes next, they are never sent again.
     task.committed();
+    try {
+      for (const { store, writes: w } of writes) await store.flush(w);
+    } catch (error) {
+      // The changelogs hold the commit's writes and the local stores may not (a disk error):
+      // as after a failed commit, the task is dropped and opened again, and its stores catch
+      // up from their changelogs.
+      this.logger.error({ err: error, task: task.id }, 'store flush failed; reviving the task');
+      for (const store of stores.values()) store.discard();
+      this.tasks.delete(task.partition);
+      await task.close().catch(() => undefined);
+      await running.producer?.close().catch(() => undefined);
+      this.revive(task.partition, task.id);
+      return false;
+    }
+    this.options.onCommitStage?.('flushed', task.id);
     this.counters?.commits.inc({ application: this.applicationId });
     this.counters?.commitSeconds.observe(
       { application: this.applicationId },

@@ -508,6 +508,50 @@ export function runtimeSuite(shape: RuntimeShape) {
       }
     });
 
+    it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const log = await shape.open();
+      const db = await StateDb.open(join(stateRoot, app));
+      try {
+        await seedInput(log, input, output, ['a', 'b', 'c', 'd', 'e']);
+        // The local disk fails once, as the committed writes go to RocksDB (not a restore's).
+        const write = db.write.bind(db);
+        let failed = 0;
+        db.write = async (store, partition, writes, checkpoint) => {
+          if (checkpoint === undefined && failed++ === 0)
+            throw new Error('No space left on device');
+          return write(store, partition, writes, checkpoint);
+        };
+        const runtime = new StreamsRuntime(countingTopology(input, output), {
+          applicationId: app,
+          log,
+          stateDb: db,
+          commitIntervalMs: 50,
+        });
+        await runtime.start();
+        const committed = async (count: number) =>
+          eventually(
+            async () => (await log.admin.committedOffsets(app, input))[0]!.offset === count,
+            shape.settleMs + 20_000,
+            `${count} records committed`,
+          );
+        await committed(5);
+        // The task was opened again, its store caught up from the changelog: it counts on.
+        const producer = await log.producer();
+        await producer.send([{ topic: input, key: Buffer.from('k'), value: Buffer.from('f') }]);
+        await producer.close();
+        await committed(6);
+        await runtime.close();
+        assert.ok(failed > 0, 'the write failed');
+        assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2', '3', '4', '5', '6']);
+      } finally {
+        await db.close();
+        await shape.close(log);
+      }
+    });
+
     it('sends an undecodable record to the dead-letter topic with the reason, and goes on', async () => {
       const app = uniqueName('count');
       const input = uniqueName('words');
