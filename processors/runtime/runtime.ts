@@ -589,19 +589,58 @@ export class StreamsRuntime {
     this.revivals.add(timer);
   }
 
-  /** Commits, checkpoints each store at its changelog's end, and closes the task. */
+  /**
+   * Commits, checkpoints each store at its changelog's end when that end is provably its own
+   * (see stillOwner), and closes the task. Without a checkpoint the store restores from the
+   * one it had when opened: more to read again, nothing missed.
+   */
   private async closeTask(running: RunningTask): Promise<void> {
     const { log, stateDb } = this.options;
     const kept = await this.commit(running);
     this.tasks.delete(running.task.partition);
     this.failingCommits.delete(running.task.id);
     if (kept) {
-      for (const store of running.stores.values()) {
-        const marks = (await log.admin.watermarks(store.name))[store.partition]!;
-        await stateDb.setCheckpoint(store.name, store.partition, marks.high);
-      }
+      const ends = new Map<TaskStore<unknown>, number>();
+      for (const store of running.stores.values())
+        ends.set(store, (await log.admin.watermarks(store.name))[store.partition]!.high);
+      if (await this.stillOwner(running))
+        for (const [store, end] of ends)
+          await stateDb.setCheckpoint(store.name, store.partition, end);
       await running.task.close();
       await running.producer?.close();
+    }
+  }
+
+  /**
+   * Whether no newer owner of the task had opened it before now, so that the changelog ends
+   * read just before hold only this owner's writes. A newer owner fences this one before it
+   * writes anything: a transaction that commits the task's offsets again (unchanged) fails
+   * once it has. A task revoked late (its instance busy, or Kafka handing the partition on
+   * before kafkajs tells the old owner) would otherwise checkpoint past the new owner's writes,
+   * and skip them when it came back. At-least-once has no fence to ask: no checkpoint.
+   */
+  private async stillOwner(running: RunningTask): Promise<boolean> {
+    const offsets = running.task.currentOffsets();
+    if (!running.producer || offsets.length === 0) return false;
+    try {
+      const transaction = await running.producer.transaction();
+      try {
+        await transaction.sendOffsets(this.applicationId, offsets);
+        await transaction.commit();
+      } catch (error) {
+        await transaction.abort().catch(() => undefined);
+        throw error;
+      }
+      return true;
+    } catch (error) {
+      const fenced = error instanceof ProducerFencedError;
+      this.logger[fenced ? 'info' : 'warn'](
+        { err: error, task: running.task.id },
+        fenced
+          ? 'task taken over meanwhile; no checkpoint'
+          : 'ownership not confirmed; no checkpoint',
+      );
+      return false;
     }
   }
 }

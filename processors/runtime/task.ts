@@ -94,6 +94,15 @@ export class StreamTask {
     }));
   }
 
+  /** Every source partition's position: the offset of the next record to process. */
+  currentOffsets(): TopicPartitionOffset[] {
+    return [...this.positions].map(([topic, offset]) => ({
+      topic,
+      partition: this.partition,
+      offset,
+    }));
+  }
+
   get hasWork(): boolean {
     return this.outputs.length > 0 || this.changed.size > 0;
   }
