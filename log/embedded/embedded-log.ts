@@ -31,7 +31,12 @@ import {
 } from '../errors.ts';
 import { partitionFor } from '../partitioner.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
-import { PartitionStore, storedRecord, type AppendRecord } from './partition-store.ts';
+import {
+  PartitionStore,
+  storedRecord,
+  type AppendRecord,
+  type AppendUnit,
+} from './partition-store.ts';
 import { EmbeddedConsumer, GroupCoordinator } from './consumer-group.ts';
 import { cleanAll, type CleanResult } from './cleaner.ts';
 
@@ -56,6 +61,8 @@ export class EmbeddedLog implements Log {
   private readonly producers = new Set<EmbeddedProducer>();
   /** The current epoch of each transactional id: a producer with an older one is fenced. */
   private readonly epochs = new Map<string, number>();
+  /** The commit of each transactional id on its way to the disk, if one is. */
+  private readonly committing = new Map<string, Promise<void>>();
   private cleaner: NodeJS.Timeout | undefined;
   private cleaning: Promise<CleanResult[]> | undefined;
   private roundRobin = 0;
@@ -91,6 +98,9 @@ export class EmbeddedLog implements Log {
     if (options.transactionalId !== undefined) {
       epoch = (this.epochs.get(options.transactionalId) ?? 0) + 1;
       this.epochs.set(options.transactionalId, epoch);
+      // As Kafka's InitProducerId completes a pending transaction: a commit the old producer
+      // began before the fence is durable (or failed) before the new one reads anything.
+      await this.committing.get(options.transactionalId)?.catch(() => undefined);
     }
     const producer = new EmbeddedProducer(this, options.transactionalId, epoch);
     this.producers.add(producer);
@@ -157,6 +167,16 @@ export class EmbeddedLog implements Log {
       prepared.push({ topic: record.topic, partition, encoded: storedRecord(record) });
     }
     return prepared;
+  }
+
+  /** Appends a transaction's unit, known as committing until it is durable or failed. */
+  commitUnit(transactionalId: string, unit: AppendUnit): Promise<void> {
+    const appended = this.store.append(unit);
+    const tracked = appended.finally(() => {
+      if (this.committing.get(transactionalId) === tracked) this.committing.delete(transactionalId);
+    });
+    this.committing.set(transactionalId, tracked);
+    return tracked;
   }
 
   checkEpoch(transactionalId: string, epoch: number): void {
@@ -238,7 +258,10 @@ class EmbeddedTransaction implements Transaction {
     try {
       // The fence check and the append happen in one turn: no newer producer can slip between.
       this.log.checkEpoch(this.transactionalId, this.epoch);
-      await this.log.store.append({ records: this.records, offsets: this.offsets });
+      await this.log.commitUnit(this.transactionalId, {
+        records: this.records,
+        offsets: this.offsets,
+      });
     } finally {
       this.state = 'done';
       this.onEnd();

@@ -208,6 +208,50 @@ describe('embedded log', () => {
       assert.deepEqual(starts, [0, 10, 0, 10, 20, 30, 40]);
     }));
 
+  it('lets a new transactional producer read nothing before a commit its fence overtook', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([
+        { topic: 'in', partitions: 1 },
+        { topic: 'busy', partitions: 1 },
+        { topic: 'changelog', partitions: 1, config: { 'cleanup.policy': 'compact' } },
+      ]);
+      const old = await log.producer({ transactionalId: 'app-0' });
+      const transaction = await old.transaction();
+      await transaction.send([
+        { topic: 'changelog', key: Buffer.from('k'), value: Buffer.from('1') },
+      ]);
+      await transaction.sendOffsets('app', [{ topic: 'in', partition: 0, offset: 10 }]);
+      // A large write of another producer under way: the commit waits behind it.
+      const other = await log.producer();
+      const busy = other.send(
+        Array.from({ length: 20_000 }, (_, i) => ({
+          topic: 'busy',
+          key: null,
+          value: Buffer.alloc(200, i % 256),
+        })),
+      );
+      const store = log.store as unknown as { writing: boolean };
+      for (let i = 0; i < 10_000 && !store.writing; i++)
+        await new Promise((resolve) => setImmediate(resolve));
+      assert.ok(store.writing, 'a write group is under way');
+      const outcome = transaction.commit().then(
+        () => 'committed',
+        (error: Error) => error.name,
+      );
+      // The new owner, as the runtime opens a task: fence, restore to the end, read offsets.
+      await log.producer({ transactionalId: 'app-0' });
+      const restoredTo = (await log.admin.watermarks('changelog'))[0]!.high;
+      const committed = (await log.admin.committedOffsets('app', 'in'))[0]!.offset;
+      await busy;
+      // The old commit is either wholly visible to the new owner or not there at all.
+      assert.deepEqual(
+        { outcome: await outcome, restoredTo, committed },
+        (await outcome) === 'committed'
+          ? { outcome: 'committed', restoredTo: 1, committed: 10 }
+          : { outcome: await outcome, restoredTo: 0, committed: -1 },
+      );
+    }));
+
   it('drops records older than retention.ms from a delete-policy topic', () =>
     withLog(async (log) => {
       await log.admin.createTopics([
