@@ -108,6 +108,8 @@ export class EmbeddedConsumer implements Consumer {
     private readonly coordinator: GroupCoordinator,
     private readonly options: ConsumerOptions,
     private readonly logger: Logger,
+    /** Called once it has closed: the log forgets it. */
+    private readonly onClosed: () => void = () => undefined,
   ) {
     this.maxBatch = options.maxBatchSize ?? DEFAULT_MAX_BATCH;
   }
@@ -157,6 +159,7 @@ export class EmbeddedConsumer implements Consumer {
       this.coordinator.leave(this.memberId);
       if (!this.store.isClosed) await this.coordinator.rebalance();
     }
+    this.onClosed();
   }
 
   // ---- called by the coordinator ----

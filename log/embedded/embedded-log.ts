@@ -58,7 +58,6 @@ export class EmbeddedLog implements Log {
   readonly admin: LogAdmin;
   private readonly groups = new Map<string, GroupCoordinator>();
   private readonly consumers = new Set<EmbeddedConsumer>();
-  private readonly producers = new Set<EmbeddedProducer>();
   /** The current epoch of each transactional id: a producer with an older one is fenced. */
   private readonly epochs = new Map<string, number>();
   /** The commit of each transactional id on its way to the disk, if one is. */
@@ -102,9 +101,7 @@ export class EmbeddedLog implements Log {
       // began before the fence is durable (or failed) before the new one reads anything.
       await this.committing.get(options.transactionalId)?.catch(() => undefined);
     }
-    const producer = new EmbeddedProducer(this, options.transactionalId, epoch);
-    this.producers.add(producer);
-    return producer;
+    return new EmbeddedProducer(this, options.transactionalId, epoch);
   }
 
   consumer(options: ConsumerOptions): Consumer {
@@ -114,7 +111,15 @@ export class EmbeddedLog implements Log {
       coordinator = new GroupCoordinator(options.groupId, this.store);
       this.groups.set(options.groupId, coordinator);
     }
-    const consumer = new EmbeddedConsumer(this.store, coordinator, options, this.logger);
+    // Forgotten once closed: a process opens and closes consumers all its life (revivals,
+    // global tables), and the log lives as long.
+    const consumer: EmbeddedConsumer = new EmbeddedConsumer(
+      this.store,
+      coordinator,
+      options,
+      this.logger,
+      () => this.consumers.delete(consumer),
+    );
     this.consumers.add(consumer);
     return consumer;
   }
@@ -124,11 +129,8 @@ export class EmbeddedLog implements Log {
     const ends = starts.map((s) => this.store.end(topic, s.partition));
     for (let i = 0; i < starts.length; i++) {
       const { partition, from } = starts[i]!;
-      for await (const records of this.store.scan(topic, partition, from)) {
-        const upTo = records.filter((r) => r.offset < ends[i]!);
-        if (upTo.length > 0) yield { topic, partition, records: upTo, highWatermark: ends[i]! };
-        if (upTo.length < records.length) break;
-      }
+      for await (const records of this.store.scan(topic, partition, from, 1000, ends[i]))
+        yield { topic, partition, records, highWatermark: ends[i]! };
     }
   }
 

@@ -252,6 +252,22 @@ describe('embedded log', () => {
       );
     }));
 
+  it('forgets the consumers that closed', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 't', partitions: 2 }]);
+      const held = () => (log as unknown as { consumers: Set<unknown> }).consumers.size;
+      for (let i = 0; i < 5; i++) {
+        const consumer = log.consumer({ groupId: `g${i % 2}` });
+        await consumer.subscribe(['t']);
+        await consumer.run({ eachBatch: async () => undefined });
+        await consumer.close();
+      }
+      const open = log.consumer({ groupId: 'g0' });
+      assert.equal(held(), 1);
+      await open.close();
+      assert.equal(held(), 0);
+    }));
+
   it('drops records older than retention.ms from a delete-policy topic', () =>
     withLog(async (log) => {
       await log.admin.createTopics([
