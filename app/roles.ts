@@ -168,6 +168,9 @@ async function startGateway(context: RoleContext, tokens: TokenService): Promise
     deliveryCodec: await context.deliveryCodec(),
     verifyAccessToken: tokens.verifyAccessToken,
     userExists: (userId) => accounts.has(userId),
+    // No groups actor yet (a later issue): no group exists, and a group frame answers
+    // unknown_recipient rather than `sent` for a message that nothing would ever route.
+    groupExists: () => false,
     rateLimitPerSecond: rateLimitPerSecond(process.env),
     partitions: config.partitions,
     logger: logger.child({ component: 'gateway' }),

@@ -137,12 +137,12 @@ export class Connection {
   }
 
   /** A WebSocket message arrived: parsed and charged to the rate limit now, handled in turn. */
-  receive(data: RawData, isBinary: boolean): void {
+  receive(data: RawData): void {
     if (this.state === 'closed' || this.closing) return;
     this.alive = true;
     let parsed: ParsedFrame;
     try {
-      parsed = this.parse(data, isBinary);
+      parsed = this.parse(data);
     } catch (error) {
       // A frame this code cannot read is that frame's problem, never the process's.
       this.logger.error({ err: error }, 'a frame could not be parsed');
@@ -576,13 +576,15 @@ export class Connection {
     this.close(SLOW_CONSUMER_CLOSE_CODE, 'send buffer limit exceeded');
   }
 
-  private parse(data: RawData, isBinary: boolean): ParsedFrame {
+  private parse(data: RawData): ParsedFrame {
     const bytes = Array.isArray(data)
       ? Buffer.concat(data)
       : data instanceof ArrayBuffer
         ? Buffer.from(data)
         : data;
-    if (!isBinary) return parseClientFrame(bytes.toString('utf8')); // ws checked the UTF-8
+    // Text frames too: ws leaves their UTF-8 to us (skipUTF8Validation), so that a frame that
+    // is not UTF-8 answers bad_frame and keeps the connection, as PROTOCOL says, rather than
+    // closing it with 1007 as RFC 6455 would.
     let text: string;
     try {
       text = utf8.decode(bytes);

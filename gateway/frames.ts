@@ -82,7 +82,7 @@ export type ParsedFrame =
   { frame: ClientFrame; error?: never } | { error: FrameError; frame?: never };
 
 /** PROTOCOL.md's userId: 3 to 32 characters of [a-z0-9_.-] once case-folded to lower case. */
-const USER_ID = /^[a-z0-9_.-]{3,32}$/;
+const USER_ID_ANY_CASE = /^[A-Za-z0-9_.-]{3,32}$/;
 /** Printable ASCII, space included. */
 const CLIENT_ID = new RegExp(`^[\\x20-\\x7e]{1,${MAX_CLIENT_ID}}$`);
 const TYPING_STATES: readonly TypingState[] = ['start', 'stop'];
@@ -147,6 +147,27 @@ export function nestsDeeperThan(value: unknown, limit: number): boolean {
   return false;
 }
 
+/**
+ * The first number in a parsed JSON value that JSON.parse could not keep as the client wrote
+ * it, if any: one too large for a double (parsed as Infinity, sent on as null), or an integer
+ * from 2^53 to 10^21, which a double rounds (9007199254740993 becomes ...992): the range of
+ * 64-bit ids, which I-JSON (RFC 7493 §2.2) says to send as strings. Past 10^21 a parsed
+ * integer cannot be told from a float written with an exponent (1.5e300), which is kept.
+ */
+export function inexactNumberIn(value: unknown): number | undefined {
+  const stack: unknown[] = [value];
+  while (stack.length > 0) {
+    const node = stack.pop();
+    if (typeof node === 'number') {
+      if (!Number.isFinite(node)) return node;
+      if (!Number.isSafeInteger(node) && Number.isInteger(node) && Math.abs(node) < 1e21)
+        return node;
+    } else if (typeof node === 'object' && node !== null)
+      for (const child of Array.isArray(node) ? node : Object.values(node)) stack.push(child);
+  }
+  return undefined;
+}
+
 function parseFields(fields: Record<string, unknown>, id: string | undefined): ClientFrame {
   const type = fields.type;
   if (type === undefined || type === null) throw badFrame('type is missing');
@@ -158,6 +179,12 @@ function parseFields(fields: Record<string, unknown>, id: string | undefined): C
       if (!('body' in fields)) throw badFrame('body is missing');
       if (nestsDeeperThan(fields.body, MAX_BODY_DEPTH))
         throw badFrame(`body nests arrays and objects deeper than ${MAX_BODY_DEPTH} levels`);
+      const inexact = inexactNumberIn(fields.body);
+      if (inexact !== undefined)
+        throw badFrame(
+          `body holds a number a double cannot keep (${inexact}): integers must be within ` +
+            '±(2^53 - 1), and no number may overflow (send larger ones as strings)',
+        );
       const body = JSON.stringify(fields.body);
       const bytes = Buffer.byteLength(body, 'utf8');
       if (bytes > MAX_BODY_BYTES) {
@@ -197,8 +224,10 @@ function parseRecipient(fields: Record<string, unknown>): Recipient {
   if (to === undefined && group === undefined) throw badFrame('to or group is missing');
   if (to !== undefined) {
     if (typeof to !== 'string') throw badFrame('to must be a userId string');
+    // Checked before it is lower-cased: toLowerCase maps some letters outside A-Z into a-z
+    // (the Kelvin sign to "k"), which registration would never have taken.
     const userId = to.toLowerCase();
-    if (!USER_ID.test(userId)) {
+    if (!USER_ID_ANY_CASE.test(to)) {
       throw badFrame('to must be a userId: 3 to 32 characters of a-z, 0-9, "_", "." and "-"');
     }
     return { kind: 'user', userId };

@@ -181,6 +181,8 @@ class WebSocketGateway implements Gateway {
       clientTracking: false,
       maxPayload: MAX_FRAME_BYTES,
       perMessageDeflate: PER_MESSAGE_DEFLATE,
+      // Connection.parse decodes every frame strictly, and answers bad_frame for bad UTF-8.
+      skipUTF8Validation: true,
     });
   }
 
@@ -330,7 +332,7 @@ class WebSocketGateway implements Gateway {
     const connectionId = randomUUID();
     const connection = new Connection(ws, { ...identity, connectionId }, this.context!);
     this.connections.set(connectionId, connection);
-    ws.on('message', (data, isBinary) => connection.receive(data, isBinary));
+    ws.on('message', (data) => connection.receive(data));
     ws.on('error', (err) => this.logger.debug({ err, connectionId }, 'WebSocket error'));
     const registered = this.connectionEvent(connection, 'CONNECTED');
     registered.then(

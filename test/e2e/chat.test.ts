@@ -55,6 +55,12 @@ describe('chat end to end (npm start, embedded shape)', function () {
       10_000,
       'the unknown_recipient answer',
     );
+    // No groups actor yet: a group is unknown, rather than `sent` with nothing to route it.
+    alice.send({ type: 'send', id: 'g1', group: 'friends', body: 1 });
+    assert.equal(
+      (await alice.next((f) => f.type === 'error' && f.id === 'g1')).code,
+      'unknown_recipient',
+    );
 
     alice.send({ type: 'send', id: 'c1', to: 'bob', body: { text: 'hello bob' } });
     const sent = await alice.next((f) => f.type === 'sent' && f.id === 'c1');

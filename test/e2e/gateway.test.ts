@@ -930,6 +930,14 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.close();
     });
 
+    it('answers a text frame that is not UTF-8 with bad_frame, not a close (1007)', async () => {
+      const client = await connect(newUser());
+      client.ws.send(Buffer.from([0x7b, 0xff, 0xfe, 0x7d]), { binary: false });
+      assert.equal((await client.next()).code, 'bad_frame');
+      await client.alive();
+      client.close();
+    });
+
     it('closes with 1009 on a frame over 64 KiB', async () => {
       const client = await connect(newUser());
       client.ws.send(JSON.stringify({ type: 'ping', pad: randomBytes(36_000).toString('hex') }));

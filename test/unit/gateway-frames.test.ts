@@ -56,6 +56,16 @@ describe('gateway frames: parsing client frames', () => {
       { type: 'send', id: 'c1', recipient: user('bob.smith_1-x'), body: '1' },
     ],
     [
+      'send: numbers a double keeps exactly, however large',
+      { type: 'send', id: 'c1', to: 'bob', body: [9007199254740991, -9007199254740991, 1.5e300] },
+      {
+        type: 'send',
+        id: 'c1',
+        recipient: user('bob'),
+        body: '[9007199254740991,-9007199254740991,1.5e+300]',
+      },
+    ],
+    [
       'send to a group',
       { type: 'send', id: 'c2', group: 'g-1', body: 'hello' },
       { type: 'send', id: 'c2', recipient: group('g-1'), body: '"hello"' },
@@ -180,13 +190,24 @@ describe('gateway frames: parsing client frames', () => {
       JSON.stringify({ type: 'send', id: 'c1', body: 1 }),
       { code: 'bad_frame', message: 'to or group is missing', id: 'c1' },
     ],
-    ...['bo', 'b'.repeat(33), 'bob!', 'bob smith', 'böb'].map(
+    ...['bo', 'b'.repeat(33), 'bob!', 'bob smith', 'böb', '\u212aate'].map(
       (to): [string, string, FrameError] => [
         `a send to the invalid userId "${to}"`,
         JSON.stringify({ type: 'send', id: 'c1', to, body: 1 }),
         {
           code: 'bad_frame',
           message: 'to must be a userId: 3 to 32 characters of a-z, 0-9, "_", "." and "-"',
+          id: 'c1',
+        },
+      ],
+    ),
+    ...['1e400', '-1e400', '9007199254740992', '[1, {"n": -9007199254740993}]'].map(
+      (body): [string, string, FrameError] => [
+        `a send whose body holds ${body}, which a double cannot keep`,
+        `{"type":"send","id":"c1","to":"bob","body":${body}}`,
+        {
+          code: 'bad_frame',
+          message: `body holds a number a double cannot keep (${JSON.parse(body.replace(/.*?(-?[0-9e]{5,}).*/, '$1'))}): integers must be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)`,
           id: 'c1',
         },
       ],
