@@ -9,6 +9,7 @@ import type { Logger } from '../observability/logger.ts';
 import type { AccountRepository, RefreshTokenRepository } from '../state/accounts/port.ts';
 import type { AccountOutbox } from './account-outbox.ts';
 import { jsonBody } from './body.ts';
+import { RequestDrain } from './drain.ts';
 import { errorHandler } from './errors.ts';
 import { LoginThrottle, RegistrationLimit, type LoginLimits } from './throttles.ts';
 import { PasswordHasher } from './passwords.ts';
@@ -33,6 +34,8 @@ export interface ApiDeps {
   registrationsPerHour?: number;
   /** Take the client's address from X-Forwarded-For (Koa's `proxy`): only behind a proxy. */
   trustProxy?: boolean;
+  /** Closed by the process as it stops, before the stores (none: never refuses). */
+  drain?: RequestDrain;
 }
 
 /** Answers carry tokens and private data: no cache may keep them (RFC 6749 §5.1). */
@@ -64,6 +67,7 @@ export function createApi(deps: ApiDeps): Koa {
   app.on('error', (error: unknown) => logger.warn({ err: error }, 'http error'));
   app
     .use(errorHandler(logger))
+    .use((deps.drain ?? new RequestDrain()).middleware())
     .use(noStore)
     .use(jsonBody())
     .use(routes.routes())

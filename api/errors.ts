@@ -71,7 +71,8 @@ export function errorHandler(logger: Logger): Middleware {
       }
     } catch (error) {
       const httpError = asHttpError(error);
-      if (httpError.status >= 500)
+      // Not a 503: the process is stopping, as it logs once.
+      if (httpError.status >= 500 && httpError.status !== 503)
         logger.error({ err: error, method: ctx.method, path: ctx.path }, 'request failed');
       ctx.status = httpError.status;
       ctx.set(httpError.headers);

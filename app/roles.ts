@@ -22,6 +22,7 @@ import { deliveriesTopicPrefix, topics } from '../schemas/topics.ts';
 import type { Account, Delivery, GatewayHeartbeat } from '../schemas/types.generated.ts';
 import { createApi } from '../api/app.ts';
 import { AccountOutbox } from '../api/account-outbox.ts';
+import { RequestDrain } from '../api/drain.ts';
 import { TokenService, jwtSecret } from '../api/tokens.ts';
 import { EmbeddedAccountStores } from '../state/accounts/embedded.ts';
 import { StateDb } from '../state/state-db.ts';
@@ -34,6 +35,9 @@ import { rateLimitPerSecond } from '../gateway/limits.ts';
 
 /** What `main` may be asked to run: `processor` roles name their processor. */
 export const ROLES = ['all', 'api', 'gateway', 'processor users'] as const;
+
+/** How long a stopping API waits for the requests already inside before its stores close. */
+const API_DRAIN_MS = 5_000;
 export type Role = (typeof ROLES)[number];
 
 export function parseRole(argv: readonly string[]): Role | undefined {
@@ -141,7 +145,11 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
   });
   outbox.start();
   closers.push(() => outbox.close());
+  // Pushed last, so run first: no request is inside when the outbox and the stores close.
+  const drain = new RequestDrain();
+  closers.push(() => drain.close(API_DRAIN_MS));
   return createApi({
+    drain,
     accounts: stores.accounts,
     refreshTokens: stores.refreshTokens,
     tokens,

@@ -147,6 +147,50 @@ describe('npm start (embedded shape)', function () {
     await server.stop();
   });
 
+  it('answers requests that come while it stops with 503 unavailable, never 500', async () => {
+    const server = await startServer({ PORT: String(await freePort()), DATA_DIR: dataDir });
+    const registered = await fetch(`${server.url}/v1/auth/register`, {
+      method: 'POST',
+      body: JSON.stringify({ username: 'stopping', password: 'correct horse' }),
+    });
+    const { accessToken } = (await registered.json()) as { accessToken: string };
+    const statuses = new Map<string, number>();
+    let stopping = false;
+    const deadline = Date.now() + 10_000;
+    // Clients reading their account all along, each on its keep-alive connection.
+    const client = async () => {
+      while (Date.now() < deadline) {
+        const at = stopping ? 'stopping' : 'running';
+        try {
+          const answer = await fetch(`${server.url}/v1/me`, {
+            headers: { authorization: `Bearer ${accessToken}` },
+          });
+          const body = await answer.text();
+          const key = `${at} ${answer.status}`;
+          statuses.set(key, (statuses.get(key) ?? 0) + 1);
+          if (answer.status === 503) assert.equal(JSON.parse(body).error.code, 'unavailable');
+        } catch {
+          if (stopping) return; // the port is closed
+        }
+      }
+    };
+    const clients = Array.from({ length: 8 }, client);
+    await eventually(() => (statuses.get('running 200') ?? 0) > 20, 5_000, 'requests served');
+    stopping = true;
+    await server.stop('SIGTERM');
+    await Promise.all(clients);
+    assert.match(server.output(), /"msg":"stopped"/, server.output());
+    // (A request sent just before the signal may be answered after it: 503 whenever.)
+    const seen = Object.fromEntries(statuses);
+    assert.deepEqual(
+      Object.keys(seen).filter((k) => !/ (200|503)$/.test(k)),
+      [],
+      JSON.stringify(seen),
+    );
+    assert.ok((seen['stopping 503'] ?? 0) > 0, JSON.stringify(seen));
+    assert.doesNotMatch(server.output(), /request failed/);
+  });
+
   it('refuses a second process on the same DATA_DIR instead of corrupting it', async () => {
     const first = await startServer({ PORT: String(await freePort()), DATA_DIR: dataDir });
     const secondPort = await freePort();
