@@ -65,8 +65,36 @@ export function answerAsPlainRequest(server: Server, request: IncomingMessage, s
   server.emit('request', request, response);
 }
 
+/**
+ * What Node's parser refuses before a request exists (headers over 16 KiB, a malformed
+ * Content-Length, a request line that is no HTTP), answered in PROTOCOL's error shape instead
+ * of Node's bare status line; then the connection closes, as Node's own answer closes it.
+ */
+export function answerClientError(error: NodeJS.ErrnoException, socket: Duplex): void {
+  // A peer gone, or a response of ours already on its way: nothing can be answered.
+  const answering = (socket as Duplex & { _httpMessage?: unknown })._httpMessage;
+  if (error.code === 'ECONNRESET' || !socket.writable || answering) return void socket.destroy();
+  const [status, reason, code] =
+    error.code === 'HPE_HEADER_OVERFLOW'
+      ? [431, 'Request Header Fields Too Large', 'too_large']
+      : error.code === 'ERR_HTTP_REQUEST_TIMEOUT'
+        ? [408, 'Request Timeout', 'bad_request']
+        : [400, 'Bad Request', 'bad_request'];
+  const message =
+    status === 431
+      ? 'the request headers are over 16 KiB'
+      : status === 408
+        ? 'the request took too long to arrive'
+        : 'the request is not valid HTTP/1.1';
+  const body = JSON.stringify({ error: { code, message } });
+  socket.end(
+    `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json; charset=utf-8\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
+}
+
 export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: Handler): Server {
-  return createServer((request: IncomingMessage, response: ServerResponse) => {
+  const server = createServer((request: IncomingMessage, response: ServerResponse) => {
     const path = pathOf(request);
     if (path === undefined) {
       return json(response, 400, {
@@ -79,6 +107,8 @@ export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: H
         json(response, 500, { error: { code: 'internal', message: 'internal error' } });
     });
   });
+  server.on('clientError', answerClientError);
+  return server;
 
   async function handle(
     path: string,
