@@ -5,6 +5,7 @@
  */
 import type { Middleware } from 'koa';
 import type { Logger } from '../observability/logger.ts';
+import { PasswordsBusyError } from './passwords.ts';
 
 export type ErrorCode =
   | 'bad_request'
@@ -92,6 +93,10 @@ export function errorHandler(logger: Logger): Middleware {
 
 function asHttpError(error: unknown): HttpError {
   if (error instanceof HttpError) return error;
+  if (error instanceof PasswordsBusyError)
+    return new HttpError(503, 'too many logins at once; try again', {
+      headers: { 'Retry-After': '1' },
+    });
   // http-errors (from Koa and its middleware) mark the ones fit for a client as `expose`.
   const { status, expose, message } = (error ?? {}) as {
     status?: unknown;

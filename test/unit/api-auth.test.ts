@@ -18,7 +18,13 @@ import { pino } from 'pino';
 import { createApi, type ApiDeps } from '../../api/app.ts';
 import { AccountOutbox } from '../../api/account-outbox.ts';
 import { MAX_BODY_BYTES } from '../../api/body.ts';
-import { PasswordHasher, type PasswordCost } from '../../api/passwords.ts';
+import {
+  MAX_CONCURRENT_HASHES,
+  MAX_WAITING_HASHES,
+  PasswordHasher,
+  PasswordsBusyError,
+  type PasswordCost,
+} from '../../api/passwords.ts';
 import {
   InvalidAccessTokenError,
   TokenService,
@@ -551,6 +557,25 @@ describe('REST API: accounts', () => {
       );
     });
 
+    it('answers 503 unavailable, to try again, while too many hashes wait', async () => {
+      const userId = fresh();
+      await api.register(userId);
+      class Busy extends PasswordHasher {
+        override async verify(): Promise<boolean> {
+          throw new PasswordsBusyError();
+        }
+      }
+      const busy = await new Harness().start({ passwords: new Busy(CHEAP) });
+      try {
+        const answer = await busy.login(userId);
+        assertError(answer, 503, 'unavailable');
+        assert.equal(answer.headers.get('retry-after'), '1');
+        assert.ok(!busy.logLines.some((line) => line.includes('request failed')));
+      } finally {
+        await busy.stop();
+      }
+    });
+
     it('spends a password verification for an unknown user too', async () => {
       api.passwords.verified.length = 0;
       await api.login(fresh('nobody'), 'correct horse');
@@ -902,6 +927,36 @@ describe('PasswordHasher', () => {
 
   it('refuses a stored hash that is not its format', async () => {
     await assert.rejects(hasher.verify('x', 'plain text'), /not an scrypt PHC string/);
+  });
+
+  it(`runs ${MAX_CONCURRENT_HASHES} hashes at once, queues ${MAX_WAITING_HASHES}, and refuses more`, async () => {
+    const limited = new PasswordHasher(CHEAP);
+    const stored = await limited.hash('correct horse');
+    let most = 0;
+    const sampler = setInterval(() => (most = Math.max(most, limited.load.running)), 0);
+    const asked = MAX_CONCURRENT_HASHES + MAX_WAITING_HASHES + 5;
+    const outcomes = await Promise.allSettled(
+      Array.from({ length: asked }, () => limited.verify('correct horse', stored)),
+    );
+    clearInterval(sampler);
+    const refused = outcomes.filter((o) => o.status === 'rejected');
+    assert.equal(refused.length, 5);
+    for (const o of refused) assert.ok(o.reason instanceof PasswordsBusyError);
+    assert.ok(outcomes.every((o) => o.status === 'rejected' || o.value === true));
+    assert.ok(most >= 1 && most <= MAX_CONCURRENT_HASHES, `${most} ran at once`);
+    // And then it takes hashes again, the unknown user's decoy too.
+    assert.equal(await limited.verify('correct horse', undefined), false);
+  });
+
+  it('does not keep a decoy that failed: the next unknown user gets one made', async () => {
+    const limited = new PasswordHasher(CHEAP);
+    const stored = await limited.hash('correct horse');
+    const busy = Array.from({ length: MAX_CONCURRENT_HASHES + MAX_WAITING_HASHES }, () =>
+      limited.verify('correct horse', stored),
+    );
+    await assert.rejects(limited.verify('x', undefined), PasswordsBusyError);
+    await Promise.all(busy);
+    assert.equal(await limited.verify('x', undefined), false);
   });
 });
 
