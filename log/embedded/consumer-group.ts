@@ -14,23 +14,37 @@ import type {
   TopicPartitionOffset,
 } from '../port.ts';
 import { assignCoPartitioned } from '../assignment.ts';
-import { IllegalStateError } from '../errors.ts';
+import { IllegalStateError, UnknownTopicError } from '../errors.ts';
 import type { PartitionStore } from './partition-store.ts';
 import type { Logger } from '../../observability/logger.ts';
 
 const DEFAULT_MAX_BATCH = 500;
 const RETRY_BACKOFF_MS = { initial: 100, max: 5000 };
 
-/** A promise that can be resolved from outside: the consumer's loop sleeps on one. */
+/**
+ * A promise that can be resolved from outside: the consumer's loop sleeps on one. A wake while
+ * the loop is not asleep (an append during its round, after it found that partition idle) is
+ * kept for its next wait, which then returns at once: else the loop would sleep past records
+ * already there, until some later append.
+ */
 class Wakeup {
   private resolve: (() => void) | undefined;
   private promise: Promise<void> | undefined;
+  private woken = false;
   wait(): Promise<void> {
+    if (this.woken) {
+      this.woken = false;
+      return Promise.resolve();
+    }
     this.promise ??= new Promise<void>((resolve) => (this.resolve = resolve));
     return this.promise;
   }
   wake(): void {
-    this.resolve?.();
+    if (!this.resolve) {
+      this.woken = true;
+      return;
+    }
+    this.resolve();
     this.resolve = undefined;
     this.promise = undefined;
   }
@@ -57,9 +71,9 @@ export class GroupCoordinator {
     this.members.delete(memberId);
   }
 
-  /** Rebalances the group; rebalances run one after another. */
+  /** Rebalances the group; rebalances run one after another, a failed one stopping no later one. */
   rebalance(): Promise<void> {
-    this.rebalancing = this.rebalancing.then(() => this.doRebalance());
+    this.rebalancing = this.rebalancing.catch(() => undefined).then(() => this.doRebalance());
     return this.rebalancing;
   }
 
@@ -69,7 +83,11 @@ export class GroupCoordinator {
     await Promise.all(members.map(([, m]) => m.suspend()));
     const topics = new Map<string, number>();
     for (const [, m] of members) {
-      for (const topic of m.topics) topics.set(topic, this.store.partitionCount(topic));
+      for (const topic of m.topics) {
+        // A topic deleted since it was subscribed to has no partitions to assign, as on Kafka;
+        // the members must still be resumed, with the rest.
+        if (this.store.meta(topic)) topics.set(topic, this.store.partitionCount(topic));
+      }
     }
     // Member ids sort in join order (zero-padded), so older members keep low partition numbers.
     const ids = members.map(([id]) => id);
@@ -220,13 +238,15 @@ export class EmbeddedConsumer implements Consumer {
   }
 
   private async applyAssignment(): Promise<boolean> {
-    const partitions = this.pendingAssignment!;
+    const assigned = this.pendingAssignment!;
     this.pendingAssignment = undefined;
-    this.assigned = partitions;
     // Starting from the end, a partition kept through the rebalance goes on from where it was.
     const kept = this.options.startFrom === 'latest' ? new Map(this.positions) : new Map();
     this.positions.clear();
-    for (const tp of partitions) {
+    const partitions: TopicPartition[] = [];
+    for (const tp of assigned) {
+      // Not those of a topic deleted since the rebalance: there is nothing to read in them.
+      if (!this.store.meta(tp.topic)) continue;
       const committed = await this.store.committedOffset(
         this.options.groupId,
         tp.topic,
@@ -237,9 +257,15 @@ export class EmbeddedConsumer implements Consumer {
           ? committed
           : this.options.startFrom === 'latest'
             ? (kept.get(`${tp.topic}/${tp.partition}`) ?? this.store.end(tp.topic, tp.partition))
-            : await this.store.lowWatermark(tp.topic, tp.partition);
+            : await this.store.lowWatermark(tp.topic, tp.partition).catch((error: unknown) => {
+                if (error instanceof UnknownTopicError) return undefined; // deleted meanwhile
+                throw error;
+              });
+      if (start === undefined) continue;
       this.positions.set(`${tp.topic}/${tp.partition}`, start);
+      partitions.push(tp);
     }
+    this.assigned = partitions;
     try {
       await this.handlers!.onAssignment?.(this.assignment());
       return true;
@@ -264,6 +290,8 @@ export class EmbeddedConsumer implements Consumer {
     tp: TopicPartition,
   ): Promise<'idle' | 'handed' | 'failed' | 'sought'> {
     const id = `${tp.topic}/${tp.partition}`;
+    // Deleted since it was assigned: nothing to read, until a rebalance leaves it out.
+    if (!this.store.meta(tp.topic)) return 'idle';
     const position = this.positions.get(id)!;
     const end = this.store.end(tp.topic, tp.partition);
     if (position >= end) return 'idle';

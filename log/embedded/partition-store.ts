@@ -166,14 +166,13 @@ export class PartitionStore {
   }
 
   async lowWatermark(topic: string, partition: number): Promise<number> {
-    const state = this.partition(topic, partition);
-    const iterator = this.db.keys({
-      ...keys.recordRange(topic, partition, 0, state.end),
-      limit: 1,
-    });
+    // The end as it is now, not after the read: records appended meanwhile lie at or above it,
+    // and answering the later end for an empty range would skip them.
+    const end = this.partition(topic, partition).end;
+    const iterator = this.db.keys({ ...keys.recordRange(topic, partition, 0, end), limit: 1 });
     try {
       const first: string | undefined = await iterator.next();
-      return first === undefined ? state.end : keys.offsetOfRecordKey(first);
+      return first === undefined ? end : keys.offsetOfRecordKey(first);
     } finally {
       await iterator.close();
     }

@@ -268,6 +268,54 @@ describe('embedded log', () => {
       assert.equal(held(), 0);
     }));
 
+  it('gives a consumer new to its group the records appended while it starts', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 't', partitions: 4 }]);
+      const producer = await log.producer();
+      for (let round = 1; round <= 10; round++) {
+        let seen = 0;
+        const consumer = log.consumer({ groupId: `new${round}` });
+        await consumer.subscribe(['t']);
+        await consumer.run({ eachBatch: async (batch) => void (seen += batch.records.length) });
+        // Sent while it looks up where each partition starts: none may start past them.
+        await producer.send(
+          [0, 1, 2, 3].map((partition) => ({ topic: 't', partition, key: null, value: null })),
+        );
+        await eventually(() => seen === 4 * round, 5_000, `round ${round}: all ${4 * round}`);
+        await consumer.close();
+      }
+    }));
+
+  it('goes on rebalancing a group after a topic it subscribed to was deleted', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([
+        { topic: 'kept', partitions: 2 },
+        { topic: 'gone', partitions: 2 },
+      ]);
+      const seen: string[] = [];
+      const eachBatch = async (batch: { records: { value: Buffer | null }[] }) =>
+        void seen.push(...batch.records.map((r) => text(r.value)!));
+      const first = log.consumer({ groupId: 'g' });
+      await first.subscribe(['kept', 'gone']);
+      await first.run({ eachBatch });
+      await log.admin.deleteTopics(['gone']);
+      // A member joins: the rebalance leaves out what is gone, and resumes everyone.
+      const second = log.consumer({ groupId: 'g' });
+      await second.subscribe(['kept']);
+      await second.run({ eachBatch });
+      const producer = await log.producer();
+      await producer.send(
+        [0, 1].map((partition) => ({
+          topic: 'kept',
+          partition,
+          key: null,
+          value: Buffer.from(`p${partition}`),
+        })),
+      );
+      await eventually(() => seen.length === 2, 5_000, 'both partitions consumed');
+      await Promise.all([first.close(), second.close()]);
+    }));
+
   it('drops records older than retention.ms from a delete-policy topic', () =>
     withLog(async (log) => {
       await log.admin.createTopics([
