@@ -11,7 +11,13 @@ import type { AccountOutbox } from './account-outbox.ts';
 import { jsonBody } from './body.ts';
 import { RequestDrain } from './drain.ts';
 import { errorHandler } from './errors.ts';
-import { LoginThrottle, RegistrationLimit, type LoginLimits } from './throttles.ts';
+import {
+  AddressLimit,
+  DEFAULT_REGISTRATIONS_PER_HOUR,
+  LoginThrottle,
+  REFRESHES_PER_HOUR,
+  type LoginLimits,
+} from './throttles.ts';
 import { PasswordHasher } from './passwords.ts';
 import { authRouter } from './routes/auth.ts';
 import { meRouter } from './routes/me.ts';
@@ -32,6 +38,8 @@ export interface ApiDeps {
   loginLimits?: LoginLimits;
   /** Registrations per client address per hour (DEFAULT_REGISTRATIONS_PER_HOUR; 0: none). */
   registrationsPerHour?: number;
+  /** Refreshes per client address per hour (REFRESHES_PER_HOUR; 0: none). */
+  refreshesPerHour?: number;
   /** Take the client's address from X-Forwarded-For (Koa's `proxy`): only behind a proxy. */
   trustProxy?: boolean;
   /** Closed by the process as it stops, before the stores (none: never refuses). */
@@ -52,7 +60,11 @@ export function createApi(deps: ApiDeps): Koa {
     passwords: deps.passwords ?? new PasswordHasher(),
     now: deps.now ?? Date.now,
     loginThrottle: new LoginThrottle(deps.loginLimits),
-    registrationLimit: new RegistrationLimit(deps.registrationsPerHour),
+    registrationLimit: new AddressLimit(
+      'registrations',
+      deps.registrationsPerHour ?? DEFAULT_REGISTRATIONS_PER_HOUR,
+    ),
+    refreshLimit: new AddressLimit('refreshes', deps.refreshesPerHour ?? REFRESHES_PER_HOUR),
   };
   const routes = new Router();
   routes.use(authRouter(resolved).routes());

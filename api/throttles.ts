@@ -1,6 +1,6 @@
 /**
- * Throttles on the REST API's unauthenticated doors: registrations per client address, and
- * password guessing.
+ * Throttles on the REST API's unauthenticated doors: registrations and refreshes per client
+ * address, and password guessing.
  *
  * Logins: throttled on `POST /v1/auth/login`, after OWASP's authentication cheat
  * sheet and rate-limiter-flexible's login recipe. Only failures count:
@@ -37,30 +37,42 @@ export const DEFAULT_LOGIN_LIMITS: LoginLimits = {
 
 const DAY_S = 24 * 3600;
 
-/** Registrations from one client address in an hour. */
+/**
+ * Registrations from one client address in an hour. Every attempt counts, a taken username too
+ * (trying names tells which exist), so that one client can neither fill the accounts store nor
+ * walk the namespace.
+ */
 export const DEFAULT_REGISTRATIONS_PER_HOUR = 100;
 
 /**
- * Registrations from one client address: once `perHour` are made in an hour, the next answer
- * 429 `rate_limited` with `Retry-After` until the hour is over (0: no limit). Every attempt
- * counts, a taken username too (trying names tells which exist), so that one client cannot
- * fill the accounts store or walk the namespace.
+ * Refreshes from one client address in an hour. A client refreshes about every 15 minutes;
+ * each refresh keeps the used token (for reuse detection) for 30 days, so a client looping on
+ * refresh would otherwise fill the token store.
  */
-export class RegistrationLimit {
+export const REFRESHES_PER_HOUR = 600;
+
+/**
+ * `perHour` attempts at something from one client address: past them, the next answer 429
+ * `rate_limited` with `Retry-After` until the hour is over (0: no limit).
+ */
+export class AddressLimit {
   private readonly byAddress: RateLimiterMemory | undefined;
 
-  constructor(perHour = DEFAULT_REGISTRATIONS_PER_HOUR) {
+  constructor(
+    private readonly what: string,
+    perHour: number,
+  ) {
     if (perHour > 0)
       this.byAddress = new RateLimiterMemory({
-        keyPrefix: 'register-address',
+        keyPrefix: `${what}-address`,
         points: perHour,
         duration: 3600,
       });
   }
 
-  /** Takes one registration for the address, or throws 429. */
+  /** Takes one attempt for the address, or throws 429. */
   async attempt(address: string): Promise<void> {
-    if (this.byAddress) await take(this.byAddress, address, 'too many registrations');
+    if (this.byAddress) await take(this.byAddress, address, `too many ${this.what}`);
   }
 }
 

@@ -14,7 +14,7 @@ import {
 import { requireUser, type AuthenticatedState } from '../auth-middleware.ts';
 import { HttpError } from '../errors.ts';
 import type { AccountOutbox } from '../account-outbox.ts';
-import type { LoginThrottle, RegistrationLimit } from '../throttles.ts';
+import type { AddressLimit, LoginThrottle } from '../throttles.ts';
 import type { PasswordHasher } from '../passwords.ts';
 import { hashRefreshToken, type TokenService } from '../tokens.ts';
 import { loginBody, refreshBody, registerBody, validate } from '../validation.ts';
@@ -28,7 +28,8 @@ export interface AuthRoutesDeps {
   logger: Logger;
   now: () => number;
   loginThrottle: LoginThrottle;
-  registrationLimit: RegistrationLimit;
+  registrationLimit: AddressLimit;
+  refreshLimit: AddressLimit;
 }
 
 /** What register, login and refresh answer. */
@@ -88,6 +89,7 @@ export function authRouter(deps: AuthRoutesDeps): Router {
 
   router.post('/refresh', async (ctx) => {
     const { refreshToken } = validate(refreshBody, ctx.request.body);
+    await deps.refreshLimit.attempt(ctx.ip);
     const outcome = await refreshTokens.consume(hashRefreshToken(refreshToken));
     if (outcome?.state === 'reused') {
       // Two holders of one token: the thief or the user, we cannot tell; log both out.

@@ -1098,6 +1098,26 @@ describe('REST API: registrations are limited per client address', () => {
   });
 });
 
+describe('REST API: refreshes are limited per address', () => {
+  let api: Harness;
+  afterEach(async () => {
+    await api.stop();
+  });
+
+  it('answers 429 with Retry-After past the hour’s refreshes from an address', async () => {
+    api = await new Harness().start({ refreshesPerHour: 3 });
+    let { refreshToken } = (await api.register('gil')).body;
+    for (let i = 0; i < 3; i++) {
+      const answer = await api.refresh(refreshToken);
+      assert.equal(answer.status, 200);
+      refreshToken = answer.body.refreshToken;
+    }
+    const refused = await api.refresh(refreshToken);
+    assertError(refused, 429, 'rate_limited');
+    assert.ok(Number(refused.headers.get('retry-after')) > 3000);
+  });
+});
+
 describe('REST API: failed logins are throttled', () => {
   const limits = { consecutiveFails: 3, consecutiveBlockS: 60, failsPerDay: 5, dailyBlockS: 3600 };
   let api: Harness;
