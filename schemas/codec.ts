@@ -10,7 +10,12 @@
  * so records written by an older or newer producer decode as long as the two are compatible.
  */
 import avro from 'avsc';
-import { UnknownSchemaError, valueSubject, type SchemaRegistry } from './registry/port.ts';
+import {
+  RegistryUnavailableError,
+  UnknownSchemaError,
+  valueSubject,
+  type SchemaRegistry,
+} from './registry/port.ts';
 import { parseSchema } from './registry/compatibility.ts';
 
 export const MAGIC_BYTE = 0;
@@ -105,7 +110,10 @@ export class TopicCodec<T> {
           { cause: error },
         );
       }
-      throw error; // the registry is unreachable: retriable, not a bad record
+      throw new RegistryUnavailableError(
+        `schema id ${id} could not be fetched from the registry: ${(error as Error).message}`,
+        { cause: error },
+      );
     }
     let resolver;
     try {

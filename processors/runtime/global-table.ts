@@ -7,9 +7,17 @@
 import { randomUUID } from 'node:crypto';
 import type { Consumer, Log } from '../../log/port.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
+import { isRetriable } from './errors.ts';
+
+/** Tries of a record whose decoding failed for a retriable reason, while the table loads. */
+const LOAD_TRIES = 20;
+const LOAD_RETRY_MS = 500;
 
 export interface GlobalTableOptions<V> {
-  /** null for a tombstone; a value that fails to decode is logged and skipped. */
+  /**
+   * A value that fails to decode is logged and skipped; one whose error is retriable (the
+   * schema registry unreachable) is read again until it decodes.
+   */
   decode(value: Buffer): V | Promise<V>;
   logger?: Logger;
   /** Called after each change, e.g. to expire sessions of a silent gateway. */
@@ -36,7 +44,7 @@ export class GlobalTable<V> {
       this.topic,
       marks.map((m) => ({ partition: m.partition, from: 0 })),
     )) {
-      for (const record of batch.records) await this.apply(record.key, record.value);
+      for (const record of batch.records) await this.applyWhileLoading(record.key, record.value);
     }
     this.logger.info({ entries: this.entries.size }, 'global table loaded');
     const consumer = this.log.consumer({
@@ -95,7 +103,23 @@ export class GlobalTable<V> {
       this.entries.set(key, decoded);
       this.options.onChange?.(key, decoded);
     } catch (error) {
+      // Not the record's fault: the consumer hands the batch again (set and delete are
+      // idempotent, so the records before it may be applied twice).
+      if (isRetriable(error)) throw error;
       this.logger.error({ err: error, key }, 'global table record does not decode; skipped');
+    }
+  }
+
+  /** apply, tried again on a retriable failure (for about 10 s, then start fails). */
+  private async applyWhileLoading(key: Buffer | null, value: Buffer | null): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.apply(key, value);
+      } catch (error) {
+        if (attempt >= LOAD_TRIES) throw error;
+        this.logger.warn({ err: error, attempt }, 'global table record not decoded yet; retrying');
+        await new Promise((resolve) => setTimeout(resolve, LOAD_RETRY_MS));
+      }
     }
   }
 }

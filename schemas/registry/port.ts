@@ -53,6 +53,15 @@ export class IncompatibleSchemaError extends SchemaRegistryError {
 /** The text is not a valid Avro schema. */
 export class InvalidSchemaError extends SchemaRegistryError {}
 
+/**
+ * The registry could not be asked (down, a 5xx, the network): not the record's fault. Marked
+ * `retriable`, as the runtime's RetriableError is, so that a processor reads the record again
+ * rather than dead-lettering it.
+ */
+export class RegistryUnavailableError extends SchemaRegistryError {
+  readonly retriable = true;
+}
+
 export class UnknownSchemaError extends SchemaRegistryError {
   constructor(readonly id: number) {
     super(`no schema with id ${id} in the registry`);

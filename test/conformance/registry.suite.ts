@@ -8,11 +8,13 @@ import type avro from 'avsc';
 import {
   IncompatibleSchemaError,
   InvalidSchemaError,
+  RegistryUnavailableError,
   UnknownSchemaError,
   type SchemaRegistry,
 } from '../../schemas/registry/port.ts';
 import { Codecs, DecodeError, EncodeError } from '../../schemas/codec.ts';
 import { uniqueName } from '../support/log-helpers.ts';
+import { isRetriable } from '../../processors/runtime/errors.ts';
 import type { Log } from '../../log/port.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 
@@ -134,6 +136,30 @@ export function registryConformance(
         () => codec.decode(forged),
         (e: unknown) => e instanceof DecodeError && /987654/.test(e.message),
       );
+    });
+
+    it('makes a registry it cannot ask a retriable error, not a bad record', async () => {
+      const topic = uniqueName('notes');
+      const newer = await new Codecs(registry).forTopic<object>(topic, v2WithDefault);
+      // A reader of the older schema meets a record of the newer, while the registry is down.
+      let down = true;
+      const flaky: SchemaRegistry = Object.create(registry, {
+        schemaById: {
+          value: async (id: number) => {
+            if (down) throw new Error('connect ECONNREFUSED 127.0.0.1:8081');
+            return registry.schemaById(id);
+          },
+        },
+      });
+      const reader = await new Codecs(flaky).forTopic<object>(topic, v1);
+      const bytes = newer.encode({ id: 'n', text: 't', lang: 'fr' });
+      await assert.rejects(
+        () => reader.decode(bytes),
+        (e: unknown) =>
+          e instanceof RegistryUnavailableError && isRetriable(e) && !(e instanceof DecodeError),
+      );
+      down = false;
+      assert.deepEqual({ ...(await reader.decode(bytes)) }, { id: 'n', text: 't' });
     });
 
     it('turns malformed records into DecodeErrors and invalid values into EncodeErrors', async () => {

@@ -508,6 +508,44 @@ export function runtimeSuite(shape: RuntimeShape) {
       }
     });
 
+    it('reads a global table record again when it fails to decode for a retriable reason', async () => {
+      const topic = uniqueName('table');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic, partitions: 1, config: { 'cleanup.policy': 'compact' } },
+        ]);
+        const producer = await log.producer();
+        const put = (key: string, value: string) =>
+          producer.send([{ topic, key: Buffer.from(key), value: Buffer.from(value) }]);
+        await put('loaded', 'v1');
+        // Each value fails once, as a record does while the schema registry is unreachable;
+        // a value that is bad for good is skipped.
+        const failed = new Set<string>();
+        const table = new GlobalTable(log, topic, {
+          decode: (v) => {
+            const text = v.toString('utf8');
+            if (text === 'bad') throw new Error('not a value');
+            if (!failed.has(text)) {
+              failed.add(text);
+              throw new RetriableError('the registry is unreachable');
+            }
+            return text;
+          },
+        });
+        await table.start();
+        assert.equal(table.get('loaded'), 'v1', 'retried while loading');
+        await put('skipped', 'bad');
+        await put('followed', 'v2');
+        await eventually(() => table.get('followed') === 'v2', shape.settleMs + 20_000, 'v2');
+        assert.equal(table.has('skipped'), false);
+        await table.close();
+        await producer.close();
+      } finally {
+        await shape.close(log);
+      }
+    });
+
     it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
       const app = uniqueName('count');
       const input = uniqueName('words');
