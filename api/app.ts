@@ -79,8 +79,8 @@ export function createApi(deps: ApiDeps): Koa {
   app.on('error', (error: unknown) => logger.warn({ err: error }, 'http error'));
   app
     .use(errorHandler(logger))
-    .use((deps.drain ?? new RequestDrain()).middleware())
     .use(noStore)
+    .use((deps.drain ?? new RequestDrain()).middleware())
     .use(jsonBody())
     .use(routes.routes())
     .use(routes.allowedMethods());

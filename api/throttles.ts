@@ -112,6 +112,15 @@ export class LoginThrottle {
     }
   }
 
+  /**
+   * The password was never checked (the hashes busy, a store error): the try is given back to
+   * both counts, since it told the client nothing.
+   */
+  async unchecked(username: string, address: string): Promise<void> {
+    await this.byUserAndAddress.reward(pair(username, address), 1);
+    await this.byAddress.reward(address, 1);
+  }
+
   /** The login succeeded: its try was no failure, and the failures in a row are forgotten. */
   async succeeded(username: string, address: string): Promise<void> {
     await this.byUserAndAddress.delete(pair(username, address));

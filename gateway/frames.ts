@@ -148,11 +148,12 @@ export function nestsDeeperThan(value: unknown, limit: number): boolean {
 }
 
 /**
- * The first number in a parsed JSON value that JSON.parse could not keep as the client wrote
- * it, if any: one too large for a double (parsed as Infinity, sent on as null), or an integer
- * from 2^53 to 10^21, which a double rounds (9007199254740993 becomes ...992): the range of
- * 64-bit ids, which I-JSON (RFC 7493 §2.2) says to send as strings. Past 10^21 a parsed
- * integer cannot be told from a float written with an exponent (1.5e300), which is kept.
+ * The first number in a parsed JSON value that is refused, if any: one too large for a double
+ * (parsed as Infinity, it would go on as null), or an integer from 2^53 to 10^21. A double
+ * rounds most of those (9007199254740993 becomes ...992), and once parsed the rounded ones
+ * cannot be told from the exact ones: the whole range is refused, as I-JSON (RFC 7493 §2.2)
+ * says integers past ±(2^53 - 1) do not interoperate (64-bit ids go as strings). Past 10^21 a
+ * parsed integer cannot be told from a float written with an exponent (1.5e300), which is kept.
  */
 export function inexactNumberIn(value: unknown): number | undefined {
   const stack: unknown[] = [value];
@@ -182,8 +183,8 @@ function parseFields(fields: Record<string, unknown>, id: string | undefined): C
       const inexact = inexactNumberIn(fields.body);
       if (inexact !== undefined)
         throw badFrame(
-          `body holds a number a double cannot keep (${inexact}): integers must be within ` +
-            '±(2^53 - 1), and no number may overflow (send larger ones as strings)',
+          `body holds a number past what a double holds exactly (${inexact}): integers must ` +
+            'be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)',
         );
       const body = JSON.stringify(fields.body);
       const bytes = Buffer.byteLength(body, 'utf8');

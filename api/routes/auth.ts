@@ -77,9 +77,18 @@ export function authRouter(deps: AuthRoutesDeps): Router {
   router.post('/login', async (ctx) => {
     const { username: userId, password } = validate(loginBody, ctx.request.body);
     await loginThrottle.attempt(userId, ctx.ip);
-    const account = await accounts.get(userId);
+    let verified: boolean;
+    try {
+      const account = await accounts.get(userId);
+      verified = await passwords.verify(password, account?.passwordHash);
+    } catch (error) {
+      // A 503 while the hashes are busy, or a 500: no failure, and a client retrying on
+      // Retry-After must not lock itself out.
+      await loginThrottle.unchecked(userId, ctx.ip);
+      throw error;
+    }
     // One answer for an unknown user and a wrong password, in the same time.
-    if (!(await passwords.verify(password, account?.passwordHash))) {
+    if (!verified) {
       logger.info({ userId, address: ctx.ip }, 'login refused');
       throw new HttpError(401, 'wrong username or password');
     }

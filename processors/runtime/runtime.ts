@@ -541,6 +541,8 @@ export class StreamsRuntime {
       // as after a failed commit, the task is dropped and opened again, and its stores catch
       // up from their changelogs.
       this.logger.error({ err: error, task: task.id }, 'store flush failed; reviving the task');
+      // Not ready until it runs again (a disk that keeps failing keeps it down).
+      this.failingCommits.set(task.id, `store flush failed: ${(error as Error).message}`);
       for (const store of stores.values()) store.discard();
       this.tasks.delete(task.partition);
       await task.close().catch(() => undefined);

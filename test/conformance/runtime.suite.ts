@@ -546,6 +546,46 @@ export function runtimeSuite(shape: RuntimeShape) {
       }
     });
 
+    it('says it is not ready while its stores cannot be written', async () => {
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const log = await shape.open();
+      const db = await StateDb.open(join(stateRoot, app));
+      try {
+        await seedInput(log, input, output, ['a']);
+        const write = db.write.bind(db);
+        let broken = false;
+        db.write = async (...args) => {
+          if (broken) throw new Error('No space left on device');
+          return write(...args);
+        };
+        const runtime = new StreamsRuntime(countingTopology(input, output), {
+          applicationId: app,
+          log,
+          stateDb: db,
+          commitIntervalMs: 50,
+        });
+        await runtime.start();
+        await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready');
+        broken = true; // the disk fills up: every flush, and every restore of a revival, fails
+        const producer = await log.producer();
+        await producer.send([{ topic: input, key: Buffer.from('k'), value: Buffer.from('b') }]);
+        await producer.close();
+        await eventually(
+          () => /store flush failed/.test(runtime.notRunningBecause ?? ''),
+          shape.settleMs + 20_000,
+          'not ready, saying why',
+        );
+        broken = false;
+        await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready again');
+        await runtime.close();
+      } finally {
+        await db.close();
+        await shape.close(log);
+      }
+    });
+
     it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
       const app = uniqueName('count');
       const input = uniqueName('words');

@@ -187,7 +187,10 @@ describe('npm start (embedded shape)', function () {
           const body = await answer.text();
           const key = `${at} ${answer.status}`;
           statuses.set(key, (statuses.get(key) ?? 0) + 1);
-          if (answer.status === 503) assert.equal(JSON.parse(body).error.code, 'unavailable');
+          if (answer.status === 503) {
+            assert.equal(JSON.parse(body).error.code, 'unavailable');
+            assert.equal(answer.headers.get('cache-control'), 'no-store');
+          }
         } catch {
           if (stopping) return; // the port is closed
         }

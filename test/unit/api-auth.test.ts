@@ -18,6 +18,7 @@ import { pino } from 'pino';
 import { createApi, type ApiDeps } from '../../api/app.ts';
 import { AccountOutbox } from '../../api/account-outbox.ts';
 import { MAX_BODY_BYTES } from '../../api/body.ts';
+import { DEFAULT_LOGIN_LIMITS } from '../../api/throttles.ts';
 import {
   MAX_CONCURRENT_HASHES,
   MAX_WAITING_HASHES,
@@ -557,19 +558,30 @@ describe('REST API: accounts', () => {
       );
     });
 
-    it('answers 503 unavailable, to try again, while too many hashes wait', async () => {
-      const userId = fresh();
-      await api.register(userId);
-      class Busy extends PasswordHasher {
-        override async verify(): Promise<boolean> {
-          throw new PasswordsBusyError();
+    it('answers 503 unavailable while too many hashes wait, counting no failed login', async () => {
+      class SometimesBusy extends PasswordHasher {
+        busy = true;
+        override verify(password: string, encoded: string | undefined): Promise<boolean> {
+          return this.busy
+            ? Promise.reject(new PasswordsBusyError())
+            : super.verify(password, encoded);
         }
       }
-      const busy = await new Harness().start({ passwords: new Busy(CHEAP) });
+      const passwords = new SometimesBusy(CHEAP);
+      const busy = await new Harness().start({
+        passwords,
+        loginLimits: { ...DEFAULT_LOGIN_LIMITS, consecutiveFails: 3 },
+      });
       try {
-        const answer = await busy.login(userId);
-        assertError(answer, 503, 'unavailable');
-        assert.equal(answer.headers.get('retry-after'), '1');
+        await busy.register('busy');
+        // More than the failures in a row that block: none of them was a failure.
+        for (let i = 0; i < 5; i++) {
+          const answer = await busy.login('busy');
+          assertError(answer, 503, 'unavailable');
+          assert.equal(answer.headers.get('retry-after'), '1');
+        }
+        passwords.busy = false;
+        assert.equal((await busy.login('busy')).status, 200);
         assert.ok(!busy.logLines.some((line) => line.includes('request failed')));
       } finally {
         await busy.stop();

@@ -56,7 +56,7 @@ describe('gateway frames: parsing client frames', () => {
       { type: 'send', id: 'c1', recipient: user('bob.smith_1-x'), body: '1' },
     ],
     [
-      'send: numbers a double keeps exactly, however large',
+      'send: integers within ±(2^53 - 1), and floats past 10^21',
       { type: 'send', id: 'c1', to: 'bob', body: [9007199254740991, -9007199254740991, 1.5e300] },
       {
         type: 'send',
@@ -203,11 +203,11 @@ describe('gateway frames: parsing client frames', () => {
     ),
     ...['1e400', '-1e400', '9007199254740992', '[1, {"n": -9007199254740993}]'].map(
       (body): [string, string, FrameError] => [
-        `a send whose body holds ${body}, which a double cannot keep`,
+        `a send whose body holds ${body}, past what a double holds exactly`,
         `{"type":"send","id":"c1","to":"bob","body":${body}}`,
         {
           code: 'bad_frame',
-          message: `body holds a number a double cannot keep (${JSON.parse(body.replace(/.*?(-?[0-9e]{5,}).*/, '$1'))}): integers must be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)`,
+          message: `body holds a number past what a double holds exactly (${JSON.parse(body.replace(/.*?(-?[0-9e]{5,}).*/, '$1'))}): integers must be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)`,
           id: 'c1',
         },
       ],
