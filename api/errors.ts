@@ -72,8 +72,13 @@ export function errorHandler(logger: Logger): Middleware {
       }
     } catch (error) {
       const httpError = asHttpError(error);
-      // Not a 503: the process is stopping, as it logs once.
-      if (httpError.status >= 500 && httpError.status !== 503)
+      // A 503 is the process stopping or too busy, not a fault: a warning.
+      if (httpError.status === 503)
+        logger.warn(
+          { method: ctx.method, path: ctx.path, reason: httpError.message },
+          'unavailable',
+        );
+      else if (httpError.status >= 500)
         logger.error({ err: error, method: ctx.method, path: ctx.path }, 'request failed');
       ctx.status = httpError.status;
       ctx.set(httpError.headers);

@@ -80,6 +80,15 @@ class SlicedWalk {
 
   constructor(private readonly everyMs: number) {}
 
+  /** Where the walk is now, to put it back there (a tick that failed). */
+  position(): () => void {
+    const { from, startedAt } = this;
+    return () => {
+      this.from = from;
+      this.startedAt = startedAt;
+    };
+  }
+
   async slice<V>(store: KeyValueStore<V>, limit: number, now: number): Promise<Array<[string, V]>> {
     if (this.from === undefined) {
       if (now - this.startedAt < this.everyMs) return [];
@@ -261,8 +270,12 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.entries = context.getStateStore('inbox');
     this.dedup = context.getStateStore('dedup');
     this.sessions = context.getStateStore('sessions');
-    context.schedule(this.pacing.tickMs, 'WALL_CLOCK_TIME', (now) => this.prune(now));
-    context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) => this.watchGateways(now));
+    context.schedule(this.pacing.tickMs, 'WALL_CLOCK_TIME', (now) =>
+      this.keepingPlaces(() => this.prune(now)),
+    );
+    context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) =>
+      this.keepingPlaces(() => this.watchGateways(now)),
+    );
   }
 
   async process(record: Record<Input>): Promise<void> {
@@ -424,6 +437,34 @@ class InboxProcessor implements Processor<Input, unknown> {
   }
 
   /**
+   * Runs a tick; should it fail, puts back where its walks were. The task rolls the stores back
+   * to before the tick, and a walk that went on past users whose work was undone would never
+   * come back to them (a stale session left open for good, pruning skipped for a walk's round).
+   */
+  private async keepingPlaces(tick: () => Promise<void>): Promise<void> {
+    const looking = new Map(this.looking);
+    const heldBackOn = new Set(this.heldBackOn);
+    const startsBefore = this.startsBefore;
+    const revisits = new Set(this.revisits);
+    const walks = [this.pruneWalks.users.position(), this.pruneWalks.dedup.position()];
+    try {
+      await tick();
+    } catch (error) {
+      const refill = <T>(into: Set<T>, from: Set<T>) => {
+        into.clear();
+        for (const item of from) into.add(item);
+      };
+      this.looking.clear();
+      for (const [gatewayId, key] of looking) this.looking.set(gatewayId, key);
+      refill(this.heldBackOn, heldBackOn);
+      refill(this.revisits, revisits);
+      this.startsBefore = startsBefore;
+      for (const putBack of walks) putBack();
+      throw error;
+    }
+  }
+
+  /**
    * Looks at the sessions on a gateway when it is heard again or has started a new run:
    *
    * - A gateway that crashed and came back under the same id holds none of the connections it
@@ -472,7 +513,6 @@ class InboxProcessor implements Processor<Input, unknown> {
         const looked = await this.lookAt(userOfSessionKey(key), live, now);
         closed += looked.closed;
         caughtUp += looked.caughtUp;
-        // Where this walk goes on, should a later user's work fail.
         this.looking.set(gatewayId, keyAfter(key));
       }
       budget -= mine.length;
