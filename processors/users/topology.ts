@@ -576,12 +576,18 @@ class InboxProcessor implements Processor<Input, unknown> {
     for (const [userId, meta] of walked) {
       if (meta.firstKept < meta.nextSeq) await this.pruneInbox(userId, now, retentionMs);
     }
-    for (const [key, { at }] of await this.pruneWalks.dedup.slice(
+    for (const [key, { seq, at }] of await this.pruneWalks.dedup.slice(
       this.dedup,
       dedupKeysPerTick,
       now,
-    ))
-      if (now - at > retentionMs) this.dedup.delete(key);
+    )) {
+      if (now - at <= retentionMs) continue;
+      // Nor while the inbox still holds its entry (the walks run apart, and entries expire in
+      // seq order, not by time): a retry would then be appended twice.
+      const userId = key.slice(0, key.indexOf('/'));
+      if (seq >= ((await this.metas.get(userId))?.firstKept ?? Infinity)) continue;
+      this.dedup.delete(key);
+    }
   }
 }
 

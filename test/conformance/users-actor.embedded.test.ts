@@ -502,6 +502,49 @@ describe('users actor pruning an inbox with more expired entries than one visit 
   });
 });
 
+describe('users actor keeping dedup keys', function () {
+  this.timeout(30_000);
+  let actor: Actor;
+  before(async () => {
+    actor = await Actor.open({
+      liveGateways: () => new Set(['gw1']),
+      retentionMs: 1_000,
+      // The dedup walk goes round often, the inbox walk once an hour: they are out of phase.
+      prune: {
+        everyMs: 3_600_000,
+        dedupEveryMs: 100,
+        tickMs: 50,
+        usersPerTick: 100,
+        dedupKeysPerTick: 100,
+      },
+    });
+  });
+  after(() => actor.close());
+
+  it('keeps a dedup key past retention while the inbox holds its entry, so a retry is dropped', async () => {
+    await actor.produce(topics.messages, 'kept', copy('kept', 'm1'));
+    const entries = async () =>
+      (await actor.readAll(topics.inboxEntries, actor.codecs[topics.inboxEntries])).filter(
+        (e) => e.userId === 'kept',
+      );
+    await eventually(async () => (await entries()).length === 1, 10_000, 'the entry');
+    // Past retention, and several rounds of the dedup walk; the inbox walk has not come by.
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    assert.equal(
+      (await actor.committedKeys('dedup')).filter((k) => k.startsWith('kept/')).length,
+      1,
+    );
+    await actor.produce(topics.messages, 'kept', copy('kept', 'm1')); // a late retry
+    await actor.produce(topics.messages, 'kept', copy('kept', 'm2'));
+    await eventually(async () => (await entries()).length === 2, 10_000, 'the next message');
+    assert.deepEqual(
+      (await entries()).map((e) => e.seq),
+      [1, 2],
+      'the retry appended nothing',
+    );
+  });
+});
+
 describe('users actor pruning (embedded log)', function () {
   this.timeout(30_000);
   let actor: Actor;
