@@ -190,7 +190,6 @@ export class KafkaLog implements Log {
     const position = new Map<number, number>();
     for (const s of starts) if (s.from < ends.get(s.partition)!) position.set(s.partition, s.from);
     if (position.size === 0) return;
-    const from = new Map(starts.map((s) => [s.partition, s.from]));
     const queue = new AsyncQueue<Batch>();
     const consumer = this.kafka.consumer({
       groupId: `${this.options.clientId ?? 'kchat'}-reader-${randomUUID()}`,
@@ -215,14 +214,17 @@ export class KafkaLog implements Log {
       await consumer.run({
         autoCommit: false,
         eachBatch: async ({ batch }) => {
-          const start = from.get(batch.partition);
+          const next = position.get(batch.partition);
           const end = ends.get(batch.partition);
-          if (start === undefined || end === undefined || !position.has(batch.partition)) return;
+          if (next === undefined || end === undefined) return;
+          // From where this partition has got to, not from its start: a batch fetched before
+          // the seek (the consumer starts at the beginning) may cover what the seek reads again.
           const records = batch.messages
             .map((m) => toRecord(batch.topic, batch.partition, m))
-            .filter((r) => r.offset >= start && r.offset < end);
+            .filter((r) => r.offset >= next && r.offset < end);
           if (records.length > 0) {
             queue.push({ topic, partition: batch.partition, records, highWatermark: end });
+            advance(batch.partition, records[records.length - 1]!.offset + 1);
           }
         },
       });
