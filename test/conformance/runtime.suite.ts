@@ -546,60 +546,30 @@ export function runtimeSuite(shape: RuntimeShape) {
       }
     });
 
-    it('says it is not ready while its stores cannot be written', async () => {
+    /**
+     * The counting topology over `values`, committing every 50 ms, on a state database whose
+     * writes fail while `failing` says so (given the write's checkpoint: none for a flush).
+     */
+    async function countingOnFailingDisk(
+      values: string[],
+      failing: (checkpoint: number | undefined) => boolean,
+      run: (app: {
+        log: Log;
+        input: string;
+        output: string;
+        runtime: StreamsRuntime;
+      }) => Promise<void>,
+    ) {
       const app = uniqueName('count');
       const input = uniqueName('words');
       const output = uniqueName('counts');
       const log = await shape.open();
       const db = await StateDb.open(join(stateRoot, app));
       try {
-        await seedInput(log, input, output, ['a']);
+        await seedInput(log, input, output, values);
         const write = db.write.bind(db);
-        let broken = false;
-        db.write = async (...args) => {
-          if (broken) throw new Error('No space left on device');
-          return write(...args);
-        };
-        const runtime = new StreamsRuntime(countingTopology(input, output), {
-          applicationId: app,
-          log,
-          stateDb: db,
-          commitIntervalMs: 50,
-        });
-        await runtime.start();
-        await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready');
-        broken = true; // the disk fills up: every flush, and every restore of a revival, fails
-        const producer = await log.producer();
-        await producer.send([{ topic: input, key: Buffer.from('k'), value: Buffer.from('b') }]);
-        await producer.close();
-        await eventually(
-          () => /store flush failed/.test(runtime.notRunningBecause ?? ''),
-          shape.settleMs + 20_000,
-          'not ready, saying why',
-        );
-        broken = false;
-        await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready again');
-        await runtime.close();
-      } finally {
-        await db.close();
-        await shape.close(log);
-      }
-    });
-
-    it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
-      const app = uniqueName('count');
-      const input = uniqueName('words');
-      const output = uniqueName('counts');
-      const log = await shape.open();
-      const db = await StateDb.open(join(stateRoot, app));
-      try {
-        await seedInput(log, input, output, ['a', 'b', 'c', 'd', 'e']);
-        // The local disk fails once, as the committed writes go to RocksDB (not a restore's).
-        const write = db.write.bind(db);
-        let failed = 0;
         db.write = async (store, partition, writes, checkpoint) => {
-          if (checkpoint === undefined && failed++ === 0)
-            throw new Error('No space left on device');
+          if (failing(checkpoint)) throw new Error('No space left on device');
           return write(store, partition, writes, checkpoint);
         };
         const runtime = new StreamsRuntime(countingTopology(input, output), {
@@ -609,25 +579,69 @@ export function runtimeSuite(shape: RuntimeShape) {
           commitIntervalMs: 50,
         });
         await runtime.start();
+        await run({ log, input, output, runtime });
+        await runtime.close();
+      } finally {
+        await db.close();
+        await shape.close(log);
+      }
+    }
+
+    const sendWord = async (log: Log, input: string, word: string) => {
+      const producer = await log.producer();
+      await producer.send([{ topic: input, key: Buffer.from('k'), value: Buffer.from(word) }]);
+      await producer.close();
+    };
+
+    it('says it is not ready while its stores cannot be written', async () => {
+      let broken = false;
+      await countingOnFailingDisk(
+        ['a'],
+        () => broken,
+        async ({ log, input, runtime }) => {
+          await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready');
+          broken = true; // the disk fills up: every flush, and every restore of a revival, fails
+          await sendWord(log, input, 'b');
+          await eventually(
+            () => /store flush failed/.test(runtime.notRunningBecause ?? ''),
+            shape.settleMs + 20_000,
+            'not ready, saying why',
+          );
+          broken = false;
+          await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready again');
+        },
+      );
+    });
+
+    it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
+      // The local disk fails once, as the committed writes go to RocksDB (not a restore's).
+      let failed = 0;
+      const failing = (checkpoint: number | undefined) =>
+        checkpoint === undefined && failed++ === 0;
+      await countingOnFailingDisk(['a', 'b', 'c', 'd', 'e'], failing, async (app) => {
         const committed = async (count: number) =>
           eventually(
-            async () => (await log.admin.committedOffsets(app, input))[0]!.offset === count,
+            async () =>
+              (await app.log.admin.committedOffsets(app.runtime.applicationId, app.input))[0]!
+                .offset === count,
             shape.settleMs + 20_000,
             `${count} records committed`,
           );
         await committed(5);
         // The task was opened again, its store caught up from the changelog: it counts on.
-        const producer = await log.producer();
-        await producer.send([{ topic: input, key: Buffer.from('k'), value: Buffer.from('f') }]);
-        await producer.close();
+        await sendWord(app.log, app.input, 'f');
         await committed(6);
-        await runtime.close();
         assert.ok(failed > 0, 'the write failed');
-        assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2', '3', '4', '5', '6']);
-      } finally {
-        await db.close();
-        await shape.close(log);
-      }
+        // Outputs commit with their offsets: all six are in the log, each once.
+        assert.deepEqual((await readAll(app.log, app.output)).get('k'), [
+          '1',
+          '2',
+          '3',
+          '4',
+          '5',
+          '6',
+        ]);
+      });
     });
 
     it('sends an undecodable record to the dead-letter topic with the reason, and goes on', async () => {
