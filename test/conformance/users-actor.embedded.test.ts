@@ -134,6 +134,7 @@ class Actor {
 }
 
 const T = Date.now();
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 const copy = (owner: string, messageId: string): InboxCommand => ({
   userId: owner,
@@ -461,6 +462,84 @@ describe('users actor looking at a restarted gateway (embedded log)', function (
     } finally {
       await actor.close();
     }
+  });
+});
+
+/**
+ * A tick that fails partway: the task rolls its store writes back, and the walks must go back
+ * with them. gw2 restarts; ua's session is of its earlier run (to close), ub's of the new one
+ * and behind (to catch up), and looking up gw2's deliveries topic fails once, at ub.
+ */
+async function gatewayRestartWatched(failOnce: boolean) {
+  let live = new Set(['gw1', 'gw2']);
+  const starts = new Map<string, number>([['gw2', T]]);
+  let closed = 0;
+  const actor = await Actor.open({
+    liveGateways: () => live,
+    gatewayStartedAt: (gatewayId) => starts.get(gatewayId),
+    onStaleSessions: (count) => void (closed += count),
+  });
+  try {
+    const { log } = actor;
+    await log.admin.createTopics([{ topic: deliveriesTopic('gw2'), partitions: 12 }]);
+    let armed = false;
+    const describeTopic = log.admin.describeTopic.bind(log.admin);
+    log.admin.describeTopic = async (topic: string) => {
+      if (armed && topic === deliveriesTopic('gw2')) {
+        armed = false;
+        throw new Error('request timed out'); // a broker's hiccup, on Kafka
+      }
+      return describeTopic(topic);
+    };
+    // Two users of one task, ua before ub in the sessions store.
+    const [ua, ub] = Array.from({ length: 400 }, (_, i) => `user${i}`)
+      .filter((u) => partitionFor(Buffer.from(u), 12) === 3)
+      .sort() as [string, string];
+    for (const [userId, at] of [
+      [ua, T + 1], // of gw2's run that will turn out to be over
+      [ub, T + 3000], // of its next run
+    ] as const) {
+      const connectionId = `c-${userId}`;
+      await actor.produce(topics.connections, userId, {
+        ...{ userId, deviceId: 'phone', gatewayId: 'gw2', connectionId, state: 'CONNECTED', at },
+      });
+      await actor.produce(topics.userCommands, userId, {
+        userId,
+        at: T,
+        command: { 'chat.v1.Sync': { deviceId: 'phone', connectionId, after: FROM_ACK } },
+      });
+    }
+    const onGw2 = async () =>
+      (await actor.committedKeys('sessions')).filter((key) => key.startsWith('gw2\u0000'));
+    await eventually(async () => (await onGw2()).length === 2, 10_000, 'both sessions stored');
+    await sleep(1_200); // past the first tick's look at every gateway
+    live = new Set(['gw1']); // gw2 silent while a message for ub comes
+    await actor.produce(topics.messages, ub, { ...copy(ub, 'm1'), userId: ub });
+    await sleep(1_500);
+    armed = failOnce;
+    starts.set('gw2', T + 2_000); // gw2 restarted: ua's connection is gone, ub's is current
+    live = new Set(['gw1', 'gw2']);
+    const caughtUp = async () =>
+      (await actor.readAll(deliveriesTopic('gw2'), actor.deliveries)).some(
+        (d) => d.userId === ub && branchOf(d.frame).name === 'chat.v1.InboxEntry',
+      );
+    await eventually(caughtUp, 10_000, 'ub caught up');
+    await sleep(2_500); // a couple more ticks
+    return { uaSessionKept: (await onGw2()).includes(`gw2\u0000${ua}`), closed };
+  } finally {
+    await actor.close();
+  }
+}
+
+describe('users actor: a gateway watch tick that fails partway', function () {
+  this.timeout(40_000);
+
+  it('closes the stale session of an earlier run, and catches up a live one', async () => {
+    assert.deepEqual(await gatewayRestartWatched(false), { uaSessionKept: false, closed: 1 });
+  });
+
+  it('closes it still when the tick failed at a later user, and was rolled back', async () => {
+    assert.deepEqual(await gatewayRestartWatched(true), { uaSessionKept: false, closed: 1 });
   });
 });
 
