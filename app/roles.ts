@@ -35,10 +35,10 @@ import { rateLimitPerSecond } from '../gateway/limits.ts';
 
 /** What `main` may be asked to run: `processor` roles name their processor. */
 export const ROLES = ['all', 'api', 'gateway', 'processor users'] as const;
+export type Role = (typeof ROLES)[number];
 
 /** How long a stopping API waits for the requests already inside before its stores close. */
 const API_DRAIN_MS = 5_000;
-export type Role = (typeof ROLES)[number];
 
 export function parseRole(argv: readonly string[]): Role | undefined {
   const role = argv.length === 0 ? 'all' : argv.join(' ');

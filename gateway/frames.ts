@@ -81,7 +81,7 @@ export type ClientFrameType = ClientFrame['type'];
 export type ParsedFrame =
   { frame: ClientFrame; error?: never } | { error: FrameError; frame?: never };
 
-/** PROTOCOL.md's userId: 3 to 32 characters of [a-z0-9_.-] once case-folded to lower case. */
+/** PROTOCOL.md's userId before it is case-folded: 3 to 32 characters of [A-Za-z0-9_.-]. */
 const USER_ID_ANY_CASE = /^[A-Za-z0-9_.-]{3,32}$/;
 /** Printable ASCII, space included. */
 const CLIENT_ID = new RegExp(`^[\\x20-\\x7e]{1,${MAX_CLIENT_ID}}$`);
@@ -155,7 +155,7 @@ export function nestsDeeperThan(value: unknown, limit: number): boolean {
  * says integers past ±(2^53 - 1) do not interoperate (64-bit ids go as strings). Past 10^21 a
  * parsed integer cannot be told from a float written with an exponent (1.5e300), which is kept.
  */
-export function inexactNumberIn(value: unknown): number | undefined {
+export function refusedNumberIn(value: unknown): number | undefined {
   const stack: unknown[] = [value];
   while (stack.length > 0) {
     const node = stack.pop();
@@ -180,10 +180,10 @@ function parseFields(fields: Record<string, unknown>, id: string | undefined): C
       if (!('body' in fields)) throw badFrame('body is missing');
       if (nestsDeeperThan(fields.body, MAX_BODY_DEPTH))
         throw badFrame(`body nests arrays and objects deeper than ${MAX_BODY_DEPTH} levels`);
-      const inexact = inexactNumberIn(fields.body);
-      if (inexact !== undefined)
+      const refused = refusedNumberIn(fields.body);
+      if (refused !== undefined)
         throw badFrame(
-          `body holds a number past what a double holds exactly (${inexact}): integers must ` +
+          `body holds a number past what a double holds exactly (${refused}): integers must ` +
             'be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)',
         );
       const body = JSON.stringify(fields.body);

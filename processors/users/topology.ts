@@ -100,6 +100,8 @@ class SlicedWalk {
     return entries;
   }
 }
+/** Times a tick is tried again from where it started before its walks move on past a failure. */
+const TICK_TRIES = 3;
 /** How often the actor looks for gateways heard again, whose sessions may have missed entries. */
 const CATCH_UP_INTERVAL_MS = 1_000;
 /**
@@ -252,6 +254,8 @@ class InboxProcessor implements Processor<Input, unknown> {
   private readonly looking = new Map<string, string>();
   /** Users whose last visit had more to prune than a visit may: visited at the next tick. */
   private readonly revisits = new Set<string>();
+  /** Ticks of each kind that failed in a row (keepingPlaces). */
+  private readonly failedTicks = new Map<'prune' | 'watch', number>();
   /** How pruning paces itself, and its two walks. */
   private readonly pacing: PruneOptions;
   private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
@@ -271,10 +275,10 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.dedup = context.getStateStore('dedup');
     this.sessions = context.getStateStore('sessions');
     context.schedule(this.pacing.tickMs, 'WALL_CLOCK_TIME', (now) =>
-      this.keepingPlaces(() => this.prune(now)),
+      this.keepingPlaces('prune', () => this.prune(now)),
     );
     context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) =>
-      this.keepingPlaces(() => this.watchGateways(now)),
+      this.keepingPlaces('watch', () => this.watchGateways(now)),
     );
   }
 
@@ -440,8 +444,10 @@ class InboxProcessor implements Processor<Input, unknown> {
    * Runs a tick; should it fail, puts back where its walks were. The task rolls the stores back
    * to before the tick, and a walk that went on past users whose work was undone would never
    * come back to them (a stale session left open for good, pruning skipped for a walk's round).
+   * But a tick that fails TICK_TRIES times in a row leaves its walks where they got to: what
+   * fails for good (one user's) must not stop the walk for every other user of the task.
    */
-  private async keepingPlaces(tick: () => Promise<void>): Promise<void> {
+  private async keepingPlaces(kind: 'prune' | 'watch', tick: () => Promise<void>): Promise<void> {
     const looking = new Map(this.looking);
     const heldBackOn = new Set(this.heldBackOn);
     const startsBefore = this.startsBefore;
@@ -449,7 +455,14 @@ class InboxProcessor implements Processor<Input, unknown> {
     const walks = [this.pruneWalks.users.position(), this.pruneWalks.dedup.position()];
     try {
       await tick();
+      this.failedTicks.delete(kind);
     } catch (error) {
+      const failed = (this.failedTicks.get(kind) ?? 0) + 1;
+      this.failedTicks.set(kind, failed);
+      if (failed >= TICK_TRIES) {
+        this.failedTicks.delete(kind);
+        throw error;
+      }
       const refill = <T>(into: Set<T>, from: Set<T>) => {
         into.clear();
         for (const item of from) into.add(item);
