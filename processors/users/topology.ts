@@ -100,8 +100,10 @@ class SlicedWalk {
     return entries;
   }
 }
-/** Times a tick is tried again from where it started before its walks move on past a failure. */
+/** Ticks in a row a user's work may fail before the ticks leave that user out for a while. */
 const TICK_TRIES = 3;
+/** How long a user whose work failed TICK_TRIES ticks in a row is left out of the ticks. */
+const LEFT_OUT_MS = 10 * 60_000;
 /** How often the actor looks for gateways heard again, whose sessions may have missed entries. */
 const CATCH_UP_INTERVAL_MS = 1_000;
 /**
@@ -254,8 +256,14 @@ class InboxProcessor implements Processor<Input, unknown> {
   private readonly looking = new Map<string, string>();
   /** Users whose last visit had more to prune than a visit may: visited at the next tick. */
   private readonly revisits = new Set<string>();
-  /** Ticks of each kind that failed in a row (keepingPlaces). */
-  private readonly failedTicks = new Map<'prune' | 'watch', number>();
+  /** The user a tick is working on (keepingPlaces): the one to blame should the tick fail. */
+  private working: string | undefined;
+  /** Ticks in a row that failed at each user (a tick that gets through a user clears it). */
+  private readonly failedAt = new Map<string, number>();
+  /** The users the running tick has worked on. */
+  private readonly workedOn = new Set<string>();
+  /** Users left out of the ticks, until when (their work failed TICK_TRIES ticks in a row). */
+  private readonly leftOut = new Map<string, number>();
   /** How pruning paces itself, and its two walks. */
   private readonly pacing: PruneOptions;
   private readonly pruneWalks: { users: SlicedWalk; dedup: SlicedWalk };
@@ -275,10 +283,10 @@ class InboxProcessor implements Processor<Input, unknown> {
     this.dedup = context.getStateStore('dedup');
     this.sessions = context.getStateStore('sessions');
     context.schedule(this.pacing.tickMs, 'WALL_CLOCK_TIME', (now) =>
-      this.keepingPlaces('prune', () => this.prune(now)),
+      this.keepingPlaces(now, () => this.prune(now)),
     );
     context.schedule(CATCH_UP_INTERVAL_MS, 'WALL_CLOCK_TIME', (now) =>
-      this.keepingPlaces('watch', () => this.watchGateways(now)),
+      this.keepingPlaces(now, () => this.watchGateways(now)),
     );
   }
 
@@ -444,25 +452,22 @@ class InboxProcessor implements Processor<Input, unknown> {
    * Runs a tick; should it fail, puts back where its walks were. The task rolls the stores back
    * to before the tick, and a walk that went on past users whose work was undone would never
    * come back to them (a stale session left open for good, pruning skipped for a walk's round).
-   * But a tick that fails TICK_TRIES times in a row leaves its walks where they got to: what
-   * fails for good (one user's) must not stop the walk for every other user of the task.
+   * The user the tick failed at is blamed: one that fails TICK_TRIES ticks in a row is left out
+   * of them for LEFT_OUT_MS, so that what fails for good for one user stops no walk for the
+   * task's others.
    */
-  private async keepingPlaces(kind: 'prune' | 'watch', tick: () => Promise<void>): Promise<void> {
+  private async keepingPlaces(now: number, tick: () => Promise<void>): Promise<void> {
     const looking = new Map(this.looking);
     const heldBackOn = new Set(this.heldBackOn);
     const startsBefore = this.startsBefore;
     const revisits = new Set(this.revisits);
     const walks = [this.pruneWalks.users.position(), this.pruneWalks.dedup.position()];
+    this.working = undefined;
+    this.workedOn.clear();
     try {
       await tick();
-      this.failedTicks.delete(kind);
+      for (const userId of this.workedOn) this.failedAt.delete(userId);
     } catch (error) {
-      const failed = (this.failedTicks.get(kind) ?? 0) + 1;
-      this.failedTicks.set(kind, failed);
-      if (failed >= TICK_TRIES) {
-        this.failedTicks.delete(kind);
-        throw error;
-      }
       const refill = <T>(into: Set<T>, from: Set<T>) => {
         into.clear();
         for (const item of from) into.add(item);
@@ -473,8 +478,29 @@ class InboxProcessor implements Processor<Input, unknown> {
       refill(this.revisits, revisits);
       this.startsBefore = startsBefore;
       for (const putBack of walks) putBack();
+      const blamed = this.working;
+      if (blamed !== undefined) {
+        const failed = (this.failedAt.get(blamed) ?? 0) + 1;
+        this.failedAt.set(blamed, failed);
+        if (failed >= TICK_TRIES) {
+          this.failedAt.delete(blamed);
+          this.leftOut.set(blamed, now + LEFT_OUT_MS);
+        }
+      }
       throw error;
+    } finally {
+      this.working = undefined;
     }
+  }
+
+  /** Whether the ticks leave this user out now; else it becomes the user they work on. */
+  private leavesOut(userId: string, now: number): boolean {
+    const until = this.leftOut.get(userId);
+    if (until !== undefined && now < until) return true;
+    if (until !== undefined) this.leftOut.delete(userId);
+    this.working = userId;
+    this.workedOn.add(userId);
+    return false;
   }
 
   /**
@@ -523,7 +549,10 @@ class InboxProcessor implements Processor<Input, unknown> {
       const end = `${gatewayId}\u0001`;
       const mine = entries.filter(([key]) => key < end);
       for (const [key] of mine) {
-        const looked = await this.lookAt(userOfSessionKey(key), live, now);
+        const userId = userOfSessionKey(key);
+        const looked = this.leavesOut(userId, now)
+          ? { closed: 0, caughtUp: 0 }
+          : await this.lookAt(userId, live, now);
         closed += looked.closed;
         caughtUp += looked.caughtUp;
         this.looking.set(gatewayId, keyAfter(key));
@@ -531,6 +560,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       budget -= mine.length;
       if (mine.length < entries.length || next === undefined) this.looking.delete(gatewayId);
     }
+    this.working = undefined;
     if (closed > 0) this.options.onStaleSessions?.(closed);
     if (caughtUp > 0) this.options.onCatchUp?.(caughtUp);
   }
@@ -582,13 +612,15 @@ class InboxProcessor implements Processor<Input, unknown> {
     let budget = usersPerTick;
     for (const userId of [...this.revisits].slice(0, budget)) {
       this.revisits.delete(userId);
-      await this.pruneInbox(userId, now, retentionMs);
+      if (!this.leavesOut(userId, now)) await this.pruneInbox(userId, now, retentionMs);
       budget--;
     }
     const walked = budget > 0 ? await this.pruneWalks.users.slice(this.metas, budget, now) : [];
     for (const [userId, meta] of walked) {
-      if (meta.firstKept < meta.nextSeq) await this.pruneInbox(userId, now, retentionMs);
+      if (meta.firstKept < meta.nextSeq && !this.leavesOut(userId, now))
+        await this.pruneInbox(userId, now, retentionMs);
     }
+    this.working = undefined; // no user's work from here on
     for (const [key, { seq, at }] of await this.pruneWalks.dedup.slice(
       this.dedup,
       dedupKeysPerTick,
