@@ -45,11 +45,12 @@ const DAY_S = 24 * 3600;
 export const DEFAULT_REGISTRATIONS_PER_HOUR = 100;
 
 /**
- * Refreshes from one client address in an hour. A client refreshes about every 15 minutes;
- * each refresh keeps the used token (for reuse detection) for 30 days, so a client looping on
- * refresh would otherwise fill the token store.
+ * Refreshes from one client address in an hour (REFRESHES_PER_HOUR sets it). A client
+ * refreshes about every 15 minutes, so this is room for some 900 clients behind one address
+ * (a NAT, an office); each refresh keeps the used token (for reuse detection) for 30 days, so
+ * a client looping on refresh would otherwise fill the token store.
  */
-export const REFRESHES_PER_HOUR = 600;
+export const REFRESHES_PER_HOUR = 3_600;
 
 /**
  * `perHour` attempts at something from one client address: past them, the next answer 429

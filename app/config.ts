@@ -4,7 +4,7 @@
  * registry.
  */
 import { resolve } from 'node:path';
-import { DEFAULT_REGISTRATIONS_PER_HOUR } from '../api/throttles.ts';
+import { DEFAULT_REGISTRATIONS_PER_HOUR, REFRESHES_PER_HOUR } from '../api/throttles.ts';
 
 export interface Config {
   port: number;
@@ -20,6 +20,7 @@ export interface Config {
   trustProxy: boolean;
   /** Registrations a client address may make in an hour (0: no limit). */
   registrationsPerHour: number;
+  refreshesPerHour: number;
 }
 
 export class ConfigError extends Error {}
@@ -65,5 +66,6 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
       0,
       1_000_000_000,
     ),
+    refreshesPerHour: integer(env, 'REFRESHES_PER_HOUR', REFRESHES_PER_HOUR, 0, 1_000_000_000),
   };
 }

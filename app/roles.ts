@@ -157,6 +157,7 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
     logger: logger.child({ component: 'api' }),
     trustProxy: context.config.trustProxy,
     registrationsPerHour: context.config.registrationsPerHour,
+    refreshesPerHour: context.config.refreshesPerHour,
   });
 }
 

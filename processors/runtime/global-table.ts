@@ -56,6 +56,9 @@ export class GlobalTable<V> {
     // Each partition starts where the load ended; after that, the consumer keeps its place
     // through rebalances and restarts (the log port's promise for 'latest').
     const started = new Set<number>();
+    // Per partition, the offset after the last record applied: a batch handed again after a
+    // retriable failure applies only what it had not, so no key goes back to an older value.
+    const applied = new Map<number, number>();
     await consumer.run({
       onAssignment: (assignment) => {
         for (const tp of assignment) {
@@ -65,7 +68,11 @@ export class GlobalTable<V> {
         }
       },
       eachBatch: async (batch) => {
-        for (const record of batch.records) await this.apply(record.key, record.value);
+        for (const record of batch.records) {
+          if (record.offset < (applied.get(batch.partition) ?? 0)) continue;
+          await this.apply(record.key, record.value);
+          applied.set(batch.partition, record.offset + 1);
+        }
       },
     });
   }

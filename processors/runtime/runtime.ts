@@ -340,6 +340,8 @@ export class StreamsRuntime {
       }
       await task.init();
       this.tasks.set(partition, { task, stores, producer });
+      // Open again, whichever way (a revival, a rebalance): whatever kept it from running is over.
+      this.failingCommits.delete(task.id);
       return positions;
     } catch (error) {
       await producer?.close().catch(() => undefined);

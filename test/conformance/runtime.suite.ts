@@ -522,7 +522,9 @@ export function runtimeSuite(shape: RuntimeShape) {
         // Each value fails once, as a record does while the schema registry is unreachable;
         // a value that is bad for good is skipped.
         const failed = new Set<string>();
+        const changes: string[] = [];
         const table = new GlobalTable(log, topic, {
+          onChange: (key, value) => void changes.push(`${key}=${value}`),
           decode: (v) => {
             const text = v.toString('utf8');
             if (text === 'bad') throw new Error('not a value');
@@ -535,10 +537,23 @@ export function runtimeSuite(shape: RuntimeShape) {
         });
         await table.start();
         assert.equal(table.get('loaded'), 'v1', 'retried while loading');
+        changes.length = 0;
         await put('skipped', 'bad');
-        await put('followed', 'v2');
-        await eventually(() => table.get('followed') === 'v2', shape.settleMs + 20_000, 'v2');
+        // In one batch: a batch handed again applies only what it had not.
+        await producer.send(
+          ['run1', 'run2', 'run3'].map((value) => ({
+            topic,
+            key: Buffer.from('followed'),
+            value: Buffer.from(value),
+          })),
+        );
+        await eventually(() => table.get('followed') === 'run3', shape.settleMs + 20_000, 'run3');
         assert.equal(table.has('skipped'), false);
+        assert.deepEqual(
+          changes,
+          ['followed=run1', 'followed=run2', 'followed=run3'],
+          'in order, once',
+        );
         await table.close();
         await producer.close();
       } finally {
