@@ -133,6 +133,35 @@ export class KafkaLog implements Log {
 
   async producer(options: ProducerOptions = {}): Promise<Producer> {
     const decided = new WeakMap<Message, number>();
+    const kafkaProducer = await this.kafkaProducer(options, decided);
+    if (options.transactionalId !== undefined) {
+      // Like the Java client's initTransactions(): get the producer id and epoch now, which
+      // fences any older producer with this transactional id. kafkajs would otherwise wait for
+      // the first transaction; an empty one is aborted without a request to the broker.
+      try {
+        await (await kafkaProducer.transaction()).abort();
+      } catch (error) {
+        await kafkaProducer.disconnect();
+        throw translate(error, options.transactionalId);
+      }
+    }
+    const producer = new KafkaLogProducer(
+      kafkaProducer,
+      options.transactionalId,
+      decided,
+      () => this.kafkaProducer(options, decided),
+      this.options.logger ?? silentLogger,
+      () => this.producers.delete(producer),
+    );
+    this.producers.add(producer);
+    return producer;
+  }
+
+  /** A connected kafkajs producer, idempotent, partitioning as the embedded log does. */
+  private async kafkaProducer(
+    options: ProducerOptions,
+    decided: WeakMap<Message, number>,
+  ): Promise<KafkaProducer> {
     const roundRobin = new Map<string, number>();
     const kafkaProducer = this.kafka.producer({
       idempotent: true,
@@ -159,22 +188,7 @@ export class KafkaLog implements Log {
         },
     });
     await kafkaProducer.connect();
-    if (options.transactionalId !== undefined) {
-      // Like the Java client's initTransactions(): get the producer id and epoch now, which
-      // fences any older producer with this transactional id. kafkajs would otherwise wait for
-      // the first transaction; an empty one is aborted without a request to the broker.
-      try {
-        await (await kafkaProducer.transaction()).abort();
-      } catch (error) {
-        await kafkaProducer.disconnect();
-        throw translate(error, options.transactionalId);
-      }
-    }
-    const producer = new KafkaLogProducer(kafkaProducer, options.transactionalId, decided, () =>
-      this.producers.delete(producer),
-    );
-    this.producers.add(producer);
-    return producer;
+    return kafkaProducer;
   }
 
   /**
@@ -344,6 +358,30 @@ interface QueuedSend {
   reject(error: unknown): void;
 }
 
+/**
+ * Errors after which the broker no longer knows an idempotent producer's sequence (it lost the
+ * producer's state, say in a restart): kafkajs fails every later send of that producer with
+ * them, for good (kafkajs#598). The producer is replaced by one with a new producer id.
+ */
+const LOST_PRODUCER_STATE = new Set([
+  'OUT_OF_ORDER_SEQUENCE_NUMBER',
+  'UNKNOWN_PRODUCER_ID',
+  'INVALID_PRODUCER_EPOCH',
+  'INVALID_PRODUCER_ID_MAPPING',
+]);
+
+/** The Kafka error type of an error kafkajs threw, or of the one it wraps. */
+function kafkaErrorType(error: unknown): string | undefined {
+  for (
+    let e = error as { type?: string; originalError?: unknown; cause?: unknown } | undefined;
+    e;
+  ) {
+    if (typeof e.type === 'string' && e.type !== 'UNKNOWN') return e.type;
+    e = (e.originalError ?? e.cause) as typeof e;
+  }
+  return undefined;
+}
+
 class KafkaLogProducer implements Producer {
   private open: KafkaLogTransaction | undefined;
   /** Sends waiting for the request in flight to finish. */
@@ -352,9 +390,12 @@ class KafkaLogProducer implements Producer {
   private draining: Promise<void> | undefined;
 
   constructor(
-    private readonly producer: KafkaProducer,
+    private producer: KafkaProducer,
     private readonly transactionalId: string | undefined,
     private readonly decided: WeakMap<Message, number>,
+    /** A new kafkajs producer like this one (for a producer whose broker state was lost). */
+    private readonly replacement: () => Promise<KafkaProducer>,
+    private readonly logger: Logger,
     private readonly onClose: () => void,
   ) {}
 
@@ -414,6 +455,8 @@ class KafkaLogProducer implements Producer {
         topicMessages: [...byTopic].map(([topic, messages]) => ({ topic, messages })),
       });
     } catch (error) {
+      const type = kafkaErrorType(error);
+      if (type !== undefined && LOST_PRODUCER_STATE.has(type)) await this.replace(type);
       throw translate(error);
     }
     // The records of one partition in one request get consecutive offsets from its base offset,
@@ -429,6 +472,22 @@ class KafkaLogProducer implements Producer {
       taken.set(id, n + 1);
       return { topic: r.topic, partition, offset: base.get(id)! + n };
     });
+  }
+
+  /**
+   * Swaps in a new kafkajs producer: the send that failed fails (its records were not written;
+   * the caller sends them again), and the next ones go out under a new producer id.
+   */
+  private async replace(type: string): Promise<void> {
+    this.logger.warn({ type }, "the broker lost this producer's state; replacing the producer");
+    const old = this.producer;
+    try {
+      this.producer = await this.replacement();
+    } catch (error) {
+      this.logger.warn({ err: error }, 'no new producer yet; the next send tries again');
+      return;
+    }
+    await old.disconnect().catch(() => undefined);
   }
 
   async transaction(): Promise<Transaction> {
