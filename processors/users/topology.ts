@@ -251,11 +251,11 @@ class InboxProcessor implements Processor<Input, unknown> {
    * last tick: looked at if the tick finds them live again, however short the silence was (the
    * tick may not have seen it).
    */
-  private readonly heldBackOn = new Set<string>();
+  private heldBackOn = new Set<string>();
   /** Changed gateways whose users are still to be looked at, with the key the walk goes on at. */
-  private readonly looking = new Map<string, string>();
+  private looking = new Map<string, string>();
   /** Users whose last visit had more to prune than a visit may: visited at the next tick. */
-  private readonly revisits = new Set<string>();
+  private revisits = new Set<string>();
   /** The user a tick is working on (keepingPlaces): the one to blame should the tick fail. */
   private working: string | undefined;
   /** Ticks in a row that failed at each user (a tick that gets through a user clears it). */
@@ -462,20 +462,14 @@ class InboxProcessor implements Processor<Input, unknown> {
     const startsBefore = this.startsBefore;
     const revisits = new Set(this.revisits);
     const walks = [this.pruneWalks.users.position(), this.pruneWalks.dedup.position()];
-    this.working = undefined;
     this.workedOn.clear();
     try {
       await tick();
       for (const userId of this.workedOn) this.failedAt.delete(userId);
     } catch (error) {
-      const refill = <T>(into: Set<T>, from: Set<T>) => {
-        into.clear();
-        for (const item of from) into.add(item);
-      };
-      this.looking.clear();
-      for (const [gatewayId, key] of looking) this.looking.set(gatewayId, key);
-      refill(this.heldBackOn, heldBackOn);
-      refill(this.revisits, revisits);
+      this.looking = looking;
+      this.heldBackOn = heldBackOn;
+      this.revisits = revisits;
       this.startsBefore = startsBefore;
       for (const putBack of walks) putBack();
       const blamed = this.working;
