@@ -522,10 +522,7 @@ export class StreamsRuntime {
         // the stores catch up from their changelogs and the input resumes from the committed
         // offsets, whichever way the failed commit went.
         this.logger.error({ err: error, task: task.id }, 'commit failed; reviving the task');
-        this.tasks.delete(task.partition);
-        await task.close().catch(() => undefined);
-        await running.producer.close().catch(() => undefined);
-        this.revive(task.partition, task.id);
+        await this.dropAndRevive(running);
         return false;
       }
       // At-least-once: nothing is lost by keeping the work and trying again at the next commit.
@@ -545,11 +542,7 @@ export class StreamsRuntime {
       this.logger.error({ err: error, task: task.id }, 'store flush failed; reviving the task');
       // Not ready until it runs again (a disk that keeps failing keeps it down).
       this.failingCommits.set(task.id, `store flush failed: ${(error as Error).message}`);
-      for (const store of stores.values()) store.discard();
-      this.tasks.delete(task.partition);
-      await task.close().catch(() => undefined);
-      await running.producer?.close().catch(() => undefined);
-      this.revive(task.partition, task.id);
+      await this.dropAndRevive(running);
       return false;
     }
     this.options.onCommitStage?.('flushed', task.id);
@@ -559,6 +552,18 @@ export class StreamsRuntime {
       (performance.now() - started) / 1000,
     );
     return true;
+  }
+
+  /**
+   * Drops a task whose stores or producer cannot be trusted (a failed commit or flush) with its
+   * uncommitted work, and opens it again (revive): the new stores catch up from their changelogs.
+   */
+  private async dropAndRevive(running: RunningTask): Promise<void> {
+    const { task } = running;
+    this.tasks.delete(task.partition);
+    await task.close().catch(() => undefined);
+    await running.producer?.close().catch(() => undefined);
+    this.revive(task.partition, task.id);
   }
 
   /**
