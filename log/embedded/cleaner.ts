@@ -29,10 +29,10 @@ export async function cleanPartition(
     // as the latest of its key, and would go while the value it replaced stayed.
     const end = store.end(topic, partition);
     const latest = new Map<string, number>();
-    for await (const records of store.scan(topic, partition, 0, 1000, end)) {
+    for await (const records of store.scan(topic, partition, { to: end })) {
       for (const r of records) if (r.key) latest.set(r.key.toString('base64'), r.offset);
     }
-    for await (const records of store.scan(topic, partition, 0, 1000, end)) {
+    for await (const records of store.scan(topic, partition, { to: end })) {
       for (const r of records) {
         if (!r.key) {
           doomed.push(r.offset); // an unkeyed record has no place in a compacted topic

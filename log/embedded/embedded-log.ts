@@ -129,7 +129,7 @@ export class EmbeddedLog implements Log {
     const ends = starts.map((s) => this.store.end(topic, s.partition));
     for (let i = 0; i < starts.length; i++) {
       const { partition, from } = starts[i]!;
-      for await (const records of this.store.scan(topic, partition, from, 1000, ends[i]))
+      for await (const records of this.store.scan(topic, partition, { from, to: ends[i] }))
         yield { topic, partition, records, highWatermark: ends[i]! };
     }
   }

@@ -17,6 +17,8 @@ import * as keys from './keys.ts';
 
 /** Operations per slice when a write batch is built, between which the event loop may turn. */
 const BATCH_SLICE = 2000;
+/** Records per read of a scan (the cleaner's, readPartitions', time lookups'). */
+const SCAN_SLICE = 1000;
 /**
  * This binding writes a batch synchronously on the main thread, so a write group is bounded:
  * units are added until it holds this many bytes (a single unit is never split: it is atomic).
@@ -293,19 +295,17 @@ export class PartitionStore {
   }
 
   /**
-   * Iterates a partition's durable records in slices, for scans (cleaner, time lookups), from
+   * Iterates a partition's durable records in slices of SCAN_SLICE, for scans (cleaner, time lookups), from
    * `from` up to, not including, `to` (default: to the end, however far it moves meanwhile).
    */
   async *scan(
     topic: string,
     partition: number,
-    from = 0,
-    slice = 1000,
-    to = Infinity,
+    { from = 0, to = Infinity }: { from?: number; to?: number } = {},
   ): AsyncGenerator<LogRecord[]> {
     let at = from;
     while (at < to) {
-      const read = await this.read(topic, partition, at, slice);
+      const read = await this.read(topic, partition, at, SCAN_SLICE);
       const records = read.filter((r) => r.offset < to);
       if (records.length === 0) return;
       yield records;
