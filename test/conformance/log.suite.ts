@@ -322,6 +322,40 @@ export function logConformance(
       await old.close().catch(() => undefined);
     });
 
+    it('refuses a fenced producer its sends and offsets as fenced, not as a failure to retry', async () => {
+      // The runtime drops a fenced task and leaves it to its new owner; any other failure it
+      // revives the task for, whose new producer would fence the new owner in turn.
+      const topic = uniqueName('fence-send');
+      await log.admin.createTopics([{ topic, partitions: 1 }]);
+      const id = uniqueName('tx');
+      const old = await log.producer({ transactionalId: id });
+      const first = await old.transaction();
+      await first.send([{ topic, key: null, value: Buffer.from('before') }]);
+      await first.commit();
+      const newer = await log.producer({ transactionalId: id });
+      const fenced = (e: unknown) => e instanceof ProducerFencedError;
+      const sending = await old.transaction().catch((e: unknown) => e);
+      if (sending instanceof Error) assert.ok(fenced(sending), String(sending));
+      else {
+        await assert.rejects(
+          () => sending.send([{ topic, key: null, value: Buffer.from('zombie') }]),
+          fenced,
+        );
+        await sending.abort().catch(() => undefined);
+      }
+      const offsetting = await old.transaction().catch((e: unknown) => e);
+      if (offsetting instanceof Error) assert.ok(fenced(offsetting), String(offsetting));
+      else {
+        await assert.rejects(
+          () => offsetting.sendOffsets(uniqueName('group'), [{ topic, partition: 0, offset: 1 }]),
+          fenced,
+        );
+        await offsetting.abort().catch(() => undefined);
+      }
+      await newer.close();
+      await old.close().catch(() => undefined);
+    });
+
     it('reports watermarks, seeks to an offset, and finds offsets by timestamp for replays', async () => {
       const topic = uniqueName('seek');
       await log.admin.createTopics([{ topic, partitions: 1 }]);
