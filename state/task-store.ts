@@ -19,13 +19,26 @@ type Pending<V> = V | typeof DELETED;
 /** Cached: the key has no value in RocksDB. */
 const ABSENT = Symbol('absent');
 export const DEFAULT_CACHE_ENTRIES = 10_000;
+/**
+ * The cache also holds at most this many bytes (keys and values as serialized): ten thousand
+ * inbox entries of 16 KiB bodies would otherwise hold 160 MiB per store partition.
+ */
+export const DEFAULT_CACHE_BYTES = 4 * 1024 * 1024;
+/** What a cached entry costs beside its key and value: the map's slot and the object. */
+const CACHE_ENTRY_OVERHEAD = 64;
+
+interface Cached<V> {
+  value: V | typeof ABSENT;
+  bytes: number;
+}
 
 export class TaskStore<V> implements KeyValueStore<V> {
   private pending = new Map<string, Pending<V>>();
   /** Previous pending values of the keys written since the savepoint (undefined: absent). */
   private undo: Array<[string, Pending<V> | undefined]> | undefined;
   /** Committed values only, so that a discarded commit never leaves a trace here. */
-  private readonly cache = new Map<string, V | typeof ABSENT>();
+  private readonly cache = new Map<string, Cached<V>>();
+  private cachedBytes = 0;
 
   constructor(
     readonly name: string,
@@ -33,6 +46,7 @@ export class TaskStore<V> implements KeyValueStore<V> {
     private readonly db: StateDb,
     readonly serde: Serde<V>,
     private readonly cacheEntries = DEFAULT_CACHE_ENTRIES,
+    private readonly cacheBytes = DEFAULT_CACHE_BYTES,
   ) {}
 
   async get(key: string): Promise<V | undefined> {
@@ -41,20 +55,32 @@ export class TaskStore<V> implements KeyValueStore<V> {
     if (value !== undefined) return value;
     const cached = this.cache.get(key);
     if (cached !== undefined) {
-      this.remember(key, cached); // most recently used
-      return cached === ABSENT ? undefined : cached;
+      this.remember(key, cached.value, cached.bytes); // most recently used
+      return cached.value === ABSENT ? undefined : cached.value;
     }
     const stored = await this.db.get(this.name, this.partition, key);
     const decoded = stored === undefined ? undefined : this.serde.deserialize(stored);
     // A write that reached the cache while RocksDB answered is newer than what it answered.
-    if (!this.cache.has(key)) this.remember(key, decoded ?? ABSENT);
+    if (!this.cache.has(key)) this.remember(key, decoded ?? ABSENT, cost(key, stored));
     return decoded;
   }
 
-  private remember(key: string, value: V | typeof ABSENT): void {
+  private remember(key: string, value: V | typeof ABSENT, bytes: number): void {
+    this.forget(key);
+    this.cache.set(key, { value, bytes });
+    this.cachedBytes += bytes;
+    while (this.cache.size > this.cacheEntries || this.cachedBytes > this.cacheBytes) {
+      const oldest = this.cache.keys().next().value;
+      if (oldest === undefined) break;
+      this.forget(oldest);
+    }
+  }
+
+  private forget(key: string): void {
+    const cached = this.cache.get(key);
+    if (cached === undefined) return;
     this.cache.delete(key);
-    this.cache.set(key, value);
-    if (this.cache.size > this.cacheEntries) this.cache.delete(this.cache.keys().next().value!);
+    this.cachedBytes -= cached.bytes;
   }
 
   put(key: string, value: V): void {
@@ -137,7 +163,13 @@ export class TaskStore<V> implements KeyValueStore<V> {
   /** After the commit succeeded: the writes go to RocksDB. */
   async flush(writes: StateWrite[]): Promise<void> {
     await this.db.write(this.name, this.partition, writes);
-    for (const [key, value] of this.pending) this.remember(key, value === DELETED ? ABSENT : value);
+    const bytes = new Map(writes.map((w) => [w.key, cost(w.key, w.value ?? undefined)]));
+    for (const [key, value] of this.pending)
+      this.remember(
+        key,
+        value === DELETED ? ABSENT : value,
+        bytes.get(key) ?? cost(key, undefined),
+      );
     this.pending = new Map();
     this.undo = undefined;
   }
@@ -147,4 +179,8 @@ export class TaskStore<V> implements KeyValueStore<V> {
     this.pending = new Map();
     this.undo = undefined;
   }
+}
+
+function cost(key: string, serialized: Buffer | undefined): number {
+  return key.length + (serialized?.length ?? 0) + CACHE_ENTRY_OVERHEAD;
 }

@@ -46,6 +46,29 @@ describe('task store', () => {
     ]);
   });
 
+  it('keeps its cache within its byte limit as well as its entry limit', async () => {
+    // Room for 100 entries but about two values of 1,000 bytes (keys, values and overhead).
+    const store = new TaskStore<string>('s', 0, db, jsonSerde(), 100, 2_500);
+    for (const key of ['a', 'b', 'c']) store.put(key, key.repeat(1_000));
+    await store.flush(store.writes());
+    // Written behind the store's back: a key still cached keeps its committed value, an evicted
+    // one is read again (as in the test above).
+    await db.write('s', 0, [
+      { key: 'a', value: Buffer.from('"evicted"') },
+      { key: 'c', value: Buffer.from('"evicted"') },
+    ]);
+    assert.equal(await store.get('a'), 'evicted');
+    assert.equal(await store.get('c'), 'c'.repeat(1_000));
+    // A read brings a value into the cache under the same limit: a large one read from RocksDB
+    // pushes out the least recently used, 'b'.
+    await db.write('s', 0, [
+      { key: 'd', value: Buffer.from(JSON.stringify('d'.repeat(1_000))) },
+      { key: 'b', value: Buffer.from('"evicted"') },
+    ]);
+    assert.equal(await store.get('d'), 'd'.repeat(1_000));
+    assert.equal(await store.get('b'), 'evicted');
+  });
+
   it('undoes a failed record’s writes back to the savepoint', async () => {
     const store = new TaskStore<number>('s', 0, db, jsonSerde());
     store.put('a', 1);
