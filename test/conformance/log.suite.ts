@@ -334,7 +334,7 @@ export function logConformance(
       await first.commit();
       const newer = await log.producer({ transactionalId: id });
       const fenced = (e: unknown) => e instanceof ProducerFencedError;
-      const sending = await old.transaction().catch((e: unknown) => e);
+      const sending = await old.transaction().catch((e: unknown) => e as Error);
       if (sending instanceof Error) assert.ok(fenced(sending), String(sending));
       else {
         await assert.rejects(
@@ -343,7 +343,7 @@ export function logConformance(
         );
         await sending.abort().catch(() => undefined);
       }
-      const offsetting = await old.transaction().catch((e: unknown) => e);
+      const offsetting = await old.transaction().catch((e: unknown) => e as Error);
       if (offsetting instanceof Error) assert.ok(fenced(offsetting), String(offsetting));
       else {
         await assert.rejects(
