@@ -16,6 +16,7 @@ import {
   valueSubject,
   type SchemaRegistry,
 } from './registry/port.ts';
+import { checkAvroBinary } from './avro-bounds.ts';
 import { parseSchema } from './registry/compatibility.ts';
 
 export const MAGIC_BYTE = 0;
@@ -43,7 +44,8 @@ export class EncodeError extends Error {
 }
 
 export class TopicCodec<T> {
-  private readonly readers = new Map<number, unknown>();
+  /** Per writer schema id other than the codec's own: its type and its resolver. */
+  private readonly readers = new Map<number, { writer: avro.Type; resolver: unknown }>();
 
   constructor(
     readonly topic: string,
@@ -83,8 +85,9 @@ export class TopicCodec<T> {
     if (data[0] !== MAGIC_BYTE)
       throw new DecodeError(`unknown magic byte ${data[0]} (expected ${MAGIC_BYTE})`);
     const id = data.readUInt32BE(1);
-    const resolver = await this.resolverFor(id);
+    const { writer, resolver } = await this.readerFor(id);
     try {
+      checkAvroBinary(writer, data, HEADER_SIZE);
       return this.type.fromBuffer(data.subarray(HEADER_SIZE), resolver as never) as T;
     } catch (error) {
       throw new DecodeError(
@@ -96,8 +99,8 @@ export class TopicCodec<T> {
     }
   }
 
-  private async resolverFor(id: number): Promise<unknown> {
-    if (id === this.schemaId) return undefined;
+  private async readerFor(id: number): Promise<{ writer: avro.Type; resolver: unknown }> {
+    if (id === this.schemaId) return { writer: this.type, resolver: undefined };
     const cached = this.readers.get(id);
     if (cached) return cached;
     let writerSchema: string;
@@ -115,9 +118,11 @@ export class TopicCodec<T> {
         { cause: error },
       );
     }
+    let writer: avro.Type;
     let resolver;
     try {
-      resolver = this.type.createResolver(parseSchema(writerSchema));
+      writer = parseSchema(writerSchema);
+      resolver = this.type.createResolver(writer);
     } catch (error) {
       throw new DecodeError(
         `schema id ${id} cannot be read as topic "${this.topic}"'s schema: ${(error as Error).message}`,
@@ -126,8 +131,9 @@ export class TopicCodec<T> {
         },
       );
     }
-    this.readers.set(id, resolver);
-    return resolver;
+    const reader = { writer, resolver };
+    this.readers.set(id, reader);
+    return reader;
   }
 }
 
