@@ -17,7 +17,7 @@ import {
   type SchemaRegistry,
 } from './registry/port.ts';
 import { checkAvroBinary } from './avro-bounds.ts';
-import { parseSchema } from './registry/compatibility.ts';
+import { parseSchema, resolverOptions } from './registry/compatibility.ts';
 
 export const MAGIC_BYTE = 0;
 const HEADER_SIZE = 5;
@@ -122,7 +122,7 @@ export class TopicCodec<T> {
     let resolver;
     try {
       writer = parseSchema(writerSchema);
-      resolver = this.type.createResolver(writer);
+      resolver = this.type.createResolver(writer, resolverOptions());
     } catch (error) {
       throw new DecodeError(
         `schema id ${id} cannot be read as topic "${this.topic}"'s schema: ${(error as Error).message}`,

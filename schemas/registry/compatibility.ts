@@ -24,9 +24,18 @@ export function parseSchema(schema: string): avro.Type {
   }
 }
 
+/**
+ * As Avro's SchemaCompatibility (which Confluent's registry applies) resolves: named types match
+ * by their short name, so a record moved to another namespace still reads the old one's data.
+ * A new object each time: avsc keeps its resolvers of named types in the options it is given.
+ */
+export function resolverOptions(): { ignoreNamespaces: boolean } {
+  return { ignoreNamespaces: true };
+}
+
 function cannotRead(reader: avro.Type, writer: avro.Type): string | undefined {
   try {
-    reader.createResolver(writer);
+    reader.createResolver(writer, resolverOptions());
     return undefined;
   } catch (error) {
     return (error as Error).message;

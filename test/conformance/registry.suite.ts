@@ -94,6 +94,22 @@ export function registryConformance(
       assert.deepEqual({ ...(await oldCodec.decode(newBytes)) }, { id: 'n2', text: 'bonjour' });
     });
 
+    it('accepts a change of namespace alone, as Avro compares names without it; data reads both ways', async () => {
+      // Avro's SchemaCompatibility (which Confluent's registry applies) matches named types by
+      // their short name: a registry that accepts the change leaves readers that refuse it
+      // dead-lettering every record written with it.
+      const topic = uniqueName('notes');
+      const codecs = new Codecs(registry);
+      const oldCodec = await codecs.forTopic<{ id: string; text: string }>(topic, v1);
+      const moved = { ...(v1 as object), namespace: 'test.v2' } as avro.Schema;
+      const newCodec = await codecs.forTopic<{ id: string; text: string }>(topic, moved);
+      assert.equal((await registry.latest(`${topic}-value`))?.version, 2);
+      const fromOld = oldCodec.encode({ id: 'n1', text: 'old' });
+      assert.deepEqual({ ...(await newCodec.decode(fromOld)) }, { id: 'n1', text: 'old' });
+      const fromNew = newCodec.encode({ id: 'n2', text: 'new' });
+      assert.deepEqual({ ...(await oldCodec.decode(fromNew)) }, { id: 'n2', text: 'new' });
+    });
+
     for (const [change, schema] of [
       ['adding a field without a default', withoutDefault],
       ['removing a field without a default', removedText],
