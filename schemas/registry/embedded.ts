@@ -45,6 +45,33 @@ export function schemaIdOf(canonical: string): number {
   return id === 0 ? 1 : id;
 }
 
+/**
+ * A record of `_schemas` as this registry writes it (key `<subject>/<id>`, the value a
+ * SchemaRecord of the same subject and id), null for a tombstone of such a key, undefined for
+ * anything else. Another registry's records are refused rather than read: Confluent's use the
+ * same topic name and field names, but number their ids otherwise, and this registry's
+ * records would in turn be garbage to it.
+ */
+function ownRecord(key: Buffer | null, value: Buffer | null): SchemaRecord | null | undefined {
+  const match = key && /^(.+)\/(\d+)$/.exec(key.toString('utf8'));
+  if (!match) return undefined;
+  if (value === null) return null;
+  let record: Partial<SchemaRecord>;
+  try {
+    record = JSON.parse(value.toString('utf8')) as Partial<SchemaRecord>;
+  } catch {
+    return undefined;
+  }
+  const valid =
+    typeof record === 'object' &&
+    record !== null &&
+    record.subject === match[1] &&
+    record.id === Number(match[2]) &&
+    typeof record.version === 'number' &&
+    typeof record.schema === 'string';
+  return valid ? (record as SchemaRecord) : undefined;
+}
+
 export class EmbeddedSchemaRegistry implements SchemaRegistry {
   private readonly byId = new Map<number, string>();
   private readonly idByCanonical = new Map<string, number>();
@@ -79,7 +106,12 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
       { partition: 0, from: this.position },
     ])) {
       for (const record of batch.records) {
-        if (record.value) this.apply(JSON.parse(record.value.toString('utf8')) as SchemaRecord);
+        const own = ownRecord(record.key, record.value);
+        if (own === undefined)
+          throw new SchemaRegistryError(
+            `${SCHEMAS_TOPIC} holds a record this registry did not write (offset ${record.offset}, key ${JSON.stringify(record.key?.toString('utf8') ?? null)}): another schema registry (Confluent's keeps its schemas there) shares this Kafka cluster; set SCHEMA_REGISTRY_URL to use it`,
+          );
+        if (own !== null) this.apply(own);
         this.position = record.offset + 1;
       }
       if (this.position >= high) break;
