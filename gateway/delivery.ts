@@ -98,6 +98,7 @@ export class DeliveryConsumer {
         // But a replay goes on past it: else its session would wait for the next part for good.
         if (partEnd === undefined) continue;
       }
+      instruments.deliveryLatency(Math.max(0, Date.now() - record.timestamp) / 1000);
       for (const target of delivery.targets) {
         const connection = this.options.connection(target.connectionId);
         if (connection === undefined) {

@@ -1,9 +1,9 @@
 /**
  * The gateway's Prometheus instruments: open connections, client frames by type, error frames
  * by code, send buffers over their limit and slow consumers closed, deliveries written and
- * skipped, replay parts asked for. Without a Metrics registry (tests, tools) they count nothing.
+ * skipped and how long after their client frame they went out, replay parts asked for. Without a Metrics registry (tests, tools) they count nothing.
  */
-import type { Metrics } from '../observability/metrics.ts';
+import { LATENCY_BUCKETS, type Metrics } from '../observability/metrics.ts';
 import type { ErrorCode } from './frames.ts';
 
 export interface GatewayInstruments {
@@ -15,6 +15,8 @@ export interface GatewayInstruments {
   slowConsumerClosed(): void;
   /** A Delivery frame was written to one connection. */
   delivered(): void;
+  /** A delivery record is being written out, this long after the frame that caused it. */
+  deliveryLatency(seconds: number): void;
   /** A Delivery target this gateway does not hold (closed meanwhile, or never here). */
   deliverySkipped(reason: 'unknown_connection' | 'other_user' | 'undecodable' | 'unwritable'): void;
   heartbeatFailed(): void;
@@ -28,6 +30,7 @@ export const noInstruments: GatewayInstruments = {
   sendBufferOverLimit() {},
   slowConsumerClosed() {},
   delivered() {},
+  deliveryLatency() {},
   deliverySkipped() {},
   heartbeatFailed() {},
   replayPartAsked() {},
@@ -55,6 +58,11 @@ export function gatewayInstruments(
     'kchat_gateway_deliveries_total',
     'Delivery frames written to a connection',
   );
+  const latency = metrics.histogram(
+    'kchat_gateway_delivery_latency_seconds',
+    "From a delivery's timestamp (that of the client frame which caused it) to its frame being written to its connections",
+    LATENCY_BUCKETS,
+  );
   const skipped = metrics.counter(
     'kchat_gateway_deliveries_skipped_total',
     'Delivery targets not written: unknown connection, another user, undecodable record',
@@ -74,6 +82,7 @@ export function gatewayInstruments(
     sendBufferOverLimit: () => over.inc(),
     slowConsumerClosed: () => slow.inc(),
     delivered: () => delivered.inc(),
+    deliveryLatency: (seconds) => latency.observe(seconds),
     deliverySkipped: (reason) => skipped.inc({ reason }),
     heartbeatFailed: () => heartbeats.inc(),
     replayPartAsked: () => parts.inc(),

@@ -18,7 +18,7 @@ import { StateDb } from '../../state/state-db.ts';
 import { TaskStore } from '../../state/task-store.ts';
 import { jsonSerde } from '../../state/store.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
-import type { Metrics } from '../../observability/metrics.ts';
+import { LATENCY_BUCKETS, type Metrics } from '../../observability/metrics.ts';
 import type { Topology } from './topology.ts';
 import { StreamTask, type TaskStateStore } from './task.ts';
 import { CoPartitioningError, RetriableError, StreamsError } from './errors.ts';
@@ -148,6 +148,12 @@ export class StreamsRuntime {
         'kchat_streams_commit_seconds',
         'Time to commit a task',
         [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1],
+        labels,
+      ),
+      recordLatency: m.histogram(
+        'kchat_streams_record_latency_seconds',
+        "From a record's timestamp (its origin: processors pass their input's on, as Kafka Streams does) to its processing",
+        LATENCY_BUCKETS,
         labels,
       ),
     };
@@ -435,6 +441,10 @@ export class StreamsRuntime {
     if (!running) return; // fenced and dropped; the coming rebalance moves the partition
     let processed = 0;
     for (const record of batch.records) {
+      this.counters?.recordLatency.observe(
+        { application: this.applicationId },
+        Math.max(0, Date.now() - record.timestamp) / 1000,
+      );
       const outcome = await running.task.process(record);
       if (outcome === 'skipped') continue;
       processed++;
