@@ -235,6 +235,19 @@ export async function run(args: string[]): Promise<void> {
         `| ${shape} | ${labels.map((l) => (l in r.perMessage! ? fmt(r.perMessage![l]!, 2) : '-')).join(' | ')} |`,
       );
   }
+  const stages = [...results].filter(([, r]) => r.stageMeanMs);
+  if (stages.length > 0) {
+    console.log(
+      "\nMean ms over each stage of a record's path (server metrics, measured window):\n",
+    );
+    const labels = [...new Set(stages.flatMap(([, r]) => Object.keys(r.stageMeanMs!)))];
+    console.log(`| shape | ${labels.join(' | ')} |`);
+    console.log(`| --- |${labels.map(() => ' ---: |').join('')}`);
+    for (const [shape, r] of stages)
+      console.log(
+        `| ${shape} | ${labels.map((l) => (l in r.stageMeanMs! ? fmt(r.stageMeanMs![l]!, 1) : '-')).join(' | ')} |`,
+      );
+  }
   if (profileDir) {
     for (const shape of results.keys()) {
       for (const role of await readdir(join(profileDir, shape))) {

@@ -1,7 +1,7 @@
 /**
  * The gateway's Prometheus instruments: open connections, client frames by type, error frames
  * by code, send buffers over their limit and slow consumers closed, deliveries written and
- * skipped and how long after their client frame they went out, replay parts asked for. Without a Metrics registry (tests, tools) they count nothing.
+ * skipped and how long after the users actor wrote them they went out, replay parts asked for. Without a Metrics registry (tests, tools) they count nothing.
  */
 import { LATENCY_BUCKETS, type Metrics } from '../observability/metrics.ts';
 import type { ErrorCode } from './frames.ts';
@@ -15,7 +15,7 @@ export interface GatewayInstruments {
   slowConsumerClosed(): void;
   /** A Delivery frame was written to one connection. */
   delivered(): void;
-  /** A delivery record is being written out, this long after the frame that caused it. */
+  /** A delivery record is being written out, this long after the users actor wrote it. */
   deliveryLatency(seconds: number): void;
   /** A Delivery target this gateway does not hold (closed meanwhile, or never here). */
   deliverySkipped(reason: 'unknown_connection' | 'other_user' | 'undecodable' | 'unwritable'): void;
@@ -60,7 +60,7 @@ export function gatewayInstruments(
   );
   const latency = metrics.histogram(
     'kchat_gateway_delivery_latency_seconds',
-    "From a delivery's timestamp (that of the client frame which caused it) to its frame being written to its connections",
+    "From a delivery's timestamp (the users actor stamps it as it writes it) to its frame being written to its connections",
     LATENCY_BUCKETS,
   );
   const skipped = metrics.counter(

@@ -53,6 +53,8 @@ export interface LoadResult {
   loadCpuPercent: number;
   /** The server's work counters over the measured window, per delivered message (chat only). */
   perMessage?: Record<string, number>;
+  /** Mean ms each stage of a record's path took, in the measured window (chat only). */
+  stageMeanMs?: Record<string, number>;
 }
 
 const config = JSON.parse(process.argv[2]!) as LoadConfig;
@@ -71,7 +73,21 @@ const WORK_COUNTERS = {
   'log write batches': 'kchat_log_write_batches',
 } as const;
 
-/** Each work counter's value (summed over labels); undefined for the relay or a failed scrape. */
+/**
+ * Histograms of how long a record took over a stage of its path: from the gateway's write to
+ * the users actor's processing (of a record the users actor wrote itself: from that write), and
+ * from the users actor's write of a delivery to the gateway's. The window's mean is the
+ * difference of their sums over the difference of their counts.
+ */
+const STAGE_LATENCIES = {
+  'log to users actor': 'kchat_streams_record_latency_seconds',
+  'users actor to gateway delivery': 'kchat_gateway_delivery_latency_seconds',
+} as const;
+
+/**
+ * Each work counter's value, and each stage histogram's `_sum` and `_count` (summed over
+ * labels and servers); undefined for the relay or a failed scrape.
+ */
 async function workCounters(): Promise<Record<string, number> | undefined> {
   if (config.kind !== 'chat') return undefined;
   const texts = await Promise.all(
@@ -84,7 +100,16 @@ async function workCounters(): Promise<Record<string, number> | undefined> {
   if (texts.includes(undefined)) return undefined;
   const text = texts.join('\n');
   const values: Record<string, number> = {};
-  for (const [label, name] of Object.entries(WORK_COUNTERS)) {
+  const series = {
+    ...WORK_COUNTERS,
+    ...Object.fromEntries(
+      Object.entries(STAGE_LATENCIES).flatMap(([label, name]) => [
+        [`${label} sum`, `${name}_sum`],
+        [`${label} count`, `${name}_count`],
+      ]),
+    ),
+  };
+  for (const [label, name] of Object.entries(series)) {
     const pattern = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'gm');
     const samples = [...text.matchAll(pattern)];
     // The log's counters exist on the embedded log only.
@@ -447,9 +472,19 @@ const result: LoadResult = {
   perMessage:
     workBefore && workAfter && measuredDelivered > 0
       ? Object.fromEntries(
-          Object.keys(workAfter)
-            .filter((label) => label in workBefore)
+          Object.keys(WORK_COUNTERS)
+            .filter((label) => label in workBefore && label in workAfter)
             .map((label) => [label, (workAfter[label]! - workBefore[label]!) / measuredDelivered]),
+        )
+      : undefined,
+  stageMeanMs:
+    workBefore && workAfter
+      ? Object.fromEntries(
+          Object.keys(STAGE_LATENCIES).flatMap((stage) => {
+            const delta = (what: string) =>
+              (workAfter[`${stage} ${what}`] ?? 0) - (workBefore[`${stage} ${what}`] ?? 0);
+            return delta('count') > 0 ? [[stage, (1000 * delta('sum')) / delta('count')]] : [];
+          }),
         )
       : undefined,
 };

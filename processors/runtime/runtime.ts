@@ -152,7 +152,7 @@ export class StreamsRuntime {
       ),
       recordLatency: m.histogram(
         'kchat_streams_record_latency_seconds',
-        "From a record's timestamp (its origin: processors pass their input's on, as Kafka Streams does) to its processing",
+        "From a record's timestamp to its processing: a gateway's records are stamped as it writes them, a processor's outputs with its input's or, as the users actor does, as it writes them",
         LATENCY_BUCKETS,
         labels,
       ),

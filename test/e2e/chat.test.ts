@@ -115,7 +115,7 @@ describe('chat end to end (npm start, embedded shape)', function () {
       bob.entries().map((f) => f.seq),
       [1, 2],
     );
-    // Each stage of a message's path says how long after its client frame it got there.
+    // Each stage of a message's path says how long after the stage before it got there.
     for (const [name, labels] of [
       ['kchat_streams_record_latency_seconds', { application: 'users' }],
       ['kchat_gateway_delivery_latency_seconds', {}],
@@ -123,7 +123,7 @@ describe('chat end to end (npm start, embedded shape)', function () {
       const count = await metric(server.url, `${name}_count`, labels);
       const sum = await metric(server.url, `${name}_sum`, labels);
       assert.ok(count >= 4, `${name}: ${count} observed`);
-      // In seconds, since the frame: a unit or an origin mixed up would be far off this.
+      // In seconds, since the stage before: a unit or an origin mixed up would be far off this.
       assert.ok(sum / count >= 0 && sum / count < 10, `${name}: ${sum / count} s on average`);
     }
     await alice.close();
