@@ -5,6 +5,11 @@
  */
 import { resolve } from 'node:path';
 import { DEFAULT_REGISTRATIONS_PER_HOUR, REFRESHES_PER_HOUR } from '../api/throttles.ts';
+import { MIN_SECRET_BYTES } from '../api/tokens.ts';
+import { rateLimitPerSecond } from '../gateway/limits.ts';
+
+/** pino's levels: anything else makes pino throw when the logger is created. */
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
 export interface Config {
   port: number;
@@ -21,6 +26,8 @@ export interface Config {
   /** Registrations a client address may make in an hour (0: no limit). */
   registrationsPerHour: number;
   refreshesPerHour: number;
+  /** RATE_LIMIT_PER_S: send and typing frames a connection may make per second. */
+  rateLimitPerSecond: number;
 }
 
 export class ConfigError extends Error {}
@@ -46,6 +53,22 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     // Every process must verify the tokens any other signed (PROTOCOL: required when distributed).
     throw new ConfigError('JWT_SECRET is required with KAFKA_BROKERS (the distributed deployment)');
   }
+  // Checked here, before anything is opened or contacted: a short secret found only once the
+  // roles start stops the process after it has created DATA_DIR or reached Kafka (or, with
+  // Kafka unreachable, never).
+  if (env.JWT_SECRET && Buffer.byteLength(env.JWT_SECRET) < MIN_SECRET_BYTES) {
+    throw new ConfigError(`JWT_SECRET must be at least ${MIN_SECRET_BYTES} bytes`);
+  }
+  const logLevel = env.LOG_LEVEL || 'info';
+  if (!LOG_LEVELS.includes(logLevel)) {
+    throw new ConfigError(`LOG_LEVEL must be one of ${LOG_LEVELS.join(', ')}, not "${logLevel}"`);
+  }
+  let rate: number;
+  try {
+    rate = rateLimitPerSecond(env);
+  } catch (error) {
+    throw new ConfigError((error as Error).message);
+  }
   const brokers = env.KAFKA_BROKERS?.split(',')
     .map((b) => b.trim())
     .filter(Boolean);
@@ -57,7 +80,7 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
     schemaRegistryUrl: env.SCHEMA_REGISTRY_URL || undefined,
     partitions: integer(env, 'PARTITIONS', 12, 1, 1000),
     syncWrites: env.SYNC_WRITES === 'true',
-    logLevel: env.LOG_LEVEL || 'info',
+    logLevel,
     trustProxy: env.TRUST_PROXY === 'true',
     registrationsPerHour: integer(
       env,
@@ -67,5 +90,6 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
       1_000_000_000,
     ),
     refreshesPerHour: integer(env, 'REFRESHES_PER_HOUR', REFRESHES_PER_HOUR, 0, 1_000_000_000),
+    rateLimitPerSecond: rate,
   };
 }

@@ -11,6 +11,11 @@ import type { Metrics } from '../observability/metrics.ts';
 export interface Readiness {
   /** undefined when ready, else why not. */
   notReadyBecause(): Promise<string | undefined>;
+  /**
+   * undefined while the process can serve, now or once ready; else why it never will again
+   * without a restart: /healthz then answers 503, so that a supervisor restarts it.
+   */
+  deadBecause?(): string | undefined;
 }
 
 type Handler = (request: IncomingMessage, response: ServerResponse) => void;
@@ -126,9 +131,14 @@ export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: H
         { allow: 'GET, HEAD' },
       );
     }
-    if (path === '/healthz') return json(response, 200, { status: 'ok' });
+    if (path === '/healthz') {
+      const dead = readiness.deadBecause?.();
+      return dead === undefined
+        ? json(response, 200, { status: 'ok' })
+        : json(response, 503, { error: { code: 'unavailable', message: dead } });
+    }
     if (path === '/readyz') {
-      const reason = await readiness.notReadyBecause();
+      const reason = readiness.deadBecause?.() ?? (await readiness.notReadyBecause());
       return reason === undefined
         ? json(response, 200, { status: 'ready' })
         : json(response, 503, { error: { code: 'unavailable', message: reason } });

@@ -16,6 +16,11 @@ export interface Infrastructure {
   registry: SchemaRegistry;
   /** 'embedded' or the brokers. */
   describe(): { log: string; registry: string };
+  /**
+   * Why this process can never serve again without a restart (the embedded log refuses every
+   * append after a failed write), or undefined: what /healthz answers 503 with.
+   */
+  deadBecause(): string | undefined;
   close(): Promise<void>;
 }
 
@@ -45,6 +50,7 @@ export async function openInfrastructure(config: Config, logger: Logger): Promis
         : `embedded (${config.dataDir})`,
       registry: config.schemaRegistryUrl ?? 'embedded',
     }),
+    deadBecause: () => (log instanceof EmbeddedLog ? log.store.failedBecause : undefined),
     async close() {
       await registry.close();
       await log.close();

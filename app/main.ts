@@ -24,6 +24,9 @@ import { EmbeddedLog } from '../log/embedded/embedded-log.ts';
 
 const SHUTDOWN_DEADLINE_MS = 9000;
 
+/** Set by the first SIGTERM or SIGINT: a start-up it interrupts fails, and that is no error. */
+let stopping = false;
+
 async function main(): Promise<void> {
   const role = parseRole(process.argv.slice(2));
   if (role === undefined) {
@@ -56,7 +59,6 @@ async function main(): Promise<void> {
   let ready = false;
   let server: ReturnType<typeof createHttpServer> | undefined = undefined;
 
-  let stopping = false;
   const stop = async (signal: string) => {
     if (stopping) return;
     stopping = true;
@@ -69,14 +71,26 @@ async function main(): Promise<void> {
     deadline.unref();
     // The roles first: a gateway closes its sockets (1001) and records their DISCONNECTED
     // while the log is still open; then the HTTP server lets go of PORT.
-    await roles?.close();
+    // A step that fails (a log that can no longer write cannot close cleanly) is logged and
+    // the next one still runs: the process exits, releasing PORT and DATA_DIR, either way.
+    const step = (what: string, run: () => Promise<void> | undefined) =>
+      Promise.resolve()
+        .then(run)
+        .then(
+          () => true,
+          (err: unknown) => {
+            logger.error({ err }, `${what} did not close cleanly`);
+            return false;
+          },
+        );
+    let clean = await step('the roles', () => roles?.close());
     if (server?.listening) {
       server.closeAllConnections();
       await new Promise<void>((resolve) => server!.close(() => resolve()));
     }
-    await infrastructure?.close();
+    clean = (await step('the log and the registry', () => infrastructure?.close())) && clean;
     logger.info('stopped');
-    process.exit(0);
+    process.exit(clean ? 0 : 1);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
@@ -100,6 +114,7 @@ async function main(): Promise<void> {
     metrics,
     {
       notReadyBecause: async () => (ready ? roles?.notReadyBecause() : 'starting or stopping'),
+      deadBecause: () => infrastructure?.deadBecause(),
     },
     roles.api?.callback(),
   );
@@ -110,7 +125,9 @@ async function main(): Promise<void> {
   await once(server, 'listening');
   const address = server.address() as AddressInfo;
   ready = true;
-  const shown = config.host === '0.0.0.0' ? '127.0.0.1' : config.host;
+  // A wildcard address is reached on loopback; an IPv6 literal goes in brackets (RFC 3986).
+  const host = { '0.0.0.0': '127.0.0.1', '::': '::1' }[config.host] ?? config.host;
+  const shown = host.includes(':') ? `[${host}]` : host;
   logger.info({ ...infrastructure.describe(), role }, 'ready');
   console.log(
     `kchat ${role} listening on http://${shown}:${address.port} (log: ${infrastructure.describe().log})`,
@@ -118,6 +135,9 @@ async function main(): Promise<void> {
 }
 
 main().catch((error) => {
+  // A signal during start-up closes what is open (the log among it) under the start-up, which
+  // then fails: `stop` exits once it has closed everything, and says so.
+  if (stopping) return;
   console.error(error);
   process.exit(1);
 });

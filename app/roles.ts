@@ -31,7 +31,6 @@ import { GlobalTable } from '../processors/runtime/global-table.ts';
 import { usersTopology, USERS_APPLICATION } from '../processors/users/topology.ts';
 import { GATEWAY_SILENCE_MS } from '../schemas/conventions.ts';
 import { createGateway, type Gateway } from '../gateway/gateway.ts';
-import { rateLimitPerSecond } from '../gateway/limits.ts';
 
 /** What `main` may be asked to run: `processor` roles name their processor. */
 export const ROLES = ['all', 'api', 'gateway', 'processor users'] as const;
@@ -154,7 +153,7 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
     refreshTokens: stores.refreshTokens,
     tokens,
     outbox,
-    logger: logger.child({ component: 'api' }),
+    logger, // createApi adds { component: 'api' } itself
     trustProxy: context.config.trustProxy,
     registrationsPerHour: context.config.registrationsPerHour,
     refreshesPerHour: context.config.refreshesPerHour,
@@ -180,9 +179,9 @@ async function startGateway(context: RoleContext, tokens: TokenService): Promise
     // No groups actor yet (a later issue): no group exists, and a group frame answers
     // unknown_recipient rather than `sent` for a message that nothing would ever route.
     groupExists: () => false,
-    rateLimitPerSecond: rateLimitPerSecond(process.env),
+    rateLimitPerSecond: config.rateLimitPerSecond,
     partitions: config.partitions,
-    logger: logger.child({ component: 'gateway' }),
+    logger, // the gateway adds { component: 'gateway', gatewayId } itself
     metrics,
   });
   await gateway.start();

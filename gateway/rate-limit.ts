@@ -19,7 +19,9 @@ export class TokenBucket {
     private readonly now: () => number = Date.now,
   ) {
     if (!(ratePerSecond > 0)) throw new RangeError('the rate must be a positive number per second');
-    this.capacity = ratePerSecond * RATE_LIMIT_BURST_FACTOR;
+    // At least one token: under 0.25 per second, four times the rate is less than one frame,
+    // and a bucket that can never hold one would refuse every frame.
+    this.capacity = Math.max(1, ratePerSecond * RATE_LIMIT_BURST_FACTOR);
     this.tokens = this.capacity;
     this.refilledAt = now();
   }

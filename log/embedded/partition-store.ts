@@ -180,6 +180,16 @@ export class PartitionStore {
     }
   }
 
+  /**
+   * Why the store refuses every append from now on (a write failed: the disk is full, or
+   * failing), or undefined while it writes. Only a restart clears it: for liveness probes.
+   */
+  get failedBecause(): string | undefined {
+    if (this.failure === undefined) return undefined;
+    const cause = this.failure instanceof Error ? this.failure.message : String(this.failure);
+    return `the embedded log failed to write and refuses further appends: ${cause}`;
+  }
+
   // ---- appends ----
 
   /**

@@ -1,0 +1,86 @@
+/** PROTOCOL.md's process interface, the parts that need no process: readConfig and the rate limit. */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ConfigError, readConfig } from '../../app/config.ts';
+import { openInfrastructure } from '../../app/infrastructure.ts';
+import { createHttpServer } from '../../app/http.ts';
+import { TokenBucket } from '../../gateway/rate-limit.ts';
+import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import { Metrics } from '../../observability/metrics.ts';
+import { silentLogger } from '../../observability/logger.ts';
+
+describe('process interface: configuration', () => {
+  it('reads RATE_LIMIT_PER_S into the configuration, and refuses what is not a positive number', () => {
+    assert.equal(readConfig({}).rateLimitPerSecond, 50);
+    assert.equal(readConfig({ RATE_LIMIT_PER_S: '1000' }).rateLimitPerSecond, 1000);
+    assert.equal(readConfig({ RATE_LIMIT_PER_S: '0.5' }).rateLimitPerSecond, 0.5);
+    for (const value of ['abc', '0', '-1', '1e400', 'Infinity', '1e-400'])
+      assert.throws(() => readConfig({ RATE_LIMIT_PER_S: value }), ConfigError, value);
+  });
+
+  it('refuses a JWT_SECRET under 32 bytes, in either mode', () => {
+    const secret = 'x'.repeat(32);
+    assert.doesNotThrow(() => readConfig({ JWT_SECRET: secret }));
+    assert.doesNotThrow(() => readConfig({ JWT_SECRET: secret, KAFKA_BROKERS: 'k:9092' }));
+    assert.throws(() => readConfig({ JWT_SECRET: 'short' }), ConfigError);
+    assert.throws(() => readConfig({ JWT_SECRET: 'short', KAFKA_BROKERS: 'k:9092' }), ConfigError);
+  });
+
+  it('refuses an unknown LOG_LEVEL', () => {
+    assert.equal(readConfig({ LOG_LEVEL: 'debug' }).logLevel, 'debug');
+    assert.throws(() => readConfig({ LOG_LEVEL: 'verbose' }), ConfigError);
+  });
+});
+
+describe('process interface: RATE_LIMIT_PER_S under 1', () => {
+  it('still lets a frame through at the rate (a bucket of four times 0.2 holds less than one token)', () => {
+    let now = 0;
+    const bucket = new TokenBucket(0.2, () => now);
+    assert.equal(bucket.take(), true, 'the first frame');
+    assert.equal(bucket.take(), false);
+    now += 5_000; // one token at 0.2 per second
+    assert.equal(bucket.take(), true);
+    assert.equal(bucket.take(), false);
+  });
+});
+
+describe('process interface: liveness when the embedded log can no longer write', () => {
+  it('answers /healthz and /readyz 503 unavailable once a write failed (only a restart recovers)', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-liveness-'));
+    const infrastructure = await openInfrastructure(readConfig({ DATA_DIR: dir }), silentLogger);
+    const server = createHttpServer(new Metrics({ role: 'all' }), {
+      notReadyBecause: async () => undefined,
+      deadBecause: () => infrastructure.deadBecause(),
+    });
+    try {
+      const log = infrastructure.log;
+      assert.ok(log instanceof EmbeddedLog);
+      await log.admin.createTopics([{ topic: 't', partitions: 1 }]);
+      const producer = await log.producer();
+      await producer.send([{ topic: 't', key: Buffer.from('k'), value: Buffer.from('v') }]);
+      server.listen(0, '127.0.0.1');
+      await once(server, 'listening');
+      const url = `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+      assert.equal((await fetch(`${url}/healthz`)).status, 200);
+      // A write that fails, as on a full disk: the database refuses the batch.
+      await (log.store as unknown as { db: { close(): Promise<void> } }).db.close();
+      await assert.rejects(
+        producer.send([{ topic: 't', key: Buffer.from('k'), value: Buffer.from('v') }]),
+      );
+      for (const path of ['/healthz', '/readyz']) {
+        const answer = await fetch(`${url}${path}`);
+        assert.equal(answer.status, 503, path);
+        const body = (await answer.json()) as { error: { code: string; message: string } };
+        assert.equal(body.error.code, 'unavailable');
+        assert.match(body.error.message, /embedded log failed to write/);
+      }
+    } finally {
+      server.close();
+      await infrastructure.close().catch(() => undefined);
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
