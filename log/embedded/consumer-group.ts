@@ -10,6 +10,7 @@ import type {
   Consumer,
   ConsumerHandlers,
   ConsumerOptions,
+  LogRecord,
   TopicPartition,
   TopicPartitionOffset,
 } from '../port.ts';
@@ -100,6 +101,16 @@ export class GroupCoordinator {
       m.resume(mine);
     }
   }
+}
+
+/** How many partitions' reads run ahead of the batch being handled. */
+const READ_AHEAD = 2;
+
+/** A batch read for a partition, with the end and the seek count it was read at. */
+interface Fetched {
+  records: LogRecord[];
+  end: number;
+  seeks: number;
 }
 
 export class EmbeddedConsumer implements Consumer {
@@ -215,10 +226,29 @@ export class EmbeddedConsumer implements Consumer {
         if (!ok) continue;
       }
       let handed = false;
+      const round = this.assigned;
+      // The next partitions' reads run while this one's batch is handled: a read is a round
+      // trip through libuv's threads, and awaited in turn they left the loop waiting half its
+      // time. A few ahead, not the round's every read at once, which would fill those threads.
+      const ahead = new Map<number, Promise<Fetched | 'idle'>>();
+      const fetchAt = (i: number) => {
+        let fetched = ahead.get(i);
+        if (!fetched) {
+          fetched = this.fetch(round[(cursor + i) % round.length]!);
+          // Awaited when its turn comes, or never if the round ends first (its records are
+          // then read again): not an unhandled rejection meanwhile.
+          fetched.catch(() => undefined);
+          ahead.set(i, fetched);
+        }
+        return fetched;
+      };
       // Start at a different partition each round, so that one busy partition cannot starve others.
-      for (let i = 0; i < this.assigned.length && !this.suspended && !this.stopped; i++) {
-        const tp = this.assigned[(cursor + i) % this.assigned.length]!;
-        const result = await this.fetchAndHandle(tp);
+      for (let i = 0; i < round.length && !this.suspended && !this.stopped; i++) {
+        const tp = round[(cursor + i) % round.length]!;
+        const fetched = fetchAt(i);
+        ahead.delete(i);
+        for (let j = i + 1; j <= i + READ_AHEAD && j < round.length; j++) void fetchAt(j);
+        const result = await this.handOver(tp, await fetched);
         if (result === 'failed') {
           await sleep(backoff);
           backoff = Math.min(backoff * 2, RETRY_BACKOFF_MS.max);
@@ -286,17 +316,28 @@ export class EmbeddedConsumer implements Consumer {
    * 'sought' when a seek came while the read was on its way (what it read is dropped: it is
    * from the old position, and handing it would move the position past the seek's).
    */
-  private async fetchAndHandle(
-    tp: TopicPartition,
-  ): Promise<'idle' | 'handed' | 'failed' | 'sought'> {
+  /** Reads a partition's next batch from where the consumer stands. */
+  private fetch(tp: TopicPartition): Promise<Fetched | 'idle'> {
     const id = `${tp.topic}/${tp.partition}`;
     // Deleted since it was assigned: nothing to read, until a rebalance leaves it out.
-    if (!this.store.meta(tp.topic)) return 'idle';
+    if (!this.store.meta(tp.topic)) return Promise.resolve('idle');
     const position = this.positions.get(id)!;
     const end = this.store.end(tp.topic, tp.partition);
-    if (position >= end) return 'idle';
-    const seeksBefore = this.seeks.get(id) ?? 0;
-    const records = await this.store.read(tp.topic, tp.partition, position, this.maxBatch);
+    if (position >= end) return Promise.resolve('idle');
+    const seeks = this.seeks.get(id) ?? 0;
+    return this.store
+      .read(tp.topic, tp.partition, position, this.maxBatch)
+      .then((records) => ({ records, end, seeks }));
+  }
+
+  /** Hands a batch read by fetch to eachBatch, unless a seek since has made it stale. */
+  private async handOver(
+    tp: TopicPartition,
+    fetched: Fetched | 'idle',
+  ): Promise<'idle' | 'handed' | 'failed' | 'sought'> {
+    if (fetched === 'idle') return 'idle';
+    const id = `${tp.topic}/${tp.partition}`;
+    const { records, end, seeks: seeksBefore } = fetched;
     if ((this.seeks.get(id) ?? 0) !== seeksBefore) return 'sought';
     if (records.length === 0) {
       // Everything up to the end was compacted away or expired.
@@ -313,7 +354,7 @@ export class EmbeddedConsumer implements Consumer {
           groupId: this.options.groupId,
           topic: tp.topic,
           partition: tp.partition,
-          offset: position,
+          offset: records[0]!.offset,
         },
         'eachBatch failed; the batch will be handed again',
       );

@@ -208,6 +208,44 @@ describe('embedded log', () => {
       assert.deepEqual(starts, [0, 10, 0, 10, 20, 30, 40]);
     }));
 
+  it('hands nothing a partition read ahead before a seek that came while another was handled', () =>
+    withLog(async (log) => {
+      await log.admin.createTopics([{ topic: 't', partitions: 2 }]);
+      const producer = await log.producer();
+      for (const partition of [0, 1])
+        await producer.send(
+          Array.from({ length: 30 }, (_, i) => ({
+            topic: 't',
+            partition,
+            key: null,
+            value: Buffer.from(`${i}`),
+          })),
+        );
+      const consumer = log.consumer({ groupId: 'g', maxBatchSize: 10 });
+      // The other partition's read is under way (read ahead) while the first batch is handled,
+      // and the handler moves that partition on (as the runtime's revive moves a task's).
+      const starts = new Map<number, number[]>();
+      await consumer.subscribe(['t']);
+      await consumer.run({
+        eachBatch: async (batch) => {
+          if (starts.size === 0)
+            consumer.seek({ topic: 't', partition: 1 - batch.partition, offset: 5 });
+          const list = starts.get(batch.partition) ?? [];
+          starts.set(batch.partition, [...list, batch.records[0]!.offset]);
+          await new Promise((resolve) => setTimeout(resolve, 10));
+        },
+      });
+      await eventually(
+        () => [...starts.values()].every((s) => s.at(-1)! >= 20) && starts.size === 2,
+        5_000,
+        'both ends',
+      );
+      await consumer.close();
+      const [first, other] = [...starts.keys()];
+      assert.deepEqual(starts.get(first!), [0, 10, 20]);
+      assert.deepEqual(starts.get(other!), [5, 15, 25]);
+    }));
+
   it('lets a new transactional producer read nothing before a commit its fence overtook', () =>
     withLog(async (log) => {
       await log.admin.createTopics([
