@@ -13,139 +13,141 @@ import avro from 'avsc';
  * (a RangeError) where the bytes cannot be a value of the type; answers the end of the value.
  */
 export function checkAvroBinary(type: avro.Type, buf: Buffer, start: number): number {
-  let pos = start;
-  const need = (n: number, what: string) => {
-    if (n > buf.length - pos)
-      throw new RangeError(`${what} of ${n} bytes at byte ${pos} runs past the record's end`);
-  };
-  const long = (): number => {
+  const walker = new Walker(buf, start);
+  walker.walk(type as unknown as AnyType);
+  return walker.pos;
+}
+
+/** The parts of avsc's types the walk reads (not in avsc's typings). */
+interface AnyType {
+  typeName: string;
+  size: number;
+  symbols: string[];
+  types: AnyType[];
+  itemsType: AnyType;
+  valuesType: AnyType;
+  fields: { type: AnyType }[];
+  underlyingType: AnyType;
+}
+
+/** A class, not closures made per call: this runs for every record a process reads. */
+class Walker {
+  constructor(
+    private readonly buf: Buffer,
+    public pos: number,
+  ) {}
+
+  walk(t: AnyType): void {
+    switch (t.typeName) {
+      case 'null':
+        return;
+      case 'boolean':
+        return this.skip(1, 'a boolean');
+      case 'int':
+      case 'long':
+        this.long();
+        return;
+      case 'float':
+        return this.skip(4, 'a float');
+      case 'double':
+        return this.skip(8, 'a double');
+      case 'string':
+      case 'bytes': {
+        const length = this.long();
+        if (length < 0) throw new RangeError(`negative length at byte ${this.pos}`);
+        return this.skip(length, `a ${t.typeName}`);
+      }
+      case 'fixed':
+        return this.skip(t.size, 'a fixed');
+      case 'enum': {
+        const index = this.long();
+        if (!(index >= 0 && index < t.symbols.length))
+          throw new RangeError(`enum index ${index} out of range at byte ${this.pos}`);
+        return;
+      }
+      case 'array': {
+        const min = minSize(t.itemsType);
+        for (let n = this.block(min, 'array'); n > 0; n = this.block(min, 'array'))
+          for (let i = 0; i < n; i++) this.walk(t.itemsType);
+        return;
+      }
+      case 'map': {
+        const min = 1 + minSize(t.valuesType);
+        for (let n = this.block(min, 'map'); n > 0; n = this.block(min, 'map'))
+          for (let i = 0; i < n; i++) {
+            this.walk(stringType);
+            this.walk(t.valuesType);
+          }
+        return;
+      }
+      case 'record':
+      case 'error':
+        for (const field of t.fields) this.walk(field.type);
+        return;
+      case 'union:unwrapped':
+      case 'union:wrapped': {
+        const index = this.long();
+        const branch = t.types[index];
+        if (branch === undefined)
+          throw new RangeError(`union index ${index} out of range at byte ${this.pos}`);
+        return this.walk(branch);
+      }
+      default:
+        if (t.typeName.startsWith('logical:')) return this.walk(t.underlyingType);
+        throw new RangeError(`unexpected Avro type ${t.typeName}`);
+    }
+  }
+
+  private skip(n: number, what: string): void {
+    if (n > this.buf.length - this.pos)
+      throw new RangeError(`${what} of ${n} bytes at byte ${this.pos} runs past the record's end`);
+    this.pos += n;
+  }
+
+  /** A zig-zag varint, as a double: exact enough for lengths and counts, whatever it says. */
+  private long(): number {
     let n = 0;
     let scale = 1;
     for (let i = 0; ; i++) {
-      if (pos >= buf.length) throw new RangeError(`truncated varint at byte ${pos}`);
-      if (i === 10) throw new RangeError(`varint longer than 10 bytes at byte ${pos}`);
-      const b = buf[pos++]!;
+      if (this.pos >= this.buf.length) throw new RangeError(`truncated varint at byte ${this.pos}`);
+      if (i === 10) throw new RangeError(`varint longer than 10 bytes at byte ${this.pos}`);
+      const b = this.buf[this.pos++]!;
       n += (b & 0x7f) * scale;
       scale *= 128;
       if (!(b & 0x80)) break;
     }
     return n % 2 ? -(n + 1) / 2 : n / 2;
-  };
-  const blocks = (minItemSize: number, item: () => void, what: string) => {
-    for (;;) {
-      let n = long();
-      if (n === 0) return;
-      if (n < 0) {
-        n = -n;
-        if (long() < 0) throw new RangeError(`negative ${what} block size at byte ${pos}`);
-      }
-      // Each item takes at least minItemSize bytes; items of no bytes at all are capped.
-      if (minItemSize > 0 ? n * minItemSize > buf.length - pos : n > MAX_EMPTY_ITEMS)
-        throw new RangeError(`${what} block of ${n} items at byte ${pos} exceeds the record`);
-      for (let i = 0; i < n; i++) item();
+  }
+
+  /**
+   * The item count of an array's or map's next block (0: the end), refused when the bytes
+   * left cannot hold that many items of at least `minItemSize` bytes each.
+   */
+  private block(minItemSize: number, what: string): number {
+    let n = this.long();
+    if (n < 0) {
+      n = -n;
+      if (this.long() < 0) throw new RangeError(`negative ${what} block size at byte ${this.pos}`);
     }
-  };
-  const walk = (t: avro.Type): void => {
-    const any = t as unknown as {
-      typeName: string;
-      size: number;
-      symbols: string[];
-      types: avro.Type[];
-      itemsType: avro.Type;
-      valuesType: avro.Type;
-      fields: { type: avro.Type }[];
-      underlyingType: avro.Type;
-    };
-    switch (any.typeName) {
-      case 'null':
-        return;
-      case 'boolean':
-        need(1, 'a boolean');
-        pos += 1;
-        return;
-      case 'int':
-      case 'long':
-        long();
-        return;
-      case 'float':
-        need(4, 'a float');
-        pos += 4;
-        return;
-      case 'double':
-        need(8, 'a double');
-        pos += 8;
-        return;
-      case 'string':
-      case 'bytes': {
-        const length = long();
-        if (length < 0) throw new RangeError(`negative length at byte ${pos}`);
-        need(length, `a ${any.typeName}`);
-        pos += length;
-        return;
-      }
-      case 'fixed':
-        need(any.size, 'a fixed');
-        pos += any.size;
-        return;
-      case 'enum': {
-        const index = long();
-        if (!(index >= 0 && index < any.symbols.length))
-          throw new RangeError(`enum index ${index} out of range at byte ${pos}`);
-        return;
-      }
-      case 'array':
-        blocks(minSize(any.itemsType), () => walk(any.itemsType), 'array');
-        return;
-      case 'map':
-        blocks(
-          1 + minSize(any.valuesType),
-          () => {
-            walk(stringType);
-            walk(any.valuesType);
-          },
-          'map',
-        );
-        return;
-      case 'record':
-      case 'error':
-        for (const field of any.fields) walk(field.type);
-        return;
-      case 'union:unwrapped':
-      case 'union:wrapped': {
-        const index = long();
-        const branch = any.types[index];
-        if (branch === undefined)
-          throw new RangeError(`union index ${index} out of range at byte ${pos}`);
-        walk(branch);
-        return;
-      }
-      default:
-        if (any.typeName.startsWith('logical:')) return walk(any.underlyingType);
-        throw new RangeError(`unexpected Avro type ${any.typeName}`);
-    }
-  };
-  walk(type);
-  return pos;
+    // Items of no bytes at all (null, an empty record) are capped instead.
+    if (minItemSize > 0 ? n * minItemSize > this.buf.length - this.pos : n > MAX_EMPTY_ITEMS)
+      throw new RangeError(`${what} block of ${n} items at byte ${this.pos} exceeds the record`);
+    return n;
+  }
 }
 
 /** Items of a type encoded in no bytes (null, an empty record) in one array or map block. */
 const MAX_EMPTY_ITEMS = 1 << 16;
-const stringType = avro.Type.forSchema('string');
-const minSizes = new WeakMap<avro.Type, number>();
+const stringType = avro.Type.forSchema('string') as unknown as AnyType;
+const minSizes = new WeakMap<AnyType, number>();
 
 /** The fewest bytes a value of the type takes. */
-function minSize(type: avro.Type): number {
+function minSize(type: AnyType): number {
   const known = minSizes.get(type);
   if (known !== undefined) return known;
   minSizes.set(type, 0); // a recursive record, met again inside itself
-  const any = type as unknown as {
-    typeName: string;
-    size: number;
-    fields: { type: avro.Type }[];
-    underlyingType: avro.Type;
-  };
   let size: number;
-  switch (any.typeName) {
+  switch (type.typeName) {
     case 'null':
       size = 0;
       break;
@@ -156,15 +158,15 @@ function minSize(type: avro.Type): number {
       size = 8;
       break;
     case 'fixed':
-      size = any.size;
+      size = type.size;
       break;
     case 'record':
     case 'error':
-      size = any.fields.reduce((sum, field) => sum + minSize(field.type), 0);
+      size = type.fields.reduce((sum, field) => sum + minSize(field.type), 0);
       break;
     default:
       // boolean, int, long, string, bytes, enum, array, map, union: at least one byte
-      size = any.typeName.startsWith('logical:') ? minSize(any.underlyingType) : 1;
+      size = type.typeName.startsWith('logical:') ? minSize(type.underlyingType) : 1;
   }
   minSizes.set(type, size);
   return size;
