@@ -1,7 +1,8 @@
 /**
  * The gateway's Prometheus instruments: open connections, client frames by type, error frames
  * by code, send buffers over their limit and slow consumers closed, deliveries written and
- * skipped and how long after the users actor wrote them they went out, replay parts asked for. Without a Metrics registry (tests, tools) they count nothing.
+ * skipped and how long after the users actor wrote them they went out, replay parts asked
+ * for. Without a Metrics registry (tests, tools) they count nothing.
  */
 import { LATENCY_BUCKETS, type Metrics } from '../observability/metrics.ts';
 import type { ErrorCode } from './frames.ts';

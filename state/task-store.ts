@@ -55,7 +55,9 @@ export class TaskStore<V> implements KeyValueStore<V> {
     if (value !== undefined) return value;
     const cached = this.cache.get(key);
     if (cached !== undefined) {
-      this.remember(key, cached.value, cached.bytes); // most recently used
+      // Most recently used now: to the end of the map's order.
+      this.cache.delete(key);
+      this.cache.set(key, cached);
       return cached.value === ABSENT ? undefined : cached.value;
     }
     const stored = await this.db.get(this.name, this.partition, key);

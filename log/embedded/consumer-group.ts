@@ -315,12 +315,7 @@ export class EmbeddedConsumer implements Consumer {
     }
   }
 
-  /**
-   * Reads the partition at its position and hands what it read: 'idle' when there is nothing,
-   * 'sought' when a seek came while the read was on its way (what it read is dropped: it is
-   * from the old position, and handing it would move the position past the seek's).
-   */
-  /** Reads a partition's next batch from where the consumer stands. */
+  /** Reads a partition's next batch from where the consumer stands ('idle': nothing there). */
   private fetch(tp: TopicPartition): Promise<Fetched | 'idle'> {
     const id = `${tp.topic}/${tp.partition}`;
     // Deleted since it was assigned: nothing to read, until a rebalance leaves it out.
@@ -334,7 +329,11 @@ export class EmbeddedConsumer implements Consumer {
       .then((records) => ({ records, end, seeks }));
   }
 
-  /** Hands a batch read by fetch to eachBatch, unless a seek since has made it stale. */
+  /**
+   * Hands a batch read by fetch to eachBatch: 'sought' when a seek came since the read started
+   * (what it read is dropped: it is from the old position, and handing it would move the
+   * position past the seek's), 'failed' when eachBatch threw.
+   */
   private async handOver(
     tp: TopicPartition,
     fetched: Fetched | 'idle',
