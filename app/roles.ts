@@ -175,7 +175,9 @@ async function startGateway(context: RoleContext, tokens: TokenService): Promise
     codecs,
     deliveryCodec: await context.deliveryCodec(),
     verifyAccessToken: tokens.verifyAccessToken,
-    userExists: (userId) => accounts.has(userId),
+    // Read your writes: a user whose registration was answered is on chat.accounts, and the
+    // table, which follows it, is waited for (briefly) before a user is called unknown.
+    userExists: (userId) => accounts.hasCurrent(userId),
     // No groups actor yet (a later issue): no group exists, and a group frame answers
     // unknown_recipient rather than `sent` for a message that nothing would ever route.
     groupExists: () => false,

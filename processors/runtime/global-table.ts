@@ -12,6 +12,10 @@ import { isRetriable } from './errors.ts';
 /** Tries of a record whose decoding failed for a retriable reason, while the table loads. */
 const LOAD_TRIES = 20;
 const LOAD_RETRY_MS = 500;
+/** How long `hasCurrent` waits, at most, for the table to apply what the topic holds. */
+export const CATCH_UP_WAIT_MS = 3_000;
+
+type Marks = Array<{ partition: number; high: number }>;
 
 export interface GlobalTableOptions<V> {
   /**
@@ -28,6 +32,17 @@ export class GlobalTable<V> {
   private readonly entries = new Map<string, V>();
   private consumer: Consumer | undefined;
   private readonly logger: Logger;
+  /**
+   * Per partition, the offset after the last record applied (by the load or the consumer): a
+   * batch handed again after a retriable failure applies only what it had not, so no key goes
+   * back to an older value; and `hasCurrent` knows when the table has reached a watermark.
+   */
+  private readonly position = new Map<number, number>();
+  /** Called after each batch the consumer applied (hasCurrent's waiters). */
+  private readonly progressed = new Set<() => void>();
+  /** The watermarks question out, and the one asked once it is answered (see watermarks). */
+  private asking: Promise<Marks> | undefined;
+  private queued: Promise<Marks> | undefined;
 
   constructor(
     private readonly log: Log,
@@ -44,8 +59,12 @@ export class GlobalTable<V> {
       this.topic,
       marks.map((m) => ({ partition: m.partition, from: 0 })),
     )) {
-      for (const record of batch.records) await this.applyWhileLoading(record.key, record.value);
+      for (const record of batch.records) {
+        await this.applyWhileLoading(record.key, record.value);
+        this.advance(batch.partition, record.offset + 1);
+      }
     }
+    for (const [partition, end] of ends) this.advance(partition, end);
     this.logger.info({ entries: this.entries.size }, 'global table loaded');
     const consumer = this.log.consumer({
       groupId: `global-${this.topic}-${randomUUID()}`,
@@ -56,9 +75,6 @@ export class GlobalTable<V> {
     // Each partition starts where the load ended; after that, the consumer keeps its place
     // through rebalances and restarts (the log port's promise for 'latest').
     const started = new Set<number>();
-    // Per partition, the offset after the last record applied: a batch handed again after a
-    // retriable failure applies only what it had not, so no key goes back to an older value.
-    const applied = new Map<number, number>();
     await consumer.run({
       onAssignment: (assignment) => {
         for (const tp of assignment) {
@@ -68,10 +84,14 @@ export class GlobalTable<V> {
         }
       },
       eachBatch: async (batch) => {
-        for (const record of batch.records) {
-          if (record.offset < (applied.get(batch.partition) ?? 0)) continue;
-          await this.apply(record.key, record.value);
-          applied.set(batch.partition, record.offset + 1);
+        try {
+          for (const record of batch.records) {
+            if (record.offset < (this.position.get(batch.partition) ?? 0)) continue;
+            await this.apply(record.key, record.value);
+            this.advance(batch.partition, record.offset + 1);
+          }
+        } finally {
+          for (const waiter of [...this.progressed]) waiter();
         }
       },
     });
@@ -85,6 +105,33 @@ export class GlobalTable<V> {
     return this.entries.has(key);
   }
 
+  /**
+   * Whether the key is in the table once the table has applied every record the topic held when
+   * asked (waiting at most waitMs): a record whose write was acknowledged before the call is
+   * seen, however far the follower lags. A present key answers at once; so does an absent one
+   * when the table is already at the topic's end.
+   */
+  async hasCurrent(key: string, waitMs = CATCH_UP_WAIT_MS): Promise<boolean> {
+    if (this.entries.has(key)) return true;
+    const marks = await this.watermarks();
+    const behind = () => marks.some((m) => (this.position.get(m.partition) ?? 0) < m.high);
+    if (behind()) {
+      await new Promise<void>((resolve) => {
+        const done = () => {
+          clearTimeout(timer);
+          this.progressed.delete(check);
+          resolve();
+        };
+        const check = () => {
+          if (!behind() || this.entries.has(key)) done();
+        };
+        const timer = setTimeout(done, waitMs);
+        this.progressed.add(check);
+      });
+    }
+    return this.entries.has(key);
+  }
+
   get size(): number {
     return this.entries.size;
   }
@@ -95,6 +142,35 @@ export class GlobalTable<V> {
 
   async close(): Promise<void> {
     await this.consumer?.close();
+  }
+
+  /**
+   * The topic's watermarks, as asked after this call: a question already out may have been
+   * asked before the record a miss is about was written, so the misses that come while one is
+   * out share the next one (a burst of sends to unknown users asks the log about once per
+   * round trip, not once each). The log unreachable: none, and the table answers as it is
+   * rather than with an error.
+   */
+  private watermarks(): Promise<Marks> {
+    if (!this.asking) return this.ask();
+    this.queued ??= this.asking.then(() => {
+      this.queued = undefined;
+      return this.ask();
+    });
+    return this.queued;
+  }
+
+  private ask(): Promise<Marks> {
+    const asked = this.log.admin.watermarks(this.topic).catch((): Marks => []);
+    this.asking = asked;
+    void asked.then(() => {
+      if (this.asking === asked) this.asking = undefined;
+    });
+    return asked;
+  }
+
+  private advance(partition: number, offset: number): void {
+    if (offset > (this.position.get(partition) ?? 0)) this.position.set(partition, offset);
   }
 
   private async apply(keyBytes: Buffer | null, value: Buffer | null): Promise<void> {
