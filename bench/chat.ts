@@ -115,26 +115,37 @@ async function startServer(
   child.stderr!.on('data', (d) => (errors = (errors + d).slice(-4000)));
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   const url = `http://127.0.0.1:${port}`;
-  const deadline = Date.now() + 120_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new Error(`${shape} server exited: ${errors}`);
-    // Ready, not only alive: a users processor restores its stores before it serves.
-    const ok = await fetch(`${url}/readyz`).then(
-      (r) => r.ok,
-      () => false,
-    );
-    if (ok) break;
-    if (Date.now() > deadline) throw new Error(`${shape} server did not start: ${errors}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  return {
-    child,
-    url,
-    async stop() {
-      child.kill('SIGTERM');
+  // SIGTERM, and SIGKILL if it is still there after 15 s (it promises to exit within 10).
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), 15_000)));
+    if (await Promise.race([exited.then(() => false), late])) {
+      console.error(`  ${shape} server did not exit within 15 s of SIGTERM: killed`);
+      child.kill('SIGKILL');
       await exited;
-    },
+    }
+    clearTimeout(timer);
   };
+  const deadline = Date.now() + 120_000;
+  try {
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`${shape} server exited: ${errors}`);
+      // Ready, not only alive: a users processor restores its stores before it serves.
+      const ok = await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5_000) }).then(
+        (r) => r.ok,
+        () => false,
+      );
+      if (ok) break;
+      if (Date.now() > deadline) throw new Error(`${shape} server did not start: ${errors}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  } catch (error) {
+    await stop();
+    throw error;
+  }
+  return { child, url, stop };
 }
 
 async function runLoad(config: LoadConfig): Promise<LoadResult> {
@@ -147,7 +158,13 @@ async function runLoad(config: LoadConfig): Promise<LoadResult> {
   );
   let output = '';
   child.stdout!.on('data', (d) => (output += d));
+  // Its own waits are bounded; this bounds the whole, generously: registration, idle rounds,
+  // the settling wait (120 s), the probe (60 s), the window, the drain and the final sync.
+  const limitMs =
+    1000 * (config.warmupS + config.seconds) + 600_000 + 20 * (2 * config.idle + 2 * config.pairs);
+  const timer = setTimeout(() => child.kill('SIGKILL'), limitMs);
   const code = await new Promise<number | null>((r) => child.once('exit', r));
+  clearTimeout(timer);
   if (code !== 0) throw new Error(`the load generator exited with ${code}`);
   return JSON.parse(output.trim().split('\n').at(-1)!) as LoadResult;
 }
@@ -182,7 +199,11 @@ export async function run(args: string[]): Promise<void> {
   for (const shape of shapes) {
     console.error(`\n${shape}:`);
     const dataDir = await mkdtemp(join(tmpdir(), `kchat-bench-chat-${shape}-`));
-    const { servers, jwtSecret, stop } = await startShape(shape, dataDir, profileDir);
+    const started = await startShape(shape, dataDir, profileDir).catch(async (error: unknown) => {
+      await rm(dataDir, { recursive: true, force: true });
+      throw error;
+    });
+    const { servers, jwtSecret, stop } = started;
     const server = servers[0]!;
     try {
       results.set(
@@ -217,7 +238,7 @@ export async function run(args: string[]): Promise<void> {
   console.log('| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | --- |');
   for (const [shape, r] of results) {
     console.log(
-      `| ${shape} | ${fmt(r.perSecond)} | ${baseline ? fmt(r.perSecond / baseline, 2) : '-'} | ${fmt(r.latencyMs.p50)} / ${fmt(r.latencyMs.p99)} / ${fmt(r.latencyMs.max)} | ${fmt(r.sentLatencyMs.p50)} / ${fmt(r.sentLatencyMs.p99)} | ${r.lost} | ${r.duplicated} | ${r.syncs} | ${
+      `| ${shape} | ${fmt(r.perSecond)} | ${baseline ? fmt(r.perSecond / baseline, 2) : '-'} | ${fmt(r.latencyMs.p50)} / ${fmt(r.latencyMs.p99)} / ${fmt(r.latencyMs.max)} | ${fmt(r.sentLatencyMs.p50)} / ${fmt(r.sentLatencyMs.p99)} | ${r.lost} | ${r.duplicated} | ${r.syncs}${r.recoveredAtEnd ? ` (${r.recoveredAtEnd} found only by the final sync)` : ''} | ${
         Object.entries(r.errors)
           .map(([c, n]) => `${c}: ${n}`)
           .join(', ') || '-'

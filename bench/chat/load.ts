@@ -39,11 +39,15 @@ export interface LoadResult {
   sentLatencyMs: { p50: number; p99: number; max: number };
   /** Acknowledged by `sent` but never received by the recipient, even after a sync. */
   lost: number;
-  /** Received twice by the recipient. */
   /** Held in the recipient's inbox twice (two seqs); a replay of one seq is no duplicate. */
   duplicated: number;
-  /** Gaps in the seqs a device received live, which it filled with a `sync`. */
+  /** `sync` frames a device sent for gaps in the seqs it received live (one may fill several). */
   syncs: number;
+  /**
+   * Acknowledged messages the recipient had not received live by the end of the drain, but got
+   * from the final sync (or its reconnect's replay): held in the inbox, missed on the wire.
+   */
+  recoveredAtEnd: number;
   errors: Record<string, number>;
   idle: number;
   rssPerIdleKiB: number;
@@ -92,7 +96,7 @@ async function workCounters(): Promise<Record<string, number> | undefined> {
   if (config.kind !== 'chat') return undefined;
   const texts = await Promise.all(
     config.metricsUrls.map((url) =>
-      fetch(url)
+      fetch(url, { signal: AbortSignal.timeout(10_000) })
         .then((r) => r.text())
         .catch(() => undefined),
     ),
@@ -136,6 +140,7 @@ async function register(username: string): Promise<string> {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ username, password: 'benchmark password' }),
+      signal: AbortSignal.timeout(10_000),
     });
     if (response.status === 201)
       return ((await response.json()) as { accessToken: string }).accessToken;
@@ -144,22 +149,43 @@ async function register(username: string): Promise<string> {
   }
 }
 
-async function connect(user: string, token: string | undefined, deviceId: string) {
+/**
+ * Opens a connection and waits for `ready` (at most 30 s). `onFrame`, when given, sees every
+ * frame from the first: a reconnect's replay can arrive in the same read as its `ready`.
+ */
+async function connect(
+  user: string,
+  token: string | undefined,
+  deviceId: string,
+  onFrame?: (data: WebSocket.RawData) => void,
+) {
   const query = config.kind === 'relay' ? `user=${user}` : `deviceId=${deviceId}`;
   const ws = new WebSocket(`${wsUrl}?${query}`, {
     headers: token ? { authorization: `Bearer ${token}` } : {},
     perMessageDeflate: false,
   });
+  if (onFrame) ws.on('message', onFrame);
   await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => {
+      ws.terminate();
+      reject(new Error(`${user}: no ready within 30 s`));
+    }, 30_000);
+    const fail = (error: Error) => {
+      clearTimeout(timer);
+      reject(error);
+    };
     ws.on('message', function first(data) {
       if ((JSON.parse(data.toString()) as Frame).type === 'ready') {
+        clearTimeout(timer);
         ws.off('message', first);
         resolve();
       }
     });
-    ws.once('error', reject);
-    ws.once('close', () => reject(new Error(`${user} closed before ready`)));
+    ws.once('error', fail);
+    ws.once('close', () => fail(new Error(`${user} closed before ready`)));
   });
+  // Later errors end in 'close', which the caller watches; unhandled they would crash.
+  ws.on('error', () => {});
   return ws;
 }
 
@@ -249,10 +275,11 @@ type Pair = {
   out: WebSocket;
   in: WebSocket;
   next: number;
-  inFlight: Map<number, number>; // n → sent at
+  inFlight: Map<number, number>; // n → sent at, until the recipient has it (or it is refused)
   /** Message number → the seq it came with. */
   received: Map<number, number>;
   acknowledged: Set<number>;
+  /** n → sent at, until its `sent` (or error) arrives, whether or not it was delivered first. */
   sentAt: Map<number, number>;
   /** What each side has seen of its inbox and acked, as a client does. */
   outSeq: Seqs;
@@ -300,12 +327,15 @@ await inBatches(
   },
 );
 
-let phase: 'probe' | 'warmup' | 'measure' | 'drain' = 'probe';
+let phase: 'probe' | 'warmup' | 'measure' | 'drain' | 'final' = 'probe';
 let measureStarted = 0;
 let measureEnded = 0;
 let delivered = 0;
 let duplicated = 0;
 let syncs = 0;
+let recoveredAtEnd = 0;
+/** Connections of the pairs that closed before the end (the server closed them). */
+let closed = 0;
 const latencies: number[] = [];
 const sentLatencies: number[] = [];
 const errors: Record<string, number> = {};
@@ -317,6 +347,7 @@ function pump(pair: Pair): void {
     const n = pair.next++;
     const now = Date.now();
     pair.inFlight.set(n, now);
+    pair.sentAt.set(n, now);
     pair.out.send(
       JSON.stringify({
         type: 'send',
@@ -328,43 +359,62 @@ function pump(pair: Pair): void {
   }
 }
 
+const countError = (code: unknown) => {
+  errors[String(code)] = (errors[String(code)] ?? 0) + 1;
+};
+
+function onSenderFrame(pair: Pair, data: WebSocket.RawData): void {
+  const frame = JSON.parse(data.toString()) as Frame;
+  // The sender's own copies and its receipts are entries of its inbox: acked like any.
+  if (typeof frame.seq === 'number') seen(pair.outSeq, frame.seq);
+  if (frame.id === 'probe') return;
+  // Every refused frame counts, those without an id (an ack, a sync) too.
+  if (frame.type === 'error') countError(frame.code);
+  if (typeof frame.id !== 'string' || !frame.id.startsWith('b')) return;
+  const n = Number(frame.id.slice(1));
+  if (frame.type === 'sent') {
+    pair.acknowledged.add(n);
+    // From the send, even when the recipient had the message before its `sent` came back.
+    const at = pair.sentAt.get(n);
+    pair.sentAt.delete(n);
+    if (at !== undefined && n >= (measuredFrom[pair.index] ?? Infinity))
+      sentLatencies.push(Date.now() - at);
+  } else if (frame.type === 'error') {
+    pair.sentAt.delete(n);
+    if (pair.inFlight.delete(n)) pump(pair); // refused, not accepted: not in flight any more
+  }
+}
+
+function onRecipientFrame(pair: Pair, data: WebSocket.RawData): void {
+  const frame = JSON.parse(data.toString()) as Frame;
+  if (typeof frame.seq === 'number') seen(pair.inSeq, frame.seq); // every entry, the probe too
+  if (frame.type === 'error') countError(frame.code);
+  if (frame.type !== 'message') return;
+  const body = frame.body as { n?: number; t?: number };
+  if (typeof body.n !== 'number') return;
+  if (pair.received.has(body.n)) {
+    // A second inbox entry; the same seq again is a replay. The relay has no seqs and no
+    // replays: any second copy is a duplicate there.
+    if (frame.seq === undefined || pair.received.get(body.n) !== frame.seq) duplicated++;
+    return;
+  }
+  pair.received.set(body.n, frame.seq as number);
+  // Throughput: what arrives in the measured window; latency: every message sent in it.
+  if (phase === 'measure') delivered++;
+  if (phase === 'final') recoveredAtEnd++;
+  if (body.n >= (measuredFrom[pair.index] ?? Infinity)) latencies.push(Date.now() - body.t!);
+  pair.inFlight.delete(body.n);
+  pump(pair);
+}
+
+function watch(pair: Pair): void {
+  for (const ws of [pair.out, pair.in]) ws.once('close', () => closed++); // the load closes none before it has its result
+}
+
 for (const pair of pairs) {
-  pair.out.on('message', (data) => {
-    const frame = JSON.parse(data.toString()) as Frame;
-    // The sender's own copies and its receipts are entries of its inbox: acked like any.
-    if (typeof frame.seq === 'number') seen(pair.outSeq, frame.seq);
-    if (typeof frame.id !== 'string' || !frame.id.startsWith('b')) return; // the probe
-    if (frame.type === 'sent') {
-      const n = Number(frame.id.slice(1));
-      pair.acknowledged.add(n);
-      const at = pair.inFlight.get(n);
-      if (at !== undefined && n >= (measuredFrom[pair.index] ?? Infinity))
-        sentLatencies.push(Date.now() - at);
-    } else if (frame.type === 'error') {
-      const code = String(frame.code);
-      errors[code] = (errors[code] ?? 0) + 1;
-      const n = Number(frame.id.slice(1));
-      if (pair.inFlight.delete(n)) pump(pair); // refused, not accepted: not in flight any more
-    }
-  });
-  pair.in.on('message', (data) => {
-    const frame = JSON.parse(data.toString()) as Frame;
-    if (typeof frame.seq === 'number') seen(pair.inSeq, frame.seq); // every entry, the probe too
-    if (frame.type !== 'message') return;
-    const body = frame.body as { n?: number; t?: number };
-    if (typeof body.n !== 'number') return;
-    const before = pair.received.get(body.n);
-    if (before !== undefined) {
-      if (before !== frame.seq) duplicated++; // a second inbox entry; the same seq is a replay
-      return;
-    }
-    pair.received.set(body.n, frame.seq as number);
-    // Throughput: what arrives in the measured window; latency: every message sent in it.
-    if (phase === 'measure') delivered++;
-    if (body.n >= (measuredFrom[pair.index] ?? Infinity)) latencies.push(Date.now() - body.t!);
-    pair.inFlight.delete(body.n);
-    pump(pair);
-  });
+  pair.out.on('message', (data) => onSenderFrame(pair, data));
+  pair.in.on('message', (data) => onRecipientFrame(pair, data));
+  watch(pair);
 }
 
 function seen(device: Seqs, seq: number): void {
@@ -419,7 +469,8 @@ if (config.kind === 'chat') {
       pair.out.send(
         JSON.stringify({ type: 'send', id: 'probe', to: recipients[pair.index], body: 'probe' }),
       );
-      if ((await answered).type === 'sent') break;
+      const answer = await Promise.race([answered, sleep(10_000).then(() => undefined)]);
+      if (answer?.type === 'sent') break;
       if (Date.now() > deadline) throw new Error('recipients stayed unknown');
       await sleep(200);
     }
@@ -434,13 +485,17 @@ await sleep(config.warmupS * 1000);
 progress(`measuring ${config.seconds} s: ${config.pairs} pairs, ${config.window} in flight each`);
 pairs.forEach((pair) => (measuredFrom[pair.index] = pair.next));
 phase = 'measure';
+// The work counters' window takes in their scrapes; the rate's window does not (the relay has
+// no scrape: what arrives during one must not count for the chat alone).
 const workBefore = await workCounters();
 measureStarted = Date.now();
+const deliveredBefore = delivered;
 const serverCpu = () => config.serverPids.reduce((sum, pid) => sum + cpuSeconds(pid), 0);
 const cpuBefore = [serverCpu(), cpuSeconds(process.pid)];
 await sleep(config.seconds * 1000);
 measureEnded = Date.now();
 const cpuAfter = [serverCpu(), cpuSeconds(process.pid)];
+const deliveredInWindow = delivered - deliveredBefore;
 const workAfter = await workCounters();
 const measuredDelivered = delivered;
 const cpuPercent = (i: number) =>
@@ -448,21 +503,51 @@ const cpuPercent = (i: number) =>
 phase = 'drain';
 const drainDeadline = Date.now() + 15_000;
 while (Date.now() < drainDeadline && pairs.some((p) => p.inFlight.size > 0)) await sleep(50);
+const missing = () =>
+  pairs.reduce((sum, p) => sum + [...p.acknowledged].filter((n) => !p.received.has(n)).length, 0);
+// Sends that got neither `sent` nor an error: not lost (never acknowledged), but not fine.
+const unanswered = pairs.reduce(
+  (sum, p) => sum + [...p.inFlight.keys()].filter((n) => !p.acknowledged.has(n)).length,
+  0,
+);
+if (unanswered > 0) errors['no answer'] = unanswered;
+if (closed > 0) errors['connection closed'] = closed;
+// What is still missing may be in the inbox and only missed on the wire (the last entry of a
+// pair has no later seq to show its gap; a closed connection got nothing more): every recipient
+// reconnects if it must, syncs after what it holds, and gets at most 10 s to answer.
+phase = 'final';
+if (config.kind === 'chat' && missing() > 0) {
+  progress(`${missing()} acknowledged messages not received after the drain: a final sync`);
+  for (const pair of pairs) {
+    if (pair.in.readyState !== WebSocket.OPEN) {
+      pair.in = await connect(
+        recipients[pair.index]!,
+        tokens.get(recipients[pair.index]!),
+        'bench',
+        (d) => onRecipientFrame(pair, d),
+      );
+      pair.inSeq.ws = pair.in;
+    }
+    pair.in.send(JSON.stringify({ type: 'sync', after: pair.inSeq.contiguous }));
+  }
+  const finalDeadline = Date.now() + 10_000;
+  while (Date.now() < finalDeadline && missing() > 0) await sleep(100);
+}
 await sleep(500); // a duplicate would show up now
 clearInterval(acker);
 
-let lost = 0;
-for (const pair of pairs) for (const n of pair.acknowledged) if (!pair.received.has(n)) lost++;
+const lost = missing();
 
 const result: LoadResult = {
-  delivered,
+  delivered: deliveredInWindow,
   seconds: (measureEnded - measureStarted) / 1000,
-  perSecond: delivered / ((measureEnded - measureStarted) / 1000),
+  perSecond: deliveredInWindow / ((measureEnded - measureStarted) / 1000),
   latencyMs: percentiles(latencies),
   sentLatencyMs: percentiles(sentLatencies),
   lost,
   duplicated,
   syncs,
+  recoveredAtEnd,
   errors,
   idle: config.idle,
   rssPerIdleKiB,
