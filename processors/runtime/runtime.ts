@@ -40,6 +40,11 @@ export interface StreamsOptions {
   commitIntervalMs?: number;
   /** A task commits early once it has processed this many records. Default 1000. */
   maxUncommittedRecords?: number;
+  /**
+   * How long after a task was fenced it is opened again if its partition is still this
+   * instance's (see commit). Default FENCED_RECHECK_MS.
+   */
+  fencedRecheckMs?: number;
   logger?: Logger;
   metrics?: Metrics;
   /**
@@ -57,6 +62,14 @@ export interface StreamsOptions {
 export type CommitStage = 'sent' | 'committed' | 'flushed';
 
 const PUNCTUATE_TICK_MS = 50;
+/**
+ * A fenced task is dropped and left to the instance that fenced it; if the group still gives
+ * its partition to this instance this long after, that instance opened it in a generation this
+ * one missed (evicted for a while, say) and has let it go since: it is opened here again, or
+ * its records would wait for good. Long enough for a rebalance under way to reach this
+ * instance (kafkajs heartbeats every second) and take the partition away instead.
+ */
+const FENCED_RECHECK_MS = 10_000;
 /**
  * A transactional commit that has not ended by then counts as failed, and the task is revived:
  * a client's transaction calls can wait forever on a broker that went away (KAFKA-7763 gave the
@@ -511,7 +524,7 @@ export class StreamsRuntime {
       if (error instanceof ProducerFencedError) {
         this.logger.warn(
           { task: task.id },
-          'task fenced by a newer owner; dropping its uncommitted work',
+          "task fenced by a newer owner; dropping its uncommitted work (opened again later if its partition is still this instance's)",
         );
         for (const store of stores.values()) store.discard();
         task.committed();
@@ -519,6 +532,7 @@ export class StreamsRuntime {
         this.failingCommits.delete(task.id);
         await task.close();
         await running.producer?.close().catch(() => undefined);
+        this.revive(task.partition, task.id, 0, this.options.fencedRecheckMs ?? FENCED_RECHECK_MS);
         return false;
       }
       this.failingCommits.set(task.id, (error as Error).message);
@@ -579,7 +593,7 @@ export class StreamsRuntime {
    * the partition is still this instance's; then moves the consumer back to the committed
    * offsets, so that what the dropped work had read is read again.
    */
-  private revive(partition: number, taskId: string, attempt = 0): void {
+  private revive(partition: number, taskId: string, attempt = 0, delayMs?: number): void {
     const timer = setTimeout(
       () => {
         this.revivals.delete(timer);
@@ -601,7 +615,7 @@ export class StreamsRuntime {
           this.revive(partition, taskId, attempt + 1);
         });
       },
-      Math.min(100 * 2 ** attempt, 5000),
+      delayMs ?? Math.min(100 * 2 ** attempt, 5000),
     );
     this.revivals.add(timer);
   }

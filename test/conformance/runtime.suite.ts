@@ -628,6 +628,46 @@ export function runtimeSuite(shape: RuntimeShape) {
       );
     });
 
+    it("opens a fenced task again when its partition is still this instance's, and counts on exactly once", async () => {
+      // Another instance opened the task in a generation this one missed (evicted for a while)
+      // and let it go since: the group gives the partition here, and no rebalance will come.
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const log = await shape.open();
+      const db = await StateDb.open(join(stateRoot, app));
+      try {
+        await seedInput(log, input, output, ['a']);
+        const runtime = new StreamsRuntime(countingTopology(input, output), {
+          applicationId: app,
+          log,
+          stateDb: db,
+          commitIntervalMs: 50,
+          fencedRecheckMs: 500,
+        });
+        await runtime.start();
+        const counted = async (values: string[]) =>
+          eventually(
+            async () => (await readAll(log, output)).get('k')?.length === values.length,
+            shape.settleMs + 20_000,
+            `${values.length} counts`,
+          );
+        await counted(['1']);
+        const fencer = await log.producer({ transactionalId: `${app}-0` });
+        await sendWord(log, input, 'b');
+        await counted(['1', '2']);
+        await sendWord(log, input, 'c');
+        await counted(['1', '2', '3']);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2', '3']);
+        await runtime.close();
+        await fencer.close().catch(() => undefined);
+      } finally {
+        await db.close();
+        await shape.close(log);
+      }
+    });
+
     it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
       // The local disk fails once, as the committed writes go to RocksDB (not a restore's).
       let failed = 0;
