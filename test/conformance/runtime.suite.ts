@@ -565,15 +565,18 @@ export function runtimeSuite(shape: RuntimeShape) {
      * The counting topology over `values`, committing every 50 ms, on a state database whose
      * writes fail while `failing` says so (given the write's checkpoint: none for a flush).
      */
-    async function countingOnFailingDisk(
+    async function counting(
       values: string[],
-      failing: (checkpoint: number | undefined) => boolean,
       run: (app: {
         log: Log;
         input: string;
         output: string;
         runtime: StreamsRuntime;
       }) => Promise<void>,
+      options: {
+        failing?: (checkpoint: number | undefined) => boolean;
+        fencedRecheckMs?: number;
+      } = {},
     ) {
       const app = uniqueName('count');
       const input = uniqueName('words');
@@ -582,16 +585,20 @@ export function runtimeSuite(shape: RuntimeShape) {
       const db = await StateDb.open(join(stateRoot, app));
       try {
         await seedInput(log, input, output, values);
-        const write = db.write.bind(db);
-        db.write = async (store, partition, writes, checkpoint) => {
-          if (failing(checkpoint)) throw new Error('No space left on device');
-          return write(store, partition, writes, checkpoint);
-        };
+        const { failing } = options;
+        if (failing) {
+          const write = db.write.bind(db);
+          db.write = async (store, partition, writes, checkpoint) => {
+            if (failing(checkpoint)) throw new Error('No space left on device');
+            return write(store, partition, writes, checkpoint);
+          };
+        }
         const runtime = new StreamsRuntime(countingTopology(input, output), {
           applicationId: app,
           log,
           stateDb: db,
           commitIntervalMs: 50,
+          fencedRecheckMs: options.fencedRecheckMs,
         });
         await runtime.start();
         await run({ log, input, output, runtime });
@@ -610,9 +617,8 @@ export function runtimeSuite(shape: RuntimeShape) {
 
     it('says it is not ready while its stores cannot be written', async () => {
       let broken = false;
-      await countingOnFailingDisk(
+      await counting(
         ['a'],
-        () => broken,
         async ({ log, input, runtime }) => {
           await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready');
           broken = true; // the disk fills up: every flush, and every restore of a revival, fails
@@ -625,47 +631,34 @@ export function runtimeSuite(shape: RuntimeShape) {
           broken = false;
           await eventually(() => runtime.notRunningBecause === undefined, 20_000, 'ready again');
         },
+        { failing: () => broken },
       );
     });
 
     it("opens a fenced task again when its partition is still this instance's, and counts on exactly once", async () => {
       // Another instance opened the task in a generation this one missed (evicted for a while)
       // and let it go since: the group gives the partition here, and no rebalance will come.
-      const app = uniqueName('count');
-      const input = uniqueName('words');
-      const output = uniqueName('counts');
-      const log = await shape.open();
-      const db = await StateDb.open(join(stateRoot, app));
-      try {
-        await seedInput(log, input, output, ['a']);
-        const runtime = new StreamsRuntime(countingTopology(input, output), {
-          applicationId: app,
-          log,
-          stateDb: db,
-          commitIntervalMs: 50,
-          fencedRecheckMs: 500,
-        });
-        await runtime.start();
-        const counted = async (values: string[]) =>
-          eventually(
-            async () => (await readAll(log, output)).get('k')?.length === values.length,
-            shape.settleMs + 20_000,
-            `${values.length} counts`,
-          );
-        await counted(['1']);
-        const fencer = await log.producer({ transactionalId: `${app}-0` });
-        await sendWord(log, input, 'b');
-        await counted(['1', '2']);
-        await sendWord(log, input, 'c');
-        await counted(['1', '2', '3']);
-        await new Promise((resolve) => setTimeout(resolve, 300));
-        assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2', '3']);
-        await runtime.close();
-        await fencer.close().catch(() => undefined);
-      } finally {
-        await db.close();
-        await shape.close(log);
-      }
+      await counting(
+        ['a'],
+        async ({ log, input, output, runtime }) => {
+          const counted = async (count: number) =>
+            eventually(
+              async () => (await readAll(log, output)).get('k')?.length === count,
+              shape.settleMs + 20_000,
+              `${count} counts`,
+            );
+          await counted(1);
+          const fencer = await log.producer({ transactionalId: `${runtime.applicationId}-0` });
+          await sendWord(log, input, 'b');
+          await counted(2);
+          await sendWord(log, input, 'c');
+          await counted(3);
+          await new Promise((resolve) => setTimeout(resolve, 300));
+          assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2', '3']);
+          await fencer.close().catch(() => undefined);
+        },
+        { fencedRecheckMs: 500 },
+      );
     });
 
     it('sends nothing twice when a store write fails after the commit, and counts on', async () => {
@@ -673,30 +666,34 @@ export function runtimeSuite(shape: RuntimeShape) {
       let failed = 0;
       const failing = (checkpoint: number | undefined) =>
         checkpoint === undefined && failed++ === 0;
-      await countingOnFailingDisk(['a', 'b', 'c', 'd', 'e'], failing, async (app) => {
-        const committed = async (count: number) =>
-          eventually(
-            async () =>
-              (await app.log.admin.committedOffsets(app.runtime.applicationId, app.input))[0]!
-                .offset === count,
-            shape.settleMs + 20_000,
-            `${count} records committed`,
-          );
-        await committed(5);
-        // The task was opened again, its store caught up from the changelog: it counts on.
-        await sendWord(app.log, app.input, 'f');
-        await committed(6);
-        assert.ok(failed > 0, 'the write failed');
-        // Outputs commit with their offsets: all six are in the log, each once.
-        assert.deepEqual((await readAll(app.log, app.output)).get('k'), [
-          '1',
-          '2',
-          '3',
-          '4',
-          '5',
-          '6',
-        ]);
-      });
+      await counting(
+        ['a', 'b', 'c', 'd', 'e'],
+        async (app) => {
+          const committed = async (count: number) =>
+            eventually(
+              async () =>
+                (await app.log.admin.committedOffsets(app.runtime.applicationId, app.input))[0]!
+                  .offset === count,
+              shape.settleMs + 20_000,
+              `${count} records committed`,
+            );
+          await committed(5);
+          // The task was opened again, its store caught up from the changelog: it counts on.
+          await sendWord(app.log, app.input, 'f');
+          await committed(6);
+          assert.ok(failed > 0, 'the write failed');
+          // Outputs commit with their offsets: all six are in the log, each once.
+          assert.deepEqual((await readAll(app.log, app.output)).get('k'), [
+            '1',
+            '2',
+            '3',
+            '4',
+            '5',
+            '6',
+          ]);
+        },
+        { failing },
+      );
     });
 
     it('sends an undecodable record to the dead-letter topic with the reason, and goes on', async () => {
