@@ -67,17 +67,23 @@ class Walker {
       }
       case 'array': {
         const min = minSize(t.itemsType);
-        for (let n = this.block(min, 'array'); n > 0; n = this.block(min, 'array'))
+        for (let n = this.block(min, 'array'); n > 0; n = this.block(min, 'array')) {
+          const end = this.blockEnd;
           for (let i = 0; i < n; i++) this.walk(t.itemsType);
+          this.checkBlockEnd(end, 'array');
+        }
         return;
       }
       case 'map': {
         const min = 1 + minSize(t.valuesType);
-        for (let n = this.block(min, 'map'); n > 0; n = this.block(min, 'map'))
+        for (let n = this.block(min, 'map'); n > 0; n = this.block(min, 'map')) {
+          const end = this.blockEnd;
           for (let i = 0; i < n; i++) {
             this.walk(stringType);
             this.walk(t.valuesType);
           }
+          this.checkBlockEnd(end, 'map');
+        }
         return;
       }
       case 'record':
@@ -96,6 +102,17 @@ class Walker {
         if (t.typeName.startsWith('logical:')) return this.walk(t.underlyingType);
         throw new RangeError(`unexpected Avro type ${t.typeName}`);
     }
+  }
+
+  /** Items of no bytes met so far, in every block (see block). */
+  private emptyItems = 0;
+
+  /** Where the block block() just read ends, by its byte size (-1: no size written). */
+  private blockEnd = -1;
+
+  private checkBlockEnd(end: number, what: string): void {
+    if (end >= 0 && this.pos !== end)
+      throw new RangeError(`${what} block says it ends at byte ${end}, its items at ${this.pos}`);
   }
 
   private skip(n: number, what: string): void {
@@ -125,18 +142,27 @@ class Walker {
    */
   private block(minItemSize: number, what: string): number {
     let n = this.long();
+    this.blockEnd = -1;
     if (n < 0) {
       n = -n;
-      if (this.long() < 0) throw new RangeError(`negative ${what} block size at byte ${this.pos}`);
+      const size = this.long();
+      if (size < 0) throw new RangeError(`negative ${what} block size at byte ${this.pos}`);
+      // avsc skips a block it does not read by this size, reading none of its items: the walk
+      // must end where that jump does, or it checked another parse than avsc makes.
+      this.blockEnd = this.pos + size;
     }
-    // Items of no bytes at all (null, an empty record) are capped instead.
+    // Items of no bytes at all (null, an empty record) are capped instead, over the whole
+    // record: blocks of them cost a few bytes each, and each item is a step of the walk and of
+    // avsc's read or skip.
     if (minItemSize > 0 ? n * minItemSize > this.buf.length - this.pos : n > MAX_EMPTY_ITEMS)
       throw new RangeError(`${what} block of ${n} items at byte ${this.pos} exceeds the record`);
+    if (minItemSize === 0 && (this.emptyItems += n) > MAX_EMPTY_ITEMS)
+      throw new RangeError(`more than ${MAX_EMPTY_ITEMS} items of no bytes by byte ${this.pos}`);
     return n;
   }
 }
 
-/** Items of a type encoded in no bytes (null, an empty record) in one array or map block. */
+/** Items of a type encoded in no bytes (null, an empty record) in one record, in all its blocks. */
 const MAX_EMPTY_ITEMS = 1 << 16;
 const stringType = avro.Type.forSchema('string') as unknown as AnyType;
 const minSizes = new WeakMap<AnyType, number>();

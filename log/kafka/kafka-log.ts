@@ -708,6 +708,9 @@ class KafkaLogConsumer implements Consumer {
   private startOver(cause: Error): void {
     const delay = Math.min(500 * 2 ** this.restarts, 30_000);
     this.restarts++;
+    // Out of the group until it joins again: it owns no partition meanwhile (a runtime asking
+    // whether to open a fenced task again must not find the old assignment).
+    this.assigned = [];
     this.logger.error(
       { err: cause, groupId: this.options.groupId, inMs: delay },
       'consumer stopped by kafkajs; starting it over',

@@ -113,9 +113,19 @@ export class GlobalTable<V> {
    */
   async hasCurrent(key: string, waitMs = CATCH_UP_WAIT_MS): Promise<boolean> {
     if (this.entries.has(key)) return true;
-    const marks = await this.watermarks();
+    // The question to the log is part of the wait: a slow admin (Kafka retrying an unreachable
+    // leader) must not hold the answer past it.
+    const deadline = Date.now() + waitMs;
+    let timer: NodeJS.Timeout | undefined;
+    const marks = await Promise.race([
+      this.watermarks(),
+      new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), waitMs))),
+    ]);
+    clearTimeout(timer);
+    if (marks === undefined) return this.entries.has(key);
     const behind = () => marks.some((m) => (this.position.get(m.partition) ?? 0) < m.high);
-    if (behind()) {
+    const left = deadline - Date.now();
+    if (left > 0 && behind()) {
       await new Promise<void>((resolve) => {
         const done = () => {
           clearTimeout(timer);
@@ -125,7 +135,7 @@ export class GlobalTable<V> {
         const check = () => {
           if (!behind() || this.entries.has(key)) done();
         };
-        const timer = setTimeout(done, waitMs);
+        const timer = setTimeout(done, left);
         this.progressed.add(check);
       });
     }

@@ -594,6 +594,9 @@ export class StreamsRuntime {
    * offsets, so that what the dropped work had read is read again.
    */
   private revive(partition: number, taskId: string, attempt = 0, delayMs?: number): void {
+    // A task fenced or failed while closing (close cleared the timers already): nothing to
+    // open again, and a timer would hold the event loop for FENCED_RECHECK_MS.
+    if (this.closing) return;
     const timer = setTimeout(
       () => {
         this.revivals.delete(timer);

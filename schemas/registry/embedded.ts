@@ -46,11 +46,12 @@ export function schemaIdOf(canonical: string): number {
 }
 
 /**
- * A record of `_schemas` as this registry writes it (key `<subject>/<id>`, the value a
- * SchemaRecord of the same subject and id), null for a tombstone of such a key, undefined for
- * anything else. Another registry's records are refused rather than read: Confluent's use the
- * same topic name and field names, but number their ids otherwise, and this registry's
- * records would in turn be garbage to it.
+ * A record of `_schemas` as this registry writes it (key `<subject>/<id>`, or
+ * `<subject>/<version>` as it wrote them before ids came from the schema, 3ebd8f0; the value a
+ * SchemaRecord of the same subject), null for a tombstone of such a key, undefined for anything
+ * else. Another registry's records are refused rather than read: Confluent's use the same topic
+ * name and field names, but number their ids otherwise, and this registry's records would in
+ * turn be garbage to it.
  */
 function ownRecord(key: Buffer | null, value: Buffer | null): SchemaRecord | null | undefined {
   const match = key && /^(.+)\/(\d+)$/.exec(key.toString('utf8'));
@@ -66,8 +67,10 @@ function ownRecord(key: Buffer | null, value: Buffer | null): SchemaRecord | nul
     typeof record === 'object' &&
     record !== null &&
     record.subject === match[1] &&
-    record.id === Number(match[2]) &&
+    typeof record.id === 'number' &&
     typeof record.version === 'number' &&
+    // `<subject>/<id>`; before ids came from the schema (3ebd8f0), `<subject>/<version>`
+    (record.id === Number(match[2]) || record.version === Number(match[2])) &&
     typeof record.schema === 'string';
   return valid ? (record as SchemaRecord) : undefined;
 }
