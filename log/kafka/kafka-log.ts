@@ -587,6 +587,8 @@ class KafkaLogConsumer implements Consumer {
   private assigned: TopicPartition[] = [];
   /** The latest assignment's onAssignment call: every batch waits for it. */
   private assignmentHandled: Promise<void> = Promise.resolve();
+  /** Bumped by every GROUP_JOIN (and by startOver): an older assignment is no longer handled. */
+  private generation = 0;
   private running = false;
   private closed = false;
   /** What run() gave kafkajs: given again when the consumer starts over after a crash. */
@@ -646,24 +648,10 @@ class KafkaLogConsumer implements Consumer {
         for (const partition of partitions) assignment.push({ topic, partition });
       }
       this.assigned = assignment;
-      const previous = this.assignmentHandled;
-      this.assignmentHandled = previous
-        .then(() => retrying(() => this.placePositions(assignment)))
-        .catch((error: unknown) =>
-          // The partitions still read, from the group's offsets or kafkajs's latest; the
-          // assignment is still handled (a gateway waits for it to accept connections).
-          this.logger.warn(
-            { err: error, groupId: this.options.groupId },
-            'placing positions at the end failed',
-          ),
-        )
-        .then(() => handlers.onAssignment?.(assignment))
-        .catch((error: unknown) =>
-          this.logger.error(
-            { err: error, groupId: this.options.groupId },
-            'handling an assignment failed',
-          ),
-        );
+      const generation = ++this.generation;
+      this.assignmentHandled = this.assignmentHandled.then(() =>
+        this.handleAssignment(assignment, generation, handlers),
+      );
     });
     this.consumer.on(this.consumer.events.CRASH, ({ payload }) => {
       if (!payload.restart && !this.closed) this.startOver(payload.error);
@@ -700,6 +688,46 @@ class KafkaLogConsumer implements Consumer {
   }
 
   /**
+   * Hands an assignment to onAssignment, unless a newer one came meanwhile: kafkajs rejoins the
+   * group as soon as it is told of a rebalance (between batches; at once when it has nothing to
+   * hand), so an assignment can be replaced while the previous one is still being handled (tasks
+   * restoring). Handling the replaced one would open tasks the group has just given to another
+   * member, fencing their new owners. A failed onAssignment is retried while its assignment is
+   * the latest, as on the embedded log: else its partitions stayed without a task until the next
+   * rebalance.
+   */
+  private async handleAssignment(
+    assignment: TopicPartition[],
+    generation: number,
+    handlers: ConsumerHandlers,
+  ): Promise<void> {
+    const current = () => generation === this.generation && !this.closed;
+    if (!current()) return;
+    try {
+      await retrying(() => this.placePositions(assignment));
+    } catch (error) {
+      // The partitions still read, from the group's offsets or kafkajs's latest; the
+      // assignment is still handled (a gateway waits for it to accept connections).
+      this.logger.warn(
+        { err: error, groupId: this.options.groupId },
+        'placing positions at the end failed',
+      );
+    }
+    for (let attempt = 0; current(); attempt++) {
+      try {
+        await handlers.onAssignment?.(assignment);
+        return;
+      } catch (error) {
+        this.logger.error(
+          { err: error, groupId: this.options.groupId },
+          'handling an assignment failed; retrying',
+        );
+        await new Promise((resolve) => setTimeout(resolve, Math.min(100 * 2 ** attempt, 5000)));
+      }
+    }
+  }
+
+  /**
    * kafkajs stops a consumer for good when it takes a crash's cause for final: a TypeError or
    * RangeError thrown by a handler, an error marked not retriable. The port promises the batch
    * again after a pause, so the consumer starts over (backing off up to 30 s): it joins the
@@ -709,8 +737,10 @@ class KafkaLogConsumer implements Consumer {
     const delay = Math.min(500 * 2 ** this.restarts, 30_000);
     this.restarts++;
     // Out of the group until it joins again: it owns no partition meanwhile (a runtime asking
-    // whether to open a fenced task again must not find the old assignment).
+    // whether to open a fenced task again must not find the old assignment), and an assignment
+    // still being handled is no longer handed on.
     this.assigned = [];
+    this.generation++;
     this.logger.error(
       { err: cause, groupId: this.options.groupId, inMs: delay },
       'consumer stopped by kafkajs; starting it over',

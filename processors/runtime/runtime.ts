@@ -296,10 +296,22 @@ export class StreamsRuntime {
     try {
       const wanted = new Set(assignment.map((tp) => tp.partition));
       for (const [partition, running] of [...this.tasks]) {
-        if (!wanted.has(partition)) await this.closeTask(running);
+        if (wanted.has(partition)) continue;
+        try {
+          await this.closeTask(running);
+        } catch (error) {
+          // Closed without a checkpoint (its store restores from the one it had): the tasks of
+          // this assignment must still be opened, or their partitions would wait for good.
+          this.tasks.delete(partition);
+          this.logger.error({ err: error, task: running.task.id }, 'task not closed cleanly');
+          await running.producer?.close().catch(() => undefined);
+        }
       }
       for (const partition of [...wanted].sort((a, b) => a - b)) {
         if (this.tasks.has(partition)) continue;
+        // Given away by a rebalance since this assignment came (on Kafka the next one is already
+        // queued): opening it now would fence the member that has it.
+        if (!this.consumer?.assignment().some((tp) => tp.partition === partition)) continue;
         try {
           await this.openTask(partition);
         } catch (error) {
