@@ -15,9 +15,9 @@ const codecUrl = new URL('../../schemas/codec.ts', import.meta.url).href;
 const avroUrl = new URL('../../schemas/avro.ts', import.meta.url).href;
 const root = fileURLToPath(new URL('../../', import.meta.url));
 
-/** The Avro zig-zag varint of a non-negative count, as a block count is written. */
-function varint(n: number): number[] {
-  let z = 2 * n;
+/** The Avro zig-zag varint of a (signed) long, as counts and sizes are written. */
+function zigzag(n: number): number[] {
+  let z = n >= 0 ? 2 * n : -2 * n - 1;
   const bytes: number[] = [];
   while (z >= 0x80) {
     bytes.push((z % 0x80) | 0x80);
@@ -27,13 +27,40 @@ function varint(n: number): number[] {
   return bytes;
 }
 
+/** A valid Delivery's Avro bytes, to follow forged ones. */
+async function validDelivery(): Promise<number[]> {
+  const { loadType } = await import('../../schemas/avro.ts');
+  return [
+    ...loadType('Delivery').toBuffer({
+      userId: 'bob',
+      targets: [],
+      frame: {
+        'chat.v1.Typing': { from: 'alice', to: 'bob', group: null, state: 'start', at: 1 },
+      },
+      more: false,
+    }),
+  ];
+}
+
+/** A writer-only field of strings. */
+const TAGS = { name: 'tags', type: { type: 'array', items: 'string' }, default: [] };
+
+/** Delivery as a newer writer has it: a field of its own (skipped when resolving) first. */
+async function writerWith(field: object): Promise<object> {
+  const { loadSchema } = await import('../../schemas/avro.ts');
+  const writer = JSON.parse(JSON.stringify(loadSchema('Delivery'))) as { fields: object[] };
+  writer.fields = [field, ...writer.fields];
+  return writer;
+}
+
 /**
- * Decodes `bytes` with a TopicCodec of schema `Delivery` (own id 7) in a child process;
- * `writer`, when given, is the schema the registry answers for any other id. Answers what the
- * child printed: the decoded value's keys, or the error's name and message.
+ * Decodes `bytes` (or what `expression` builds, in the child: too long for its arguments) with
+ * a TopicCodec of schema `Delivery` (own id 7) in a child process; `writer`, when given, is the
+ * schema the registry answers for any other id. Answers what the child printed: the decoded
+ * value's keys, or the error's name and message.
  */
 function decodeInChild(
-  bytes: number[],
+  bytes: number[] | { expression: string },
   writer?: object,
 ): Promise<{ out: string; code: number | null; killed: boolean }> {
   const script = `
@@ -44,7 +71,7 @@ function decodeInChild(
       latest: async () => undefined, close: async () => {} };
     const codec = new TopicCodec('chat.deliveries.gw-1', 7, loadType('Delivery'), registry);
     try {
-      const value = await codec.decode(Buffer.from(${JSON.stringify(bytes)}));
+      const value = await codec.decode(${'expression' in bytes ? bytes.expression : `Buffer.from(${JSON.stringify(bytes)})`});
       console.log('decoded ' + Object.keys(value).join(','));
     } catch (error) {
       console.log(error.name + ': ' + error.message);
@@ -71,7 +98,7 @@ describe('codec: forged records', function () {
   it('refuses an array block count larger than the record as a DecodeError, without running out of memory', async () => {
     // Header (schema id 7, the codec's own), userId "", then `targets` claiming 2^29 items:
     // ten bytes in all.
-    const bytes = [0, 0, 0, 0, 7, 0x00, ...varint(2 ** 29)];
+    const bytes = [0, 0, 0, 0, 7, 0x00, ...zigzag(2 ** 29)];
     const { out, code, killed } = await decodeInChild(bytes);
     assert.ok(!killed, `the decode did not finish in 15 s: ${out}`);
     assert.equal(code, 0, `the process died (exit ${code}): ${out}`);
@@ -81,17 +108,8 @@ describe('codec: forged records', function () {
   it('refuses a huge block count in a field only the writer has, without spinning forever', async () => {
     // The writer's schema has a field of its own before the reader's (skipped when resolving):
     // its block count says 2^50 strings.
-    const writer = {
-      ...(JSON.parse(
-        JSON.stringify((await import('../../schemas/avro.ts')).loadSchema('Delivery')),
-      ) as { fields: object[] }),
-    };
-    writer.fields = [
-      { name: 'tags', type: { type: 'array', items: 'string' }, default: [] },
-      ...writer.fields,
-    ];
-    const bytes = [0, 0, 0, 0, 8, ...varint(2 ** 50)];
-    const { out, code, killed } = await decodeInChild(bytes, writer);
+    const bytes = [0, 0, 0, 0, 8, ...zigzag(2 ** 50)];
+    const { out, code, killed } = await decodeInChild(bytes, await writerWith(TAGS));
     assert.ok(!killed, `the decode did not finish in 15 s: ${out}`);
     assert.equal(code, 0, `the process died (exit ${code}): ${out}`);
     assert.match(out, /^DecodeError: /);
@@ -126,6 +144,74 @@ describe('codec: forged records', function () {
     };
     const decoded = await codec.decode(codec.encode(value));
     assert.equal((decoded.targets as unknown[]).length, 5000);
+  });
+});
+
+/**
+ * avsc skips a writer-only array or map block written with a negative count by its block size
+ * (`tap.pos += size`), without reading its items: the check must hold a block to its size, or
+ * it checks another parse than the one avsc makes. A size landing inside the block lets avsc
+ * read forged bytes, which the walk took for a string's content, as the reader's fields.
+ */
+describe('codec: a forged block size in a writer-only field', function () {
+  this.timeout(40_000);
+
+  it('refuses a negative-count block whose size is not its items, without running out of memory', async () => {
+    const valid = await validDelivery();
+    // What avsc reads once its skip has jumped into the string: the end of `tags`, an empty
+    // userId, then `targets` claiming 2^29 items.
+    const forged = [0x00, 0x00, ...zigzag(2 ** 29)];
+    const item = [...zigzag(forged.length), ...forged]; // one string, as the walk reads it
+    const bytes = [
+      ...[0, 0, 0, 0, 8],
+      ...zigzag(-1), // a block of one item, with its size in bytes next
+      ...zigzag(zigzag(forged.length).length), // the size: only the string's length varint
+      ...item,
+      0x00, // the end of `tags`, as the walk reads it
+      ...valid,
+    ];
+    const { out, code, killed } = await decodeInChild(bytes, await writerWith(TAGS));
+    assert.ok(!killed, `the decode did not finish in 15 s: ${out}`);
+    assert.equal(code, 0, `the process died (exit ${code}): ${out}`);
+    assert.match(out, /^DecodeError: /);
+  });
+
+  it('still decodes a negative-count block whose size is right', async () => {
+    const writer = await writerWith(TAGS);
+    const valid = await validDelivery();
+    const strings = [
+      [...zigzag(2), 0x61, 0x62],
+      [...zigzag(1), 0x63],
+    ];
+    const block = strings.flat();
+    const bytes = [
+      ...[0, 0, 0, 0, 8],
+      ...zigzag(-2),
+      ...zigzag(block.length),
+      ...block,
+      0x00,
+      ...valid,
+    ];
+    const { out } = await decodeInChild(bytes, writer);
+    assert.equal(out, 'decoded userId,targets,frame,more');
+  });
+
+  it('refuses a writer-only array of empty items counted past any bound, block after block, without spinning', async () => {
+    // Each block holds at most the capped count of items of no bytes, but blocks cost three
+    // bytes each: 300 KB of them are 6.5e9 items, walked one by one (then skipped one by one).
+    const writer = await writerWith({
+      name: 'junk',
+      type: { type: 'array', items: 'null' },
+      default: [],
+    });
+    const valid = await validDelivery();
+    // 100,000 blocks of 2^16 nulls (300 KB): built in the child, too long for its arguments.
+    const block = zigzag(2 ** 16);
+    const expression = `Buffer.from([0, 0, 0, 0, 8, ...Array.from({ length: 100000 }, () => ${JSON.stringify(block)}).flat(), 0, ...${JSON.stringify(valid)}])`;
+    const { out, code, killed } = await decodeInChild({ expression }, writer);
+    assert.ok(!killed, `the decode did not finish in 15 s: ${out}`);
+    assert.equal(code, 0, `the process died (exit ${code}): ${out}`);
+    assert.match(out, /^DecodeError: /);
   });
 });
 
