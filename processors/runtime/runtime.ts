@@ -311,7 +311,7 @@ export class StreamsRuntime {
         if (this.tasks.has(partition)) continue;
         // Given away by a rebalance since this assignment came (on Kafka the next one is already
         // queued): opening it now would fence the member that has it.
-        if (!this.consumer?.assignment().some((tp) => tp.partition === partition)) continue;
+        if (!this.owns(partition)) continue;
         try {
           await this.openTask(partition);
         } catch (error) {
@@ -588,6 +588,11 @@ export class StreamsRuntime {
     return true;
   }
 
+  /** Whether the consumer's group gives this instance the partition now. */
+  private owns(partition: number): boolean {
+    return this.consumer?.assignment().some((tp) => tp.partition === partition) ?? false;
+  }
+
   /**
    * Drops a task whose stores or producer cannot be trusted (a failed commit or flush) with its
    * uncommitted work, and opens it again (revive): the new stores catch up from their changelogs.
@@ -614,13 +619,13 @@ export class StreamsRuntime {
         this.revivals.delete(timer);
         void this.exclusive(async () => {
           if (this.closing || this.tasks.has(partition)) return;
-          if (!this.consumer?.assignment().some((tp) => tp.partition === partition)) {
+          if (!this.owns(partition)) {
             this.failingCommits.delete(taskId); // moved to another instance meanwhile
             return;
           }
           const committed = await this.openTask(partition);
           for (const [topic, offset] of committed)
-            this.consumer.seek({ topic, partition, offset: Math.max(0, offset) });
+            this.consumer!.seek({ topic, partition, offset: Math.max(0, offset) });
           // Batches the consumer handed before the seeks are stale; those after follow them.
           this.revisions.set(partition, (this.revisions.get(partition) ?? 0) + 1);
           this.failingCommits.delete(taskId);
