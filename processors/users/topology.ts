@@ -162,6 +162,10 @@ export function dedupKeyOf(entry: InboxEntry['entry']): string {
 
 const seqKey = (userId: string, seq: number) => `${userId}/${seq.toString().padStart(12, '0')}`;
 
+/** The dedup store's key of an entry's dedupKeyOf in a user's inbox: `<userId>/<dedupKey>`. */
+const dedupStoreKey = (userId: string, dedupKey: string) => `${userId}/${dedupKey}`;
+const userOfDedupStoreKey = (key: string) => key.slice(0, key.indexOf('/'));
+
 /**
  * The sessions store indexes users by the gateways their sessions are on: key
  * `<gatewayId> NUL <userId>`, value the connectionIds. A gateway heard again or restarted is
@@ -306,7 +310,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       for (const [, entry] of range) entries.push(entry);
     }
     if (command.kind === 'read') {
-      const found = await this.dedup.get(`${userId}/m:${command.messageId}`);
+      const found = await this.dedup.get(dedupStoreKey(userId, `m:${command.messageId}`));
       const entry = found && (await this.entries.get(seqKey(userId, found.seq)));
       if (entry) entries = [entry];
       else if (found?.from !== undefined)
@@ -314,7 +318,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     }
     const duplicate =
       command.kind === 'append' &&
-      (await this.dedup.get(`${userId}/${command.dedupKey}`)) !== undefined;
+      (await this.dedup.get(dedupStoreKey(userId, command.dedupKey))) !== undefined;
     const events = decide(command, {
       userId,
       meta,
@@ -362,7 +366,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     switch (event.type) {
       case 'entry-appended':
         this.entries.put(seqKey(userId, event.entry.seq), event.entry);
-        this.dedup.put(`${userId}/${event.dedupKey}`, {
+        this.dedup.put(dedupStoreKey(userId, event.dedupKey), {
           seq: event.entry.seq,
           at: event.entry.at,
           // A message's sender, kept for a `read` of it after the entry is pruned.
@@ -623,7 +627,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       if (now - at <= retentionMs) continue;
       // Nor while the inbox still holds its entry (the walks run apart, and entries expire in
       // seq order, not by time): a retry would then be appended twice.
-      const userId = key.slice(0, key.indexOf('/'));
+      const userId = userOfDedupStoreKey(key);
       if (seq >= ((await this.metas.get(userId))?.firstKept ?? Infinity)) continue;
       this.dedup.delete(key);
     }
