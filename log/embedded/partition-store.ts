@@ -305,8 +305,9 @@ export class PartitionStore {
   }
 
   /**
-   * Iterates a partition's durable records in slices of SCAN_SLICE, for scans (cleaner, time lookups), from
-   * `from` up to, not including, `to` (default: to the end, however far it moves meanwhile).
+   * Iterates a partition's durable records in slices of SCAN_SLICE, for scans (the cleaner's,
+   * readPartitions', time lookups'), from `from` up to, not including, `to` (default: to the
+   * end, however far it moves meanwhile).
    */
   async *scan(
     topic: string,
