@@ -296,16 +296,36 @@ function toMessages(records: ProducerRecord[]): {
 const HEARTBEAT_INTERVAL_MS = 1000;
 
 /**
- * Awaits work, calling kafkajs's heartbeat every HEARTBEAT_INTERVAL_MS meanwhile. A failed beat
- * (a rebalance under way) is left for kafkajs to meet again once the batch is done.
+ * Awaits work, calling kafkajs's heartbeat every HEARTBEAT_INTERVAL_MS meanwhile. A beat that
+ * fails because the group is rebalancing, or no longer knows this member (evicted), is told to
+ * onRebalance; kafkajs meets the same answer again and rejoins once the batch is done.
  */
-async function whileBeating<T>(work: Promise<T>, heartbeat: () => Promise<void>): Promise<T> {
-  const timer = setInterval(() => void heartbeat().catch(() => undefined), HEARTBEAT_INTERVAL_MS);
+async function whileBeating<T>(
+  work: Promise<T>,
+  heartbeat: () => Promise<void>,
+  onRebalance: (error: Error) => void,
+): Promise<T> {
+  const beat = () =>
+    void heartbeat().catch((error: unknown) => {
+      if (leavesTheAssignment(error)) onRebalance(error as Error);
+    });
+  const timer = setInterval(beat, HEARTBEAT_INTERVAL_MS);
   try {
     return await work;
   } finally {
     clearInterval(timer);
   }
+}
+
+/** A heartbeat's answer after which this member's assignment is no longer the group's. */
+function leavesTheAssignment(error: unknown): boolean {
+  const type = (error as { type?: unknown } | undefined)?.type;
+  return (
+    type === 'REBALANCE_IN_PROGRESS' ||
+    type === 'ILLEGAL_GENERATION' ||
+    type === 'UNKNOWN_MEMBER_ID' ||
+    type === 'FENCED_INSTANCE_ID'
+  );
 }
 
 /**
@@ -663,7 +683,9 @@ class KafkaLogConsumer implements Consumer {
         // Opening tasks (restoring their stores) and a long commit both hold a batch; kafkajs
         // heartbeats only between batches, and a member silent for the session timeout is
         // evicted, which starts another rebalance. Keep beating while waiting.
-        await whileBeating(this.assignmentHandled, heartbeat);
+        const generation = this.generation;
+        const onRebalance = (error: Error) => this.leaveAssignment(error, generation);
+        await whileBeating(this.assignmentHandled, heartbeat, onRebalance);
         // Fetched before a seek made while it waited: kafkajs reads again from the seek.
         if (isStale()) return;
         if (batch.messages.length === 0) return;
@@ -678,6 +700,7 @@ class KafkaLogConsumer implements Consumer {
             highWatermark: Number(batch.highWatermark),
           }),
           heartbeat,
+          onRebalance,
         );
         if (this.options.startFrom === 'latest' && (this.seeks.get(id) ?? 0) === seeksBefore)
           this.positions.set(id, records[records.length - 1]!.offset + 1);
@@ -725,6 +748,26 @@ class KafkaLogConsumer implements Consumer {
         await new Promise((resolve) => setTimeout(resolve, Math.min(100 * 2 ** attempt, 5000)));
       }
     }
+  }
+
+  /**
+   * A heartbeat answered that the group is rebalancing, or has evicted this member: the
+   * assignment is no longer this member's to act on. kafkajs rejoins only once the batch in hand
+   * is done, and that batch may be waiting for a slow onAssignment (tasks restoring their stores,
+   * past the rebalance timeout, which evicts the member). Meanwhile the group can give the
+   * partitions to others: opening the rest of the old assignment's tasks, or opening a fenced
+   * task again, would fence their new owners. So the member owns nothing from here until it
+   * joins again, and the assignment being handled is not followed further. A beat from before
+   * the latest join (`generation`) tells nothing about the assignment that join gave.
+   */
+  private leaveAssignment(cause: Error, generation: number): void {
+    if (generation !== this.generation || this.closed) return;
+    this.generation++;
+    this.assigned = [];
+    this.logger.info(
+      { groupId: this.options.groupId, reason: cause.message },
+      'the group is rebalancing; owning no partition until it assigns them again',
+    );
   }
 
   /**

@@ -56,3 +56,65 @@ describe('kafka consumer starting from the end', function () {
     }
   });
 });
+
+describe('kafka consumer during a slow assignment', function () {
+  this.timeout(120_000);
+
+  it('owns no partition once a heartbeat says the group rebalances, while onAssignment still runs', async () => {
+    const kafka = new KafkaLog({
+      brokers: process.env.KAFKA_BROKERS!.split(','),
+      clientId: 'slow',
+    });
+    const topic = `slow-${randomUUID()}`;
+    const groupId = `slow-${randomUUID()}`;
+    await kafka.admin.createTopics([{ topic, partitions: 4 }]);
+    const producer = await kafka.producer();
+    for (let p = 0; p < 4; p++)
+      await producer.send([
+        { topic, partition: p, key: Buffer.from('k'), value: Buffer.from('v') },
+      ]);
+    await producer.close();
+    // a's first assignment takes as long as the test says (tasks restoring their stores), and
+    // its batches wait for it: kafkajs cannot rejoin meanwhile.
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    let slowStarted!: () => void;
+    const slow = new Promise<void>((resolve) => (slowStarted = resolve));
+    let calls = 0;
+    const a = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+    const b = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+    try {
+      await a.subscribe([topic]);
+      await a.run({
+        onAssignment: async () => {
+          if (calls++ > 0) return;
+          slowStarted();
+          await released;
+        },
+        eachBatch: async () => undefined,
+      });
+      await slow;
+      assert.equal(a.assignment().length, 4, 'a has every partition while it opens them');
+      await b.subscribe([topic]);
+      const bRunning = b.run({ eachBatch: async () => undefined });
+      // The group rebalances for b and waits for a, whose heartbeats are answered that it
+      // rebalances: a stops counting the old assignment as its own, though it is still opening it.
+      const deadline = Date.now() + 20_000;
+      while (a.assignment().length > 0 && Date.now() < deadline)
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      assert.deepEqual(a.assignment(), [], 'a owns nothing while the group rebalances');
+      release();
+      await bRunning;
+      // a rejoins once its batch is done: the group splits the partitions.
+      const settled = Date.now() + 60_000;
+      while (a.assignment().length + b.assignment().length !== 4 && Date.now() < settled)
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      assert.equal(a.assignment().length, 2, 'a, after rejoining');
+      assert.equal(b.assignment().length, 2, 'b');
+    } finally {
+      release();
+      await Promise.all([a.close(), b.close()]);
+      await kafka.close();
+    }
+  });
+});
