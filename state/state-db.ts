@@ -13,6 +13,13 @@ const prefix = (store: string, partition: number) => `s/${store}/${pad(partition
 /** The first string after every key with this prefix ('/' + 1 is '0'). */
 const prefixEnd = (store: string, partition: number) => `s/${store}/${pad(partition)}0`;
 const checkpointKey = (store: string, partition: number) => `c/${store}/${pad(partition)}`;
+/** "<offset> <written at, ms since the epoch>"; checkpoints before the time was kept: "<offset>". */
+const checkpointValue = (offset: number) => Buffer.from(`${offset} ${Date.now()}`);
+
+export interface Checkpoint {
+  offset: number;
+  writtenAt: number | undefined;
+}
 
 export type StateWrite = { key: string; value: Buffer | null };
 
@@ -106,21 +113,28 @@ export class StateDb {
       else batch.put(base + key, value);
     }
     if (checkpoint !== undefined)
-      batch.put(checkpointKey(store, partition), Buffer.from(String(checkpoint)));
+      batch.put(checkpointKey(store, partition), checkpointValue(checkpoint));
     await batch.write();
   }
 
-  async checkpoint(store: string, partition: number): Promise<number | undefined> {
+  /**
+   * The changelog offset a store partition's local state is complete up to, and when that was
+   * written (undefined for a checkpoint written before the time was kept).
+   */
+  async checkpoint(store: string, partition: number): Promise<Checkpoint | undefined> {
+    let text: string;
     try {
-      return Number((await this.db.get(checkpointKey(store, partition))).toString('utf8'));
+      text = (await this.db.get(checkpointKey(store, partition))).toString('utf8');
     } catch (error) {
       if ((error as { code?: string }).code === 'LEVEL_NOT_FOUND') return undefined;
       throw error;
     }
+    const [offset, writtenAt] = text.split(' ');
+    return { offset: Number(offset), writtenAt: writtenAt ? Number(writtenAt) : undefined };
   }
 
   async setCheckpoint(store: string, partition: number, offset: number): Promise<void> {
-    await this.db.put(checkpointKey(store, partition), Buffer.from(String(offset)));
+    await this.db.put(checkpointKey(store, partition), checkpointValue(offset));
   }
 
   /** Forgets a store partition's state and checkpoint (before a restore from scratch). */

@@ -14,7 +14,7 @@
  */
 import type { Batch, Log, Producer, TopicPartition } from '../../log/port.ts';
 import { ProducerFencedError } from '../../log/errors.ts';
-import { StateDb } from '../../state/state-db.ts';
+import { StateDb, type Checkpoint } from '../../state/state-db.ts';
 import { TaskStore } from '../../state/task-store.ts';
 import { jsonSerde } from '../../state/store.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
@@ -45,6 +45,11 @@ export interface StreamsOptions {
    * instance's (see commit). Default FENCED_RECHECK_MS.
    */
   fencedRecheckMs?: number;
+  /**
+   * How long a local checkpoint is trusted when its changelog holds records after it; an older
+   * one restores the store from the start (see recent). Default CHECKPOINT_TRUST_MS.
+   */
+  checkpointTrustMs?: number;
   logger?: Logger;
   metrics?: Metrics;
   /**
@@ -70,6 +75,16 @@ const PUNCTUATE_TICK_MS = 50;
  * instance (kafkajs heartbeats every second) and take the partition away instead.
  */
 const FENCED_RECHECK_MS = 10_000;
+/**
+ * How long a checkpoint is trusted when the changelog holds records after it: half of Kafka's
+ * default `delete.retention.ms` (the changelogs are made with the broker's default).
+ */
+const CHECKPOINT_TRUST_MS = 12 * 60 * 60 * 1000;
+/**
+ * How often a running task's checkpoints are said to be current again (touchCheckpoints); at
+ * least four times within the trust.
+ */
+const CHECKPOINT_TOUCH_MS = 10 * 60 * 1000;
 /**
  * A transactional commit that has not ended by then counts as failed, and the task is revived:
  * a client's transaction calls can wait forever on a broker that went away (KAFKA-7763 gave the
@@ -105,6 +120,8 @@ interface RunningTask {
   task: StreamTask;
   stores: Map<string, TaskStore<unknown>>;
   producer: Producer | undefined;
+  /** When its stores' checkpoints were last said to be current (see touchCheckpoints). */
+  checkpointsTouchedAt: number;
 }
 
 export class StreamsRuntime {
@@ -370,7 +387,7 @@ export class StreamsRuntime {
         positions.set(topic, committed);
       }
       await task.init();
-      this.tasks.set(partition, { task, stores, producer });
+      this.tasks.set(partition, { task, stores, producer, checkpointsTouchedAt: Date.now() });
       // Open again, whichever way (a revival, a rebalance): whatever kept it from running is over.
       this.failingCommits.delete(task.id);
       return positions;
@@ -390,8 +407,18 @@ export class StreamsRuntime {
     const topic = store.name;
     const partition = store.partition;
     const marks = (await log.admin.watermarks(topic))[partition]!;
-    let from = await stateDb.checkpoint(topic, partition);
-    if (from === undefined || from > marks.high) {
+    const checkpoint = await stateDb.checkpoint(topic, partition);
+    let from = checkpoint?.offset ?? 0;
+    const reason =
+      checkpoint === undefined
+        ? undefined
+        : checkpoint.offset > marks.high
+          ? 'checkpoint past the changelog end'
+          : checkpoint.offset < marks.high && !this.recent(checkpoint)
+            ? 'checkpoint older than the changelog keeps tombstones'
+            : undefined;
+    if (checkpoint === undefined || reason) {
+      if (reason) this.logger.info({ store: topic, partition, reason }, 'local state dropped');
       await stateDb.drop(topic, partition);
       from = 0;
     }
@@ -431,6 +458,19 @@ export class StreamsRuntime {
       );
     }
     await stateDb.setCheckpoint(topic, partition, marks.high);
+  }
+
+  /**
+   * Whether the changelog still holds every delete written since the checkpoint. A compacted
+   * topic drops a tombstone once it is older than `delete.retention.ms` (a day by default):
+   * local state checkpointed before that, while another instance owned the task and deleted
+   * keys, would keep those keys for good if restored from the checkpoint. Kafka Streams guards
+   * the same with `state.cleanup.delay.ms`. A checkpoint from before its time was kept counts as
+   * old.
+   */
+  private recent(checkpoint: Checkpoint): boolean {
+    const trustMs = this.options.checkpointTrustMs ?? CHECKPOINT_TRUST_MS;
+    return checkpoint.writtenAt !== undefined && Date.now() - checkpoint.writtenAt <= trustMs;
   }
 
   /**
@@ -569,6 +609,7 @@ export class StreamsRuntime {
     task.committed();
     try {
       for (const { store, writes: w } of writes) await store.flush(w);
+      await this.touchCheckpoints(running);
     } catch (error) {
       // The changelogs hold the commit's writes and the local stores may not (a disk error):
       // as after a failed commit, the task is dropped and opened again, and its stores catch
@@ -586,6 +627,27 @@ export class StreamsRuntime {
       (performance.now() - started) / 1000,
     );
     return true;
+  }
+
+  /**
+   * Every CHECKPOINT_TOUCH_MS of a task's life, its stores' checkpoints are written again, at the
+   * same offsets, with the time: what the changelog holds after them is this owner's own writes,
+   * which its local stores hold too, so a restore after a crash can still start from them (see
+   * recent). Else a task that ran longer than CHECKPOINT_TRUST_MS restored from the start. Only
+   * exactly-once proves it: a transaction that just committed means no newer owner has opened
+   * the task (it would have fenced this one), as in stillOwner.
+   */
+  private async touchCheckpoints(running: RunningTask): Promise<void> {
+    if (!running.producer) return;
+    const trustMs = this.options.checkpointTrustMs ?? CHECKPOINT_TRUST_MS;
+    if (Date.now() - running.checkpointsTouchedAt < Math.min(CHECKPOINT_TOUCH_MS, trustMs / 4))
+      return;
+    running.checkpointsTouchedAt = Date.now();
+    const { stateDb } = this.options;
+    for (const store of running.stores.values()) {
+      const checkpoint = await stateDb.checkpoint(store.name, store.partition);
+      if (checkpoint) await stateDb.setCheckpoint(store.name, store.partition, checkpoint.offset);
+    }
   }
 
   /** Whether the consumer's group gives this instance the partition now. */
