@@ -244,13 +244,19 @@ function serverId(value: unknown, field: string): string {
   return value;
 }
 
+/**
+ * The largest seq an event carries: Avro's long in avsc holds integers within ±(2^53 - 2). No
+ * inbox gets near it; a client's 2^53 - 1 ("everything") means the same, and is taken as this.
+ */
+const MAX_SEQ = Number.MAX_SAFE_INTEGER - 1;
+
 function sequenceNumber(fields: Record<string, unknown>, field: string): number {
   const value = fields[field];
   if (value === undefined || value === null) throw badFrame(`${field} is missing`);
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
     throw badFrame(`${field} must be an integer seq, 0 or more`);
   }
-  return value;
+  return Math.min(value, MAX_SEQ);
 }
 
 function truncate(text: string): string {

@@ -102,6 +102,16 @@ describe('gateway frames: parsing client frames', () => {
     ],
     ['ack', { type: 'ack', upTo: 7 }, { type: 'ack', upTo: 7 }],
     ['ack of 0', { type: 'ack', upTo: 0, id: 'a' }, { type: 'ack', upTo: 0, id: 'a' }],
+    [
+      'ack of 2^53 - 1, as the largest seq an event holds',
+      { type: 'ack', upTo: Number.MAX_SAFE_INTEGER },
+      { type: 'ack', upTo: Number.MAX_SAFE_INTEGER - 1 },
+    ],
+    [
+      'sync after 2^53 - 1, as the largest seq an event holds',
+      { type: 'sync', after: Number.MAX_SAFE_INTEGER },
+      { type: 'sync', after: Number.MAX_SAFE_INTEGER - 1 },
+    ],
     ['read', { type: 'read', messageId: 'm-1' }, { type: 'read', messageId: 'm-1' }],
     [
       'typing to a user',
@@ -125,6 +135,22 @@ describe('gateway frames: parsing client frames', () => {
       assert.deepEqual(parseClientFrame(JSON.stringify(input)), { frame: expected });
     });
   }
+
+  it('accepts only seqs that the UserCommand schema can carry', () => {
+    const userCommand = loadType('UserCommand');
+    for (const [type, field] of [
+      ['ack', 'upTo'],
+      ['sync', 'after'],
+    ] as const) {
+      const parsed = parseClientFrame(JSON.stringify({ type, [field]: Number.MAX_SAFE_INTEGER }));
+      const seq = (parsed.frame as unknown as Record<string, number>)[field]!;
+      const command =
+        type === 'ack'
+          ? { 'chat.v1.Ack': { deviceId: 'd', upTo: seq, continued: false } }
+          : { 'chat.v1.Sync': { deviceId: 'd', connectionId: 'c', after: seq, continued: false } };
+      assert.ok(userCommand.isValid({ userId: 'u', at: 0, command }), `${type} ${seq}`);
+    }
+  });
 
   const badId = 'id must be 1 to 64 printable ASCII characters';
   const refused: [string, string, FrameError][] = [
