@@ -2,8 +2,11 @@
  * The program. `npm start` runs every role in one process on the embedded default; each role
  * also runs alone, against Kafka (an embedded log belongs to one process):
  *
- *   tsx app/main.ts [all | api | gateway | processor users]
+ *   node --import tsx app/main.ts [all | api | gateway | processor users]
  *   npm start -- gateway
+ *
+ * (tsx loaded as a module, not its CLI: the CLI relays a signal to the program and kills it
+ * when a busy event loop does not confirm within milliseconds, which made SIGTERM a SIGKILL.)
  *
  * It opens the log and the registry (embedded, or Kafka and a Confluent-compatible registry
  * when KAFKA_BROKERS and SCHEMA_REGISTRY_URL are set), creates the chat topics, registers every

@@ -11,6 +11,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, startServer } from '../support/process.ts';
+import { Client, register } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
 
 /** Sends raw request bytes and reads the reply up to the server closing or 2 s passing. */
@@ -124,6 +125,42 @@ describe('npm start (embedded shape)', function () {
     );
     await again.stop('SIGINT');
     assert.match(again.output(), /"signal":"SIGINT"[\s\S]*"msg":"stopped"/, again.output());
+  });
+
+  it('stops cleanly on SIGTERM to its process group while clients flood it with sends', async () => {
+    // The signal reaches every process of the group at once. A wrapper that relays it to the
+    // server (tsx's CLI does) and kills the server when it does not confirm within a few
+    // milliseconds would kill a busy one.
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-e2e-flood-'));
+    const server = await startServer({
+      PORT: String(await freePort()),
+      DATA_DIR: dir,
+      RATE_LIMIT_PER_S: '100000',
+    });
+    try {
+      const alice = await Client.open(server.url, await register(server.url, 'alice'), 'phone');
+      const bob = await Client.open(server.url, await register(server.url, 'bob'), 'phone');
+      const closed = [alice, bob].map(
+        (c) => new Promise<number>((resolve) => c.ws.once('close', (code) => resolve(code))),
+      );
+      const flood = (from: Client, to: string, rounds: number) => {
+        for (let i = 0; i < rounds && from.ws.readyState === from.ws.OPEN; i++)
+          from.send({ type: 'send', id: `m${i}`, to, body: { text: 'x'.repeat(100) } });
+      };
+      // Enough to keep the event loop busy for a while (each round: 400 sends a client).
+      for (let round = 0; round < 5; round++) {
+        flood(alice, 'bob', 400);
+        flood(bob, 'alice', 400);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      const { ms } = await server.stop('SIGTERM');
+      assert.match(server.output(), /"msg":"stopped"/, server.output().slice(-3000));
+      assert.ok(ms < 10000, `stopped in ${ms} ms`);
+      assert.deepEqual(await Promise.all(closed), [1001, 1001], 'clients told "going away"');
+    } finally {
+      await server.stop('SIGKILL').catch(() => undefined);
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   it('registers an account over HTTP, and keeps it across a restart', async () => {
