@@ -319,7 +319,7 @@ async function whileBeating<T>(
 
 /** A heartbeat's answer after which this member's assignment is no longer the group's. */
 function leavesTheAssignment(error: unknown): boolean {
-  const type = (error as { type?: unknown } | undefined)?.type;
+  const type = kafkaErrorType(error);
   return (
     type === 'REBALANCE_IN_PROGRESS' ||
     type === 'ILLEGAL_GENERATION' ||
@@ -361,8 +361,10 @@ export function inRequests(records: ProducerRecord[]): ProducerRecord[][] {
   return requests;
 }
 
-function translate(error: unknown, transactionalId?: string): unknown {
-  const type = (error as { type?: string }).type;
+export function translate(error: unknown, transactionalId?: string): unknown {
+  // kafkajs wraps a protocol error when its retries end (KafkaJSNumberOfRetriesExceeded): a
+  // fence found on the last retry is still a fence.
+  const type = kafkaErrorType(error);
   if (transactionalId !== undefined && type && FENCED.has(type))
     return new ProducerFencedError(transactionalId);
   const retriable = (error as { retriable?: boolean }).retriable === true;
