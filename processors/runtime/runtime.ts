@@ -126,6 +126,7 @@ interface RunningTask {
 
 export class StreamsRuntime {
   private readonly tasks = new Map<number, RunningTask>();
+  private closed: Promise<void> | undefined;
   private readonly guarantee: ProcessingGuarantee;
   private readonly logger: Logger;
   private consumer: ReturnType<Log['consumer']> | undefined;
@@ -267,9 +268,17 @@ export class StreamsRuntime {
     );
   }
 
-  /** Commits every task, writes checkpoints and leaves the group, so others take over at once. */
-  async close(): Promise<void> {
-    if (this.closing) return;
+  /**
+   * Commits every task, writes checkpoints and leaves the group, so others take over at once. A
+   * second call gets the first one's promise: whoever closes the log after it must not find
+   * tasks still closing.
+   */
+  close(): Promise<void> {
+    this.closed ??= this.closeTasks();
+    return this.closed;
+  }
+
+  private async closeTasks(): Promise<void> {
     this.closing = true;
     for (const timer of this.timers) clearInterval(timer);
     for (const timer of this.revivals) clearTimeout(timer);
