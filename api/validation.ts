@@ -55,6 +55,14 @@ const password = (min: number) =>
     })
     .transform((value) => value.normalize('NFC'));
 
+/**
+ * Format characters that make a name read as another (UTS #39, Trojan Source): the bidi
+ * controls, which reorder what follows (`admin\u202Egnp.exe`), and the ones that show nothing
+ * (`ad\u200Bmin`). The joiners (U+200C, U+200D) stay: Persian, Indic scripts and emoji
+ * sequences need them.
+ */
+const SPOOFING = /[\u061C\u200B\u200E\u200F\u202A-\u202E\u2060-\u2064\u2066-\u2069\uFEFF]/u;
+
 /** Trimmed; null or absent means none (the userId is shown). */
 const displayName = text('displayName')
   .trim()
@@ -63,6 +71,9 @@ const displayName = text('displayName')
   })
   .refine((name) => !/\p{Cc}/u.test(name), {
     error: 'displayName must not contain control characters',
+  })
+  .refine((name) => !SPOOFING.test(name), {
+    error: 'displayName must not contain direction controls or invisible characters',
   })
   .nullish();
 

@@ -336,6 +336,10 @@ describe('REST API: accounts', () => {
       ['a newline', 'two\nlines'],
       ['a number', 42],
       ['an array', ['Zed']],
+      ['a right-to-left override', 'admin\u202Egnp.exe'],
+      ['a bidi isolate', '\u2066support\u2069'],
+      ['a zero-width space', 'ad\u200Bmin'],
+      ['a byte order mark inside', 'sup\uFEFFport'],
     ];
     for (const [what, displayName] of badDisplayNames) {
       it(`answers 400 field displayName for ${what}`, async () => {
@@ -345,6 +349,16 @@ describe('REST API: accounts', () => {
         assertError(answer, 400, 'bad_request', 'displayName');
       });
     }
+
+    it('accepts the joiners that scripts and emoji need (ZWNJ, ZWJ)', async () => {
+      for (const displayName of [
+        '\u0645\u06CC\u200C\u062E\u0648\u0627\u0647\u0645',
+        '\u{1F468}\u200D\u{1F469}\u200D\u{1F467}',
+      ]) {
+        assert.equal((await api.register(fresh(), 'correct horse', displayName)).status, 201);
+        assert.equal(api.published.at(-1)?.displayName, displayName);
+      }
+    });
 
     it('accepts a displayName of 64 characters, any script', async () => {
       const displayName = 'Ж'.repeat(32) + '名'.repeat(31) + '😀';
