@@ -54,6 +54,9 @@ async function main(): Promise<void> {
     );
     process.exit(2);
   }
+  // DATA_DIR holds password hashes and every message: what the process creates there is its
+  // own user's alone (files 0600, directories 0700), as jwt-secret always was.
+  process.umask(0o077);
   const logger = createLogger({ level: config.logLevel });
   const metrics = new Metrics({ role: role.replace(' ', '-') });
   // Set once open; a signal during start-up closes whatever is open by then.

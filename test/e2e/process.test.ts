@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { connect } from 'node:net';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, startServer } from '../support/process.ts';
@@ -161,6 +161,26 @@ describe('npm start (embedded shape)', function () {
       await server.stop('SIGKILL').catch(() => undefined);
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  it('creates DATA_DIR and everything in it readable by its own user alone', async () => {
+    const parent = await mkdtemp(join(tmpdir(), 'kchat-e2e-modes-'));
+    const dataDir = join(parent, 'data');
+    const server = await startServer({ PORT: String(await freePort()), DATA_DIR: dataDir });
+    try {
+      await register(server.url, 'dora');
+    } finally {
+      await server.stop();
+    }
+    const open: string[] = [];
+    const walk = async (path: string): Promise<void> => {
+      const info = await stat(path);
+      if ((info.mode & 0o077) !== 0) open.push(`${path} ${(info.mode & 0o777).toString(8)}`);
+      if (info.isDirectory()) for (const name of await readdir(path)) await walk(join(path, name));
+    };
+    await walk(dataDir);
+    await rm(parent, { recursive: true, force: true });
+    assert.deepEqual(open, [], 'group or others may read these');
   });
 
   it('registers an account over HTTP, and keeps it across a restart', async () => {
