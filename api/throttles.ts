@@ -11,6 +11,11 @@
  * - failed logins from one client address, whatever the usernames (password spraying): the
  *   100th in a day blocks the address for a day.
  *
+ * And every login, failed or not, from one client address: at most 30 a minute. A right
+ * password costs the same scrypt hash as a wrong one, and the hashes are a shared pool (2 at a
+ * time, 32 waiting, 503 past that): without it, one client looping on its own account's
+ * login filled the pool, and everyone else's logins and registrations answered 503.
+ *
  * A blocked login answers 429 `rate_limited` with `Retry-After` before any password is hashed,
  * so a guesser also stops costing scrypt's CPU. Each login takes its try before it is verified
  * (and a success gives it back), so concurrent guesses are counted as they come, not after. The counts live in this process's memory (one
@@ -26,6 +31,8 @@ export interface LoginLimits {
   /** Failed logins from an address in a day that block the address. */
   failsPerDay: number;
   dailyBlockS: number;
+  /** Logins, failed or not, from an address in a minute. */
+  perMinute: number;
 }
 
 export const DEFAULT_LOGIN_LIMITS: LoginLimits = {
@@ -33,14 +40,14 @@ export const DEFAULT_LOGIN_LIMITS: LoginLimits = {
   consecutiveBlockS: 15 * 60,
   failsPerDay: 100,
   dailyBlockS: 24 * 3600,
+  perMinute: 30,
 };
 
 const DAY_S = 24 * 3600;
 
 /**
- * Registrations from one client address in an hour. Every attempt counts, a taken username too
- * (trying names tells which exist), so that one client can neither fill the accounts store nor
- * walk the namespace.
+ * Registrations from one client address in an hour. Every attempt counts, a taken username too,
+ * so that one client cannot fill the accounts store.
  */
 export const DEFAULT_REGISTRATIONS_PER_HOUR = 100;
 
@@ -80,8 +87,14 @@ export class AddressLimit {
 export class LoginThrottle {
   private readonly byUserAndAddress: RateLimiterMemory;
   private readonly byAddress: RateLimiterMemory;
+  private readonly everyByAddress: RateLimiterMemory;
 
   constructor(limits: LoginLimits = DEFAULT_LOGIN_LIMITS) {
+    this.everyByAddress = new RateLimiterMemory({
+      keyPrefix: 'login-every-address',
+      points: limits.perMinute,
+      duration: 60,
+    });
     // A limiter refuses, and blocks the key, once more than `points` tries are taken.
     this.byUserAndAddress = new RateLimiterMemory({
       keyPrefix: 'login-user-address',
@@ -103,6 +116,7 @@ export class LoginThrottle {
    * taken first, so that guesses sent at once cannot all pass before any failure is counted.
    */
   async attempt(username: string, address: string): Promise<void> {
+    await take(this.everyByAddress, address, 'too many logins');
     await take(this.byAddress, address, 'too many failed logins');
     try {
       await take(this.byUserAndAddress, pair(username, address), 'too many failed logins');
@@ -120,6 +134,7 @@ export class LoginThrottle {
   async unchecked(username: string, address: string): Promise<void> {
     await this.byUserAndAddress.reward(pair(username, address), 1);
     await this.byAddress.reward(address, 1);
+    await this.everyByAddress.reward(address, 1);
   }
 
   /** The login succeeded: its try was no failure, and the failures in a row are forgotten. */

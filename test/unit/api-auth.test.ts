@@ -1145,7 +1145,13 @@ describe('REST API: refreshes are limited per address', () => {
 });
 
 describe('REST API: failed logins are throttled', () => {
-  const limits = { consecutiveFails: 3, consecutiveBlockS: 60, failsPerDay: 5, dailyBlockS: 3600 };
+  const limits = {
+    consecutiveFails: 3,
+    consecutiveBlockS: 60,
+    failsPerDay: 5,
+    dailyBlockS: 3600,
+    perMinute: 30,
+  };
   let api: Harness;
   afterEach(async () => {
     await api.stop();
@@ -1202,6 +1208,19 @@ describe('REST API: failed logins are throttled', () => {
     const blocked = await api.login('hana');
     assertError(blocked, 429, 'rate_limited');
     assert.ok(Number(blocked.headers.get('retry-after')) > 60, 'blocked for the day');
+  });
+
+  it('takes at most perMinute logins a minute from an address, right passwords too, before hashing; other addresses go on', async () => {
+    api = await new Harness().start({ loginLimits: { ...limits, perMinute: 4 }, trustProxy: true });
+    await api.register('lena');
+    for (let i = 0; i < 4; i++) assert.equal((await loginFrom('10.0.0.1', 'lena')).status, 200);
+    const verified = api.passwords.verified.length;
+    const refused = await loginFrom('10.0.0.1', 'lena');
+    assertError(refused, 429, 'rate_limited');
+    const retryAfter = Number(refused.headers.get('retry-after'));
+    assert.ok(retryAfter >= 1 && retryAfter <= 60, `Retry-After ${retryAfter}`);
+    assert.equal(api.passwords.verified.length, verified, 'no password hashed for it');
+    assert.equal((await loginFrom('10.0.0.2', 'lena')).status, 200, 'from another address');
   });
 
   it('ignores X-Forwarded-For unless told it is behind a proxy, so a spoofed header evades nothing', async () => {
