@@ -41,6 +41,7 @@ import { Connection, type ConnectionContext } from './connection.ts';
 import { DeliveryConsumer } from './delivery.ts';
 import { Heartbeat } from './heartbeat.ts';
 import {
+  MAX_CONNECTIONS_PER_USER,
   CLOSE_TIMEOUT_MS,
   DEFAULT_RATE_LIMIT_PER_S,
   GOING_AWAY_CLOSE_CODE,
@@ -143,6 +144,8 @@ class WebSocketGateway implements Gateway {
   readonly gatewayId: string;
   private phase: Phase = 'created';
   private readonly connections = new Map<string, Connection>();
+  /** Open connections per userId (MAX_CONNECTIONS_PER_USER). */
+  private readonly perUser = new Map<string, number>();
   /** Resolves when the socket closed and its DISCONNECTED was produced (or failed). */
   private readonly closings = new Set<Promise<void>>();
   private readonly wss: WebSocketServer;
@@ -310,6 +313,15 @@ class WebSocketGateway implements Gateway {
     const identity = await authenticate(request, this.deps.verifyAccessToken);
     this.mustAccept(); // it may have closed during the verification
     if (socket.destroyed) return;
+    // Counted from here to the upgrade's end, which ws completes in this same turn (no
+    // verifyClient): concurrent upgrades of one user cannot all pass the check.
+    if ((this.perUser.get(identity.userId) ?? 0) >= MAX_CONNECTIONS_PER_USER) {
+      throw new HandshakeRefusal(
+        429,
+        'rate_limited',
+        `at most ${MAX_CONNECTIONS_PER_USER} connections of one user on this server; close one first`,
+      );
+    }
     this.wss.handleUpgrade(request, socket, head, (ws) => this.connected(ws, identity));
   }
 
@@ -332,6 +344,7 @@ class WebSocketGateway implements Gateway {
     const connectionId = randomUUID();
     const connection = new Connection(ws, { ...identity, connectionId }, this.context!);
     this.connections.set(connectionId, connection);
+    this.perUser.set(identity.userId, (this.perUser.get(identity.userId) ?? 0) + 1);
     ws.on('message', (data) => connection.receive(data));
     ws.on('error', (err) => this.logger.debug({ err, connectionId }, 'WebSocket error'));
     const registered = this.connectionEvent(connection, 'CONNECTED');
@@ -346,6 +359,9 @@ class WebSocketGateway implements Gateway {
       ws.once('close', (code) => {
         connection.closed();
         this.connections.delete(connectionId);
+        const left = (this.perUser.get(identity.userId) ?? 1) - 1;
+        if (left > 0) this.perUser.set(identity.userId, left);
+        else this.perUser.delete(identity.userId);
         this.logger.debug({ connectionId, code }, 'connection closed');
         // After CONNECTED (same key, so the same partition): the users actor sees them in order.
         // After the frame in hand too: the producer stays open until its records are written.

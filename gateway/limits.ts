@@ -157,3 +157,12 @@ export function rateLimitPerSecond(env: NodeJS.ProcessEnv = process.env): number
   }
   return value;
 }
+
+/**
+ * Open connections of one user on one gateway. Past it, an upgrade answers 429 `rate_limited`:
+ * the rate limit is per connection, and every connection of a user gets each of its inbox
+ * entries, so without it one account multiplied both without bound (300 connections made 10
+ * messages 3,000 frames). A user's devices and browser tabs fit well within it; a connection
+ * whose peer died counts until the pings find it (PING_INTERVAL_MS).
+ */
+export const MAX_CONNECTIONS_PER_USER = 16;

@@ -34,6 +34,7 @@ import { messageIdFor } from '../../gateway/message-id.ts';
 import {
   MAX_BODY_DEPTH,
   MAX_QUEUED_FRAMES,
+  MAX_CONNECTIONS_PER_USER,
   MAX_UNANSWERED_FRAMES,
   REPLAY_RESUME_BYTES,
 } from '../../gateway/limits.ts';
@@ -368,6 +369,24 @@ describe('gateway (WebSocket, embedded log)', function () {
         authorization: `Bearer ${token}`,
       });
       assert.equal(refused.status, 404);
+    });
+
+    it(`refuses a user's connection past ${MAX_CONNECTIONS_PER_USER} on this gateway with 429, until one closes`, async () => {
+      const userId = newUser();
+      const token = await tokenFor(userId);
+      const clients = await Promise.all(
+        Array.from({ length: MAX_CONNECTIONS_PER_USER }, (_, i) => connect(userId, `tab-${i}`)),
+      );
+      const refused = await refusedUpgrade(wsUrl(main, { deviceId: 'one-more' }), {
+        authorization: `Bearer ${token}`,
+      });
+      assert.equal(refused.status, 429);
+      assert.equal((refused.body as { error: { code: string } }).error.code, 'rate_limited');
+      const other = await connect(newUser(), 'phone');
+      clients[0]!.close();
+      await clients[0]!.closed;
+      const again = await connect(userId, 'one-more');
+      for (const client of [...clients.slice(1), other, again]) client.close();
     });
 
     it('accepts a token in the header and in the query; deviceId defaults to "default"', async () => {
