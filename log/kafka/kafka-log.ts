@@ -392,6 +392,12 @@ const LOST_PRODUCER_STATE = new Set([
   'INVALID_PRODUCER_ID_MAPPING',
 ]);
 
+/**
+ * Tries of AddOffsetsToTxn answered CONCURRENT_TRANSACTIONS (backing off from 20 ms to 500 ms:
+ * about 6 s in all), the previous transaction's markers still being written.
+ */
+const CONCURRENT_TRANSACTIONS_RETRIES = 15;
+
 /** The Kafka error type of an error kafkajs threw, or of the one it wraps. */
 function kafkaErrorType(error: unknown): string | undefined {
   for (
@@ -567,13 +573,26 @@ class KafkaLogTransaction implements Transaction {
       if (!list) topics.set(o.topic, (list = []));
       list.push({ partition: o.partition, offset: String(o.offset) });
     }
-    try {
-      await this.transaction.sendOffsets({
-        consumerGroupId: groupId,
-        topics: [...topics].map(([topic, partitions]) => ({ topic, partitions })),
-      });
-    } catch (error) {
-      throw translate(error, this.transactionalId);
+    // A transaction holding offsets only starts with AddOffsetsToTxn, which the coordinator
+    // answers CONCURRENT_TRANSACTIONS while it still writes the markers of the transaction
+    // before; kafkajs retries that answer for AddPartitionsToTxn (a send) but not here. As the
+    // Java client does, try again shortly: else the commit failed, and its task was dropped and
+    // restored from its changelogs.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.transaction.sendOffsets({
+          consumerGroupId: groupId,
+          topics: [...topics].map(([topic, partitions]) => ({ topic, partitions })),
+        });
+        return;
+      } catch (error) {
+        if (
+          kafkaErrorType(error) !== 'CONCURRENT_TRANSACTIONS' ||
+          attempt >= CONCURRENT_TRANSACTIONS_RETRIES
+        )
+          throw translate(error, this.transactionalId);
+        await new Promise((resolve) => setTimeout(resolve, Math.min(20 * 2 ** attempt, 500)));
+      }
     }
   }
 
