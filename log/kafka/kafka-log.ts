@@ -630,6 +630,8 @@ class KafkaLogConsumer implements Consumer {
   private assignmentHandled: Promise<void> = Promise.resolve();
   /** Bumped by every GROUP_JOIN (and by startOver): an older assignment is no longer handled. */
   private generation = 0;
+  /** The member id of the latest join: another one at the next join means an eviction. */
+  private memberId: string | undefined;
   private running = false;
   private closed = false;
   /** What run() gave kafkajs: given again when the consumer starts over after a crash. */
@@ -688,10 +690,14 @@ class KafkaLogConsumer implements Consumer {
       for (const [topic, partitions] of Object.entries(payload.memberAssignment)) {
         for (const partition of partitions) assignment.push({ topic, partition });
       }
+      // A new member id: the group evicted this member (it was silent past the session or the
+      // rebalance timeout) and may have given its partitions to others meanwhile.
+      const evicted = this.memberId !== undefined && payload.memberId !== this.memberId;
+      this.memberId = payload.memberId;
       this.assigned = assignment;
       const generation = ++this.generation;
       this.assignmentHandled = this.assignmentHandled.then(() =>
-        this.handleAssignment(assignment, generation, handlers),
+        this.handleAssignment(assignment, generation, handlers, evicted),
       );
     });
     this.consumer.on(this.consumer.events.CRASH, ({ payload }) => {
@@ -744,9 +750,26 @@ class KafkaLogConsumer implements Consumer {
     assignment: TopicPartition[],
     generation: number,
     handlers: ConsumerHandlers,
+    evicted: boolean,
   ): Promise<void> {
     const current = () => generation === this.generation && !this.closed;
     if (!current()) return;
+    if (evicted) {
+      // Its partitions were lost, as Kafka Streams says: what it holds for them may have been
+      // taken over (a task fenced by the member that had it meanwhile would otherwise wait for
+      // the fenced recheck). An empty assignment first closes everything; the new one then
+      // opens what is this member's now, afresh from the log.
+      this.logger.warn(
+        { groupId: this.options.groupId },
+        'this member was evicted from the group; closing what it held before it takes its new assignment',
+      );
+      try {
+        await handlers.onAssignment?.([]);
+      } catch (error) {
+        this.logger.error({ err: error, groupId: this.options.groupId }, 'closing failed');
+      }
+      if (!current()) return;
+    }
     try {
       await retrying(() => this.placePositions(assignment));
     } catch (error) {

@@ -118,3 +118,65 @@ describe('kafka consumer during a slow assignment', function () {
     }
   });
 });
+
+describe('kafka consumer evicted from its group', function () {
+  this.timeout(180_000);
+
+  it('hands an empty assignment before the one it gets under a new member id', async () => {
+    const kafka = new KafkaLog({
+      brokers: process.env.KAFKA_BROKERS!.split(','),
+      clientId: 'evict',
+    });
+    const topic = `evict-${randomUUID()}`;
+    const groupId = `evict-${randomUUID()}`;
+    await kafka.admin.createTopics([{ topic, partitions: 4 }]);
+    const producer = await kafka.producer();
+    for (let p = 0; p < 4; p++)
+      await producer.send([
+        { topic, partition: p, key: Buffer.from('k'), value: Buffer.from('v') },
+      ]);
+    await producer.close();
+    // a's first assignment takes longer than the group waits for it to rejoin (the rebalance
+    // timeout, 30 s) once b joins: the group goes on without a, which must join again.
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    let slowStarted!: () => void;
+    const slow = new Promise<void>((resolve) => (slowStarted = resolve));
+    const calls: number[][] = [];
+    const a = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+    const b = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+    try {
+      await a.subscribe([topic]);
+      await a.run({
+        onAssignment: async (assignment) => {
+          calls.push(assignment.map((tp) => tp.partition).sort());
+          if (calls.length > 1) return;
+          slowStarted();
+          await released;
+        },
+        eachBatch: async () => undefined,
+      });
+      await slow;
+      await b.subscribe([topic]);
+      void b.run({ eachBatch: async () => undefined });
+      const deadline = Date.now() + 60_000;
+      while (b.assignment().length < 4 && Date.now() < deadline)
+        await new Promise((resolve) => setTimeout(resolve, 500));
+      assert.equal(b.assignment().length, 4, 'b has every partition: a was evicted');
+      release();
+      const settled = Date.now() + 60_000;
+      while (a.assignment().length !== 2 && Date.now() < settled)
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      await new Promise((resolve) => setTimeout(resolve, 500)); // its onAssignment calls
+      assert.deepEqual(
+        calls.map((c) => c.length),
+        [4, 0, 2],
+        `a's assignments: ${JSON.stringify(calls)}`,
+      );
+    } finally {
+      release();
+      await Promise.all([a.close(), b.close()]);
+      await kafka.close();
+    }
+  });
+});
