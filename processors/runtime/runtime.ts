@@ -373,9 +373,16 @@ export class StreamsRuntime {
           stateDb,
           spec.serde ?? jsonSerde(),
         );
-        await this.restore(store);
         stores.set(name, store);
       }
+      // Side by side: each store's share of the database is its own, and on Kafka each read of
+      // a changelog starts a consumer of its own (a second or so to join), which a task of four
+      // stores paid four times in a row at every rebalance. All of them end before a failure
+      // is thrown: a restore still running would race the next try's restore of the same store.
+      const restored = await Promise.allSettled(
+        [...stores.values()].map((store) => this.restore(store)),
+      );
+      for (const outcome of restored) if (outcome.status === 'rejected') throw outcome.reason;
       const task = new StreamTask({
         applicationId,
         partition,
