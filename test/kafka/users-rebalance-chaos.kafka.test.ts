@@ -32,7 +32,7 @@ import { partitionFor } from '../../log/partitioner.ts';
 import { KafkaDeployment } from '../support/process.ts';
 import { Client, register, type Frame } from '../support/chat-client.ts';
 import { eventually } from '../support/log-helpers.ts';
-import { orderViolations, type ResilientSender } from '../support/resilient-sender.ts';
+import { orderViolations, ResilientSender } from '../support/resilient-sender.ts';
 
 const PARTITIONS = 12;
 const RATE_PER_SENDER = 8; // messages a second
@@ -48,135 +48,6 @@ const STALL_MS = Number(process.env.CHAOS_STALL_MS ?? 60_000);
 const SESSION_TIMEOUT_MS = 10_000;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/**
- * ResilientSender's protocol (window, resends of the same id, reconnects to the next gateway),
- * paced to `rate` new messages a second, sending until told to finish.
- */
-class PacedSender {
-  readonly firstSentAt = new Map<number, number>();
-  readonly acknowledgedAt = new Map<number, number>();
-  readonly acknowledgedWall = new Map<number, number>();
-  readonly errors = new Map<string, number>();
-  reconnects = 0;
-  resends = 0;
-  private step = 0;
-  private next = 1;
-  private readonly pending = new Map<number, number>();
-  private ws: WebSocket | undefined;
-  private ready = false;
-  private urlIndex = 0;
-  private finishing = false;
-  private started = 0;
-
-  constructor(
-    readonly options: {
-      urls: string[];
-      token: string;
-      deviceId: string;
-      to: string;
-      rate: number;
-      window: number;
-      tag: string;
-    },
-  ) {}
-
-  get acknowledged(): number {
-    return this.acknowledgedAt.size;
-  }
-  get issued(): number {
-    return this.next - 1;
-  }
-
-  /** Stops issuing new messages; run() ends once every issued one is acknowledged. */
-  finish(): void {
-    this.finishing = true;
-  }
-
-  async run(deadlineMs: number): Promise<void> {
-    this.started = Date.now();
-    for (;;) {
-      if (this.finishing && this.acknowledgedAt.size >= this.next - 1) break;
-      if (Date.now() > deadlineMs)
-        throw new Error(
-          `${this.options.tag}: ${this.acknowledgedAt.size} of ${this.next - 1} acknowledged at the deadline; errors ${JSON.stringify(Object.fromEntries(this.errors))}`,
-        );
-      if (!this.ready) {
-        await this.connect();
-        continue;
-      }
-      const now = Date.now();
-      for (const [n, due] of this.pending) if (due <= now) this.send(n);
-      const allowed = Math.floor(((now - this.started) / 1000) * this.options.rate);
-      while (!this.finishing && this.next <= allowed && this.pending.size < this.options.window) {
-        this.firstSentAt.set(this.next, ++this.step);
-        this.send(this.next++);
-      }
-      await sleep(5);
-    }
-    this.ws?.terminate();
-  }
-
-  private send(n: number): void {
-    if (this.pending.has(n)) this.resends++;
-    this.pending.set(n, Date.now() + 5000);
-    this.ws!.send(
-      JSON.stringify({
-        type: 'send',
-        id: `${this.options.tag}-${n}`,
-        to: this.options.to,
-        body: { n },
-      }),
-    );
-  }
-
-  private async connect(): Promise<void> {
-    const urls = this.options.urls;
-    const url = urls[this.urlIndex++ % urls.length]!;
-    const ws = new WebSocket(
-      `${url.replace('http', 'ws')}/v1/ws?deviceId=${this.options.deviceId}`,
-      {
-        headers: { authorization: `Bearer ${this.options.token}` },
-      },
-    );
-    const opened = await new Promise<boolean>((resolve) => {
-      ws.on('message', (data) => {
-        const frame = JSON.parse(data.toString()) as { type: string; id?: string; code?: string };
-        if (frame.type === 'ready') return resolve(true);
-        this.onFrame(frame);
-      });
-      ws.once('error', () => resolve(false));
-      ws.once('close', () => resolve(false));
-    });
-    if (!opened) {
-      ws.terminate();
-      await sleep(200);
-      return;
-    }
-    this.ws = ws;
-    this.ready = true;
-    if (this.firstSentAt.size > 0) this.reconnects++;
-    ws.once('close', () => {
-      if (this.ws === ws) this.ready = false;
-    });
-    for (const n of this.pending.keys()) this.pending.set(n, 0);
-  }
-
-  private onFrame(frame: { type: string; id?: string; code?: string }): void {
-    const n = Number(frame.id?.slice(this.options.tag.length + 1));
-    if (!frame.id?.startsWith(`${this.options.tag}-`) || !Number.isInteger(n)) return;
-    if (frame.type === 'sent') {
-      this.pending.delete(n);
-      if (!this.acknowledgedAt.has(n)) {
-        this.acknowledgedAt.set(n, ++this.step);
-        this.acknowledgedWall.set(n, Date.now());
-      }
-    } else if (frame.type === 'error') {
-      this.errors.set(frame.code ?? '?', (this.errors.get(frame.code ?? '?') ?? 0) + 1);
-      if (this.pending.has(n)) this.pending.set(n, Date.now() + 300);
-    }
-  }
-}
 
 /** A device that keeps connecting for a while and going away, acking what it got. */
 async function flap(
@@ -376,8 +247,8 @@ describe('users processors: rebalance chaos under load', function () {
     };
     const senders = senderNames.map(
       (s, i) =>
-        new PacedSender({
-          urls: i % 2 === 0 ? urls : [...urls].reverse(),
+        new ResilientSender({
+          urls: () => (i % 2 === 0 ? urls : [...urls].reverse()),
           token: tokens.get(s)!,
           deviceId: 'laptop',
           to: recipients[s]!,
@@ -516,7 +387,7 @@ describe('users processors: rebalance chaos under load', function () {
     const audits: Record<string, unknown> = {};
     const audit = async (
       owner: string,
-      expect: { from: string; sender?: PacedSender; pulses?: boolean }[],
+      expect: { from: string; sender?: ResilientSender; pulses?: boolean }[],
     ) => {
       const client = await Client.open(
         g2!.url,

@@ -20,8 +20,10 @@ export interface SenderOptions {
   token: string;
   deviceId: string;
   to: string;
-  /** Messages 1..total, with body {n}. */
-  total: number;
+  /** Messages 1..total, with body {n}; without it, messages until `finish()`. */
+  total?: number;
+  /** New messages a second at most, counted from run(); without it, as fast as the window. */
+  rate?: number;
   window: number;
   /** A tag on each id, so that two senders' ids never meet. */
   tag: string;
@@ -31,6 +33,8 @@ export class ResilientSender {
   /** The logical step of each message's first send and of its first `sent`. */
   readonly firstSentAt = new Map<number, number>();
   readonly acknowledgedAt = new Map<number, number>();
+  /** When (ms since the epoch) each message's first `sent` came. */
+  readonly acknowledgedWall = new Map<number, number>();
   readonly errors = new Map<string, number>();
   reconnects = 0;
   /** Sends of an id already sent once (retries). */
@@ -43,21 +47,36 @@ export class ResilientSender {
   private ready = false;
   private urlIndex = 0;
   private stopped = false;
+  private finishing = false;
 
-  constructor(private readonly options: SenderOptions) {}
+  constructor(readonly options: SenderOptions) {}
 
   get acknowledged(): number {
     return this.acknowledgedAt.size;
   }
 
+  /** Messages sent at least once. */
+  get issued(): number {
+    return this.next - 1;
+  }
+
+  /** Sends no new message; run() ends once every one sent is acknowledged. */
+  finish(): void {
+    this.finishing = true;
+  }
+
   /** Sends until every message is acknowledged, or throws at the deadline. */
   async run(deadlineMs: number): Promise<void> {
-    const { total, window } = this.options;
-    while (this.acknowledgedAt.size < total) {
+    const { window, rate } = this.options;
+    const total = this.options.total ?? Infinity;
+    const started = Date.now();
+    for (;;) {
       if (this.stopped) return;
+      const last = this.finishing ? this.issued : total;
+      if (this.acknowledgedAt.size >= last) break;
       if (Date.now() > deadlineMs)
         throw new Error(
-          `${this.options.tag}: ${this.acknowledgedAt.size} of ${total} acknowledged at the deadline; errors ${JSON.stringify(Object.fromEntries(this.errors))}`,
+          `${this.options.tag}: ${this.acknowledgedAt.size} of ${last} acknowledged at the deadline; errors ${JSON.stringify(Object.fromEntries(this.errors))}`,
         );
       if (!this.ready) {
         await this.connect();
@@ -65,7 +84,12 @@ export class ResilientSender {
       }
       const now = Date.now();
       for (const [n, due] of this.pending) if (due <= now) this.send(n);
-      while (this.next <= total && this.pending.size < window) {
+      const allowed = rate === undefined ? total : Math.floor(((now - started) / 1000) * rate);
+      while (
+        !this.finishing &&
+        this.next <= Math.min(total, allowed) &&
+        this.pending.size < window
+      ) {
         this.firstSentAt.set(this.next, ++this.step);
         this.send(this.next++);
       }
@@ -130,7 +154,10 @@ export class ResilientSender {
     if (!frame.id?.startsWith(`${this.options.tag}-`) || !Number.isInteger(n)) return;
     if (frame.type === 'sent') {
       this.pending.delete(n);
-      if (!this.acknowledgedAt.has(n)) this.acknowledgedAt.set(n, ++this.step);
+      if (!this.acknowledgedAt.has(n)) {
+        this.acknowledgedAt.set(n, ++this.step);
+        this.acknowledgedWall.set(n, Date.now());
+      }
     } else if (frame.type === 'error') {
       this.errors.set(frame.code ?? '?', (this.errors.get(frame.code ?? '?') ?? 0) + 1);
       if (this.pending.has(n)) this.pending.set(n, Date.now() + RETRY_AFTER_ERROR_MS);
