@@ -57,64 +57,83 @@ describe('kafka consumer starting from the end', function () {
   });
 });
 
+/**
+ * Two members of one group on a topic of four partitions, a record in each. a runs at once,
+ * and its first onAssignment is held until `release()` (a task restoring its stores): its
+ * batches wait for it, so kafkajs cannot rejoin meanwhile. b joins when the test says.
+ */
+async function slowFirstAssignment(name: string) {
+  const kafka = new KafkaLog({ brokers: process.env.KAFKA_BROKERS!.split(','), clientId: name });
+  const topic = `${name}-${randomUUID()}`;
+  const groupId = `${name}-${randomUUID()}`;
+  await kafka.admin.createTopics([{ topic, partitions: 4 }]);
+  const producer = await kafka.producer();
+  for (let p = 0; p < 4; p++)
+    await producer.send([{ topic, partition: p, key: Buffer.from('k'), value: Buffer.from('v') }]);
+  await producer.close();
+  let release!: () => void;
+  const released = new Promise<void>((resolve) => (release = resolve));
+  let slowStarted!: () => void;
+  const slow = new Promise<void>((resolve) => (slowStarted = resolve));
+  /** The partitions of each assignment a was handed, in turn. */
+  const calls: number[][] = [];
+  const a = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+  const b = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+  await a.subscribe([topic]);
+  await a.run({
+    onAssignment: async (assignment) => {
+      calls.push(assignment.map((tp) => tp.partition).sort());
+      if (calls.length > 1) return;
+      slowStarted();
+      await released;
+    },
+    eachBatch: async () => undefined,
+  });
+  await slow;
+  return {
+    a,
+    b,
+    calls,
+    release: () => release(),
+    joinB: async () => {
+      await b.subscribe([topic]);
+      return b.run({ eachBatch: async () => undefined });
+    },
+    close: async () => {
+      release();
+      await Promise.all([a.close(), b.close()]);
+      await kafka.close();
+    },
+  };
+}
+
+/** Waits (polling, at most `ms`) until `done()`. */
+async function until(done: () => boolean, ms: number, every = 200): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!done() && Date.now() < deadline) await new Promise((r) => setTimeout(r, every));
+}
+
 describe('kafka consumer during a slow assignment', function () {
   this.timeout(120_000);
 
   it('owns no partition once a heartbeat says the group rebalances, while onAssignment still runs', async () => {
-    const kafka = new KafkaLog({
-      brokers: process.env.KAFKA_BROKERS!.split(','),
-      clientId: 'slow',
-    });
-    const topic = `slow-${randomUUID()}`;
-    const groupId = `slow-${randomUUID()}`;
-    await kafka.admin.createTopics([{ topic, partitions: 4 }]);
-    const producer = await kafka.producer();
-    for (let p = 0; p < 4; p++)
-      await producer.send([
-        { topic, partition: p, key: Buffer.from('k'), value: Buffer.from('v') },
-      ]);
-    await producer.close();
-    // a's first assignment takes as long as the test says (tasks restoring their stores), and
-    // its batches wait for it: kafkajs cannot rejoin meanwhile.
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    let slowStarted!: () => void;
-    const slow = new Promise<void>((resolve) => (slowStarted = resolve));
-    let calls = 0;
-    const a = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
-    const b = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+    const group = await slowFirstAssignment('slow');
+    const { a, b } = group;
     try {
-      await a.subscribe([topic]);
-      await a.run({
-        onAssignment: async () => {
-          if (calls++ > 0) return;
-          slowStarted();
-          await released;
-        },
-        eachBatch: async () => undefined,
-      });
-      await slow;
       assert.equal(a.assignment().length, 4, 'a has every partition while it opens them');
-      await b.subscribe([topic]);
-      const bRunning = b.run({ eachBatch: async () => undefined });
+      const bRunning = group.joinB();
       // The group rebalances for b and waits for a, whose heartbeats are answered that it
       // rebalances: a stops counting the old assignment as its own, though it is still opening it.
-      const deadline = Date.now() + 20_000;
-      while (a.assignment().length > 0 && Date.now() < deadline)
-        await new Promise((resolve) => setTimeout(resolve, 200));
+      await until(() => a.assignment().length === 0, 20_000);
       assert.deepEqual(a.assignment(), [], 'a owns nothing while the group rebalances');
-      release();
+      group.release();
       await bRunning;
       // a rejoins once its batch is done: the group splits the partitions.
-      const settled = Date.now() + 60_000;
-      while (a.assignment().length + b.assignment().length !== 4 && Date.now() < settled)
-        await new Promise((resolve) => setTimeout(resolve, 200));
+      await until(() => a.assignment().length + b.assignment().length === 4, 60_000);
       assert.equal(a.assignment().length, 2, 'a, after rejoining');
       assert.equal(b.assignment().length, 2, 'b');
     } finally {
-      release();
-      await Promise.all([a.close(), b.close()]);
-      await kafka.close();
+      await group.close();
     }
   });
 });
@@ -123,50 +142,16 @@ describe('kafka consumer evicted from its group', function () {
   this.timeout(180_000);
 
   it('hands an empty assignment before the one it gets under a new member id', async () => {
-    const kafka = new KafkaLog({
-      brokers: process.env.KAFKA_BROKERS!.split(','),
-      clientId: 'evict',
-    });
-    const topic = `evict-${randomUUID()}`;
-    const groupId = `evict-${randomUUID()}`;
-    await kafka.admin.createTopics([{ topic, partitions: 4 }]);
-    const producer = await kafka.producer();
-    for (let p = 0; p < 4; p++)
-      await producer.send([
-        { topic, partition: p, key: Buffer.from('k'), value: Buffer.from('v') },
-      ]);
-    await producer.close();
     // a's first assignment takes longer than the group waits for it to rejoin (the rebalance
     // timeout, 30 s) once b joins: the group goes on without a, which must join again.
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    let slowStarted!: () => void;
-    const slow = new Promise<void>((resolve) => (slowStarted = resolve));
-    const calls: number[][] = [];
-    const a = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
-    const b = kafka.consumer({ groupId, sessionTimeoutMs: 6_000 });
+    const group = await slowFirstAssignment('evict');
+    const { a, b, calls } = group;
     try {
-      await a.subscribe([topic]);
-      await a.run({
-        onAssignment: async (assignment) => {
-          calls.push(assignment.map((tp) => tp.partition).sort());
-          if (calls.length > 1) return;
-          slowStarted();
-          await released;
-        },
-        eachBatch: async () => undefined,
-      });
-      await slow;
-      await b.subscribe([topic]);
-      void b.run({ eachBatch: async () => undefined });
-      const deadline = Date.now() + 60_000;
-      while (b.assignment().length < 4 && Date.now() < deadline)
-        await new Promise((resolve) => setTimeout(resolve, 500));
+      void group.joinB();
+      await until(() => b.assignment().length === 4, 60_000, 500);
       assert.equal(b.assignment().length, 4, 'b has every partition: a was evicted');
-      release();
-      const settled = Date.now() + 60_000;
-      while (a.assignment().length !== 2 && Date.now() < settled)
-        await new Promise((resolve) => setTimeout(resolve, 200));
+      group.release();
+      await until(() => a.assignment().length === 2, 60_000);
       await new Promise((resolve) => setTimeout(resolve, 500)); // its onAssignment calls
       assert.deepEqual(
         calls.map((c) => c.length),
@@ -174,9 +159,7 @@ describe('kafka consumer evicted from its group', function () {
         `a's assignments: ${JSON.stringify(calls)}`,
       );
     } finally {
-      release();
-      await Promise.all([a.close(), b.close()]);
-      await kafka.close();
+      await group.close();
     }
   });
 });
