@@ -56,18 +56,35 @@ export interface KafkaLogOptions {
 /** Attempts of a retriable call after the first (with backoff up to 2 s: about 10 s). */
 const RETRIES = 8;
 
+/** Which errors to try a call again after, how many times, and the backoff's first and last wait. */
+interface RetryPolicy {
+  when: (error: unknown) => boolean;
+  retries: number;
+  firstMs: number;
+  maxMs: number;
+}
+
 /**
- * Runs a call again with backoff while Kafka answers with a retriable error, for the calls
- * kafkajs does not retry itself (admin calls, subscribe): just after a topic is created, or on
- * a broker that has just started, its partitions may have no leader or no metadata yet.
+ * By default, while Kafka answers with a retriable error, for the calls kafkajs does not retry
+ * itself (admin calls, subscribe): just after a topic is created, or on a broker that has just
+ * started, its partitions may have no leader or no metadata yet.
  */
-async function retrying<T>(work: () => Promise<T>): Promise<T> {
+const RETRIABLE: RetryPolicy = {
+  when: (error) => (error as { retriable?: boolean }).retriable === true,
+  retries: RETRIES,
+  firstMs: 100,
+  maxMs: 2000,
+};
+
+/** Runs a call again, with backoff, while it fails as the policy says to try again after. */
+async function retrying<T>(work: () => Promise<T>, policy: RetryPolicy = RETRIABLE): Promise<T> {
   for (let attempt = 0; ; attempt++) {
     try {
       return await work();
     } catch (error) {
-      if ((error as { retriable?: boolean }).retriable !== true || attempt >= RETRIES) throw error;
-      await new Promise((resolve) => setTimeout(resolve, Math.min(2000, 100 * 2 ** attempt)));
+      if (!policy.when(error) || attempt >= policy.retries) throw error;
+      const wait = Math.min(policy.maxMs, policy.firstMs * 2 ** attempt);
+      await new Promise((resolve) => setTimeout(resolve, wait));
     }
   }
 }
@@ -317,15 +334,16 @@ async function whileBeating<T>(
   }
 }
 
-/** A heartbeat's answer after which this member's assignment is no longer the group's. */
+/** A heartbeat's answers after which this member's assignment is no longer the group's. */
+const LEAVES_THE_ASSIGNMENT = new Set([
+  'REBALANCE_IN_PROGRESS',
+  'ILLEGAL_GENERATION',
+  'UNKNOWN_MEMBER_ID',
+  'FENCED_INSTANCE_ID',
+]);
+
 function leavesTheAssignment(error: unknown): boolean {
-  const type = kafkaErrorType(error);
-  return (
-    type === 'REBALANCE_IN_PROGRESS' ||
-    type === 'ILLEGAL_GENERATION' ||
-    type === 'UNKNOWN_MEMBER_ID' ||
-    type === 'FENCED_INSTANCE_ID'
-  );
+  return LEAVES_THE_ASSIGNMENT.has(kafkaErrorType(error) ?? '');
 }
 
 /**
@@ -393,10 +411,15 @@ const LOST_PRODUCER_STATE = new Set([
 ]);
 
 /**
- * Tries of AddOffsetsToTxn answered CONCURRENT_TRANSACTIONS (backing off from 20 ms to 500 ms:
- * about 6 s in all), the previous transaction's markers still being written.
+ * AddOffsetsToTxn answered CONCURRENT_TRANSACTIONS, the previous transaction's markers still
+ * being written: tried again 15 times, backing off from 20 ms to 500 ms (about 6 s in all).
  */
-const CONCURRENT_TRANSACTIONS_RETRIES = 15;
+const CONCURRENT_TRANSACTIONS: RetryPolicy = {
+  when: (error) => kafkaErrorType(error) === 'CONCURRENT_TRANSACTIONS',
+  retries: 15,
+  firstMs: 20,
+  maxMs: 500,
+};
 
 /** The Kafka error type of an error kafkajs threw, or of the one it wraps. */
 function kafkaErrorType(error: unknown): string | undefined {
@@ -578,21 +601,17 @@ class KafkaLogTransaction implements Transaction {
     // before; kafkajs retries that answer for AddPartitionsToTxn (a send) but not here. As the
     // Java client does, try again shortly: else the commit failed, and its task was dropped and
     // restored from its changelogs.
-    for (let attempt = 0; ; attempt++) {
-      try {
-        await this.transaction.sendOffsets({
-          consumerGroupId: groupId,
-          topics: [...topics].map(([topic, partitions]) => ({ topic, partitions })),
-        });
-        return;
-      } catch (error) {
-        if (
-          kafkaErrorType(error) !== 'CONCURRENT_TRANSACTIONS' ||
-          attempt >= CONCURRENT_TRANSACTIONS_RETRIES
-        )
-          throw translate(error, this.transactionalId);
-        await new Promise((resolve) => setTimeout(resolve, Math.min(20 * 2 ** attempt, 500)));
-      }
+    try {
+      await retrying(
+        () =>
+          this.transaction.sendOffsets({
+            consumerGroupId: groupId,
+            topics: [...topics].map(([topic, partitions]) => ({ topic, partitions })),
+          }),
+        CONCURRENT_TRANSACTIONS,
+      );
+    } catch (error) {
+      throw translate(error, this.transactionalId);
     }
   }
 
