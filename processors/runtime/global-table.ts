@@ -113,33 +113,31 @@ export class GlobalTable<V> {
    */
   async hasCurrent(key: string, waitMs = CATCH_UP_WAIT_MS): Promise<boolean> {
     if (this.entries.has(key)) return true;
-    // The question to the log is part of the wait: a slow admin (Kafka retrying an unreachable
-    // leader) must not hold the answer past it.
-    const deadline = Date.now() + waitMs;
+    // One wait for both steps: the question to the log is part of it (a slow admin, Kafka
+    // retrying an unreachable leader, must not hold the answer past it), then the catching up.
     let timer: NodeJS.Timeout | undefined;
-    const marks = await Promise.race([
-      this.watermarks(),
-      new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), waitMs))),
-    ]);
-    clearTimeout(timer);
-    if (marks === undefined) return this.entries.has(key);
-    const behind = () => marks.some((m) => (this.position.get(m.partition) ?? 0) < m.high);
-    const left = deadline - Date.now();
-    if (left > 0 && behind()) {
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          clearTimeout(timer);
-          this.progressed.delete(check);
-          resolve();
-        };
-        const check = () => {
-          if (!behind() || this.entries.has(key)) done();
-        };
-        const timer = setTimeout(done, left);
-        this.progressed.add(check);
-      });
+    const expired = new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), waitMs);
+    });
+    let check: (() => void) | undefined;
+    try {
+      const marks = await Promise.race([this.watermarks(), expired]);
+      if (marks === undefined) return this.entries.has(key);
+      const behind = () => marks.some((m) => (this.position.get(m.partition) ?? 0) < m.high);
+      if (behind()) {
+        const caughtUp = new Promise<void>((resolve) => {
+          check = () => {
+            if (!behind() || this.entries.has(key)) resolve();
+          };
+        });
+        this.progressed.add(check!);
+        await Promise.race([caughtUp, expired]);
+      }
+      return this.entries.has(key);
+    } finally {
+      clearTimeout(timer);
+      if (check) this.progressed.delete(check);
     }
-    return this.entries.has(key);
   }
 
   get size(): number {

@@ -485,8 +485,14 @@ export class StreamsRuntime {
    * old.
    */
   private recent(checkpoint: Checkpoint): boolean {
-    const trustMs = this.options.checkpointTrustMs ?? CHECKPOINT_TRUST_MS;
-    return checkpoint.writtenAt !== undefined && Date.now() - checkpoint.writtenAt <= trustMs;
+    return (
+      checkpoint.writtenAt !== undefined &&
+      Date.now() - checkpoint.writtenAt <= this.checkpointTrustMs
+    );
+  }
+
+  private get checkpointTrustMs(): number {
+    return this.options.checkpointTrustMs ?? CHECKPOINT_TRUST_MS;
   }
 
   /**
@@ -655,9 +661,8 @@ export class StreamsRuntime {
    */
   private async touchCheckpoints(running: RunningTask): Promise<void> {
     if (!running.producer) return;
-    const trustMs = this.options.checkpointTrustMs ?? CHECKPOINT_TRUST_MS;
-    if (Date.now() - running.checkpointsTouchedAt < Math.min(CHECKPOINT_TOUCH_MS, trustMs / 4))
-      return;
+    const every = Math.min(CHECKPOINT_TOUCH_MS, this.checkpointTrustMs / 4);
+    if (Date.now() - running.checkpointsTouchedAt < every) return;
     running.checkpointsTouchedAt = Date.now();
     const { stateDb } = this.options;
     for (const store of running.stores.values()) {
