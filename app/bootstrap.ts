@@ -7,8 +7,9 @@ import type { Log, TopicSpec } from '../log/port.ts';
 import type { SchemaRegistry } from '../schemas/registry/port.ts';
 import { Codecs, type TopicCodec } from '../schemas/codec.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
-import { topicSpecs, type TopicName } from '../schemas/topics.ts';
-import type { SchemaValues } from '../schemas/types.generated.ts';
+import { topics, topicSpecs, type TopicName } from '../schemas/topics.ts';
+import type { Delivery, SchemaValues } from '../schemas/types.generated.ts';
+import type { UsersCodecs } from '../processors/users/topology.ts';
 
 export function chatTopicSpecs(partitions: number): TopicSpec[] {
   return Object.entries(topicSpecs).map(([topic, spec]) => ({
@@ -28,6 +29,18 @@ export function chatTopicSpecs(partitions: number): TopicSpec[] {
 export type ChatCodecs = {
   readonly [T in TopicName]: TopicCodec<SchemaValues[(typeof topicSpecs)[T]['value']]>;
 };
+
+/** The users actor's codecs, out of the chat topics' (deliveries: any gateway's topic's). */
+export function usersCodecs(codecs: ChatCodecs, deliveries: TopicCodec<Delivery>): UsersCodecs {
+  return {
+    connections: codecs[topics.connections],
+    messages: codecs[topics.messages],
+    userCommands: codecs[topics.userCommands],
+    deliveries,
+    push: codecs[topics.push],
+    inboxEntries: codecs[topics.inboxEntries],
+  };
+}
 
 export async function bootstrap(
   log: Log,

@@ -12,7 +12,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type Koa from 'koa';
 import type { Infrastructure } from './infrastructure.ts';
-import type { ChatCodecs } from './bootstrap.ts';
+import { usersCodecs, type ChatCodecs } from './bootstrap.ts';
 import type { Config } from './config.ts';
 import type { Logger } from '../observability/logger.ts';
 import type { Metrics } from '../observability/metrics.ts';
@@ -229,14 +229,7 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
   closers.push(() => stateDb.close());
   const users = new StreamsRuntime(
     usersTopology({
-      codecs: {
-        connections: codecs[topics.connections],
-        messages: codecs[topics.messages],
-        userCommands: codecs[topics.userCommands],
-        deliveries: await context.deliveryCodec(),
-        push: codecs[topics.push],
-        inboxEntries: codecs[topics.inboxEntries],
-      },
+      codecs: usersCodecs(codecs, await context.deliveryCodec()),
       liveGateways,
       gatewayStartedAt: (gatewayId) => gateways.get(gatewayId)?.startedAt || undefined,
       onStaleSessions: (sessions) => {

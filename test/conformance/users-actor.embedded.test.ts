@@ -13,7 +13,7 @@ import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
 import { avroTypeOptions, branchOf, loadSchema } from '../../schemas/avro.ts';
 import { deliveriesTopic, topics } from '../../schemas/topics.ts';
 import type { Delivery, InboxCommand } from '../../schemas/types.generated.ts';
-import { bootstrap } from '../../app/bootstrap.ts';
+import { bootstrap, usersCodecs } from '../../app/bootstrap.ts';
 import { StateDb } from '../../state/state-db.ts';
 import { changelogTopic, StreamsRuntime } from '../../processors/runtime/runtime.ts';
 import {
@@ -70,14 +70,7 @@ class Actor {
     const { codecs, deliveries } = this;
     this.runtime = new StreamsRuntime(
       usersTopology({
-        codecs: {
-          connections: codecs[topics.connections],
-          messages: codecs[topics.messages],
-          userCommands: codecs[topics.userCommands],
-          deliveries,
-          push: codecs[topics.push],
-          inboxEntries: codecs[topics.inboxEntries],
-        },
+        codecs: usersCodecs(codecs, deliveries),
         ...this.options,
       }),
       {

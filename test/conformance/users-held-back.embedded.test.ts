@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { bootstrap } from '../../app/bootstrap.ts';
+import { bootstrap, usersCodecs } from '../../app/bootstrap.ts';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import type { LogRecord } from '../../log/port.ts';
 import { silentLogger } from '../../observability/logger.ts';
@@ -60,14 +60,7 @@ describe('users actor: an entry held back during a silence shorter than a tick',
   it('sends it at the next tick that finds the gateway live again', async () => {
     let live = new Set(['gw1']);
     const topology = usersTopology({
-      codecs: {
-        connections: codecs[topics.connections],
-        messages: codecs[topics.messages],
-        userCommands: codecs[topics.userCommands],
-        deliveries,
-        push: codecs[topics.push],
-        inboxEntries: codecs[topics.inboxEntries],
-      },
+      codecs: usersCodecs(codecs, deliveries),
       liveGateways: () => live,
       now: () => T0,
     });
