@@ -17,10 +17,9 @@ import { bootstrap } from '../../app/bootstrap.ts';
 import { createGateway, type Gateway } from '../../gateway/gateway.ts';
 import { MAX_QUEUED_FRAMES, MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import type { ProducerRecord } from '../../log/port.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { topics } from '../../schemas/topics.ts';
-import { eventually } from '../support/log-helpers.ts';
+import { eventually, wrappingSends } from '../support/log-helpers.ts';
 
 const secret = new TextEncoder().encode('a test secret of thirty-two bytes or more');
 
@@ -36,24 +35,11 @@ describe('gateway: a connection whose frames wait for the log', function () {
     let holding = false;
     let release!: () => void;
     const released = new Promise<void>((resolve) => (release = resolve));
-    const slowLog = new Proxy(log, {
-      get(target, property) {
-        if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
-        return async () => {
-          const producer = await target.producer();
-          return new Proxy(producer, {
-            get(inner, name) {
-              if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
-              return async (records: ProducerRecord[]) => {
-                const held = holding && records.some((r) => r.topic === topics.userCommands);
-                const stored = await inner.send(records);
-                if (held) await released;
-                return stored;
-              };
-            },
-          });
-        };
-      },
+    const slowLog = wrappingSends(log, async (records, send) => {
+      const held = holding && records.some((r) => r.topic === topics.userCommands);
+      const stored = await send(records);
+      if (held) await released;
+      return stored;
     });
     let gateway: Gateway | undefined;
     let server: Server | undefined;

@@ -11,7 +11,6 @@ import { join } from 'node:path';
 import { jwtVerify, SignJWT } from 'jose';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import type { ProducerRecord, RecordMetadata } from '../../log/port.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { bootstrap, type ChatCodecs } from '../../app/bootstrap.ts';
 import { avroTypeOptions, loadSchema } from '../../schemas/avro.ts';
@@ -38,7 +37,7 @@ import {
   MAX_UNANSWERED_FRAMES,
   REPLAY_RESUME_BYTES,
 } from '../../gateway/limits.ts';
-import { eventually, uniqueName } from '../support/log-helpers.ts';
+import { eventually, uniqueName, wrappingSends } from '../support/log-helpers.ts';
 
 const PARTITIONS = 12;
 const secret = new TextEncoder().encode('a test secret of thirty-two bytes or more');
@@ -521,30 +520,6 @@ describe('gateway (WebSocket, embedded log)', function () {
       second.close();
     });
 
-    /** The log, but a send to `userId` is stored at once and said to be durable only once released. */
-    /** The log, whose producers' sends go through `wrap`. */
-    function wrappingSends(
-      wrap: (
-        records: ProducerRecord[],
-        send: (records: ProducerRecord[]) => Promise<RecordMetadata[]>,
-      ) => Promise<RecordMetadata[]>,
-    ): EmbeddedLog {
-      return new Proxy(log, {
-        get(target, property) {
-          if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
-          return async () => {
-            const producer = await target.producer();
-            return new Proxy(producer, {
-              get(inner, name) {
-                if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
-                return (records: ProducerRecord[]) => wrap(records, (r) => inner.send(r));
-              },
-            });
-          };
-        },
-      });
-    }
-
     /**
      * The log, whose sends of records keyed by these users resolve only once released (each
      * user on its own with `releaseFor`, all of them with `release`).
@@ -561,7 +536,7 @@ describe('gateway (WebSocket, embedded log)', function () {
           new Promise<void>((resolve) => releases.set(userId, resolve)),
         ]),
       );
-      const held = wrappingSends(async (records, send) => {
+      const held = wrappingSends(log, async (records, send) => {
         const stored = await send(records);
         for (const record of records) await holds.get(record.key?.toString() ?? '');
         return stored;
@@ -653,7 +628,7 @@ describe('gateway (WebSocket, embedded log)', function () {
       // The log fails the DISCONNECTED (every send to chat.connections after the CONNECTED) a
       // dozen times: a broker away for longer than a few tries.
       let connectionSends = 0;
-      const failing = wrappingSends(async (records, send) => {
+      const failing = wrappingSends(log, async (records, send) => {
         if (records.some((r) => r.topic === topics.connections)) {
           connectionSends++;
           if (connectionSends >= 2 && connectionSends <= 13)

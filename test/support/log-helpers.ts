@@ -1,5 +1,12 @@
 import { randomUUID } from 'node:crypto';
-import type { Consumer, Log, LogRecord, TopicPartition } from '../../log/port.ts';
+import type {
+  Consumer,
+  Log,
+  LogRecord,
+  ProducerRecord,
+  RecordMetadata,
+  TopicPartition,
+} from '../../log/port.ts';
 
 export const uniqueName = (prefix: string) => `${prefix}-${randomUUID().slice(0, 8)}`;
 
@@ -53,3 +60,27 @@ export async function collect(
 }
 
 export const text = (b: Buffer | null) => (b === null ? null : b.toString('utf8'));
+
+/** The log, whose producers' sends go through `wrap` (to hold, fail or watch them). */
+export function wrappingSends<L extends Log>(
+  log: L,
+  wrap: (
+    records: ProducerRecord[],
+    send: (records: ProducerRecord[]) => Promise<RecordMetadata[]>,
+  ) => Promise<RecordMetadata[]>,
+): L {
+  return new Proxy(log, {
+    get(target, property) {
+      if (property !== 'producer') return Reflect.get(target, property, target) as unknown;
+      return async (...args: Parameters<L['producer']>) => {
+        const producer = await target.producer(...args);
+        return new Proxy(producer, {
+          get(inner, name) {
+            if (name !== 'send') return Reflect.get(inner, name, inner) as unknown;
+            return (records: ProducerRecord[]) => wrap(records, (r) => inner.send(r));
+          },
+        });
+      };
+    },
+  });
+}
