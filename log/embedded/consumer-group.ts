@@ -53,6 +53,8 @@ class Wakeup {
 
 export class GroupCoordinator {
   private readonly members = new Map<string, EmbeddedConsumer>();
+  /** Each member's task numbers from the last rebalance: kept where balance allows (sticky). */
+  private readonly owned = new Map<string, number[]>();
   private nextMemberId = 0;
   private rebalancing: Promise<void> = Promise.resolve();
 
@@ -70,6 +72,7 @@ export class GroupCoordinator {
 
   leave(memberId: string): void {
     this.members.delete(memberId);
+    this.owned.delete(memberId);
   }
 
   /** Rebalances the group; rebalances run one after another, a failed one stopping no later one. */
@@ -90,15 +93,18 @@ export class GroupCoordinator {
         if (this.store.meta(topic)) topics.set(topic, this.store.partitionCount(topic));
       }
     }
-    // Member ids sort in join order (zero-padded), so older members keep low partition numbers.
+    // Member ids sort in join order (zero-padded): with nothing owned yet, older members get
+    // the low partition numbers.
     const ids = members.map(([id]) => id);
     const assignment = assignCoPartitioned(
       ids,
       [...topics].map(([topic, partitions]) => ({ topic, partitions })),
+      this.owned,
     );
     for (const [id, m] of members) {
-      const mine = (assignment.get(id) ?? []).filter((tp) => m.topics.includes(tp.topic));
-      m.resume(mine);
+      const all = assignment.get(id) ?? [];
+      this.owned.set(id, [...new Set(all.map((tp) => tp.partition))]);
+      m.resume(all.filter((tp) => m.topics.includes(tp.topic)));
     }
   }
 }

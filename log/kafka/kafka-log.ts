@@ -645,6 +645,11 @@ class KafkaLogTransaction implements Transaction {
 class KafkaLogConsumer implements Consumer {
   private readonly consumer: KafkaConsumer;
   private assigned: TopicPartition[] = [];
+  /**
+   * The partition numbers of the latest join's assignment, kept when the member gives them up:
+   * what it claims at its next join, since its tasks' state is still on this process's disk.
+   */
+  private lastAssigned: number[] = [];
   /** The latest assignment's onAssignment call: every batch waits for it. */
   private assignmentHandled: Promise<void> = Promise.resolve();
   /** Bumped by every GROUP_JOIN (and by startOver): an older assignment is no longer handled. */
@@ -676,7 +681,7 @@ class KafkaLogConsumer implements Consumer {
   ) {
     this.consumer = kafka.consumer({
       groupId: options.groupId,
-      partitionAssigners: [coPartitionedAssigner],
+      partitionAssigners: [coPartitionedAssigner(() => this.lastAssigned)],
       readUncommitted: false,
       allowAutoTopicCreation: false,
       sessionTimeout: options.sessionTimeoutMs ?? 10_000,
@@ -714,6 +719,7 @@ class KafkaLogConsumer implements Consumer {
       const evicted = this.memberId !== undefined && payload.memberId !== this.memberId;
       this.memberId = payload.memberId;
       this.assigned = assignment;
+      this.lastAssigned = [...new Set(assignment.map((tp) => tp.partition))];
       const generation = ++this.generation;
       this.assignmentHandled = this.assignmentHandled.then(() =>
         this.handleAssignment(assignment, generation, handlers, evicted),

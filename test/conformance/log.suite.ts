@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import type { Log, LogRecord, TopicPartition } from '../../log/port.ts';
 import { ProducerFencedError } from '../../log/errors.ts';
 import { partitionFor } from '../../log/partitioner.ts';
-import { collect, eventually, text, uniqueName } from '../support/log-helpers.ts';
+import { collect, eventually, text, uniqueName, type Collector } from '../support/log-helpers.ts';
 
 export interface LogFixture {
   log: Log;
@@ -181,6 +181,55 @@ export function logConformance(
       await producer.close();
       const last = a.assignments[a.assignments.length - 1]!;
       assert.equal(last.length, 8);
+    });
+
+    it('is sticky: a member joining or leaving moves only the tasks it must', async () => {
+      const topic = uniqueName('sticky');
+      const group = uniqueName('g');
+      await log.admin.createTopics([{ topic, partitions: 6 }]);
+      const numbers = (c: Collector) =>
+        c.consumer
+          .assignment()
+          .map((tp) => tp.partition)
+          .sort((x, y) => x - y);
+      const members: Collector[] = [];
+      const settled = (count: number) => () =>
+        members.every((m) => numbers(m).length === 6 / count) &&
+        new Set(members.flatMap(numbers)).size === 6;
+      for (let i = 0; i < 2; i++) members.push(await collect(log, group, [topic]));
+      await eventually(settled(2), settleMs + 20000, 'two members with 3 each');
+      const [a, b] = members as [Collector, Collector];
+      const before = { a: numbers(a), b: numbers(b) };
+
+      // A third member takes one task from each; a and b keep two of their own three.
+      members.push(await collect(log, group, [topic]));
+      await eventually(settled(3), settleMs + 20000, 'three members with 2 each');
+      for (const [name, member] of [
+        ['a', a],
+        ['b', b],
+      ] as const) {
+        const now = numbers(member);
+        assert.ok(
+          now.every((p) => before[name].includes(p)),
+          `${name} had ${before[name].join(',')}, now ${now.join(',')}`,
+        );
+      }
+      const kept = { a: numbers(a), b: numbers(b) };
+
+      // It leaves: a and b keep what they have, and share its two.
+      await members.pop()!.stop();
+      await eventually(settled(2), settleMs + 20000, 'two members again');
+      for (const [name, member] of [
+        ['a', a],
+        ['b', b],
+      ] as const) {
+        const now = numbers(member);
+        assert.ok(
+          kept[name].every((p) => now.includes(p)),
+          `${name} had ${kept[name].join(',')}, now ${now.join(',')}`,
+        );
+      }
+      await Promise.all(members.map((m) => m.stop()));
     });
 
     it('keeps the place of a consumer starting from the end through a rebalance: what it keeps, it reads on without a gap', async () => {
