@@ -294,11 +294,9 @@ export class PartitionStore {
       limit: max,
     });
     try {
-      const entries = await iterator.nextv(max);
-      return entries.map(([key, value]) => {
-        const stored = decodeRecord(value);
-        return { topic, partition, offset: keys.offsetOfRecordKey(key), ...stored };
-      });
+      return (await iterator.nextv(max)).map(([key, value]) =>
+        storedToRecord(topic, partition, key, value),
+      );
     } finally {
       await iterator.close();
     }
@@ -306,21 +304,29 @@ export class PartitionStore {
 
   /**
    * Iterates a partition's durable records in slices of SCAN_SLICE, for scans (the cleaner's,
-   * readPartitions', time lookups'), from `from` up to, not including, `to` (default: to the
-   * end, however far it moves meanwhile).
+   * readPartitions', time lookups'), from `from` up to, not including, `to` (default: the end).
+   * One RocksDB iterator, so one snapshot: the scan sees the partition as it was when it began,
+   * up to the end it had then. Slices read one by one would not: a restore reading a compacted
+   * changelog could take a key's old value in one slice, and find its tombstone gone from the
+   * next (the cleaner removing both meanwhile), and keep a deleted key.
    */
   async *scan(
     topic: string,
     partition: number,
     { from = 0, to = Infinity }: { from?: number; to?: number } = {},
   ): AsyncGenerator<LogRecord[]> {
-    let at = from;
-    while (at < to) {
-      const read = await this.read(topic, partition, at, SCAN_SLICE);
-      const records = read.filter((r) => r.offset < to);
-      if (records.length === 0) return;
-      yield records;
-      at = records[records.length - 1]!.offset + 1;
+    this.checkOpen();
+    const end = Math.min(to, this.partition(topic, partition).end);
+    if (from >= end) return;
+    const iterator = this.db.iterator(keys.recordRange(topic, partition, from, end));
+    try {
+      for (;;) {
+        const entries = await iterator.nextv(SCAN_SLICE);
+        if (entries.length === 0) return;
+        yield entries.map(([key, value]) => storedToRecord(topic, partition, key, value));
+      }
+    } finally {
+      await iterator.close();
     }
   }
 
@@ -390,6 +396,13 @@ export class PartitionStore {
     });
   }
 }
+
+const storedToRecord = (topic: string, partition: number, key: string, value: Buffer) => ({
+  topic,
+  partition,
+  offset: keys.offsetOfRecordKey(key),
+  ...decodeRecord(value),
+});
 
 /** Encodes a record for `append`, with its timestamp and headers normalised. */
 export function storedRecord(record: {
