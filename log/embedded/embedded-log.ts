@@ -192,6 +192,12 @@ export class EmbeddedLog implements Log {
 
 class EmbeddedProducer implements Producer {
   private open: EmbeddedTransaction | undefined;
+  /**
+   * Settles once the latest send's records were handed to the store. Encoding a large send
+   * yields to the event loop (prepare), so a smaller send after it would otherwise be appended
+   * first: as on Kafka, one producer's sends land in the order they were made.
+   */
+  private handedOn: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly log: EmbeddedLog,
@@ -204,8 +210,15 @@ class EmbeddedProducer implements Producer {
     if (this.transactionalId !== undefined) {
       throw new IllegalStateError('a transactional producer sends inside a transaction');
     }
-    const prepared = await this.log.prepare(records);
-    await this.log.store.append({ records: prepared });
+    const preparing = this.log.prepare(records); // side by side with the sends before it
+    const handing = this.handedOn.then(async () => {
+      const prepared = await preparing;
+      // Handed on, not durable: later sends join the same write group.
+      return { prepared, appended: this.log.store.append({ records: prepared }) };
+    });
+    this.handedOn = handing.catch(() => undefined);
+    const { prepared, appended } = await handing;
+    await appended;
     return prepared.map((r) => ({ topic: r.topic, partition: r.partition, offset: r.offset! }));
   }
 
@@ -228,6 +241,8 @@ class EmbeddedTransaction implements Transaction {
   private records: AppendRecord[] = [];
   private offsets: { groupId: string; offsets: TopicPartitionOffset[] } | undefined;
   private state: 'open' | 'committing' | 'done' = 'open';
+  /** Settles once the latest send's records joined `records`: they join in call order. */
+  private added: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly log: EmbeddedLog,
@@ -239,7 +254,12 @@ class EmbeddedTransaction implements Transaction {
   async send(records: ProducerRecord[]): Promise<void> {
     this.checkOpen();
     this.log.checkEpoch(this.transactionalId, this.epoch);
-    this.records.push(...(await this.log.prepare(records)));
+    const preparing = this.log.prepare(records);
+    const adding = this.added.then(async () => {
+      this.records.push(...(await preparing));
+    });
+    this.added = adding.catch(() => undefined);
+    await adding;
   }
 
   async sendOffsets(groupId: string, offsets: TopicPartitionOffset[]): Promise<void> {
@@ -258,6 +278,7 @@ class EmbeddedTransaction implements Transaction {
     this.checkOpen();
     this.state = 'committing';
     try {
+      await this.added; // sends not awaited by the caller are part of the transaction, as on Kafka
       // The fence check and the append happen in one turn: no newer producer can slip between.
       this.log.checkEpoch(this.transactionalId, this.epoch);
       await this.log.commitUnit(this.transactionalId, {
