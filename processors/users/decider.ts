@@ -280,9 +280,9 @@ export type UserEvent =
 
 /**
  * A record's own entry: a deviceId may be `constructor` or `__proto__` ([A-Za-z0-9_-]), which a
- * plain lookup would find on Object.prototype.
+ * plain lookup would find on Object.prototype; so may a connectionId on a forged record.
  */
-const own = <V>(record: Record<string, V>, key: string): V | undefined =>
+export const own = <V>(record: Record<string, V>, key: string): V | undefined =>
   Object.prototype.hasOwnProperty.call(record, key) ? record[key] : undefined;
 
 /** The message of an entry, when the entry is a message copy. */
@@ -606,11 +606,11 @@ function rangesNeeded(
   switch (command.kind) {
     case 'connected': {
       // The replay is the session's, whatever device the sync named (as in decide).
-      const pending = meta.pendingSyncs[command.connectionId];
+      const pending = own(meta.pendingSyncs, command.connectionId);
       return pending ? [aPart(pendingAfter(meta, command.deviceId, pending) + 1)] : [];
     }
     case 'sync': {
-      const session = meta.sessions[command.connectionId];
+      const session = own(meta.sessions, command.connectionId);
       if (!session) return [];
       if (command.continued)
         return session.resumeAfter === command.after ? [aPart(command.after + 1)] : [];
@@ -641,7 +641,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
   switch (command.kind) {
     case 'connected': {
       // A redelivered event, or one whose connection closed already.
-      if (meta.sessions[command.connectionId]) return [];
+      if (own(meta.sessions, command.connectionId)) return [];
       if (meta.recentlyClosed?.includes(command.connectionId)) return [];
       if (view.gatewayStartedAt !== undefined && command.at < view.gatewayStartedAt) {
         // The gateway has restarted since, and holds the connection no more: no session opens
@@ -659,7 +659,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         connectionId: command.connectionId,
         ...session,
       };
-      const pending = meta.pendingSyncs[command.connectionId];
+      const pending = own(meta.pendingSyncs, command.connectionId);
       const closed = closeOldestSessions(meta, view.liveGateways, command.gatewayId);
       return [
         ...closed,
@@ -678,7 +678,8 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'disconnected': {
-      const known = meta.sessions[command.connectionId] || meta.pendingSyncs[command.connectionId];
+      const known =
+        own(meta.sessions, command.connectionId) || own(meta.pendingSyncs, command.connectionId);
       // Only the connection it names: a reconnect's new session is never removed by the old one.
       return known
         ? [{ type: 'session-closed', connectionId: command.connectionId, at: command.at }]
@@ -686,7 +687,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
     }
 
     case 'sync': {
-      const session = meta.sessions[command.connectionId];
+      const session = own(meta.sessions, command.connectionId);
       if (command.continued) {
         // The next part, unless the session no longer waits there: it closed, a client sync
         // started its replay again, or this repeats a continued Sync already served.
@@ -697,7 +698,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         // After its connection's DISCONNECTED: nothing to replay to, ever.
         if (meta.recentlyClosed?.includes(command.connectionId)) return [];
         // A second sync before the CONNECTED: the replay covers both.
-        const waiting = meta.pendingSyncs[command.connectionId];
+        const waiting = own(meta.pendingSyncs, command.connectionId);
         return [
           {
             type: 'sync-pending',
@@ -922,7 +923,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       };
     }
     case 'session-live': {
-      const session = meta.sessions[event.connectionId];
+      const session = own(meta.sessions, event.connectionId);
       if (!session) return meta;
       const { resumeAfter: _served, ...rest } = session;
       const sentUpTo = Math.max(session.sentUpTo ?? 0, event.sentUpTo);
@@ -932,7 +933,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       };
     }
     case 'session-paced': {
-      const session = meta.sessions[event.connectionId];
+      const session = own(meta.sessions, event.connectionId);
       if (!session) return meta;
       const paced = { ...session, live: false, resumeAfter: event.resumeAfter };
       return { ...meta, sessions: { ...meta.sessions, [event.connectionId]: paced } };
@@ -943,7 +944,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       if (upTo === undefined) return meta;
       let sessions = meta.sessions;
       for (const { connectionId } of event.targets) {
-        const session = sessions[connectionId];
+        const session = own(sessions, connectionId);
         if (session?.live && (session.sentUpTo ?? 0) < upTo)
           sessions = { ...sessions, [connectionId]: { ...session, sentUpTo: upTo } };
       }
@@ -955,7 +956,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
       const closed = (meta.recentlyClosed ?? []).filter((c) => c !== event.connectionId);
       closed.push(event.connectionId);
       // Seen until it disconnected: a device connected for days is not the least recently seen.
-      const deviceId = meta.sessions[event.connectionId]?.deviceId;
+      const deviceId = own(meta.sessions, event.connectionId)?.deviceId;
       const device = deviceId === undefined ? undefined : own(meta.devices, deviceId);
       const devices =
         device && event.at !== undefined

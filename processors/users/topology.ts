@@ -33,6 +33,7 @@ import {
   evolve,
   messageOf,
   newUserMeta,
+  own,
   PRUNE_SLICE_ENTRIES,
   sessionsBehind,
   type UserCommand,
@@ -350,8 +351,8 @@ class InboxProcessor implements Processor<Input, unknown> {
   private async indexSessions(userId: string, event: UserEvent, before: UserMeta): Promise<void> {
     let gatewayId: string;
     if (event.type === 'session-opened') gatewayId = event.gatewayId;
-    else if (event.type === 'session-closed' && before.sessions[event.connectionId])
-      gatewayId = before.sessions[event.connectionId]!.gatewayId;
+    else if (event.type === 'session-closed' && own(before.sessions, event.connectionId))
+      gatewayId = own(before.sessions, event.connectionId)!.gatewayId;
     else return;
     const key = sessionKey(gatewayId, userId);
     const others = ((await this.sessions.get(key)) ?? []).filter((c) => c !== event.connectionId);
