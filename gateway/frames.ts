@@ -169,6 +169,33 @@ export function refusedNumberIn(value: unknown): number | undefined {
   return undefined;
 }
 
+/** A UTF-16 surrogate not in a pair (a `u` regex sees a pair as one code point). */
+const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
+
+/**
+ * Whether a parsed JSON value holds a string or a key with a lone surrogate: JSON's `\uD800`
+ * escape parses to one, which is not Unicode. I-JSON (RFC 7493 §2.1) refuses it; a strict
+ * client's parser (Rust's serde_json, pydantic) refuses the whole frame that carries it, so such
+ * a body, stored, is an entry its recipient can neither read nor ack.
+ */
+export function holdsLoneSurrogate(value: unknown): boolean {
+  const stack: unknown[] = [value];
+  while (stack.length > 0) {
+    const node = stack.pop();
+    if (typeof node === 'string') {
+      if (LONE_SURROGATE.test(node)) return true;
+    } else if (typeof node === 'object' && node !== null) {
+      if (Array.isArray(node)) stack.push(...node);
+      else
+        for (const [key, child] of Object.entries(node)) {
+          if (LONE_SURROGATE.test(key)) return true;
+          stack.push(child);
+        }
+    }
+  }
+  return false;
+}
+
 function parseFields(fields: Record<string, unknown>, id: string | undefined): ClientFrame {
   const type = fields.type;
   if (type === undefined || type === null) throw badFrame('type is missing');
@@ -185,6 +212,10 @@ function parseFields(fields: Record<string, unknown>, id: string | undefined): C
         throw badFrame(
           `body holds a number past what a double holds exactly (${refused}): integers must ` +
             'be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)',
+        );
+      if (holdsLoneSurrogate(fields.body))
+        throw badFrame(
+          'body holds a lone UTF-16 surrogate (a \\uD800 to \\uDFFF escape not in a pair)',
         );
       const body = JSON.stringify(fields.body);
       const bytes = Buffer.byteLength(body, 'utf8');

@@ -66,6 +66,11 @@ describe('gateway frames: parsing client frames', () => {
       },
     ],
     [
+      'send: surrogate pairs (emoji), in strings and keys',
+      { type: 'send', id: 'c1', to: 'bob', body: { '\ud83d\ude00': '\ud83d\udc4d \u00e9' } },
+      { type: 'send', id: 'c1', recipient: user('bob'), body: '{"😀":"👍 é"}' },
+    ],
+    [
       'send to a group',
       { type: 'send', id: 'c2', group: 'g-1', body: 'hello' },
       { type: 'send', id: 'c2', recipient: group('g-1'), body: '"hello"' },
@@ -238,6 +243,21 @@ describe('gateway frames: parsing client frames', () => {
         },
       ],
     ),
+    ...[
+      '"\\ud800"',
+      '{"text":"\\udfff x"}',
+      '{"\\udbff":1}',
+      '["ok", ["\\ud83d"]]',
+      '"\\ude00\\ud83d"',
+    ].map((body): [string, string, FrameError] => [
+      `a send whose body holds a lone surrogate: ${body}`,
+      `{"type":"send","id":"c1","to":"bob","body":${body}}`,
+      {
+        code: 'bad_frame',
+        message: 'body holds a lone UTF-16 surrogate (a \\uD800 to \\uDFFF escape not in a pair)',
+        id: 'c1',
+      },
+    ]),
     [
       'a send to a number',
       JSON.stringify({ type: 'send', id: 'c1', to: 5, body: 1 }),
