@@ -94,7 +94,8 @@ export function answerClientError(error: NodeJS.ErrnoException, socket: Duplex):
   const body = JSON.stringify({ error: { code, message } });
   socket.end(
     `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json; charset=utf-8\r\n` +
-      `Content-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+      `Cache-Control: no-store\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+      `Connection: close\r\n\r\n${body}`,
   );
 }
 
@@ -144,7 +145,7 @@ export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: H
         : json(response, 503, { error: { code: 'unavailable', message: reason } });
     }
     const body = await metrics.text();
-    response.writeHead(200, { 'content-type': metrics.contentType });
+    response.writeHead(200, { 'content-type': metrics.contentType, 'cache-control': 'no-store' });
     response.end(body);
   }
 }
@@ -155,6 +156,10 @@ function json(
   body: unknown,
   headers: Record<string, string> = {},
 ): void {
-  response.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers });
+  response.writeHead(status, {
+    'content-type': 'application/json; charset=utf-8',
+    'cache-control': 'no-store',
+    ...headers,
+  });
   response.end(JSON.stringify(body));
 }

@@ -27,6 +27,8 @@ export class HandshakeRefusal extends Error {
     readonly code: string,
     message: string,
     readonly field?: string,
+    /** Headers of the answer beyond the usual ones (`Allow`, `Sec-WebSocket-Version`). */
+    readonly headers: Record<string, string> = {},
   ) {
     super(message);
     this.name = 'HandshakeRefusal';
@@ -88,9 +90,39 @@ export async function authenticate(
   try {
     userId = await verifyAccessToken(token);
   } catch {
-    throw new HandshakeRefusal(401, 'unauthorized', 'the access token is invalid or expired');
+    throw new HandshakeRefusal(
+      401,
+      'unauthorized',
+      'the access token is invalid or expired',
+      undefined,
+      { 'WWW-Authenticate': 'Bearer realm="kchat", error="invalid_token"' },
+    );
   }
   return { userId, deviceId: deviceIdOf(url) };
+}
+
+/**
+ * The handshake a WebSocket server refuses once the token and deviceId passed (ws's checks:
+ * method, Upgrade, Sec-WebSocket-Key and -Version, -Protocol and -Extensions), in PROTOCOL's
+ * error shape instead of ws's text/html answer: 405 for a method other than GET, else 400.
+ */
+export function malformedHandshake(request: IncomingMessage, error: Error): HandshakeRefusal {
+  if (request.method !== 'GET')
+    return new HandshakeRefusal(
+      405,
+      'bad_request',
+      `a WebSocket opens with GET, not ${request.method}`,
+      undefined,
+      { Allow: 'GET' },
+    );
+  const version = /Sec-WebSocket-Version/.test(error.message);
+  return new HandshakeRefusal(
+    400,
+    'bad_request',
+    `not a valid WebSocket handshake: ${error.message}`,
+    undefined,
+    version ? { 'Sec-WebSocket-Version': '13, 8' } : {},
+  );
 }
 
 /** Answers an upgrade request with a plain HTTP response and closes its socket. */
@@ -107,8 +139,13 @@ export function refuseUpgrade(socket: Duplex, refusal: HandshakeRefusal): void {
     `HTTP/1.1 ${refusal.status} ${STATUS_CODES[refusal.status] ?? ''}`,
     'Connection: close',
     'Content-Type: application/json; charset=utf-8',
+    'Cache-Control: no-store',
     `Content-Length: ${Buffer.byteLength(body)}`,
-    ...(refusal.status === 401 ? ['WWW-Authenticate: Bearer'] : []),
+    // As the API answers a 401 (RFC 6750): the realm, and the error when a token was given.
+    ...Object.entries({
+      ...(refusal.status === 401 ? { 'WWW-Authenticate': 'Bearer realm="kchat"' } : {}),
+      ...refusal.headers,
+    }).map(([name, value]) => `${name}: ${value}`),
   ];
   socket.once('finish', () => socket.destroy());
   socket.end(`${headers.join('\r\n')}\r\n\r\n${body}`);

@@ -33,6 +33,7 @@ import type { Metrics } from '../observability/metrics.ts';
 import {
   authenticate,
   HandshakeRefusal,
+  malformedHandshake,
   refuseUpgrade,
   type Identity,
   type VerifyAccessToken,
@@ -187,6 +188,9 @@ class WebSocketGateway implements Gateway {
       // Connection.parse decodes every frame strictly, and answers bad_frame for bad UTF-8.
       skipUTF8Validation: true,
     });
+    this.wss.on('wsClientError', (error: Error, socket: Duplex, request: IncomingMessage) =>
+      refuseUpgrade(socket, malformedHandshake(request, error)),
+    );
   }
 
   get connectionCount(): number {

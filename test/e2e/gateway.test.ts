@@ -877,6 +877,97 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.close();
     });
 
+    /** The raw answer to an upgrade request written by hand, as a client with bugs writes it. */
+    async function rawUpgrade(lines: string[]): Promise<{
+      status: number;
+      headers: Map<string, string>;
+      body: unknown;
+    }> {
+      const { port } = main.server.address() as AddressInfo;
+      const socket = connectTcp(port, '127.0.0.1');
+      socket.write([...lines, '', ''].join('\r\n'));
+      let reply = '';
+      for await (const chunk of socket) reply += String(chunk);
+      const [head, body] = reply.split('\r\n\r\n') as [string, string];
+      const [statusLine, ...headerLines] = head.split('\r\n');
+      const headers = new Map(
+        headerLines.map((line) => {
+          const colon = line.indexOf(':');
+          return [line.slice(0, colon).toLowerCase(), line.slice(colon + 1).trim()];
+        }),
+      );
+      return { status: Number(statusLine!.split(' ')[1]), headers, body: JSON.parse(body) };
+    }
+
+    it('answers a malformed handshake (with a good token) in the error shape, not ws’s HTML', async () => {
+      const token = await tokenFor(newUser());
+      const request = (method: string, extra: string[]) => [
+        `${method} /v1/ws HTTP/1.1`,
+        'Host: 127.0.0.1',
+        'Connection: Upgrade',
+        'Upgrade: websocket',
+        `Authorization: Bearer ${token}`,
+        ...extra,
+      ];
+      const key = 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==';
+      const cases: [string, string[], number, Record<string, string>][] = [
+        ['no key', request('GET', ['Sec-WebSocket-Version: 13']), 400, {}],
+        [
+          'a bad key',
+          request('GET', ['Sec-WebSocket-Version: 13', 'Sec-WebSocket-Key: x']),
+          400,
+          {},
+        ],
+        [
+          'an unknown version',
+          request('GET', ['Sec-WebSocket-Version: 99', key]),
+          400,
+          { 'sec-websocket-version': '13, 8' },
+        ],
+        [
+          'a malformed extension offer',
+          request('GET', ['Sec-WebSocket-Version: 13', key, 'Sec-WebSocket-Extensions: ;;']),
+          400,
+          {},
+        ],
+        [
+          'POST',
+          request('POST', ['Sec-WebSocket-Version: 13', key, 'Content-Length: 0']),
+          405,
+          { allow: 'GET' },
+        ],
+      ];
+      for (const [what, lines, status, headers] of cases) {
+        const answer = await rawUpgrade(lines);
+        assert.equal(answer.status, status, what);
+        assert.equal(answer.headers.get('content-type'), 'application/json; charset=utf-8', what);
+        assert.equal(answer.headers.get('cache-control'), 'no-store', what);
+        for (const [name, value] of Object.entries(headers))
+          assert.equal(answer.headers.get(name), value, what);
+        const { error } = answer.body as { error: { code: string; message: string } };
+        assert.equal(error.code, 'bad_request', what);
+        assert.equal(typeof error.message, 'string', what);
+      }
+      const client = await connect(newUser());
+      await client.alive();
+      client.close();
+    });
+
+    it('challenges a refused token as the API does (RFC 6750): realm, and invalid_token when one was given', async () => {
+      const base = ['GET /v1/ws HTTP/1.1', 'Host: 127.0.0.1', 'Connection: Upgrade'];
+      const handshake = ['Upgrade: websocket', 'Sec-WebSocket-Version: 13'];
+      const missing = await rawUpgrade([...base, ...handshake]);
+      assert.equal(missing.status, 401);
+      assert.equal(missing.headers.get('www-authenticate'), 'Bearer realm="kchat"');
+      assert.equal(missing.headers.get('cache-control'), 'no-store');
+      const bad = await rawUpgrade([...base, ...handshake, 'Authorization: Bearer not.a.token']);
+      assert.equal(bad.status, 401);
+      assert.equal(
+        bad.headers.get('www-authenticate'),
+        'Bearer realm="kchat", error="invalid_token"',
+      );
+    });
+
     it('refuses an upgrade whose target is not a URL with 400, and goes on', async () => {
       const { port } = main.server.address() as AddressInfo;
       const socket = connectTcp(port, '127.0.0.1');

@@ -86,6 +86,11 @@ describe('npm start (embedded shape)', function () {
       assert.match(reply, new RegExp(`^HTTP/1\\.1 ${status} `), reply);
       const body = JSON.parse(reply.slice(reply.indexOf('\r\n\r\n') + 4));
       assert.equal(body.error.code, code, reply);
+      assert.match(reply, /\r\nCache-Control: no-store\r\n/i, reply);
+    }
+    for (const path of ['/healthz', '/readyz', '/metrics', '/nowhere']) {
+      const answer = await fetch(`${server.url}${path}`);
+      assert.equal(answer.headers.get('cache-control'), 'no-store', path);
     }
     assert.equal((await fetch(`${server.url}/healthz`)).status, 200);
     // An upgrade to anything but a WebSocket (`curl --http2` on http:// asks for h2c) is
