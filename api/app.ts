@@ -20,6 +20,7 @@ import {
 } from './throttles.ts';
 import { PasswordHasher } from './passwords.ts';
 import { authRouter } from './routes/auth.ts';
+import { notBuiltRouter } from './routes/not-built.ts';
 import { meRouter } from './routes/me.ts';
 import type { TokenService } from './tokens.ts';
 
@@ -69,6 +70,7 @@ export function createApi(deps: ApiDeps): Koa {
   const routes = new Router();
   routes.use(authRouter(resolved).routes());
   routes.use(meRouter(resolved).routes());
+  routes.use(notBuiltRouter().routes());
 
   const app = new Koa();
   app.proxy = deps.trustProxy ?? false;

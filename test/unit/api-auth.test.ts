@@ -866,6 +866,31 @@ describe('REST API: accounts', () => {
       }
     });
 
+    it('answers 503 unavailable, not 404 or 405, on the routes PROTOCOL names that are not built yet', async () => {
+      for (const [method, path] of [
+        ['PATCH', '/v1/me'],
+        ['GET', '/v1/users/alice'],
+        ['POST', '/v1/contacts/sync'],
+        ['PUT', '/v1/devices/phone'],
+        ['DELETE', '/v1/devices/phone'],
+        ['POST', '/v1/groups'],
+        ['GET', '/v1/groups'],
+        ['GET', '/v1/groups/g1'],
+        ['PATCH', '/v1/groups/g1'],
+        ['POST', '/v1/groups/g1/members'],
+        ['DELETE', '/v1/groups/g1/members/alice'],
+        ['PUT', '/v1/groups/g1/members/alice/role'],
+        ['GET', '/v1/messages?with=alice'],
+      ] as const) {
+        const answer = await api.call(method, path);
+        assertError(answer, 503, 'unavailable');
+        assert.match(String(answer.body.error.message), /not available in this version/);
+      }
+      // Around them, the router answers as before.
+      assertError(await api.call('GET', '/v1/users'), 404, 'not_found');
+      assertError(await api.call('POST', '/v1/users/alice'), 405, 'bad_request');
+    });
+
     it('answers 405 with Allow for a known path and another method', async () => {
       const answer = await api.call('GET', '/v1/auth/login');
       assertError(answer, 405, 'bad_request');
