@@ -80,12 +80,15 @@ const WORK_COUNTERS = {
 /**
  * Histograms of how long a record took over a stage of its path: from the gateway's write to
  * the users actor's processing (of a record the users actor wrote itself: from that write), and
- * from the users actor's write of a delivery to the gateway's. The window's mean is the
+ * from the users actor's write of a delivery to the gateway's, and the users actor's task commits
+ * that the second stage waits for. The window's mean is the
  * difference of their sums over the difference of their counts.
  */
 const STAGE_LATENCIES = {
   'log to users actor': 'kchat_streams_record_latency_seconds',
   'users actor to gateway delivery': 'kchat_gateway_delivery_latency_seconds',
+  // Inside the stage before: a task's commit, which its deliveries wait for (read committed).
+  'of which a task commit': 'kchat_streams_commit_seconds',
 } as const;
 
 /**
