@@ -1,6 +1,7 @@
 /**
  * A kafkajs partition assigner that keeps co-partitioning: the group leader runs
- * `assignCoPartitioned` over the members and the topics each subscribed to. Each member's
+ * `assignCoPartitioned` over the members and the topics each subscribed to (all of them, not
+ * only its own). Each member's
  * subscription carries, in its user data, the task (partition) numbers it owned last: kafkajs's
  * rebalances are eager (every member gives up everything before it joins), so "owned" is what it
  * was last assigned, as the user data of Kafka's StickyAssignor carries. The leader keeps those
@@ -41,7 +42,13 @@ export function coPartitionedAssigner(owned: () => readonly number[]): Partition
         subscriptions.set(member.memberId, metadata?.topics ?? topics);
         claims.set(member.memberId, decodeOwned(metadata?.userData));
       }
-      const counts = topics.map((topic) => ({
+      // kafkajs hands the leader its own subscription as `topics`: in a rolling deploy that
+      // adds a source topic, an older leader would assign the new topic to nobody. Every
+      // member's topics are assigned (the leader needs their metadata: it asks for it).
+      const all = [...new Set([...topics, ...[...subscriptions.values()].flat()])];
+      const others = all.filter((topic) => !topics.includes(topic));
+      if (others.length > 0) await cluster.addMultipleTargetTopics(others);
+      const counts = all.map((topic) => ({
         topic,
         partitions: cluster.findTopicPartitionMetadata(topic).length,
       }));

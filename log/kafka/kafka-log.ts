@@ -347,18 +347,30 @@ function leavesTheAssignment(error: unknown): boolean {
 }
 
 /**
- * A request's records, at most this many bytes of keys, values and headers. The broker refuses
- * a record batch over `message.max.bytes` (1 MiB by default), and kafkajs sends each partition's
+ * A request's records, at most about this many bytes as sizeOf counts them. The broker refuses a
+ * record batch over `message.max.bytes` (1 MiB by default), and kafkajs sends each partition's
  * records of one call as one batch, so a large call (a task's commit after a burst) is split.
  */
 const REQUEST_BYTES = 512 * 1024;
 
+/**
+ * What a record's framing in a v2 batch can take beyond its key, value and header bytes (its
+ * length, attributes, timestamp and offset deltas, and the key, value and header-count lengths,
+ * all varints), and each header's two lengths. Counting key and value bytes alone, 90,000
+ * tombstones with 3-byte keys counted 270 KB and weighed 1.2 MB on the wire: refused as too
+ * large, retried for a minute and a half, and a commit like that would fail every time.
+ */
+const RECORD_OVERHEAD_BYTES = 32;
+const HEADER_OVERHEAD_BYTES = 10;
+
 function sizeOf(record: ProducerRecord): number {
-  let bytes = (record.key?.length ?? 0) + (record.value?.length ?? 0);
+  let bytes = RECORD_OVERHEAD_BYTES + (record.key?.length ?? 0) + (record.value?.length ?? 0);
   for (const [name, value] of Object.entries(record.headers ?? {}))
-    bytes += name.length + (value?.length ?? 0);
+    bytes += HEADER_OVERHEAD_BYTES + Buffer.byteLength(name) + (value?.length ?? 0);
   return bytes;
 }
+
+const sizeOfAll = (records: ProducerRecord[]) => records.reduce((n, r) => n + sizeOf(r), 0);
 
 /** Consecutive slices of at most REQUEST_BYTES each (a larger record alone in its slice). */
 export function inRequests(records: ProducerRecord[]): ProducerRecord[][] {
@@ -388,9 +400,6 @@ export function translate(error: unknown, transactionalId?: string): unknown {
   const retriable = (error as { retriable?: boolean }).retriable === true;
   return new LogError((error as Error).message ?? String(error), { retriable, cause: error });
 }
-
-/** A group of sends goes out as one request up to about this many bytes of keys and values. */
-const SEND_GROUP_BYTES = 512 * 1024;
 
 interface QueuedSend {
   records: ProducerRecord[];
@@ -453,8 +462,11 @@ class KafkaLogProducer implements Producer {
   /**
    * Group commit, as the Java client's accumulator does: the idempotent producer has one
    * request in flight, so the sends made meanwhile (and those of the same event-loop turn) go
-   * out together as the next request, in the order they were made. Each resolves with its own
-   * records' offsets; a failed request fails every send in it.
+   * out together as the next request, in the order they were made, as many as fit one request
+   * (REQUEST_BYTES). Each resolves with its own records' offsets; a failed request fails the
+   * sends in it and leaves the sends of earlier requests resolved. A send too large for one
+   * request goes alone, in several: if one of them fails, it rejects though its earlier requests
+   * were written (as on Kafka; a resend writes those records again).
    */
   send(records: ProducerRecord[]): Promise<RecordMetadata[]> {
     if (this.transactionalId !== undefined) {
@@ -470,12 +482,12 @@ class KafkaLogProducer implements Producer {
 
   private async drain(): Promise<void> {
     while (this.queue.length > 0) {
-      const group: QueuedSend[] = [];
-      let bytes = 0;
-      while (this.queue.length > 0 && (group.length === 0 || bytes < SEND_GROUP_BYTES)) {
+      const group: QueuedSend[] = [this.queue.shift()!];
+      let bytes = sizeOfAll(group[0]!.records);
+      while (this.queue.length > 0 && bytes + sizeOfAll(this.queue[0]!.records) <= REQUEST_BYTES) {
         const next = this.queue.shift()!;
         group.push(next);
-        for (const r of next.records) bytes += (r.key?.length ?? 0) + (r.value?.length ?? 0);
+        bytes += sizeOfAll(next.records);
       }
       try {
         const metadata = await this.sendNow(group.flatMap((g) => g.records));
@@ -875,8 +887,8 @@ class KafkaLogConsumer implements Consumer {
   }
 
   /**
-   * Starting from the end: a partition new to this member starts at the end it has when
-   * assigned; one it keeps (through a rebalance or a restart) goes on from its position; one it
+   * Starting from the end: a partition new to this member starts at the group's committed
+   * offset, or without one at the end it has when assigned; one it keeps (through a rebalance or a restart) goes on from its position; one it
    * lost is forgotten (whoever has it now starts it afresh).
    */
   private async placePositions(assignment: TopicPartition[]): Promise<void> {
@@ -887,9 +899,18 @@ class KafkaLogConsumer implements Consumer {
       if (!assigned.has(known)) this.positions.delete(known);
     const fresh = assignment.filter((tp) => !this.positions.has(id(tp)));
     for (const topic of new Set(fresh.map((tp) => tp.topic))) {
-      for (const mark of await this.admin.watermarks(topic))
-        if (assigned.has(id({ topic, partition: mark.partition })))
-          this.positions.set(id({ topic, partition: mark.partition }), mark.high);
+      // 'latest' is for a partition the group has no committed offset of, as on the embedded log.
+      const committed = new Map(
+        (await this.admin.committedOffsets(this.options.groupId, topic)).map((o) => [
+          o.partition,
+          o.offset,
+        ]),
+      );
+      for (const mark of await this.admin.watermarks(topic)) {
+        const tp = id({ topic, partition: mark.partition });
+        const from = committed.get(mark.partition) ?? -1;
+        if (assigned.has(tp)) this.positions.set(tp, from >= 0 ? from : mark.high);
+      }
     }
     for (const tp of assignment) {
       const position = this.positions.get(id(tp));
