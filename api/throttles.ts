@@ -1,6 +1,7 @@
 /**
  * Throttles on the REST API's unauthenticated doors: registrations and refreshes per client
- * address, and password guessing.
+ * address, and password guessing. A client address is an IPv4 address or an IPv6 /64
+ * (`clientOf`).
  *
  * Logins: throttled on `POST /v1/auth/login`, after OWASP's authentication cheat
  * sheet and rate-limiter-flexible's login recipe. Only failures count:
@@ -21,8 +22,21 @@
  * (and a success gives it back), so concurrent guesses are counted as they come, not after. The counts live in this process's memory (one
  * api process per deployment until accounts move to MongoDB), and are lost on a restart.
  */
+import ipaddr from 'ipaddr.js';
 import { RateLimiterMemory, type RateLimiterRes } from 'rate-limiter-flexible';
 import { HttpError } from './errors.ts';
+
+/**
+ * The client an address stands for, as the throttles count it: an IPv4 address (an IPv4-mapped
+ * IPv6 one as its IPv4), or an IPv6 address's /64, which one subscriber holds whole (RFC 6177):
+ * counted address by address, one IPv6 client had 2^64 fresh allowances.
+ */
+export function clientOf(address: string): string {
+  if (!ipaddr.isValid(address)) return address;
+  const parsed = ipaddr.process(address);
+  if (parsed.kind() === 'ipv4') return parsed.toString();
+  return `${Buffer.from(parsed.toByteArray().slice(0, 8)).toString('hex')}/64`;
+}
 
 export interface LoginLimits {
   /** Failed logins in a row for a username from an address that block the pair. */
@@ -80,7 +94,7 @@ export class AddressLimit {
 
   /** Takes one attempt for the address, or throws 429. */
   async attempt(address: string): Promise<void> {
-    if (this.byAddress) await take(this.byAddress, address, `too many ${this.what}`);
+    if (this.byAddress) await take(this.byAddress, clientOf(address), `too many ${this.what}`);
   }
 }
 
@@ -115,7 +129,8 @@ export class LoginThrottle {
    * the address may not try now. A try counts as a failure until `succeeded` gives it back:
    * taken first, so that guesses sent at once cannot all pass before any failure is counted.
    */
-  async attempt(username: string, address: string): Promise<void> {
+  async attempt(username: string, from: string): Promise<void> {
+    const address = clientOf(from);
     await take(this.everyByAddress, address, 'too many logins');
     await take(this.byAddress, address, 'too many failed logins');
     try {
@@ -131,14 +146,16 @@ export class LoginThrottle {
    * The password was never checked (the hashes busy, a store error): the try is given back to
    * both counts, since it told the client nothing.
    */
-  async unchecked(username: string, address: string): Promise<void> {
+  async unchecked(username: string, from: string): Promise<void> {
+    const address = clientOf(from);
     await this.byUserAndAddress.reward(pair(username, address), 1);
     await this.byAddress.reward(address, 1);
     await this.everyByAddress.reward(address, 1);
   }
 
   /** The login succeeded: its try was no failure, and the failures in a row are forgotten. */
-  async succeeded(username: string, address: string): Promise<void> {
+  async succeeded(username: string, from: string): Promise<void> {
+    const address = clientOf(from);
     await this.byUserAndAddress.delete(pair(username, address));
     await this.byAddress.reward(address, 1);
   }

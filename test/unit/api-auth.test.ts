@@ -18,7 +18,7 @@ import { pino } from 'pino';
 import { createApi, type ApiDeps } from '../../api/app.ts';
 import { AccountOutbox } from '../../api/account-outbox.ts';
 import { MAX_BODY_BYTES } from '../../api/body.ts';
-import { DEFAULT_LOGIN_LIMITS } from '../../api/throttles.ts';
+import { clientOf, DEFAULT_LOGIN_LIMITS } from '../../api/throttles.ts';
 import {
   MAX_CONCURRENT_HASHES,
   MAX_WAITING_HASHES,
@@ -1265,5 +1265,36 @@ describe('REST API: failed logins are throttled', () => {
     // The proxy appends the address it saw; what the client put before it is not believed.
     assertError(await loginFrom('10.0.0.2, 10.0.0.1', 'jude'), 429, 'rate_limited');
     assert.equal((await loginFrom('10.0.0.2', 'jude')).status, 200, 'the owner elsewhere logs in');
+  });
+
+  it('counts an IPv6 /64 as one client (one subscriber holds it whole), and an IPv4-mapped address as its IPv4', async () => {
+    api = await new Harness().start({ loginLimits: limits, trustProxy: true });
+    await api.register('kira');
+    for (let i = 1; i <= 3; i++)
+      assertError(
+        await loginFrom(`2001:db8:0:7::${i.toString(16)}`, 'kira', 'wrong password'),
+        401,
+        'unauthorized',
+      );
+    // Found by a review: each of the /64's 2^64 addresses had a fresh allowance.
+    assertError(await loginFrom('2001:db8:0:7:ffff::9', 'kira'), 429, 'rate_limited');
+    assertError(await loginFrom('2001:0db8:0000:0007::1', 'kira'), 429, 'rate_limited');
+    assert.equal((await loginFrom('2001:db8:0:8::1', 'kira')).status, 200, 'the next /64');
+
+    await api.register('lino');
+    for (let i = 0; i < 3; i++)
+      assertError(await loginFrom('192.0.2.7', 'lino', 'wrong password'), 401, 'unauthorized');
+    assertError(await loginFrom('::ffff:192.0.2.7', 'lino'), 429, 'rate_limited');
+  });
+});
+
+describe('clientOf: the client an address stands for', () => {
+  it('is the IPv4 address, the IPv4 of a mapped address, or the IPv6 /64', () => {
+    assert.equal(clientOf('192.0.2.7'), '192.0.2.7');
+    assert.equal(clientOf('::ffff:192.0.2.7'), '192.0.2.7');
+    assert.equal(clientOf('2001:db8::1'), '20010db800000000/64');
+    assert.equal(clientOf('2001:db8:0:0:ffff:ffff:ffff:ffff'), '20010db800000000/64');
+    assert.equal(clientOf('::1'), '0000000000000000/64');
+    assert.equal(clientOf('not an address'), 'not an address');
   });
 });
