@@ -28,7 +28,12 @@ import {
 
 type TokenState = 'active' | 'used' | 'revoked';
 type StoredToken = RefreshTokenGrant & { state: TokenState };
-type FamilyRevocation = { expiresAt: number };
+/**
+ * A revoked family, remembered as long as its longest-lived token. `done: false` while its
+ * tokens are being revoked: written first, so that a crash midway leaves no token of it usable
+ * (consume refuses a token whose family is revoked), and the purge finishes it.
+ */
+type FamilyRevocation = { expiresAt: number; done?: boolean };
 
 const accountKey = (userId: string) => `a/${userId}`;
 const outboxKey = (userId: string) => `o/${userId}`;
@@ -194,6 +199,9 @@ export class EmbeddedAccountStores implements AccountStores {
       if (token === undefined) return undefined;
       const { state, ...grant } = token;
       if (state === 'revoked') return { state: 'revoked', grant };
+      // Its family being revoked (or left half revoked by a crash): as good as revoked.
+      if ((await this.read(revocationKey(token.familyId))) !== undefined)
+        return { state: 'revoked', grant };
       if (state === 'used') return { state: 'reused', grant };
       await this.db.put(tokenKey(hash), { ...token, state: 'used' });
       return { state: 'consumed', grant };
@@ -214,21 +222,22 @@ export class EmbeddedAccountStores implements AccountStores {
     if (reused !== undefined) await this.revokeFamily(reused);
   }
 
+  /**
+   * Marks the family revoked first, then revokes its tokens a page at a time (a client that
+   * refreshed for a month has thousands), then records how long to remember it.
+   */
   private revokeFamily(familyId: string): Promise<void> {
     return this.lock.run(revocationKey(familyId), async () => {
+      const previous = await this.read<FamilyRevocation>(revocationKey(familyId));
+      let expiresAt = Math.max(previous?.expiresAt ?? 0, this.now() + EMPTY_FAMILY_REVOCATION_MS);
+      await this.db.put(revocationKey(familyId), { expiresAt, done: false });
       const prefix = familyPrefix(familyId);
-      const hashes = await this.db
-        .keys({ gte: prefix, lt: after(prefix) })
-        .all()
-        .then((keys) => keys.map((key) => key.slice(prefix.length)));
-      let expiresAt = this.now() + EMPTY_FAMILY_REVOCATION_MS;
-      for (const hash of hashes) {
+      for await (const [key] of this.scan(prefix, after(prefix))) {
+        const hash = key.slice(prefix.length);
         const token = await this.lock.run(tokenKey(hash), () => this.setRevoked(hash));
         if (token !== undefined) expiresAt = Math.max(expiresAt, token.expiresAt);
       }
-      const previous = await this.read<FamilyRevocation>(revocationKey(familyId));
-      if (previous !== undefined) expiresAt = Math.max(expiresAt, previous.expiresAt);
-      await this.db.put(revocationKey(familyId), { expiresAt });
+      await this.db.put(revocationKey(familyId), { expiresAt, done: true });
     });
   }
 
@@ -255,7 +264,12 @@ export class EmbeddedAccountStores implements AccountStores {
         }),
       );
     }
-    for await (const [key, { expiresAt }] of this.scan<FamilyRevocation>('r/', 'r0')) {
+    for await (const [key, { expiresAt, done }] of this.scan<FamilyRevocation>('r/', 'r0')) {
+      // A revocation a crash cut short: its tokens are refused already; it is finished here.
+      if (done === false) {
+        await this.revokeFamily(key.slice('r/'.length));
+        continue;
+      }
       if (expiresAt > now) continue;
       await this.lock.run(key, async () => {
         const revocation = await this.read<FamilyRevocation>(key);

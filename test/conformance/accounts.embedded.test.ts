@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { createHash, randomUUID } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -128,6 +129,77 @@ describe('embedded account stores: a purge of many tokens', () => {
       assert.equal((await stores.refreshTokens.consume(hashOf('t0')))?.state, 'consumed');
       assert.equal(await stores.refreshTokens.consume(hashOf('t1')), undefined);
       assert.equal(await stores.purgeExpired(), 0);
+    } finally {
+      await stores.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('embedded account stores: a family revocation cut short by SIGKILL', () => {
+  it('leaves no token of the family usable, and the purge finishes it', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-accounts-'));
+    const DAY = 24 * 3600_000;
+    const familyId = randomUUID();
+    const count = 4000;
+    // A child stores a family of `count` tokens, says so, revokes the family and is killed.
+    const child = spawn(
+      process.execPath,
+      [
+        '--import',
+        'tsx',
+        '--input-type=module',
+        '-e',
+        `
+        import { createHash } from 'node:crypto';
+        import { EmbeddedAccountStores } from ${JSON.stringify(new URL('../../state/accounts/embedded.ts', import.meta.url).pathname)};
+        const stores = await EmbeddedAccountStores.open(process.argv[1], { purgeIntervalMs: 0 });
+        const hashOf = (t) => createHash('sha256').update(t).digest('hex');
+        for (let i = 0; i < ${count}; i += 500)
+          await Promise.all(Array.from({ length: 500 }, (_, j) => stores.refreshTokens.store(
+            hashOf('f' + (i + j)),
+            { userId: 'mallory', familyId: process.argv[2], expiresAt: Date.now() + 30 * ${DAY} },
+          )));
+        console.log('revoking');
+        await stores.refreshTokens.revokeFamily(process.argv[2]);
+        console.log('finished');
+        `,
+        dir,
+        familyId,
+      ],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
+    let output = '';
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    await new Promise<void>((resolve) =>
+      child.stdout!.on('data', (chunk: Buffer) => {
+        output += String(chunk);
+        if (output.includes('revoking')) resolve();
+      }),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    child.kill('SIGKILL');
+    await exited;
+    assert.ok(!output.includes('finished'), 'the test needs the revocation unfinished');
+
+    let now = Date.now();
+    const stores = await EmbeddedAccountStores.open(dir, { now: () => now, purgeIntervalMs: 0 });
+    try {
+      let usable = 0;
+      for (let i = 0; i < count; i++)
+        if ((await stores.refreshTokens.consume(hashOf(`f${i}`)))?.state !== 'revoked') usable++;
+      assert.equal(usable, 0, 'tokens of the revoked family still refreshed');
+      await stores.purgeExpired(); // finishes the revocation
+      // Remembered as long as its tokens live (30 days), not the day of an empty family.
+      now += 2 * DAY;
+      await stores.purgeExpired();
+      assert.equal((await stores.refreshTokens.consume(hashOf(`f${count - 1}`)))?.state, 'revoked');
+      await stores.refreshTokens.store(hashOf('late'), {
+        userId: 'mallory',
+        familyId,
+        expiresAt: now + DAY,
+      });
+      assert.equal((await stores.refreshTokens.consume(hashOf('late')))?.state, 'revoked');
     } finally {
       await stores.close();
       await rm(dir, { recursive: true, force: true });
