@@ -99,8 +99,27 @@ export function answerClientError(error: NodeJS.ErrnoException, socket: Duplex):
   );
 }
 
-export function createHttpServer(metrics: Metrics, readiness: Readiness, api?: Handler): Server {
-  const server = createServer((request: IncomingMessage, response: ServerResponse) => {
+/**
+ * How long a request may take to arrive: its headers, and all of it with its body. Node's
+ * defaults (60 s and 300 s) let a client hold a connection and a body buffer up to 1 MiB for five
+ * minutes by sending slowly; a 1 MiB body needs only 35 KB/s to arrive in 30 s. Past them the
+ * answer is 408 (answerClientError). WebSocket connections are not requests: only their
+ * handshake's headers are timed.
+ */
+export const REQUEST_TIMEOUTS = { headersMs: 20_000, requestMs: 30_000, checkEveryMs: 5_000 };
+
+export function createHttpServer(
+  metrics: Metrics,
+  readiness: Readiness,
+  api?: Handler,
+  timeouts = REQUEST_TIMEOUTS,
+): Server {
+  const options = {
+    headersTimeout: timeouts.headersMs,
+    requestTimeout: timeouts.requestMs,
+    connectionsCheckingInterval: timeouts.checkEveryMs,
+  };
+  const server = createServer(options, (request: IncomingMessage, response: ServerResponse) => {
     const path = pathOf(request);
     if (path === undefined) {
       return json(response, 400, {

@@ -1,6 +1,7 @@
 /** PROTOCOL.md's process interface, the parts that need no process: readConfig and the rate limit. */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { connect as connectTcp, type AddressInfo } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -81,6 +82,47 @@ describe('process interface: liveness when the embedded log can no longer write'
       server.close();
       await infrastructure.close().catch(() => undefined);
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('process interface: requests that arrive too slowly', () => {
+  it('answers 408 to headers that never end, and cuts off a body that stalls', async () => {
+    const server = createHttpServer(
+      new Metrics({ role: 'all' }),
+      { notReadyBecause: async () => undefined },
+      (request, response) => {
+        request.resume();
+        request.on('end', () => response.end('read'));
+      },
+      { headersMs: 300, requestMs: 600, checkEveryMs: 50 },
+    );
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    const { port } = server.address() as AddressInfo;
+    /** Writes `text`, then waits for the server to answer and close (at most 5 s). */
+    const stall = async (text: string) => {
+      const socket = connectTcp(port, '127.0.0.1');
+      const started = Date.now();
+      socket.write(text);
+      let reply = '';
+      const timer = setTimeout(() => socket.destroy(), 5_000);
+      for await (const chunk of socket) reply += String(chunk);
+      clearTimeout(timer);
+      return { reply, ms: Date.now() - started };
+    };
+    try {
+      const headers = await stall('GET /healthz HTTP/1.1\r\nHost: x\r\n');
+      assert.match(headers.reply, /^HTTP\/1\.1 408 /);
+      assert.match(headers.reply, /"code":"bad_request"/);
+      assert.ok(headers.ms < 4_000, `cut after ${headers.ms} ms`);
+      const body = await stall(
+        'POST /v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"user',
+      );
+      assert.ok(body.ms < 4_000, `a stalled body held its connection ${body.ms} ms`);
+      assert.doesNotMatch(body.reply, /read/);
+    } finally {
+      server.close();
     }
   });
 });
