@@ -8,6 +8,7 @@
  * account twice changes nothing.
  */
 import type { Logger } from '../observability/logger.ts';
+import { KeyedLock } from '../state/accounts/keyed-lock.ts';
 import type { Account, AccountRepository } from '../state/accounts/port.ts';
 
 export const OUTBOX_INTERVAL_MS = 5000;
@@ -24,14 +25,30 @@ export interface AccountOutboxDeps {
 export class AccountOutbox {
   private timer: NodeJS.Timeout | undefined;
   private flushing: Promise<number> | undefined;
+  private readonly publishing = new KeyedLock();
 
   constructor(private readonly deps: AccountOutboxDeps) {}
 
-  /** Sends and confirms one account; false (logged) when it stays in the outbox for later. */
+  /**
+   * Sends and confirms one account; false (logged) when it stays in the outbox for later. What
+   * goes out is the account as stored now, not as `account` had it, one publication of a user at
+   * a time: a flush holding a copy read before a rename would otherwise send the old name after
+   * the rename's own publication confirmed the new one, and leave the old name last on the
+   * topic, with nothing left in the outbox to correct it.
+   */
   async publish(account: Account): Promise<boolean> {
     try {
-      await this.deps.send(account);
-      await this.deps.accounts.markPublished(account);
+      await this.publishing.run(account.userId, async () => {
+        const stored = await this.deps.accounts.get(account.userId);
+        if (stored === undefined) return;
+        const current: Account = {
+          userId: stored.userId,
+          displayName: stored.displayName,
+          createdAt: stored.createdAt,
+        };
+        await this.deps.send(current);
+        await this.deps.accounts.markPublished(current);
+      });
       return true;
     } catch (error) {
       this.deps.logger.warn(

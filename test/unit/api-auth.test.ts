@@ -32,7 +32,7 @@ import {
   jwtSecret,
   loadOrCreateJwtSecret,
 } from '../../api/tokens.ts';
-import type { Logger } from '../../observability/logger.ts';
+import { silentLogger, type Logger } from '../../observability/logger.ts';
 import { EmbeddedAccountStores } from '../../state/accounts/embedded.ts';
 import type { Account } from '../../state/accounts/port.ts';
 
@@ -956,6 +956,51 @@ describe('REST API: accounts', () => {
       assert.equal(await broken.outbox.flush(), 0, 'confirmed: the outbox is empty');
       assertTokenPair(await broken.login('tom'), 200, 'tom');
     });
+  });
+});
+
+describe('AccountOutbox', () => {
+  it('never leaves an older version of an account last on chat.accounts (a flush racing a rename)', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'kchat-outbox-'));
+    const stores = await EmbeddedAccountStores.open(dir, { purgeIntervalMs: 0 });
+    try {
+      const topic: Account[] = [];
+      let release!: () => void;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      let sends = 0;
+      const outbox = new AccountOutbox({
+        accounts: stores.accounts,
+        send: async (account) => {
+          // The first send (the flush's) is slow; the rename's goes straight through.
+          if (sends++ === 0) await gate;
+          topic.push(account);
+        },
+        logger: silentLogger,
+      });
+      await stores.accounts.create({
+        userId: 'ana',
+        displayName: 'Ana',
+        createdAt: 1,
+        passwordHash: 'h',
+      });
+      const flushed = outbox.flush(); // holds 'Ana' from the outbox, and sends it slowly
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const renamed = await stores.accounts.updateDisplayName('ana', 'Ana B.');
+      const published = outbox.publish({
+        userId: 'ana',
+        displayName: renamed!.displayName,
+        createdAt: renamed!.createdAt,
+      });
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      release();
+      await Promise.all([flushed, published]);
+      await outbox.flush();
+      assert.equal(topic.at(-1)?.displayName, 'Ana B.', JSON.stringify(topic));
+      assert.deepEqual(await stores.accounts.unpublished(10), []);
+    } finally {
+      await stores.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 
