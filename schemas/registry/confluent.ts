@@ -34,7 +34,7 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
 
   constructor(
     readonly url: string,
-    private readonly compatibility: Compatibility = 'FULL',
+    private readonly compatibility: Compatibility = 'FULL_TRANSITIVE',
   ) {
     const client = new ConfluentClient({ host: url, clientId: 'kchat', retry: { retries: 3 } });
     this.api = (client as unknown as { api: Api }).api;

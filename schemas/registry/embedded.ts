@@ -93,7 +93,7 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
     log: Log,
     options: { compatibility?: Compatibility } = {},
   ): Promise<EmbeddedSchemaRegistry> {
-    const registry = new EmbeddedSchemaRegistry(log, options.compatibility ?? 'FULL');
+    const registry = new EmbeddedSchemaRegistry(log, options.compatibility ?? 'FULL_TRANSITIVE');
     await log.admin.createTopics([
       { topic: SCHEMAS_TOPIC, partitions: 1, config: { 'cleanup.policy': 'compact' } },
     ]);
@@ -154,11 +154,12 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
     const existingId = this.idByCanonical.get(canonical);
     const already = list.find((v) => v.id === existingId);
     if (already) return already.id;
-    const latest = list[list.length - 1];
-    if (latest && this.compatibility !== 'NONE') {
-      const reason = incompatibility(this.compatibility, type, parseSchema(latest.schema));
-      if (reason) throw new IncompatibleSchemaError(subject, reason);
-    }
+    const reason = incompatibility(
+      this.compatibility,
+      type,
+      list.map((v) => parseSchema(v.schema)),
+    );
+    if (reason) throw new IncompatibleSchemaError(subject, reason);
     // Ids given before ids were derived from the schema stay as they were.
     const id = existingId ?? schemaIdOf(canonical);
     const taken = this.byId.get(id);

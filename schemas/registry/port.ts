@@ -1,6 +1,6 @@
 /**
  * The schema registry port: Avro schemas by subject and version, each distinct schema with a
- * global integer id, and compatibility (FULL by default: see compatibility.ts) checked before a
+ * global integer id, and compatibility (FULL_TRANSITIVE by default: see compatibility.ts) checked before a
  * new version is accepted.
  * Subjects follow the topic-name strategy: the value schema of topic T is subject `T-value`.
  *

@@ -132,6 +132,33 @@ export function registryConformance(
       });
     }
 
+    it('checks a new version against every earlier one (FULL_TRANSITIVE): a field removed, then added back with another type, is refused', async () => {
+      // Step by step each change is FULL-compatible with the version before it; but a topic
+      // replayed from its start holds v1's records, which v3 cannot read (a string as a long).
+      const withNote = (type: string) =>
+        ({
+          ...(v1 as object),
+          fields: [
+            ...(v1 as { fields: object[] }).fields,
+            { name: 'note', type, default: type === 'string' ? '' : 0 },
+          ],
+        }) as avro.Schema;
+      const subject = `${uniqueName('notes')}-value`;
+      await registry.register(subject, json(withNote('string')));
+      const v2 = await registry.register(subject, json(v1));
+      await assert.rejects(
+        () => registry.register(subject, json(withNote('long'))),
+        (error: unknown) => {
+          assert.ok(error instanceof IncompatibleSchemaError, String(error));
+          assert.equal(error.subject, subject);
+          return true;
+        },
+      );
+      assert.equal((await registry.latest(subject))?.id, v2, 'the subject is unchanged');
+      // The field back with its first type is fine.
+      await registry.register(subject, json(withNote('string')));
+    });
+
     it('refuses text that is not an Avro schema', async () => {
       await assert.rejects(
         () =>
