@@ -27,6 +27,22 @@ interface ResponseError extends Error {
   status?: number;
 }
 
+/** Every request to the registry gives up after this long (mappersmith has no default). */
+export const REGISTRY_REQUEST_TIMEOUT_MS = 5_000;
+
+type Middleware = NonNullable<
+  ConstructorParameters<typeof ConfluentClient>[0]['middlewares']
+>[number];
+
+/**
+ * mappersmith middleware: each request times out (mappersmith has none by default; a registry
+ * that took the connection and never answered held a record's decode for good).
+ */
+const timesOut: Middleware = () => ({
+  prepareRequest: (next) =>
+    next().then((request) => request.enhance({ timeout: REGISTRY_REQUEST_TIMEOUT_MS })),
+});
+
 export class ConfluentSchemaRegistry implements SchemaRegistry {
   private readonly api: Api;
   private readonly byId = new Map<number, string>();
@@ -36,7 +52,12 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
     readonly url: string,
     private readonly compatibility: Compatibility = 'FULL_TRANSITIVE',
   ) {
-    const client = new ConfluentClient({ host: url, clientId: 'kchat', retry: { retries: 3 } });
+    const client = new ConfluentClient({
+      host: url,
+      clientId: 'kchat',
+      retry: { retries: 3 },
+      middlewares: [timesOut],
+    });
     this.api = (client as unknown as { api: Api }).api;
   }
 
@@ -69,20 +90,39 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
     }
   }
 
+  /**
+   * A schema by its id, asked with fetch rather than the client: the registry's "no such schema"
+   * is a 404 whose body carries error code 40403, and only that makes the record's schema unknown
+   * (its record dead-lettered for good). Any other 404 (a proxy's page, a wrong path), an answer
+   * without a schema, or no answer in time is an unavailable registry: retried, and not cached.
+   * The client's errors keep no body to tell them apart.
+   */
   async schemaById(id: number): Promise<string> {
     const cached = this.byId.get(id);
     if (cached !== undefined) return cached;
+    const failed = (why: string, cause?: unknown) =>
+      new SchemaRegistryError(`fetching schema ${id} failed: ${why}`, { cause });
+    let response: globalThis.Response;
+    let body: { schema?: unknown; error_code?: unknown; message?: unknown } | undefined;
     try {
-      const response = await this.api.Schema.find({ id });
-      const schema = String(response.data().schema);
-      this.byId.set(id, schema);
-      return schema;
-    } catch (error) {
-      if ((error as ResponseError).status === 404) throw new UnknownSchemaError(id);
-      throw new SchemaRegistryError(`fetching schema ${id} failed: ${reasonOf(error)}`, {
-        cause: error,
+      response = await fetch(`${this.url.replace(/\/+$/, '')}/schemas/ids/${id}`, {
+        headers: { accept: 'application/vnd.schemaregistry.v1+json, application/json' },
+        signal: AbortSignal.timeout(REGISTRY_REQUEST_TIMEOUT_MS),
       });
+      body = (await response.json().catch(() => undefined)) as typeof body;
+    } catch (error) {
+      throw failed((error as Error).message, error);
     }
+    if (response.status === 404 && body?.error_code === 40403) throw new UnknownSchemaError(id);
+    if (!response.ok) throw failed(`HTTP ${response.status} ${String(body?.message ?? '')}`);
+    if (typeof body?.schema !== 'string') throw failed('the answer holds no schema');
+    try {
+      parseSchema(body.schema);
+    } catch (error) {
+      throw failed('the answer holds no valid Avro schema', error);
+    }
+    this.byId.set(id, body.schema);
+    return body.schema;
   }
 
   async latest(subject: string): Promise<RegisteredSchema | undefined> {

@@ -1,0 +1,89 @@
+/**
+ * The Confluent adapter's handling of registry failures, against an in-process HTTP
+ * stub on an ephemeral port of 127.0.0.1 (no real registry, nothing outside this process).
+ * Each case once hung a decode, or dead-lettered a good record for good (found by a review helper,
+ * session 18).
+ */
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { ConfluentSchemaRegistry } from '../../schemas/registry/confluent.ts';
+import { DecodeError, TopicCodec } from '../../schemas/codec.ts';
+import { loadType } from '../../schemas/avro.ts';
+import { isRetriable } from '../../processors/runtime/errors.ts';
+
+type Handler = (req: http.IncomingMessage, res: http.ServerResponse) => void;
+let handler: Handler;
+let server: http.Server;
+let url: string;
+const pending: http.ServerResponse[] = [];
+
+/** A record of chat.accounts written with schema id 99 (not the codec's own, 7). */
+function recordWithId99(): Buffer {
+  const body = loadType('Account').toBuffer({ userId: 'u', displayName: 'U', createdAt: 1 });
+  return Buffer.concat([Buffer.from([0, 0, 0, 0, 99]), body]);
+}
+
+function codec(): TopicCodec<object> {
+  const registry = new ConfluentSchemaRegistry(url);
+  return new TopicCodec('chat.accounts', 7, loadType('Account'), registry);
+}
+
+describe('Confluent registry adapter against a misbehaving registry (in-process stub)', function () {
+  this.timeout(30_000);
+  before(async () => {
+    server = http.createServer((req, res) => handler(req, res));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  });
+  after(async () => {
+    for (const res of pending) res.destroy();
+    server.closeAllConnections();
+    await new Promise((resolve) => server.close(resolve));
+  });
+
+  it('a registry that accepts the request and never answers: decode settles (retriable) instead of hanging', async () => {
+    handler = (_req, res) => void pending.push(res); // never answered
+    const outcome = await Promise.race([
+      codec()
+        .decode(recordWithId99())
+        .then(
+          () => 'decoded',
+          (e: unknown) => `rejected: ${(e as Error).name}`,
+        ),
+      new Promise((resolve) => setTimeout(() => resolve('still pending after 15 s'), 15_000)),
+    ]);
+    assert.match(String(outcome), /^rejected: RegistryUnavailableError/);
+  });
+
+  it('a 404 that is not the registry saying "schema not found" (a proxy, a wrong path) is retriable, not a bad record', async () => {
+    handler = (_req, res) => {
+      res.writeHead(404, { 'content-type': 'text/html' });
+      res.end('<html><body>404 Not Found</body></html>');
+    };
+    const error = await codec()
+      .decode(recordWithId99())
+      .then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+    assert.ok(
+      !(error instanceof DecodeError) && isRetriable(error),
+      `dead-lettered as a bad record: ${String(error)}`,
+    );
+  });
+
+  it('an answer without a schema is not cached: once the registry answers properly, the record decodes', async () => {
+    let broken = true;
+    handler = (_req, res) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(
+        broken ? '{}' : JSON.stringify({ schema: JSON.stringify(loadType('Account').schema()) }),
+      );
+    };
+    const c = codec();
+    await assert.rejects(() => c.decode(recordWithId99()));
+    broken = false;
+    await assert.doesNotReject(() => c.decode(recordWithId99()), 'the broken answer stayed cached');
+  });
+});
