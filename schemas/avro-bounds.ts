@@ -3,6 +3,7 @@
  * the item counts it reads, so a record of a few forged bytes could exhaust the heap or spin the
  * event loop for ever. Its cost is one walk over the bytes, without allocating values.
  */
+import { isUtf8 } from 'node:buffer';
 import avro from 'avsc';
 
 /**
@@ -41,8 +42,12 @@ class Walker {
     switch (t.typeName) {
       case 'null':
         return;
-      case 'boolean':
-        return this.skip(1, 'a boolean');
+      case 'boolean': {
+        this.skip(1, 'a boolean');
+        const byte = this.buf[this.pos - 1]!;
+        if (byte > 1) throw new RangeError(`a boolean byte of ${byte} at byte ${this.pos - 1}`);
+        return;
+      }
       case 'int':
       case 'long':
         this.long();
@@ -55,7 +60,12 @@ class Walker {
       case 'bytes': {
         const length = this.long();
         if (length < 0) throw new RangeError(`negative length at byte ${this.pos}`);
-        return this.skip(length, `a ${t.typeName}`);
+        const at = this.pos;
+        this.skip(length, `a ${t.typeName}`);
+        // avsc decodes bad UTF-8 as U+FFFD: two different forged strings would read as one.
+        if (t.typeName === 'string' && !isUtf8(this.buf.subarray(at, at + length)))
+          throw new RangeError(`a string that is not UTF-8 at byte ${at}`);
+        return;
       }
       case 'fixed':
         return this.skip(t.size, 'a fixed');

@@ -10,6 +10,9 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { DecodeError, TopicCodec } from '../../schemas/codec.ts';
+import { loadType } from '../../schemas/avro.ts';
+import type { SchemaRegistry } from '../../schemas/registry/port.ts';
 
 const codecUrl = new URL('../../schemas/codec.ts', import.meta.url).href;
 const avroUrl = new URL('../../schemas/avro.ts', import.meta.url).href;
@@ -247,5 +250,68 @@ describe('Avro bounds check', () => {
         assert.equal(answer, end, `${name}: a prefix of ${end} bytes read as a longer value`);
       }
     }
+  });
+});
+
+describe('codec: values that are not values of their schema (from a review, session 18)', () => {
+  const registry: SchemaRegistry = {
+    schemaById: () => Promise.reject(new Error('not asked')),
+    register: async () => 7,
+    latest: async () => undefined,
+    close: async () => {},
+  };
+  const str = (bytes: number[]) => [...zigzag(bytes.length), ...bytes];
+
+  it('refuses a string that is not UTF-8 (Avro strings are UTF-8) as a DecodeError', async () => {
+    const codec = new TopicCodec<{ userId: string }>(
+      'chat.accounts',
+      7,
+      loadType('Account'),
+      registry,
+    );
+    // userId = bytes FF FE (never valid UTF-8), displayName "A", createdAt 1
+    const bytes = Buffer.from([0, 0, 0, 0, 7, ...str([0xff, 0xfe]), ...str([0x41]), ...zigzag(1)]);
+    let decoded: { userId: string } | undefined;
+    try {
+      decoded = await codec.decode(bytes);
+    } catch (error) {
+      assert.ok(error instanceof DecodeError, String(error));
+      return;
+    }
+    // Two different forged byte strings decode to the same userId:
+    const other = await codec.decode(
+      Buffer.from([0, 0, 0, 0, 7, ...str([0xc3, 0x28]), ...str([0x41]), ...zigzag(1)]),
+    );
+    assert.fail(
+      `decoded as userId ${JSON.stringify(decoded.userId)}; bytes C3 28 as ${JSON.stringify(other.userId)}`,
+    );
+  });
+
+  it('refuses a boolean byte other than 0 or 1 as a DecodeError', async () => {
+    const type = loadType('Delivery');
+    const codec = new TopicCodec<{ more: boolean }>('chat.deliveries.gw', 7, type, registry);
+    const valid = type.toBuffer({
+      userId: 'bob',
+      targets: [],
+      frame: { 'chat.v1.Typing': { from: 'a', to: 'b', group: null, state: 'start', at: 1 } },
+      more: false,
+    });
+    const forged = Buffer.concat([Buffer.from([0, 0, 0, 0, 7]), valid]);
+    forged[forged.length - 1] = 0x7f; // `more`, the last field
+    await assert.rejects(() => codec.decode(forged), DecodeError);
+  });
+
+  it('decodes strings of any script, emoji included', async () => {
+    const codec = new TopicCodec<{ userId: string; displayName: string }>(
+      'chat.accounts',
+      7,
+      loadType('Account'),
+      registry,
+    );
+    const account = { userId: 'zoe', displayName: 'Zoé 😀 日本 ﷽', createdAt: 1 };
+    const decoded = await codec.decode(
+      Buffer.concat([Buffer.from([0, 0, 0, 0, 7]), loadType('Account').toBuffer(account)]),
+    );
+    assert.equal(decoded.displayName, account.displayName);
   });
 });
