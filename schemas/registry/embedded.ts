@@ -75,10 +75,16 @@ function ownRecord(key: Buffer | null, value: Buffer | null): SchemaRecord | nul
   return valid ? (record as SchemaRecord) : undefined;
 }
 
+/** A version as this registry keeps it: its writer's number, and the order it arrived in. */
+type Version = RegisteredSchema & { writtenAs: number; arrival: number };
+
 export class EmbeddedSchemaRegistry implements SchemaRegistry {
   private readonly byId = new Map<number, string>();
   private readonly idByCanonical = new Map<string, number>();
-  private readonly versions = new Map<string, RegisteredSchema[]>();
+  /** Each subject's versions, oldest first (see apply). */
+  private readonly versions = new Map<string, Version[]>();
+  /** How many records apply has seen: the topic's order, for versions numbered alike. */
+  private arrivals = 0;
   /** Registrations and catch-ups run one at a time. */
   private queue: Promise<unknown> = Promise.resolve();
   /** The next offset of `_schemas` to read. */
@@ -121,19 +127,23 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
     }
   }
 
+  /**
+   * A subject's versions are in the order their writers numbered them (ties, from writers that
+   * raced, in the topic's order), not in the topic's order alone: `_schemas` is compacted, and
+   * a later copy of an old version (written by a process whose view was behind) would, once the
+   * cleaner kept only that copy, move the old version past the newer ones. A schema registered
+   * twice keeps its first place.
+   */
   private apply(record: SchemaRecord): void {
     this.byId.set(record.id, record.schema);
     this.idByCanonical.set(canonicalSchema(record.schema), record.id);
     const list = this.versions.get(record.subject) ?? [];
-    // The topic's order numbers a subject's versions; a schema registered twice keeps its first.
-    if (!list.some((v) => v.id === record.id))
-      list.push({
-        subject: record.subject,
-        id: record.id,
-        schema: record.schema,
-        version: list.length + 1,
-      });
     this.versions.set(record.subject, list);
+    if (list.some((v) => v.id === record.id)) return;
+    const entry = { ...record, writtenAs: record.version, arrival: this.arrivals++ };
+    list.push(entry);
+    list.sort((a, b) => a.writtenAs - b.writtenAs || a.arrival - b.arrival);
+    list.forEach((v, i) => (v.version = i + 1));
   }
 
   private serially<T>(work: () => Promise<T>): Promise<T> {
@@ -201,8 +211,10 @@ export class EmbeddedSchemaRegistry implements SchemaRegistry {
 
   async latest(subject: string): Promise<RegisteredSchema | undefined> {
     await this.serially(() => this.catchUp());
-    const list = this.versions.get(subject);
-    return list?.[list.length - 1];
+    const latest = this.versions.get(subject)?.at(-1);
+    if (latest === undefined) return undefined;
+    const { id, version, schema } = latest;
+    return { subject, id, version, schema };
   }
 
   async close(): Promise<void> {
