@@ -8,7 +8,7 @@
  * after `ready`, from the inbox). Within a run it skips nothing: through a rebalance (a broker
  * restart makes one) the log port keeps its place.
  */
-import type { Batch, Consumer, Log } from '../log/port.ts';
+import type { Batch, Consumer, Log, LogRecord } from '../log/port.ts';
 import { DecodeError, type TopicCodec } from '../schemas/codec.ts';
 import { deliveriesTopic } from '../schemas/topics.ts';
 import type { Delivery } from '../schemas/types.generated.ts';
@@ -61,61 +61,85 @@ export class DeliveryConsumer {
 
   /**
    * Writes each record's frame to its targets. A record that does not decode is skipped; any
-   * other failure (the registry unreachable) throws, and the batch is handed again: at least
-   * once on the wire, as PROTOCOL.md allows.
+   * other failure (the registry unreachable) throws, and the batch is handed again. Every record
+   * of the batch is decoded before any is written: a failure midway then writes nothing, and
+   * the batch handed again writes each entry once (decoding and writing record by record wrote
+   * the entries before the failure again, and a connection saw seqs go back: 1, 2, 1, 2, 3).
    */
   private async deliver(batch: Batch): Promise<void> {
-    const { codec, instruments, logger } = this.options;
+    const ready: Ready[] = [];
     for (const record of batch.records) {
-      if (record.value === null) continue;
-      let delivery: Delivery;
-      try {
-        delivery = await codec.decode(record.value);
-      } catch (error) {
-        if (!(error instanceof DecodeError)) throw error;
-        logger.error(
-          { err: error, partition: batch.partition, offset: record.offset },
-          'delivery does not decode; skipped',
-        );
-        instruments.deliverySkipped('undecodable');
+      const decoded = await this.prepare(record, batch.partition);
+      if (decoded !== undefined) ready.push(decoded);
+    }
+    for (const each of ready) this.write(each);
+  }
+
+  /** A record's delivery and frame text, or undefined when it is skipped. */
+  private async prepare(record: LogRecord, partition: number): Promise<Ready | undefined> {
+    const { codec, instruments, logger } = this.options;
+    if (record.value === null) return undefined;
+    let delivery: Delivery;
+    try {
+      delivery = await codec.decode(record.value);
+    } catch (error) {
+      if (!(error instanceof DecodeError)) throw error;
+      logger.error(
+        { err: error, partition, offset: record.offset },
+        'delivery does not decode; skipped',
+      );
+      instruments.deliverySkipped('undecodable');
+      return undefined;
+    }
+    // The end of a replay part: the connection asks for the next once it has taken this one.
+    const partEnd =
+      delivery.more && 'chat.v1.InboxEntry' in delivery.frame
+        ? delivery.frame['chat.v1.InboxEntry'].seq
+        : undefined;
+    let text: string | undefined;
+    try {
+      text = serialize(deliveryFrame(delivery.frame));
+    } catch (error) {
+      // Skipped like an undecodable record: handing the batch again would fail the same way.
+      logger.error(
+        { err: error, partition, offset: record.offset },
+        'delivery cannot be written as a frame; skipped',
+      );
+      instruments.deliverySkipped('unwritable');
+      // But a replay goes on past it: else its session would wait for the next part for good.
+      if (partEnd === undefined) return undefined;
+    }
+    return { delivery, text, partEnd, timestamp: record.timestamp };
+  }
+
+  private write({ delivery, text, partEnd, timestamp }: Ready): void {
+    const { instruments, logger } = this.options;
+    instruments.deliveryLatency(Math.max(0, Date.now() - timestamp) / 1000);
+    for (const target of delivery.targets) {
+      const connection = this.options.connection(target.connectionId);
+      if (connection === undefined) {
+        instruments.deliverySkipped('unknown_connection');
         continue;
       }
-      // The end of a replay part: the connection asks for the next once it has taken this one.
-      const partEnd =
-        delivery.more && 'chat.v1.InboxEntry' in delivery.frame
-          ? delivery.frame['chat.v1.InboxEntry'].seq
-          : undefined;
-      let text: string | undefined;
-      try {
-        text = serialize(deliveryFrame(delivery.frame));
-      } catch (error) {
-        // Skipped like an undecodable record: handing the batch again would fail the same way.
-        logger.error(
-          { err: error, partition: batch.partition, offset: record.offset },
-          'delivery cannot be written as a frame; skipped',
+      if (connection.userId !== delivery.userId) {
+        logger.warn(
+          { connectionId: target.connectionId, userId: delivery.userId },
+          'delivery targets a connection of another user; skipped',
         );
-        instruments.deliverySkipped('unwritable');
-        // But a replay goes on past it: else its session would wait for the next part for good.
-        if (partEnd === undefined) continue;
+        instruments.deliverySkipped('other_user');
+        continue;
       }
-      instruments.deliveryLatency(Math.max(0, Date.now() - record.timestamp) / 1000);
-      for (const target of delivery.targets) {
-        const connection = this.options.connection(target.connectionId);
-        if (connection === undefined) {
-          instruments.deliverySkipped('unknown_connection');
-          continue;
-        }
-        if (connection.userId !== delivery.userId) {
-          logger.warn(
-            { connectionId: target.connectionId, userId: delivery.userId },
-            'delivery targets a connection of another user; skipped',
-          );
-          instruments.deliverySkipped('other_user');
-          continue;
-        }
-        connection.deliver(text, partEnd);
-        if (text !== undefined) instruments.delivered();
-      }
+      connection.deliver(text, partEnd);
+      if (text !== undefined) instruments.delivered();
     }
   }
+}
+
+/** A decoded delivery, ready to be written. */
+interface Ready {
+  delivery: Delivery;
+  /** Undefined for a replay part's end that cannot be written (the part still ends there). */
+  text: string | undefined;
+  partEnd: number | undefined;
+  timestamp: number;
 }

@@ -43,6 +43,8 @@ import { DeliveryConsumer } from './delivery.ts';
 import { Heartbeat } from './heartbeat.ts';
 import {
   MAX_CONNECTIONS_PER_USER,
+  CONNECTS_PER_USER_BURST,
+  CONNECTS_PER_USER_PER_S,
   CLOSE_TIMEOUT_MS,
   DEFAULT_RATE_LIMIT_PER_S,
   GOING_AWAY_CLOSE_CODE,
@@ -56,6 +58,7 @@ import {
   SLOW_CONSUMER_GRACE_MS,
 } from './limits.ts';
 import { gatewayInstruments, type GatewayInstruments } from './metrics.ts';
+import { KeyedTokenBuckets } from './rate-limit.ts';
 
 /** Where clients connect (PROTOCOL.md). */
 export const WS_PATH = '/v1/ws';
@@ -75,6 +78,11 @@ export type GatewayCodecs = Pick<
  * doubling): a log away for minutes is tried every 2 s, and a shutdown waits at most that long.
  */
 const DISCONNECTED_RETRY_MAX_MS = 2_000;
+/**
+ * How long a shutting-down gateway goes on trying to produce the DISCONNECTED of its connections:
+ * within the 10 s a process has to exit, with time left for the rest of the shutdown.
+ */
+const SHUTDOWN_DISCONNECTED_MS = 4_000;
 
 /** The limits a deployment (or a test) may change; each defaults to its constant of limits.ts. */
 export interface GatewayLimits {
@@ -86,6 +94,9 @@ export interface GatewayLimits {
   closeTimeoutMs?: number;
   /** The longest wait between tries at a DISCONNECTED (DISCONNECTED_RETRY_MAX_MS). */
   disconnectedRetryMaxMs?: number;
+  /** New connections of one user a second, and at once (CONNECTS_PER_USER_PER_S, _BURST). */
+  connectsPerUserPerS?: number;
+  connectsPerUserBurst?: number;
 }
 
 export interface GatewayDeps {
@@ -144,9 +155,13 @@ type Phase = 'created' | 'starting' | 'running' | 'closed';
 class WebSocketGateway implements Gateway {
   readonly gatewayId: string;
   private phase: Phase = 'created';
+  /** Once the gateway shuts down: when it stops trying to produce DISCONNECTEDs. */
+  private disconnectedDeadline = 0;
   private readonly connections = new Map<string, Connection>();
   /** Open connections per userId (MAX_CONNECTIONS_PER_USER). */
   private readonly perUser = new Map<string, number>();
+  /** Each user's new connections: a bucket per user that connected lately. */
+  private readonly connects: KeyedTokenBuckets;
   /** Resolves when the socket closed and its DISCONNECTED was produced (or failed). */
   private readonly closings = new Set<Promise<void>>();
   private readonly wss: WebSocketServer;
@@ -179,7 +194,14 @@ class WebSocketGateway implements Gateway {
       heartbeatIntervalMs: deps.limits?.heartbeatIntervalMs ?? HEARTBEAT_INTERVAL_MS,
       closeTimeoutMs: deps.limits?.closeTimeoutMs ?? CLOSE_TIMEOUT_MS,
       disconnectedRetryMaxMs: deps.limits?.disconnectedRetryMaxMs ?? DISCONNECTED_RETRY_MAX_MS,
+      connectsPerUserPerS: deps.limits?.connectsPerUserPerS ?? CONNECTS_PER_USER_PER_S,
+      connectsPerUserBurst: deps.limits?.connectsPerUserBurst ?? CONNECTS_PER_USER_BURST,
     };
+    this.connects = new KeyedTokenBuckets(
+      this.limits.connectsPerUserPerS,
+      this.limits.connectsPerUserBurst,
+      this.now,
+    );
     this.wss = new WebSocketServer({
       noServer: true,
       clientTracking: false,
@@ -248,6 +270,7 @@ class WebSocketGateway implements Gateway {
     await this.heartbeat.start();
     this.pinger = setInterval(() => {
       for (const connection of this.connections.values()) connection.ping();
+      this.connects.forgetFull();
     }, this.limits.pingIntervalMs);
     this.pinger.unref();
     this.phase = 'running';
@@ -296,6 +319,7 @@ class WebSocketGateway implements Gateway {
   private async shutDown(): Promise<void> {
     await this.starting?.catch(() => undefined); // what a half-done start opened is closed below
     this.phase = 'closed'; // upgrades from now on answer 503
+    this.disconnectedDeadline = Date.now() + SHUTDOWN_DISCONNECTED_MS;
     clearInterval(this.pinger);
     for (const connection of this.connections.values()) {
       connection.close(GOING_AWAY_CLOSE_CODE, 'the server is shutting down');
@@ -324,6 +348,16 @@ class WebSocketGateway implements Gateway {
         429,
         'rate_limited',
         `at most ${MAX_CONNECTIONS_PER_USER} connections of one user on this server; close one first`,
+      );
+    }
+    if (!this.connects.take(identity.userId)) {
+      const retryAfterS = Math.max(1, Math.ceil(this.connects.secondsToNext(identity.userId)));
+      throw new HandshakeRefusal(
+        429,
+        'rate_limited',
+        `too many new connections of one user on this server; try again in ${retryAfterS} s`,
+        undefined,
+        { 'Retry-After': String(retryAfterS) },
       );
     }
     this.wss.handleUpgrade(request, socket, head, (ws) => this.connected(ws, identity));
@@ -384,16 +418,17 @@ class WebSocketGateway implements Gateway {
 
   /**
    * Produces DISCONNECTED, again after each failure for as long as the gateway runs (backoff
-   * from 100 ms to DISCONNECTED_RETRY_MAX_MS): without it the users actor would count the
-   * session as online, holding back push, until this gateway restarts. A log away for longer
-   * than a few tries (a broker restart) must not leave such sessions behind for good.
+   * from 100 ms to DISCONNECTED_RETRY_MAX_MS), and while it shuts down for SHUTDOWN_DISCONNECTED_MS:
+   * without it the users actor would count the session as online, holding back push, until this
+   * gateway restarts. A log away for longer than a few tries (a broker restart) must not leave
+   * such sessions behind for good, nor a hiccup as the gateway stops (one try, before, did).
    */
   private async disconnected(connection: Connection): Promise<void> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await this.connectionEvent(connection, 'DISCONNECTED');
       } catch (err) {
-        if (this.phase !== 'running') throw err;
+        if (this.phase !== 'running' && Date.now() >= this.disconnectedDeadline) throw err;
         const log = attempt < 5 || attempt % 30 === 0 ? 'warn' : 'debug';
         this.logger[log](
           { err, connectionId: connection.connectionId, attempt },

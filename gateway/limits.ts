@@ -166,3 +166,14 @@ export function rateLimitPerSecond(env: NodeJS.ProcessEnv = process.env): number
  * whose peer died counts until the pings find it (PING_INTERVAL_MS).
  */
 export const MAX_CONNECTIONS_PER_USER = 16;
+
+/**
+ * New connections of one user a second on one gateway, in a bucket of CONNECTS_PER_USER_BURST.
+ * Each connection replays the first part of what the user's device has not acked, so a client
+ * opening and closing connections in a loop (never reaching MAX_CONNECTIONS_PER_USER) made the
+ * server replay hundreds of parts a second, where a connection's syncs get one a second. Past
+ * it an upgrade answers 429 `rate_limited` with `Retry-After`. The burst lets every device of a
+ * user reconnect at once after a restart.
+ */
+export const CONNECTS_PER_USER_PER_S = 1;
+export const CONNECTS_PER_USER_BURST = 20;
