@@ -63,7 +63,12 @@ class Walker {
         const at = this.pos;
         this.skip(length, `a ${t.typeName}`);
         // avsc decodes bad UTF-8 as U+FFFD: two different forged strings would read as one.
-        if (t.typeName === 'string' && !isUtf8(this.buf.subarray(at, at + length)))
+        // Most strings are ASCII, told without a view or a native call.
+        if (
+          t.typeName === 'string' &&
+          !this.ascii(at, at + length) &&
+          !isUtf8(this.buf.subarray(at, at + length))
+        )
           throw new RangeError(`a string that is not UTF-8 at byte ${at}`);
         return;
       }
@@ -123,6 +128,11 @@ class Walker {
   private checkBlockEnd(end: number, what: string): void {
     if (end >= 0 && this.pos !== end)
       throw new RangeError(`${what} block says it ends at byte ${end}, its items at ${this.pos}`);
+  }
+
+  private ascii(from: number, to: number): boolean {
+    for (let i = from; i < to; i++) if (this.buf[i]! > 0x7f) return false;
+    return true;
   }
 
   private skip(n: number, what: string): void {
