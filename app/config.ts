@@ -17,6 +17,8 @@ export interface Config {
   dataDir: string;
   kafkaBrokers: string[] | undefined;
   schemaRegistryUrl: string | undefined;
+  /** GATEWAY_ID; undefined: derived from the host name and the port (gatewayIdOf in roles.ts). */
+  gatewayId: string | undefined;
   /** Partitions of every co-partitioned chat topic. */
   partitions: number;
   syncWrites: boolean;
@@ -31,6 +33,68 @@ export interface Config {
 }
 
 export class ConfigError extends Error {}
+
+/** `true` or `false` (unset or empty: the default); anything else is refused, not read as false. */
+function boolean(env: NodeJS.ProcessEnv, name: string, fallback: boolean): boolean {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  if (raw === 'true' || raw === 'false') return raw === 'true';
+  // SYNC_WRITES=1 read as false would leave an operator believing in fsync that is not there.
+  throw new ConfigError(`${name} must be "true" or "false", not "${raw}"`);
+}
+
+/** host:port, the host a name, an IPv4 address or a bracketed IPv6 one, the port 1 to 65535. */
+const BROKER = /^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})$/;
+
+function brokersOf(raw: string | undefined): string[] | undefined {
+  const brokers = raw
+    ?.split(',')
+    .map((b) => b.trim())
+    .filter(Boolean);
+  if (!brokers || brokers.length === 0) return undefined;
+  for (const broker of brokers) {
+    const port = Number(BROKER.exec(broker)?.[1]);
+    if (!(port >= 1 && port <= 65535))
+      throw new ConfigError(`KAFKA_BROKERS must be host:port[,host:port...], not "${broker}"`);
+  }
+  return brokers;
+}
+
+function registryUrlOf(raw: string | undefined): string | undefined {
+  if (!raw) return undefined;
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new ConfigError(`SCHEMA_REGISTRY_URL must be an http(s) URL, not "${redactUrl(raw)}"`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:')
+    throw new ConfigError(`SCHEMA_REGISTRY_URL must be an http(s) URL, not "${redactUrl(raw)}"`);
+  return raw;
+}
+
+/** A URL's password hidden, for logs: `http://svc:***@host/`. */
+export function redactUrl(text: string): string {
+  return text.replace(/(\/\/[^/@\s:]*):[^/@\s]*@/g, '$1:***@');
+}
+
+/**
+ * GATEWAY_ID names a gateway's deliveries topic and its heartbeat: unique per gateway process,
+ * stable across its restarts. 1 to 100 of a-z, 0-9, "_" and "-", as given (a value that would
+ * need changing, empty, or too long is refused: two gateways whose ids became one would share a
+ * topic and close each other's sessions).
+ */
+const GATEWAY_ID = /^[a-z0-9_-]{1,100}$/;
+
+function gatewayIdOf(env: NodeJS.ProcessEnv): string | undefined {
+  const raw = env.GATEWAY_ID;
+  if (raw === undefined) return undefined;
+  if (!GATEWAY_ID.test(raw))
+    throw new ConfigError(
+      `GATEWAY_ID must be 1 to 100 characters of a-z, 0-9, "_" and "-", not "${raw}"`,
+    );
+  return raw;
+}
 
 function integer(
   env: NodeJS.ProcessEnv,
@@ -69,19 +133,17 @@ export function readConfig(env: NodeJS.ProcessEnv = process.env): Config {
   } catch (error) {
     throw new ConfigError((error as Error).message);
   }
-  const brokers = env.KAFKA_BROKERS?.split(',')
-    .map((b) => b.trim())
-    .filter(Boolean);
   return {
     port: integer(env, 'PORT', 8080, 0, 65535),
     host: env.HOST || '0.0.0.0',
     dataDir: resolve(env.DATA_DIR || './data'),
-    kafkaBrokers: brokers && brokers.length > 0 ? brokers : undefined,
-    schemaRegistryUrl: env.SCHEMA_REGISTRY_URL || undefined,
+    kafkaBrokers: brokersOf(env.KAFKA_BROKERS),
+    schemaRegistryUrl: registryUrlOf(env.SCHEMA_REGISTRY_URL),
+    gatewayId: gatewayIdOf(env),
     partitions: integer(env, 'PARTITIONS', 12, 1, 1000),
-    syncWrites: env.SYNC_WRITES === 'true',
+    syncWrites: boolean(env, 'SYNC_WRITES', false),
     logLevel,
-    trustProxy: env.TRUST_PROXY === 'true',
+    trustProxy: boolean(env, 'TRUST_PROXY', false),
     registrationsPerHour: integer(
       env,
       'REGISTRATIONS_PER_HOUR',

@@ -9,13 +9,13 @@ import type { SchemaRegistry } from '../schemas/registry/port.ts';
 import { EmbeddedSchemaRegistry } from '../schemas/registry/embedded.ts';
 import { ConfluentSchemaRegistry } from '../schemas/registry/confluent.ts';
 import type { Logger } from '../observability/logger.ts';
-import type { Config } from './config.ts';
+import { redactUrl, type Config } from './config.ts';
 
 export interface Infrastructure {
   log: Log;
   registry: SchemaRegistry;
   /** 'embedded' or the brokers. */
-  describe(): { log: string; registry: string };
+  describe(): { log: string; registry: string; syncWrites?: boolean };
   /**
    * Why this process can never serve again without a restart (the embedded log refuses every
    * append after a failed write), or undefined: what /healthz answers 503 with.
@@ -48,7 +48,8 @@ export async function openInfrastructure(config: Config, logger: Logger): Promis
       log: config.kafkaBrokers
         ? `kafka ${config.kafkaBrokers.join(',')}`
         : `embedded (${config.dataDir})`,
-      registry: config.schemaRegistryUrl ?? 'embedded',
+      registry: config.schemaRegistryUrl ? redactUrl(config.schemaRegistryUrl) : 'embedded',
+      ...(config.kafkaBrokers ? {} : { syncWrites: config.syncWrites }),
     }),
     deadBecause: () => (log instanceof EmbeddedLog ? log.store.failedBecause : undefined),
     async close() {

@@ -16,7 +16,7 @@
  */
 import { once } from 'node:events';
 import type { AddressInfo } from 'node:net';
-import { ConfigError, readConfig } from './config.ts';
+import { ConfigError, readConfig, redactUrl } from './config.ts';
 import { openInfrastructure, type Infrastructure } from './infrastructure.ts';
 import { bootstrap } from './bootstrap.ts';
 import { createHttpServer } from './http.ts';
@@ -144,6 +144,13 @@ main().catch((error) => {
   // A signal during start-up closes what is open (the log among it) under the start-up, which
   // then fails: `stop` exits once it has closed everything, and says so.
   if (stopping) return;
-  console.error(error);
+  // One line, the causes after it, URL credentials hidden (the stack at LOG_LEVEL=debug).
+  const causes: string[] = [];
+  for (let e: unknown = error; e instanceof Error && causes.length < 5; e = e.cause)
+    causes.push(e.message);
+  const text = causes.length > 0 ? causes.join(': ') : String(error);
+  console.error(`kchat: cannot start: ${redactUrl(text)}`);
+  if (process.env.LOG_LEVEL === 'debug' || process.env.LOG_LEVEL === 'trace')
+    console.error(redactUrl(String((error as Error)?.stack ?? error)));
   process.exit(1);
 });

@@ -8,6 +8,7 @@
  * `all` is every role in one process (what `npm start` runs). A role's `close` stops what it
  * started, in reverse order.
  */
+import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type Koa from 'koa';
@@ -69,10 +70,14 @@ interface RoleContext {
   deliveryCodec: () => Promise<TopicCodec<Delivery>>;
 }
 
-/** GATEWAY_ID, else one derived from the host and port (a gateway's deliveries topic is named by it). */
+/**
+ * GATEWAY_ID, else one derived from the host and port (a gateway's deliveries topic is named by
+ * it). With PORT=0 the port tells two gateways of one host nothing: a random suffix does.
+ */
 export function gatewayIdOf(config: Config): string {
-  const id = process.env.GATEWAY_ID ?? `${hostname()}-${config.port}`;
-  return id
+  if (config.gatewayId !== undefined) return config.gatewayId;
+  const port = config.port === 0 ? `0-${randomBytes(3).toString('hex')}` : String(config.port);
+  return `${hostname()}-${port}`
     .toLowerCase()
     .replace(/[^a-z0-9_-]/g, '-')
     .slice(0, 100);
@@ -161,7 +166,7 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
 }
 
 async function startGateway(context: RoleContext, tokens: TokenService): Promise<Gateway> {
-  const { config, infrastructure, codecs, logger, metrics, closers } = context;
+  const { config, infrastructure, codecs, logger, metrics, closers, readiness } = context;
   const accountsCodec = codecs[topics.accounts];
   const accounts = new GlobalTable<Account>(infrastructure.log, topics.accounts, {
     decode: (v) => accountsCodec.decode(v),
@@ -188,6 +193,7 @@ async function startGateway(context: RoleContext, tokens: TokenService): Promise
   });
   await gateway.start();
   closers.push(() => gateway.close());
+  readiness.push(() => gateway.notReadyBecause);
   return gateway;
 }
 

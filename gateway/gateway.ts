@@ -130,6 +130,8 @@ export interface Gateway {
   readonly gatewayId: string;
   /** Open connections (registered or being registered). */
   readonly connectionCount: number;
+  /** Why clients should not be sent here now (not running, its log unreachable), if so. */
+  readonly notReadyBecause: string | undefined;
   /** Creates the deliveries topic, starts its consumer and the heartbeat; then accepts upgrades. */
   start(): Promise<void>;
   /**
@@ -213,6 +215,12 @@ class WebSocketGateway implements Gateway {
     this.wss.on('wsClientError', (error: Error, socket: Duplex, request: IncomingMessage) =>
       refuseUpgrade(socket, malformedHandshake(request, error)),
     );
+  }
+
+  /** For /readyz: why clients should not be sent here now (its log unreachable), if so. */
+  get notReadyBecause(): string | undefined {
+    if (this.phase !== 'running') return `the gateway is ${this.phase}`;
+    return this.heartbeat?.silentBecause;
   }
 
   get connectionCount(): number {

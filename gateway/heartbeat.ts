@@ -19,6 +19,8 @@ export class Heartbeat {
   private readonly key: Buffer;
   /** Before any connection of this run: the users actor drops sessions older than this. */
   private readonly startedAt: number;
+  /** When the log last took a heartbeat. */
+  private writtenAt: number | undefined;
 
   constructor(
     private readonly gatewayId: string,
@@ -36,8 +38,22 @@ export class Heartbeat {
   /** Writes the first heartbeat (awaited: a log that refuses it fails the start), then beats. */
   async start(): Promise<void> {
     await this.producer.send([this.record()]);
+    this.writtenAt = this.now();
     this.timer = setInterval(() => this.beat(), this.intervalMs);
     this.timer.unref();
+  }
+
+  /**
+   * Why the gateway should not be sent clients: the log has taken no heartbeat for two
+   * intervals (it is unreachable, or too slow for sends to be answered), so the users actor
+   * will soon count this gateway's sessions offline. Undefined while it beats.
+   */
+  get silentBecause(): string | undefined {
+    if (this.writtenAt === undefined) return 'no heartbeat written yet';
+    const silentMs = this.now() - this.writtenAt;
+    return silentMs > 2 * this.intervalMs
+      ? `the log has taken no heartbeat of this gateway for ${Math.round(silentMs / 1000)} s`
+      : undefined;
   }
 
   /** Stops beating and deletes the gateway's key. */
@@ -54,7 +70,7 @@ export class Heartbeat {
     this.inFlight = this.producer
       .send([this.record()])
       .then(
-        () => undefined,
+        () => void (this.writtenAt = this.now()),
         (err: unknown) => {
           this.instruments.heartbeatFailed();
           this.logger.error({ err }, 'heartbeat failed');

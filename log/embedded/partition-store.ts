@@ -103,7 +103,14 @@ export class PartitionStore {
     options: PartitionStoreOptions = {},
   ): Promise<PartitionStore> {
     const store = new PartitionStore(directory, options);
-    await store.db.open({ createIfMissing: true });
+    try {
+      await store.db.open({ createIfMissing: true });
+    } catch (error) {
+      // RocksDB's LOCK: another process (a second `npm start` on one DATA_DIR) has it open.
+      if ((error as { cause?: { code?: string } }).cause?.code === 'LEVEL_LOCKED')
+        throw new LogError(`${directory} is in use by another process`, { cause: error });
+      throw error;
+    }
     await store.load();
     return store;
   }

@@ -447,4 +447,25 @@ describe('gateway: lifecycle and concurrency', function () {
     assert.ok(disconnected, 'the DISCONNECTED was given up after one try: a ghost session');
     await at.stop();
   });
+
+  it('is not ready while the log takes none of its heartbeats, and ready again once it does', async () => {
+    let failing = false;
+    const flaky = wrappingSends(log, async (records, send) => {
+      if (failing && records.some((r) => r.topic === topics.gateways))
+        throw new Error('the log is unreachable');
+      return send(records);
+    });
+    const at = await startGateway({ log: flaky, limits: { heartbeatIntervalMs: 100 } });
+    assert.equal(at.gateway.notReadyBecause, undefined);
+    failing = true;
+    await eventually(
+      () => /no heartbeat/.test(at.gateway.notReadyBecause ?? ''),
+      5_000,
+      'not ready',
+    );
+    failing = false;
+    await eventually(() => at.gateway.notReadyBecause === undefined, 5_000, 'ready again');
+    await at.stop();
+    assert.match(at.gateway.notReadyBecause ?? '', /closed/);
+  });
 });

@@ -96,6 +96,34 @@ describe('npm start: the environment it reads', function () {
     assert.doesNotMatch(output, /\n\s+at /, 'a configuration error, not a stack trace');
   });
 
+  it('refuses SYNC_WRITES=1 with exit code 2 (not read as false: fsync an operator believes in)', async () => {
+    const dataDir = join(parent, 'sync-writes');
+    const { code, output } = await run({
+      PORT: String(await freePort()),
+      DATA_DIR: dataDir,
+      SYNC_WRITES: '1',
+    });
+    assert.equal(code, 2, output);
+    assert.match(output, /SYNC_WRITES must be "true" or "false"/, output);
+    assert.equal(existsSync(dataDir), false, 'nothing was opened or created');
+  });
+
+  it('fails to start on a registry it cannot reach with one line, exit code 1, and the password hidden', async () => {
+    const { code, output, timedOut } = await run(
+      {
+        PORT: String(await freePort()),
+        DATA_DIR: join(parent, 'registry-down'),
+        SCHEMA_REGISTRY_URL: 'http://svc:hunter2-registry-pw@127.0.0.1:1/',
+      },
+      30_000,
+    );
+    assert.equal(timedOut, false, `still running after 30 s: ${output.slice(-500)}`);
+    assert.equal(code, 1, output);
+    assert.match(output, /kchat: cannot start: /, output);
+    assert.doesNotMatch(output, /hunter2/, 'the registry password was printed');
+    assert.doesNotMatch(output, /\n\s+at /, 'one line, not a stack trace');
+  });
+
   it('prints a URL a client can use when HOST is an IPv6 address, and logs lines without repeated keys', async () => {
     const port = await freePort();
     const child = spawn('npm', ['start', '--silent'], {

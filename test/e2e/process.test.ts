@@ -280,7 +280,7 @@ describe('npm start (embedded shape)', function () {
     const secondPort = await freePort();
     await assert.rejects(
       () => startServer({ PORT: String(secondPort), DATA_DIR: dataDir }, 20000),
-      /exited with 1/,
+      /exited with 1: kchat: cannot start: .* is in use by another process/,
     );
     assert.equal((await fetch(`${first.url}/readyz`)).status, 200, 'the first one is unharmed');
     await first.stop();

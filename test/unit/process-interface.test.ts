@@ -5,7 +5,7 @@ import { connect as connectTcp, type AddressInfo } from 'node:net';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ConfigError, readConfig } from '../../app/config.ts';
+import { ConfigError, readConfig, redactUrl } from '../../app/config.ts';
 import { openInfrastructure } from '../../app/infrastructure.ts';
 import { createHttpServer } from '../../app/http.ts';
 import { TokenBucket } from '../../gateway/rate-limit.ts';
@@ -28,6 +28,58 @@ describe('process interface: configuration', () => {
     assert.doesNotThrow(() => readConfig({ JWT_SECRET: secret, KAFKA_BROKERS: 'k:9092' }));
     assert.throws(() => readConfig({ JWT_SECRET: 'short' }), ConfigError);
     assert.throws(() => readConfig({ JWT_SECRET: 'short', KAFKA_BROKERS: 'k:9092' }), ConfigError);
+  });
+
+  it('reads SYNC_WRITES and TRUST_PROXY as true or false, and refuses anything else (1 is not true, and not false either)', () => {
+    for (const name of ['SYNC_WRITES', 'TRUST_PROXY'] as const) {
+      const key = name === 'SYNC_WRITES' ? 'syncWrites' : 'trustProxy';
+      assert.equal(readConfig({})[key], false, name);
+      assert.equal(readConfig({ [name]: '' })[key], false, name);
+      assert.equal(readConfig({ [name]: 'true' })[key], true, name);
+      assert.equal(readConfig({ [name]: 'false' })[key], false, name);
+      for (const value of ['1', 'yes', 'TRUE', 'on', '0'])
+        assert.throws(() => readConfig({ [name]: value }), ConfigError, `${name}=${value}`);
+    }
+  });
+
+  it('refuses a KAFKA_BROKERS entry that is not host:port', () => {
+    const secret = 'a secret of thirty-two bytes or more!';
+    const brokers = (value: string) => readConfig({ JWT_SECRET: secret, KAFKA_BROKERS: value });
+    assert.deepEqual(brokers('k1:9092, 10.0.0.2:9093,[::1]:9094').kafkaBrokers, [
+      'k1:9092',
+      '10.0.0.2:9093',
+      '[::1]:9094',
+    ]);
+    for (const value of [
+      'localhost',
+      'foo:bar',
+      'http://127.0.0.1:9092',
+      'k:0',
+      'k:70000',
+      'k:9092,x',
+    ])
+      assert.throws(() => brokers(value), ConfigError, value);
+  });
+
+  it('refuses a SCHEMA_REGISTRY_URL that is not http(s), and never shows its password', () => {
+    assert.equal(
+      readConfig({ SCHEMA_REGISTRY_URL: 'https://r:8081/apis/ccompat/v7' }).schemaRegistryUrl,
+      'https://r:8081/apis/ccompat/v7',
+    );
+    for (const value of ['not a url', 'ftp://r/', 'r:8081'])
+      assert.throws(() => readConfig({ SCHEMA_REGISTRY_URL: value }), ConfigError, value);
+    assert.equal(
+      redactUrl('put http://svc:pw@r:8081/config/x'),
+      'put http://svc:***@r:8081/config/x',
+    );
+    assert.equal(redactUrl('http://r:8081/x'), 'http://r:8081/x');
+  });
+
+  it('takes GATEWAY_ID as given, or refuses it (empty, upper case, dots, over 100 characters)', () => {
+    assert.equal(readConfig({ GATEWAY_ID: 'gw-a_1' }).gatewayId, 'gw-a_1');
+    assert.equal(readConfig({}).gatewayId, undefined);
+    for (const value of ['', 'Gw-A', 'gw.a', 'g'.repeat(101), 'gw a'])
+      assert.throws(() => readConfig({ GATEWAY_ID: value }), ConfigError, JSON.stringify(value));
   });
 
   it('refuses an unknown LOG_LEVEL', () => {
