@@ -8,11 +8,8 @@
  */
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { jwtVerify, SignJWT } from 'jose';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
@@ -23,49 +20,19 @@ import { deliveriesTopic } from '../../schemas/topics.ts';
 import { fullNames, type Delivery } from '../../schemas/types.generated.ts';
 import { topics } from '../../schemas/topics.ts';
 import type { ConnectionEvent } from '../../schemas/types.generated.ts';
-import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
+import type { GatewayDeps } from '../../gateway/gateway.ts';
 import { MAX_CONNECTIONS_PER_USER } from '../../gateway/limits.ts';
 import { eventually, uniqueName, wrappingSends } from '../support/log-helpers.ts';
+import {
+  decodedRecords,
+  serveGateway,
+  TestClient,
+  tokenFor,
+  verifyAccessToken,
+  type Running,
+} from '../support/gateway-harness.ts';
 
 const PARTITIONS = 4;
-const secret = new TextEncoder().encode('a test secret of thirty-two bytes or more');
-const tokenFor = (userId: string) =>
-  new SignJWT({})
-    .setProtectedHeader({ alg: 'HS256' })
-    .setSubject(userId)
-    .setIssuedAt()
-    .setExpirationTime('1h')
-    .sign(secret);
-async function verifyAccessToken(token: string): Promise<string> {
-  const { payload } = await jwtVerify(token, secret, { algorithms: ['HS256'] });
-  return payload.sub!;
-}
-const plain = <T>(value: unknown): T => JSON.parse(JSON.stringify(value)) as T;
-type Frame = { type: string } & Record<string, unknown>;
-
-export class TestClient {
-  readonly frames: Frame[] = [];
-  readonly closed: Promise<{ code: number; reason: string }>;
-  constructor(readonly ws: WebSocket) {
-    ws.on('message', (data) => this.frames.push(JSON.parse(data.toString()) as Frame));
-    ws.on('error', () => undefined);
-    this.closed = new Promise((resolve) =>
-      ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })),
-    );
-  }
-  send(frame: object): void {
-    this.ws.send(JSON.stringify(frame));
-  }
-}
-
-interface Running {
-  gateway: Gateway;
-  server: Server;
-  sockets: Socket[];
-  base: string;
-  stop(): Promise<void>;
-}
-
 describe('gateway: lifecycle and concurrency', function () {
   this.timeout(60_000);
   let dir: string;
@@ -75,7 +42,7 @@ describe('gateway: lifecycle and concurrency', function () {
   const running: Running[] = [];
 
   async function startGateway(overrides: Partial<GatewayDeps> = {}): Promise<Running> {
-    const gateway = createGateway({
+    const started = await serveGateway({
       gatewayId: uniqueName('gw'),
       log,
       codecs,
@@ -85,29 +52,8 @@ describe('gateway: lifecycle and concurrency', function () {
       partitions: PARTITIONS,
       ...overrides,
     });
-    await gateway.start();
-    const server = createServer((_q, r) => r.writeHead(404).end());
-    const sockets: Socket[] = [];
-    server.on('connection', (s) => sockets.push(s));
-    gateway.attach(server);
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const { port } = server.address() as AddressInfo;
-    let stopped = false;
-    const r: Running = {
-      gateway,
-      server,
-      sockets,
-      base: `ws://127.0.0.1:${port}`,
-      async stop() {
-        if (stopped) return;
-        stopped = true;
-        await gateway.close();
-        server.closeAllConnections();
-        await new Promise((resolve) => server.close(resolve));
-      },
-    };
-    running.push(r);
-    return r;
+    running.push(started);
+    return started;
   }
 
   before(async () => {
@@ -139,21 +85,8 @@ describe('gateway: lifecycle and concurrency', function () {
     return client;
   }
 
-  async function records<T>(topic: string, codec: TopicCodec<unknown>) {
-    const marks = await log.admin.watermarks(topic);
-    const out: { key: string; value: T | null }[] = [];
-    for await (const batch of log.readPartitions(
-      topic,
-      marks.map((m) => ({ partition: m.partition, from: m.low })),
-    )) {
-      for (const record of batch.records)
-        out.push({
-          key: record.key?.toString('utf8') ?? '',
-          value: record.value === null ? null : plain<T>(await codec.decode(record.value)),
-        });
-    }
-    return out;
-  }
+  const records = <T>(topic: string, codec: TopicCodec<unknown>) =>
+    decodedRecords<T>(log, topic, codec);
   const connectionEvents = () =>
     records<ConnectionEvent>(topics.connections, codecs[topics.connections]);
 

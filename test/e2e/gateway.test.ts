@@ -4,11 +4,10 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { mkdtemp } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
 import { connect as connectTcp, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { jwtVerify, SignJWT } from 'jose';
+import { SignJWT } from 'jose';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
@@ -27,8 +26,7 @@ import {
   type Sync,
   type UserCommand,
 } from '../../schemas/types.generated.ts';
-import { Metrics } from '../../observability/metrics.ts';
-import { createGateway, type Gateway, type GatewayDeps } from '../../gateway/gateway.ts';
+import type { GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
 import {
   MAX_BODY_DEPTH,
@@ -38,91 +36,17 @@ import {
   REPLAY_RESUME_BYTES,
 } from '../../gateway/limits.ts';
 import { eventually, uniqueName, wrappingSends } from '../support/log-helpers.ts';
+import {
+  decodedRecords,
+  serveGateway,
+  TestClient,
+  tokenFor,
+  verifyAccessToken,
+  type Frame,
+  type Running,
+} from '../support/gateway-harness.ts';
 
 const PARTITIONS = 12;
-const secret = new TextEncoder().encode('a test secret of thirty-two bytes or more');
-
-async function tokenFor(userId: string, expiresAt: number | string = '1h'): Promise<string> {
-  return new SignJWT({})
-    .setProtectedHeader({ alg: 'HS256' })
-    .setSubject(userId)
-    .setIssuedAt()
-    .setExpirationTime(expiresAt)
-    .sign(secret);
-}
-
-async function verifyAccessToken(token: string): Promise<string> {
-  const { payload } = await jwtVerify(token, secret, { algorithms: ['HS256'] });
-  if (typeof payload.sub !== 'string') throw new Error('no subject');
-  return payload.sub;
-}
-
-/** A decoded record as plain objects (avsc decodes records into class instances). */
-const plain = <T>(value: unknown): T => JSON.parse(JSON.stringify(value)) as T;
-
-type Frame = { type: string } & Record<string, unknown>;
-
-/** A WebSocket client that keeps every frame it receives, read in order with `next`. */
-class TestClient {
-  readonly frames: Frame[] = [];
-  readonly closed: Promise<{ code: number; reason: string }>;
-  private cursor = 0;
-  private wake: (() => void) | undefined;
-
-  constructor(readonly ws: WebSocket) {
-    ws.on('message', (data) => {
-      this.frames.push(JSON.parse(data.toString()) as Frame);
-      this.wake?.();
-    });
-    this.closed = new Promise((resolve) =>
-      ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })),
-    );
-  }
-
-  send(frame: object | string): void {
-    this.ws.send(typeof frame === 'string' ? frame : JSON.stringify(frame));
-  }
-
-  async next(timeoutMs = 5000): Promise<Frame> {
-    const deadline = Date.now() + timeoutMs;
-    while (this.cursor >= this.frames.length) {
-      if (Date.now() > deadline) {
-        throw new Error(`no frame within ${timeoutMs} ms after ${JSON.stringify(this.frames)}`);
-      }
-      await new Promise<void>((resolve) => {
-        this.wake = resolve;
-        setTimeout(resolve, 50);
-      });
-    }
-    return this.frames[this.cursor++]!;
-  }
-
-  async request(frame: object | string): Promise<Frame> {
-    this.send(frame);
-    return this.next();
-  }
-
-  /** A ping answered by a pong: the connection still works. */
-  async alive(): Promise<void> {
-    assert.deepEqual(await this.request({ type: 'ping', id: 'alive?' }), {
-      type: 'pong',
-      id: 'alive?',
-    });
-  }
-
-  close(): void {
-    this.ws.close();
-  }
-}
-
-interface Running {
-  gateway: Gateway;
-  server: Server;
-  base: string;
-  metrics: Metrics;
-  stop(): Promise<void>;
-}
-
 describe('gateway (WebSocket, embedded log)', function () {
   this.timeout(30_000);
   let dir: string;
@@ -135,8 +59,7 @@ describe('gateway (WebSocket, embedded log)', function () {
   let main: Running;
 
   async function startGateway(overrides: Partial<GatewayDeps> = {}): Promise<Running> {
-    const metrics = new Metrics();
-    const gateway = createGateway({
+    const started = await serveGateway({
       gatewayId: uniqueName('gw'),
       log,
       codecs,
@@ -148,25 +71,8 @@ describe('gateway (WebSocket, embedded log)', function () {
       },
       groupExists: (groupId) => groups.has(groupId),
       partitions: PARTITIONS,
-      metrics,
       ...overrides,
     });
-    await gateway.start();
-    const server = createServer((_request, response) => response.writeHead(404).end());
-    gateway.attach(server);
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const { port } = server.address() as AddressInfo;
-    const started: Running = {
-      gateway,
-      server,
-      base: `ws://127.0.0.1:${port}`,
-      metrics,
-      async stop() {
-        await gateway.close();
-        server.closeAllConnections();
-        await new Promise((resolve) => server.close(resolve));
-      },
-    };
     running.push(started);
     return started;
   }
@@ -255,25 +161,8 @@ describe('gateway (WebSocket, embedded log)', function () {
     });
   }
 
-  /** Every record of a topic, decoded. */
-  async function records<T>(
-    topic: string,
-    codec: TopicCodec<unknown>,
-  ): Promise<{ key: string; value: T | null; partition: number }[]> {
-    const marks = await log.admin.watermarks(topic);
-    const out: { key: string; value: T | null; partition: number }[] = [];
-    const starts = marks.map((m) => ({ partition: m.partition, from: m.low }));
-    for await (const batch of log.readPartitions(topic, starts)) {
-      for (const record of batch.records) {
-        out.push({
-          key: record.key?.toString('utf8') ?? '',
-          value: record.value === null ? null : plain<T>(await codec.decode(record.value)),
-          partition: batch.partition,
-        });
-      }
-    }
-    return out;
-  }
+  const records = <T>(topic: string, codec: TopicCodec<unknown>) =>
+    decodedRecords<T>(log, topic, codec);
 
   const inboxCommands = () => records<InboxCommand>(topics.messages, codecs[topics.messages]);
   const userCommands = () => records<UserCommand>(topics.userCommands, codecs[topics.userCommands]);
