@@ -20,6 +20,7 @@ import {
 } from './throttles.ts';
 import { PasswordHasher } from './passwords.ts';
 import { authRouter } from './routes/auth.ts';
+import type { Metrics } from '../observability/metrics.ts';
 import { notBuiltRouter } from './routes/not-built.ts';
 import { meRouter } from './routes/me.ts';
 import type { TokenService } from './tokens.ts';
@@ -45,6 +46,37 @@ export interface ApiDeps {
   trustProxy?: boolean;
   /** Closed by the process as it stops, before the stores (none: never refuses). */
   drain?: RequestDrain;
+  /** Where the API's request and outbox metrics go (none: not measured). */
+  metrics?: Metrics;
+}
+
+/**
+ * Every answer, timed and counted by method, route and status: the route as the router knows
+ * it (`/v1/groups/:groupId`), never the raw path, so that the series stay few.
+ */
+function measured(metrics: Metrics): Middleware {
+  const seconds = metrics.histogram(
+    'kchat_api_request_seconds',
+    'REST API requests, from arrival to answer, by method, route and status',
+    [0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+    ['method', 'route', 'status'],
+  );
+  return async (ctx, next) => {
+    const started = performance.now();
+    try {
+      await next();
+    } finally {
+      const route = (ctx as { _matchedRoute?: unknown })._matchedRoute;
+      seconds.observe(
+        {
+          method: ctx.method,
+          route: typeof route === 'string' ? route : 'unmatched',
+          status: String(ctx.status),
+        },
+        (performance.now() - started) / 1000,
+      );
+    }
+  };
 }
 
 /** Answers carry tokens and private data: no cache may keep them (RFC 6749 §5.1). */
@@ -79,6 +111,15 @@ export function createApi(deps: ApiDeps): Koa {
   app.maxIpsCount = 1;
   // Only what escapes errorHandler arrives here (a socket error while answering).
   app.on('error', (error: unknown) => logger.warn({ err: error }, 'http error'));
+  if (deps.metrics) {
+    app.use(measured(deps.metrics));
+    const { accounts } = deps;
+    deps.metrics.gauge(
+      'kchat_api_outbox_pending',
+      'Accounts stored but not yet confirmed on chat.accounts (at most 1,001 counted): registered users the gateways cannot see yet',
+      async (gauge) => gauge.set((await accounts.unpublished(1001)).length),
+    );
+  }
   app
     .use(errorHandler(logger))
     .use(noStore)

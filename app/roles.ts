@@ -126,7 +126,7 @@ export async function startRoles(
 }
 
 async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa> {
-  const { config, infrastructure, codecs, logger, closers } = context;
+  const { config, infrastructure, codecs, logger, closers, metrics } = context;
   // Until the MongoDB adapter: accounts live under this process's DATA_DIR, so a deployment
   // runs one api process (docs/deployment.md).
   const stores = await EmbeddedAccountStores.open(join(config.dataDir, 'accounts'), { logger });
@@ -162,6 +162,7 @@ async function startApi(context: RoleContext, tokens: TokenService): Promise<Koa
     trustProxy: context.config.trustProxy,
     registrationsPerHour: context.config.registrationsPerHour,
     refreshesPerHour: context.config.refreshesPerHour,
+    metrics,
   });
 }
 

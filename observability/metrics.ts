@@ -28,14 +28,14 @@ export class Metrics {
     );
   }
 
-  gauge(name: string, help: string, collect?: (gauge: Gauge) => void): Gauge {
+  gauge(name: string, help: string, collect?: (gauge: Gauge) => void | Promise<void>): Gauge {
     return new Gauge({
       name,
       help,
       registers: [this.registry],
       collect: collect
         ? function (this: Gauge) {
-            collect(this);
+            return collect(this);
           }
         : undefined,
     });

@@ -33,6 +33,7 @@ import {
   loadOrCreateJwtSecret,
 } from '../../api/tokens.ts';
 import { silentLogger, type Logger } from '../../observability/logger.ts';
+import { Metrics } from '../../observability/metrics.ts';
 import { EmbeddedAccountStores } from '../../state/accounts/embedded.ts';
 import type { Account } from '../../state/accounts/port.ts';
 
@@ -956,6 +957,32 @@ describe('REST API: accounts', () => {
       assert.equal(await broken.outbox.flush(), 0, 'confirmed: the outbox is empty');
       assertTokenPair(await broken.login('tom'), 200, 'tom');
     });
+  });
+});
+
+describe('REST API: metrics', () => {
+  it('times every answer by method, route (never the raw path) and status, and counts the outbox backlog', async () => {
+    const metrics = new Metrics();
+    const api = await new Harness().start({ metrics });
+    try {
+      await api.register('mia');
+      await api.login('mia', 'wrong password');
+      await api.call('GET', '/v1/users/someone-secret');
+      await api.call('GET', '/v1/nowhere/else');
+      api.sendFails = new Error('log unreachable');
+      await api.register('nia');
+      const text = await metrics.text();
+      const count = (labels: string) =>
+        Number(new RegExp(`kchat_api_request_seconds_count\\{${labels}\\} (\\d+)`).exec(text)?.[1]);
+      assert.equal(count('method="POST",route="/v1/auth/register",status="201"'), 2);
+      assert.equal(count('method="POST",route="/v1/auth/login",status="401"'), 1);
+      assert.equal(count('method="GET",route="/v1/users/:userId",status="503"'), 1);
+      assert.equal(count('method="GET",route="unmatched",status="404"'), 1);
+      assert.doesNotMatch(text, /someone-secret|nowhere/, 'a raw path as a label');
+      assert.match(text, /kchat_api_outbox_pending 1\b/, 'nia is not on chat.accounts yet');
+    } finally {
+      await api.stop();
+    }
   });
 });
 
