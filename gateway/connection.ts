@@ -288,6 +288,12 @@ export class Connection {
     if (this.state === 'closed' || this.closing) return;
     this.closing = true;
     this.queue.length = 0;
+    // A socket paused for a full queue would not read the peer's answer to the close (frames
+    // that come before it are dropped by receive): the close would wait out closeTimeoutMs.
+    if (this.paused) {
+      this.paused = false;
+      this.ws.resume();
+    }
     this.ws.close(code, reason);
     this.closeTimer = setTimeout(() => this.ws.terminate(), this.context.closeTimeoutMs);
     this.closeTimer.unref();

@@ -401,4 +401,28 @@ describe('gateway: lifecycle and concurrency', function () {
     await at.stop();
     assert.match(at.gateway.notReadyBecause ?? '', /closed/);
   });
+
+  it('closes a connection whose reading is paused (a full queue) without waiting out the close timeout', async () => {
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    const held = wrappingSends(log, async (records, send) => {
+      if (records.some((r) => r.topic === topics.messages)) await released;
+      return send(records);
+    });
+    const at = await startGateway({ log: held, rateLimitPerSecond: 10_000 });
+    const user = uniqueName('u');
+    const c = await open(at, user);
+    await eventually(() => c.frames.some((f) => f.type === 'ready'), 5000, 'ready');
+    // The first sends wait for the log; the rest fill the queue, and reading pauses.
+    for (let i = 0; i < 120; i++) c.send({ type: 'send', id: `s${i}`, to: 'bob-b', body: i });
+    await new Promise((r) => setTimeout(r, 300));
+    const started = Date.now();
+    const closing = at.gateway.close();
+    const { code } = await c.closed;
+    const ms = Date.now() - started;
+    release();
+    await closing;
+    assert.equal(code, 1001);
+    assert.ok(ms < 1_500, `the close took ${ms} ms: the paused socket never read the answer`);
+  });
 });
