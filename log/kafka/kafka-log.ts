@@ -888,8 +888,9 @@ class KafkaLogConsumer implements Consumer {
 
   /**
    * Starting from the end: a partition new to this member starts at the group's committed
-   * offset, or without one at the end it has when assigned; one it keeps (through a rebalance or a restart) goes on from its position; one it
-   * lost is forgotten (whoever has it now starts it afresh).
+   * offset, or without one at the end it has when assigned; one it keeps (through a rebalance
+   * or a restart) goes on from its position; one it lost is forgotten (whoever has it now
+   * starts it afresh).
    */
   private async placePositions(assignment: TopicPartition[]): Promise<void> {
     if (this.options.startFrom !== 'latest') return;
