@@ -5,6 +5,7 @@
  */
 import { z } from 'zod';
 import { HttpError } from './errors.ts';
+import { LONE_SURROGATE } from '../schemas/conventions.ts';
 
 export const USERNAME = /^[A-Za-z0-9_.-]{3,32}$/;
 export const PASSWORD_MIN = 8;
@@ -12,9 +13,6 @@ export const PASSWORD_MAX = 256;
 export const DISPLAY_NAME_MAX = 64;
 
 const length = (text: string) => [...text].length;
-
-/** A UTF-16 surrogate not in a pair (a `u` regex sees a pair as one code point). */
-const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
 
 /**
  * A string that is valid Unicode: JSON's `\uD800` escapes a lone surrogate, which becomes

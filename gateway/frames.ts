@@ -16,6 +16,7 @@ import {
   type TypingState,
 } from '../schemas/types.generated.ts';
 import { MAX_BODY_BYTES, MAX_BODY_DEPTH, MAX_CLIENT_ID, MAX_SERVER_ID } from './limits.ts';
+import { LONE_SURROGATE } from '../schemas/conventions.ts';
 
 // ---- errors ----
 
@@ -134,66 +135,57 @@ export function parseClientFrame(text: string): ParsedFrame {
   }
 }
 
-/** Whether a parsed JSON value nests arrays and objects deeper than `limit` (no recursion). */
-export function nestsDeeperThan(value: unknown, limit: number): boolean {
-  const stack: Array<[unknown, number]> = [[value, 0]];
+/**
+ * A number a body may not hold: one too large for a double (parsed as Infinity, it would go on
+ * as null), or an integer from 2^53 to 10^21. A double rounds most of those (9007199254740993
+ * becomes ...992), and once parsed the rounded ones cannot be told from the exact ones: the
+ * whole range is refused, as I-JSON (RFC 7493 §2.2) says integers past ±(2^53 - 1) do not
+ * interoperate (64-bit ids go as strings). Past 10^21 a parsed integer cannot be told from a
+ * float written with an exponent (1.5e300), which is kept.
+ */
+const refusedNumber = (n: number) =>
+  !Number.isFinite(n) || (!Number.isSafeInteger(n) && Number.isInteger(n) && Math.abs(n) < 1e21);
+
+/**
+ * Why a parsed `send` body may not be stored, or undefined; one walk over it (no recursion),
+ * whose refusals come in this order:
+ * - arrays and objects nested deeper than MAX_BODY_DEPTH (16 KiB of `[[[` could otherwise nest
+ *   8,000 levels, deeper than a serializer's stack);
+ * - a refused number (refusedNumber), the first the walk meets;
+ * - a string or a key with a lone UTF-16 surrogate: JSON's `\uD800` escape parses to one, which
+ *   is not Unicode. I-JSON (RFC 7493 §2.1) refuses it; a strict client's parser (Rust's
+ *   serde_json, pydantic) refuses the whole frame that carries it, so such a body, stored, is
+ *   an entry its recipient can neither read nor ack.
+ */
+export function bodyRefusal(body: unknown): string | undefined {
+  let number: number | undefined;
+  let surrogate = false;
+  const stack: Array<[unknown, number]> = [[body, 0]];
   while (stack.length > 0) {
     const [node, depth] = stack.pop()!;
-    if (typeof node !== 'object' || node === null) continue;
-    if (depth + 1 > limit) return true;
-    for (const child of Array.isArray(node) ? node : Object.values(node))
-      stack.push([child, depth + 1]);
-  }
-  return false;
-}
-
-/**
- * The first number in a parsed JSON value that is refused, if any: one too large for a double
- * (parsed as Infinity, it would go on as null), or an integer from 2^53 to 10^21. A double
- * rounds most of those (9007199254740993 becomes ...992), and once parsed the rounded ones
- * cannot be told from the exact ones: the whole range is refused, as I-JSON (RFC 7493 §2.2)
- * says integers past ±(2^53 - 1) do not interoperate (64-bit ids go as strings). Past 10^21 a
- * parsed integer cannot be told from a float written with an exponent (1.5e300), which is kept.
- */
-export function refusedNumberIn(value: unknown): number | undefined {
-  const stack: unknown[] = [value];
-  while (stack.length > 0) {
-    const node = stack.pop();
     if (typeof node === 'number') {
-      if (!Number.isFinite(node)) return node;
-      if (!Number.isSafeInteger(node) && Number.isInteger(node) && Math.abs(node) < 1e21)
-        return node;
-    } else if (typeof node === 'object' && node !== null)
-      for (const child of Array.isArray(node) ? node : Object.values(node)) stack.push(child);
-  }
-  return undefined;
-}
-
-/** A UTF-16 surrogate not in a pair (a `u` regex sees a pair as one code point). */
-const LONE_SURROGATE = /[\uD800-\uDFFF]/u;
-
-/**
- * Whether a parsed JSON value holds a string or a key with a lone surrogate: JSON's `\uD800`
- * escape parses to one, which is not Unicode. I-JSON (RFC 7493 §2.1) refuses it; a strict
- * client's parser (Rust's serde_json, pydantic) refuses the whole frame that carries it, so such
- * a body, stored, is an entry its recipient can neither read nor ack.
- */
-export function holdsLoneSurrogate(value: unknown): boolean {
-  const stack: unknown[] = [value];
-  while (stack.length > 0) {
-    const node = stack.pop();
-    if (typeof node === 'string') {
-      if (LONE_SURROGATE.test(node)) return true;
+      if (number === undefined && refusedNumber(node)) number = node;
+    } else if (typeof node === 'string') {
+      surrogate ||= LONE_SURROGATE.test(node);
     } else if (typeof node === 'object' && node !== null) {
-      if (Array.isArray(node)) stack.push(...node);
+      if (depth + 1 > MAX_BODY_DEPTH)
+        return `body nests arrays and objects deeper than ${MAX_BODY_DEPTH} levels`;
+      if (Array.isArray(node)) for (const child of node) stack.push([child, depth + 1]);
       else
         for (const [key, child] of Object.entries(node)) {
-          if (LONE_SURROGATE.test(key)) return true;
-          stack.push(child);
+          surrogate ||= LONE_SURROGATE.test(key);
+          stack.push([child, depth + 1]);
         }
     }
   }
-  return false;
+  if (number !== undefined)
+    return (
+      `body holds a number past what a double holds exactly (${number}): integers must ` +
+      'be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)'
+    );
+  if (surrogate)
+    return 'body holds a lone UTF-16 surrogate (a \\uD800 to \\uDFFF escape not in a pair)';
+  return undefined;
 }
 
 function parseFields(fields: Record<string, unknown>, id: string | undefined): ClientFrame {
@@ -205,18 +197,8 @@ function parseFields(fields: Record<string, unknown>, id: string | undefined): C
       if (id === undefined) throw badFrame('a send frame needs an id');
       const recipient = parseRecipient(fields);
       if (!('body' in fields)) throw badFrame('body is missing');
-      if (nestsDeeperThan(fields.body, MAX_BODY_DEPTH))
-        throw badFrame(`body nests arrays and objects deeper than ${MAX_BODY_DEPTH} levels`);
-      const refused = refusedNumberIn(fields.body);
-      if (refused !== undefined)
-        throw badFrame(
-          `body holds a number past what a double holds exactly (${refused}): integers must ` +
-            'be within ±(2^53 - 1), and no number may overflow (send larger ones as strings)',
-        );
-      if (holdsLoneSurrogate(fields.body))
-        throw badFrame(
-          'body holds a lone UTF-16 surrogate (a \\uD800 to \\uDFFF escape not in a pair)',
-        );
+      const refusal = bodyRefusal(fields.body);
+      if (refusal !== undefined) throw badFrame(refusal);
       const body = JSON.stringify(fields.body);
       const bytes = Buffer.byteLength(body, 'utf8');
       if (bytes > MAX_BODY_BYTES) {
