@@ -9,7 +9,7 @@
  */
 import type { Logger } from '../observability/logger.ts';
 import { KeyedLock } from '../state/accounts/keyed-lock.ts';
-import type { Account, AccountRepository } from '../state/accounts/port.ts';
+import { publicPart, type Account, type AccountRepository } from '../state/accounts/port.ts';
 
 export const OUTBOX_INTERVAL_MS = 5000;
 /** Accounts read from the outbox per round of a flush. */
@@ -41,11 +41,7 @@ export class AccountOutbox {
       await this.publishing.run(account.userId, async () => {
         const stored = await this.deps.accounts.get(account.userId);
         if (stored === undefined) return;
-        const current: Account = {
-          userId: stored.userId,
-          displayName: stored.displayName,
-          createdAt: stored.createdAt,
-        };
+        const current = publicPart(stored);
         await this.deps.send(current);
         await this.deps.accounts.markPublished(current);
       });

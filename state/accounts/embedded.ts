@@ -17,6 +17,7 @@ import { silentLogger, type Logger } from '../../observability/logger.ts';
 import { KeyedLock } from './keyed-lock.ts';
 import {
   AccountExistsError,
+  publicPart,
   type Account,
   type AccountRecord,
   type AccountRepository,
@@ -44,11 +45,6 @@ const revocationKey = (familyId: string) => `r/${familyId}`;
 /** The first string after every key that starts with `prefix` ('/' + 1 is '0'). */
 const after = (prefix: string) => `${prefix.slice(0, -1)}0`;
 
-const publicPart = ({ userId, displayName, createdAt }: Account): Account => ({
-  userId,
-  displayName,
-  createdAt,
-});
 const samePublicAccount = (a: Account, b: Account) =>
   a.userId === b.userId && a.displayName === b.displayName && a.createdAt === b.createdAt;
 

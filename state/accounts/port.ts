@@ -16,6 +16,13 @@ export interface AccountRecord extends Account {
   passwordHash: string;
 }
 
+/** The public account of a record (or of an account), without anything else it holds. */
+export const publicPart = ({ userId, displayName, createdAt }: Account): Account => ({
+  userId,
+  displayName,
+  createdAt,
+});
+
 export interface AccountRepository {
   /** Adds an account; AccountExistsError when its userId is taken, even by a concurrent call. */
   create(account: AccountRecord): Promise<void>;
