@@ -62,13 +62,8 @@ function brokersOf(raw: string | undefined): string[] | undefined {
 
 function registryUrlOf(raw: string | undefined): string | undefined {
   if (!raw) return undefined;
-  let url: URL;
-  try {
-    url = new URL(raw);
-  } catch {
-    throw new ConfigError(`SCHEMA_REGISTRY_URL must be an http(s) URL, not "${redactUrl(raw)}"`);
-  }
-  if (url.protocol !== 'http:' && url.protocol !== 'https:')
+  const protocol = URL.canParse(raw) ? new URL(raw).protocol : undefined;
+  if (protocol !== 'http:' && protocol !== 'https:')
     throw new ConfigError(`SCHEMA_REGISTRY_URL must be an http(s) URL, not "${redactUrl(raw)}"`);
   return raw;
 }

@@ -1,11 +1,11 @@
 /**
  * A kafkajs partition assigner that keeps co-partitioning: the group leader runs
  * `assignCoPartitioned` over the members and the topics each subscribed to (all of them, not
- * only its own). Each member's
- * subscription carries, in its user data, the task (partition) numbers it owned last: kafkajs's
- * rebalances are eager (every member gives up everything before it joins), so "owned" is what it
- * was last assigned, as the user data of Kafka's StickyAssignor carries. The leader keeps those
- * where it can, so that a process joining or leaving moves only the tasks it must.
+ * only its own). Each member's subscription carries, in its user data, the task (partition)
+ * numbers it owned last: kafkajs's rebalances are eager (every member gives up everything
+ * before it joins), so "owned" is what it was last assigned, as the user data of Kafka's
+ * StickyAssignor carries. The leader keeps those where it can, so that a process joining or
+ * leaving moves only the tasks it must.
  */
 import kafkajs, { type Assigner, type Cluster, type PartitionAssigner } from 'kafkajs';
 import { assignCoPartitioned } from '../assignment.ts';

@@ -20,7 +20,6 @@ interface Response {
 }
 type Call = (args: Record<string, unknown>) => Promise<Response>;
 interface Api {
-  Schema: { find: Call };
   Subject: { latestVersion: Call; register: Call; updateConfig: Call };
 }
 interface ResponseError extends Error {

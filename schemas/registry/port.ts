@@ -1,7 +1,7 @@
 /**
  * The schema registry port: Avro schemas by subject and version, each distinct schema with a
- * global integer id, and compatibility (FULL_TRANSITIVE by default: see compatibility.ts) checked before a
- * new version is accepted.
+ * global integer id, and compatibility (FULL_TRANSITIVE by default: see compatibility.ts)
+ * checked before a new version is accepted.
  * Subjects follow the topic-name strategy: the value schema of topic T is subject `T-value`.
  *
  * Adapters: `embedded.ts` (kept durably in the log, like Confluent's `_schemas` topic) and
