@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { assignCoPartitioned } from '../../log/assignment.ts';
 import { decodeOwned, encodeOwned } from '../../log/kafka/assigner.ts';
+import { seededRandom } from '../support/random.ts';
 
 const topics = [
   { topic: 'a', partitions: 12 },
@@ -34,17 +35,6 @@ function assertBalancedAndComplete(tasks: Map<string, number[]>, n: number): voi
   );
   const sizes = [...tasks.values()].map((t) => t.length);
   assert.ok(Math.max(...sizes) - Math.min(...sizes) <= 1, `balanced: ${sizes.join(', ')}`);
-}
-
-/** A seeded generator (mulberry32), so that a failure names its seed. */
-function random(seed: number): () => number {
-  let a = seed;
-  return () => {
-    a = (a + 0x6d2b79f5) | 0;
-    let t = Math.imul(a ^ (a >>> 15), 1 | a);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 describe('co-partitioned assignment', () => {
@@ -123,7 +113,7 @@ describe('co-partitioned assignment', () => {
 
   it('random claims: always complete, balanced, and keeping as much as balance allows', () => {
     for (let seed = 1; seed <= 500; seed++) {
-      const rnd = random(seed);
+      const rnd = seededRandom(seed);
       const n = 1 + Math.floor(rnd() * 24);
       const ids = Array.from({ length: 1 + Math.floor(rnd() * 6) }, (_, i) => `m${i}`);
       const owned = new Map<string, number[]>();

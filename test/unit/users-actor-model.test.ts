@@ -56,18 +56,11 @@ import type {
   ProcessorContext,
   Record as Rec,
 } from '../../processors/runtime/topology.ts';
+import { seededRandom } from '../support/random.ts';
 
 const DAY = 86_400_000;
 const T0 = 1_800_000_000_000;
 const RETENTION = DEFAULT_RETENTION_MS;
-
-/** mulberry32 */
-const generator = (seed: number) => () => {
-  seed = (seed + 0x6d2b79f5) | 0;
-  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-  return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
-};
 
 /** A store whose values go through JSON, as the RocksDB serde's do. */
 class JsonStore<V> implements KeyValueStore<V> {
@@ -964,7 +957,7 @@ describe('users actor: model-based random runs on the processor', function () {
   it(`keeps the client contract over ${ONE ?? SEEDS} seeds x ${STEPS} steps`, async () => {
     const failures: string[] = [];
     for (let seed = ONE ?? 1; seed <= (ONE ?? SEEDS); seed++) {
-      const world = new World(generator(seed));
+      const world = new World(seededRandom(seed));
       try {
         for (let step = 0; step < STEPS; step++) {
           await world.step();
@@ -1003,7 +996,7 @@ describe('users actor: decider is an event-sourced fold', function () {
   it('folds to the live state', () => {
     const failures: string[] = [];
     for (let seed = 1; seed <= Math.min(SEEDS, 500); seed++) {
-      const random = generator(seed);
+      const random = seededRandom(seed);
       const pick = <V>(l: V[]) => l[Math.floor(random() * l.length)]!;
       let meta = newUserMeta();
       let entries: InboxEntry[] = [];
@@ -1158,7 +1151,7 @@ describe('users actor: decider on odd input', () => {
     const numbers = [-5, -1, 0, 1, 3, 2 ** 53 - 2, Number.MAX_SAFE_INTEGER];
     const failures: string[] = [];
     for (let seed = 1; seed <= 300; seed++) {
-      const random = generator(seed);
+      const random = seededRandom(seed);
       const pick = <V>(l: V[]) => l[Math.floor(random() * l.length)]!;
       let meta = newUserMeta();
       let entries: InboxEntry[] = [];

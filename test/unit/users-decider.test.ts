@@ -29,6 +29,7 @@ import {
   type UserView,
 } from '../../processors/users/decider.ts';
 import type { InboxEntry } from '../../schemas/types.generated.ts';
+import { seededRandom } from '../support/random.ts';
 
 const T = 1_800_000_000_000;
 const DAY = 86_400_000;
@@ -59,14 +60,6 @@ const types = (events: UserEvent[]) => events.map((e) => e.type);
 const messageIdOf = (entry: InboxEntry) => {
   const { name, value } = branchOf(entry.entry);
   return name === 'chat.v1.MessageCopy' ? value.messageId : undefined;
-};
-
-/** mulberry32: a small seeded generator, so that a failing seed can be run again. */
-const generator = (seed: number) => () => {
-  seed = (seed + 0x6d2b79f5) | 0;
-  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-  return ((t ^ (t >>> 14)) >>> 0) / 4_294_967_296;
 };
 
 /** Plays the processor: meta through evolve, entries and dedup keys kept beside it. */
@@ -1337,7 +1330,7 @@ describe('users actor: scenarios', () => {
 describe('users actor: replays under random commands', () => {
   for (let seed = 1; seed <= 20; seed++) {
     it(`keeps every connection gapless and finishes every replay (seed ${seed})`, () => {
-      const random = generator(seed);
+      const random = seededRandom(seed);
       const pick = <V>(values: V[]) => values[Math.floor(random() * values.length)]!;
       const inbox = new Inbox();
       const devices = ['phone', 'tablet', 'laptop'];
@@ -1489,7 +1482,7 @@ describe('users actor: replays under random commands', () => {
 describe('users actor: receipts under random commands', () => {
   for (let seed = 1; seed <= Number(process.env.SEEDS ?? 30); seed++) {
     it(`owes each acked message's receipt once, whatever is lost or late (seed ${seed})`, () => {
-      const random = generator(seed);
+      const random = seededRandom(seed);
       const pick = <V>(list: V[]) => list[Math.floor(random() * list.length)]!;
       const inbox = new Inbox();
       const seqOf = new Map<string, number>();
