@@ -14,20 +14,9 @@ import { GlobalTable } from '../../processors/runtime/global-table.ts';
 import { changelogTopic, StreamsRuntime } from '../../processors/runtime/runtime.ts';
 import { StateDb } from '../../state/state-db.ts';
 import { countingTopology } from '../support/counting.ts';
-import { eventually, text } from '../support/log-helpers.ts';
+import { eventually, text, withEmbeddedLog } from '../support/log-helpers.ts';
 
 const DAY = 24 * 60 * 60 * 1000;
-
-async function withLog<T>(run: (log: EmbeddedLog, dir: string) => Promise<T>): Promise<T> {
-  const dir = await mkdtemp(join(tmpdir(), 'kchat-cleaner-'));
-  const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-  try {
-    return await run(log, dir);
-  } finally {
-    await log.close();
-    await rm(dir, { recursive: true, force: true });
-  }
-}
 
 /** k=v1, 1500 other keys, then k's tombstone: two days old, as after a process was down. */
 async function fill(log: EmbeddedLog, topic: string, key = 'k', value = 'v1') {
@@ -50,7 +39,7 @@ describe('embedded log: the cleaner racing a reader of a compacted topic', funct
   this.timeout(60_000);
 
   it('readPartitions hands a deleted key’s tombstone too, when the cleaner runs mid-scan', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         { topic: 'table', partitions: 1, config: { 'cleanup.policy': 'compact' } },
       ]);
@@ -121,7 +110,7 @@ describe('embedded log: the cleaner racing a reader of a compacted topic', funct
   });
 
   it('a global table loaded while the cleaner runs has every live key once start() resolves', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         { topic: 'gateways', partitions: 1, config: { 'cleanup.policy': 'compact' } },
       ]);

@@ -10,26 +10,11 @@
  *   be lost, or the loop sleeps past a record already there until some later append.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import { eventually, text } from '../support/log-helpers.ts';
-
-async function withLog<T>(run: (log: EmbeddedLog) => Promise<T>): Promise<T> {
-  const dir = await mkdtemp(join(tmpdir(), 'kchat-consumer-'));
-  const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-  try {
-    return await run(log);
-  } finally {
-    await log.close();
-    await rm(dir, { recursive: true, force: true });
-  }
-}
+import { eventually, text, withEmbeddedLog } from '../support/log-helpers.ts';
 
 describe('embedded consumer loop', () => {
   it('goes on from a seek made while eachBatch ran, not from the end of that batch', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 't', partitions: 1 }]);
       const producer = await log.producer();
       await producer.send(
@@ -61,7 +46,7 @@ describe('embedded consumer loop', () => {
     }));
 
   it('does not sleep past a record appended while it read a partition whose records are gone', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 't', partitions: 3 }]);
       const producer = await log.producer();
       // Partition 1 holds one record, then none: gone as compaction or retention would take it.

@@ -10,18 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import { eventually, text } from '../support/log-helpers.ts';
-
-async function withLog<T>(run: (log: EmbeddedLog, dir: string) => Promise<T>): Promise<T> {
-  const dir = await mkdtemp(join(tmpdir(), 'kchat-log-'));
-  const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-  try {
-    return await run(log, dir);
-  } finally {
-    await log.close();
-    await rm(dir, { recursive: true, force: true });
-  }
-}
+import { eventually, text, withEmbeddedLog } from '../support/log-helpers.ts';
 
 describe('embedded log', () => {
   it('keeps every acknowledged record when its process is killed with SIGKILL mid-write', async function () {
@@ -77,7 +66,7 @@ describe('embedded log', () => {
   });
 
   it('writes appends that arrive in one turn of the event loop as one batch', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 'grouped', partitions: 3 }]);
       const producer = await log.producer();
       const before = log.store.writeBatches;
@@ -93,7 +82,7 @@ describe('embedded log', () => {
     }));
 
   it('keeps only the latest value of each key in a compacted topic, and drops old tombstones', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         {
           topic: 'table',
@@ -131,7 +120,7 @@ describe('embedded log', () => {
 
   it('keeps every record appended to a compacted topic while the cleaner runs', async function () {
     this.timeout(60_000);
-    await withLog(async (log) => {
+    await withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         { topic: 'table', partitions: 1, config: { 'cleanup.policy': 'compact' } },
       ]);
@@ -175,7 +164,7 @@ describe('embedded log', () => {
   });
 
   it('hands nothing read before a seek that came while the read was on its way', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 't', partitions: 1 }]);
       const producer = await log.producer();
       await producer.send(
@@ -209,7 +198,7 @@ describe('embedded log', () => {
     }));
 
   it('hands nothing a partition read ahead before a seek that came while another was handled', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 't', partitions: 2 }]);
       const producer = await log.producer();
       for (const partition of [0, 1])
@@ -247,7 +236,7 @@ describe('embedded log', () => {
     }));
 
   it('lets a new transactional producer read nothing before a commit its fence overtook', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         { topic: 'in', partitions: 1 },
         { topic: 'busy', partitions: 1 },
@@ -291,7 +280,7 @@ describe('embedded log', () => {
     }));
 
   it('forgets the consumers that closed', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 't', partitions: 2 }]);
       const held = () => (log as unknown as { consumers: Set<unknown> }).consumers.size;
       for (let i = 0; i < 5; i++) {
@@ -307,7 +296,7 @@ describe('embedded log', () => {
     }));
 
   it('gives a consumer new to its group the records appended while it starts', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 't', partitions: 4 }]);
       const producer = await log.producer();
       for (let round = 1; round <= 10; round++) {
@@ -325,7 +314,7 @@ describe('embedded log', () => {
     }));
 
   it('goes on rebalancing a group after a topic it subscribed to was deleted', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         { topic: 'kept', partitions: 2 },
         { topic: 'gone', partitions: 2 },
@@ -355,7 +344,7 @@ describe('embedded log', () => {
     }));
 
   it('drops records older than retention.ms from a delete-policy topic', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([
         { topic: 'events', partitions: 1, config: { 'retention.ms': '60000' } },
       ]);
@@ -375,7 +364,7 @@ describe('embedded log', () => {
     }));
 
   it('lets the event loop turn while a batch of 50,000 records is prepared and written', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await log.admin.createTopics([{ topic: 'bulk', partitions: 12 }]);
       const producer = await log.producer();
       let ticks = 0;
@@ -397,7 +386,7 @@ describe('embedded log', () => {
     }));
 
   it('refuses illegal topic names, bad partition counts and out-of-range partitions', () =>
-    withLog(async (log) => {
+    withEmbeddedLog(async (log) => {
       await assert.rejects(
         () => log.admin.createTopics([{ topic: 'bad/name', partitions: 1 }]),
         /illegal topic name/,

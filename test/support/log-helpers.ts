@@ -1,4 +1,8 @@
 import { randomUUID } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import type {
   Consumer,
   Log,
@@ -83,4 +87,18 @@ export function wrappingSends<L extends Log>(
       };
     },
   });
+}
+
+/** Runs `run` on an embedded log of a fresh directory (no periodic cleaner), then removes both. */
+export async function withEmbeddedLog<T>(
+  run: (log: EmbeddedLog, dir: string) => Promise<T>,
+): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'kchat-log-'));
+  const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
+  try {
+    return await run(log, dir);
+  } finally {
+    await log.close();
+    await rm(dir, { recursive: true, force: true });
+  }
 }
