@@ -289,6 +289,18 @@ class World {
     this.queues.get(userId)!.commands.push({ source: 'command', value: { userId, at, command } });
   }
 
+  /** The gateway asks for a replay's next part: a continued Sync. */
+  askNextPart(ask: World['asks'][number]) {
+    this.command(ask.userId, {
+      'chat.v1.Sync': {
+        deviceId: ask.deviceId,
+        connectionId: ask.cid,
+        after: ask.after,
+        continued: true,
+      },
+    });
+  }
+
   connect(userId: string) {
     const cid = `c${++this.nConn}`;
     const deviceId = this.pick(this.devices);
@@ -766,15 +778,7 @@ class World {
         const [u, t] = this.pick(work);
         await this.processNext(u, t);
       } else {
-        const ask = this.asks.shift()!;
-        this.command(ask.userId, {
-          'chat.v1.Sync': {
-            deviceId: ask.deviceId,
-            connectionId: ask.cid,
-            after: ask.after,
-            continued: true,
-          },
-        });
+        this.askNextPart(this.asks.shift()!);
       }
     }
     this.fail('did not settle');
@@ -921,15 +925,7 @@ class World {
       const i = Math.floor(this.random() * this.asks.length);
       const ask = this.asks[i]!;
       if (this.random() < 0.85) this.asks.splice(i, 1);
-      if (this.conns.get(ask.cid)!.open)
-        this.command(ask.userId, {
-          'chat.v1.Sync': {
-            deviceId: ask.deviceId,
-            connectionId: ask.cid,
-            after: ask.after,
-            continued: true,
-          },
-        });
+      if (this.conns.get(ask.cid)!.open) this.askNextPart(ask);
     } else if (r < 0.91) {
       const u = this.pick(USERS);
       this.command(u, {
