@@ -48,6 +48,8 @@ export interface ApiDeps {
   drain?: RequestDrain;
   /** Where the API's request and outbox metrics go (none: not measured). */
   metrics?: Metrics;
+  /** Bytes of request bodies held at once, across requests (BODIES_IN_MEMORY_BYTES unless given). */
+  bodyBudgetBytes?: number;
 }
 
 /**
@@ -124,7 +126,7 @@ export function createApi(deps: ApiDeps): Koa {
     .use(errorHandler(logger))
     .use(noStore)
     .use((deps.drain ?? new RequestDrain()).middleware())
-    .use(jsonBody())
+    .use(jsonBody(deps.bodyBudgetBytes))
     .use(routes.routes())
     .use(routes.allowedMethods());
   return app;

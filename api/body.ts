@@ -3,6 +3,12 @@
  * after any Content-Encoding is undone, read for POST, PUT and PATCH only. The bytes must be
  * UTF-8 (RFC 8259): read leniently, two different byte strings could decode to one password.
  * A `__proto__` key is an unknown field like any other, and is dropped.
+ *
+ * Bodies are held in memory while they are read, so the API bounds what all requests together
+ * may hold (`BODIES_IN_MEMORY_BYTES`): a request whose body would go over it is answered 503
+ * `unavailable` with `Retry-After`, before any of it is read, instead of letting many slow
+ * uploads of 1 MiB each grow the process without end. A request reserves its Content-Length,
+ * or the whole 1 MiB when it has none (chunked) or is compressed.
  */
 import bourne from '@hapi/bourne';
 import inflate from 'inflation';
@@ -18,17 +24,36 @@ declare module 'koa' {
 }
 
 export const MAX_BODY_BYTES = 1024 * 1024;
+/** What every request body being read at once may hold together: 64 bodies of 1 MiB. */
+export const BODIES_IN_MEMORY_BYTES = 64 * MAX_BODY_BYTES;
 
 const READ_METHODS = new Set(['POST', 'PUT', 'PATCH']);
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
-export function jsonBody(): Middleware {
+export function jsonBody(budgetBytes = BODIES_IN_MEMORY_BYTES): Middleware {
+  let reserved = 0;
   return async (ctx, next) => {
     if (!READ_METHODS.has(ctx.method)) return next();
+    const length = ctx.get('content-length');
+    const identity = (ctx.get('content-encoding') || 'identity') === 'identity';
+    // No Content-Length and no Transfer-Encoding: no body (RFC 9112 §6.3).
+    const chunked = ctx.get('transfer-encoding') !== '';
+    const reserve =
+      length && identity
+        ? Math.min(Number(length) || 0, MAX_BODY_BYTES)
+        : chunked || length
+          ? MAX_BODY_BYTES
+          : 0;
+    // One body alone is always read, whatever the budget.
+    if (reserve > 0 && reserved > 0 && reserved + reserve > budgetBytes) {
+      ctx.req.resume();
+      throw new HttpError(503, 'the server is reading too many request bodies; try again soon', {
+        headers: { 'Retry-After': '1' },
+      });
+    }
+    reserved += reserve;
     let bytes: Buffer;
     try {
-      const length = ctx.get('content-length');
-      const identity = (ctx.get('content-encoding') || 'identity') === 'identity';
       bytes = await getRawBody(inflate(ctx.req), {
         limit: MAX_BODY_BYTES,
         ...(length && identity ? { length: Number(length) } : {}),
@@ -41,6 +66,8 @@ export function jsonBody(): Middleware {
       ctx.req.unpipe();
       ctx.req.resume();
       throw bodyError(error as Error);
+    } finally {
+      reserved -= reserve;
     }
     ctx.request.body = parse(bytes);
     return next();

@@ -1191,6 +1191,55 @@ describe('TokenService', () => {
   });
 });
 
+describe('REST API: the bodies read at once are bounded together', () => {
+  let api: Harness;
+  let held: ReturnType<typeof connect> | undefined;
+  afterEach(async () => {
+    held?.destroy();
+    await api.stop();
+  });
+
+  it('answers 503 with Retry-After while other bodies hold the budget, reads one alone whatever its size, and frees the budget when a body is read', async () => {
+    api = await new Harness().start({ bodyBudgetBytes: 4096 });
+    const port = Number(new URL(api.base).port);
+    // A slow upload of 3,000 bytes: its headers, then only the start of its body.
+    const body = JSON.stringify({ username: 'slow', password: 'correct horse' });
+    const padded = body + ' '.repeat(3000 - body.length);
+    held = connect(port, '127.0.0.1');
+    let replies = '';
+    held.on('data', (chunk) => (replies += String(chunk)));
+    held.write(
+      'POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n' +
+        `Content-Length: ${padded.length}\r\n\r\n${padded.slice(0, 10)}`,
+    );
+    // 2,000 more bytes would go over 4,096: refused once the slow one is being read.
+    const second = { username: 'fast', password: 'short', pad: 'x'.repeat(1900) };
+    let answer = await api.call('POST', '/v1/auth/register', { json: second });
+    for (let i = 0; i < 100 && answer.status !== 503; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      answer = await api.call('POST', '/v1/auth/register', { json: second });
+    }
+    assertError(answer, 503, 'unavailable');
+    assert.equal(answer.headers.get('retry-after'), '1');
+    // Requests without a body are not held up.
+    assertError(await api.call('GET', '/v1/auth/verify'), 401, 'unauthorized');
+    // The slow upload ends and is answered; the budget is free again.
+    held.write(padded.slice(10));
+    for (let i = 0; i < 100 && !/\r\n\r\n/.test(replies); i++)
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.match(replies, /^HTTP\/1\.1 201 /);
+    assertError(
+      await api.call('POST', '/v1/auth/register', { json: second }),
+      400,
+      'bad_request',
+      'password',
+    );
+    // A body larger than the whole budget, alone, is read.
+    const large = { username: 'large', password: 'correct horse', pad: 'x'.repeat(8000) };
+    assert.equal((await api.call('POST', '/v1/auth/register', { json: large })).status, 201);
+  });
+});
+
 describe('REST API: registrations are limited per client address', () => {
   let api: Harness;
   afterEach(async () => {
