@@ -108,11 +108,21 @@ export function answerClientError(error: NodeJS.ErrnoException, socket: Duplex):
  */
 export const REQUEST_TIMEOUTS = { headersMs: 20_000, requestMs: 30_000, checkEveryMs: 5_000 };
 
+export interface HttpServerOptions {
+  /** The REST API, for every path but the operational ones. */
+  api?: Handler;
+  /**
+   * Where the gateway takes WebSocket handshakes: a plain request there answers 426 with
+   * `Upgrade: websocket` (RFC 9110 §15.5.22), not a 404 that reads as "no WebSocket here".
+   */
+  webSocketPath?: string;
+  timeouts?: typeof REQUEST_TIMEOUTS;
+}
+
 export function createHttpServer(
   metrics: Metrics,
   readiness: Readiness,
-  api?: Handler,
-  timeouts = REQUEST_TIMEOUTS,
+  { api, webSocketPath, timeouts = REQUEST_TIMEOUTS }: HttpServerOptions = {},
 ): Server {
   const options = {
     headersTimeout: timeouts.headersMs,
@@ -125,6 +135,20 @@ export function createHttpServer(
       return json(response, 400, {
         error: { code: 'bad_request', message: 'the request target is not a valid URL' },
       });
+    }
+    if (path === webSocketPath) {
+      request.resume();
+      return json(
+        response,
+        426,
+        {
+          error: {
+            code: 'bad_request',
+            message: `${path} takes a WebSocket handshake (Upgrade: websocket)`,
+          },
+        },
+        { upgrade: 'websocket', connection: 'Upgrade' },
+      );
     }
     if (api && !OPS_PATHS.has(path)) return api(request, response);
     void handle(path, request, response).catch(() => {

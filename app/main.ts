@@ -20,6 +20,7 @@ import { ConfigError, readConfig, redactUrl } from './config.ts';
 import { openInfrastructure, type Infrastructure } from './infrastructure.ts';
 import { bootstrap } from './bootstrap.ts';
 import { createHttpServer } from './http.ts';
+import { WS_PATH } from '../gateway/gateway.ts';
 import { parseRole, ROLES, startRoles, type Roles } from './roles.ts';
 import { createLogger } from '../observability/logger.ts';
 import { Metrics } from '../observability/metrics.ts';
@@ -122,7 +123,7 @@ async function main(): Promise<void> {
       notReadyBecause: async () => (ready ? roles?.notReadyBecause() : 'starting or stopping'),
       deadBecause: () => infrastructure?.deadBecause(),
     },
-    roles.api?.callback(),
+    { api: roles.api?.callback(), webSocketPath: roles.gateway ? WS_PATH : undefined },
   );
   roles.gateway?.attach(server);
   // Listen only once everything is open: /healthz answering means the process accepts

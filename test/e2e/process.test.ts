@@ -55,6 +55,11 @@ describe('npm start (embedded shape)', function () {
     const posted = await fetch(`${server.url}/metrics`, { method: 'POST' });
     assert.equal(posted.status, 405);
     assert.equal(posted.headers.get('allow'), 'GET, HEAD');
+    // The WebSocket path asked without a handshake: 426, naming the upgrade it takes.
+    const plain = await fetch(`${server.url}/v1/ws`);
+    assert.equal(plain.status, 426);
+    assert.equal(plain.headers.get('upgrade'), 'websocket');
+    assert.equal(((await plain.json()) as { error: { code: string } }).error.code, 'bad_request');
     const missing = await fetch(`${server.url}/nope`);
     assert.equal(missing.status, 404);
     assert.deepEqual(Object.keys(((await missing.json()) as { error: object }).error).sort(), [

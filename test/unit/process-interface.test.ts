@@ -143,11 +143,13 @@ describe('process interface: requests that arrive too slowly', () => {
     const server = createHttpServer(
       new Metrics({ role: 'all' }),
       { notReadyBecause: async () => undefined },
-      (request, response) => {
-        request.resume();
-        request.on('end', () => response.end('read'));
+      {
+        api: (request, response) => {
+          request.resume();
+          request.on('end', () => response.end('read'));
+        },
+        timeouts: { headersMs: 300, requestMs: 600, checkEveryMs: 50 },
       },
-      { headersMs: 300, requestMs: 600, checkEveryMs: 50 },
     );
     server.listen(0, '127.0.0.1');
     await once(server, 'listening');
