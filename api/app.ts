@@ -1,9 +1,10 @@
 /**
  * The REST API of PROTOCOL.md as a Koa application; the caller mounts `app.callback()` on its
- * HTTP server (or `app.listen`s). Middleware, outermost first: errors, no caching, JSON body,
- * then a router per resource.
+ * HTTP server (or `app.listen`s). Middleware, outermost first: errors, CORS, no caching, JSON
+ * body, then a router per resource.
  */
 import Koa, { type Middleware } from 'koa';
+import cors from '@koa/cors';
 import { Router } from '@koa/router';
 import type { Logger } from '../observability/logger.ts';
 import type { AccountRepository, RefreshTokenRepository } from '../state/accounts/port.ts';
@@ -81,6 +82,20 @@ function measured(metrics: Metrics): Middleware {
   };
 }
 
+/**
+ * Browser clients on any origin may call the API, as the Matrix client-server API asks of its
+ * servers: the credential is a bearer token the page holds, never a cookie the browser would
+ * add by itself, so another site's page can do nothing with it that it could not do without
+ * CORS. Errors carry the headers too, so that a page can read why it was refused.
+ */
+export const CORS: cors.Options = {
+  origin: '*',
+  allowMethods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'],
+  allowHeaders: ['Authorization', 'Content-Type', 'Content-Encoding'],
+  exposeHeaders: ['Retry-After', 'WWW-Authenticate', 'X-User-Id'],
+  maxAge: 600,
+};
+
 /** Answers carry tokens and private data: no cache may keep them (RFC 6749 §5.1). */
 const noStore: Middleware = async (ctx, next) => {
   ctx.set('Cache-Control', 'no-store');
@@ -124,6 +139,7 @@ export function createApi(deps: ApiDeps): Koa {
   }
   app
     .use(errorHandler(logger))
+    .use(cors(CORS))
     .use(noStore)
     .use((deps.drain ?? new RequestDrain()).middleware())
     .use(jsonBody(deps.bodyBudgetBytes))

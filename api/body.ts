@@ -87,11 +87,11 @@ function parse(bytes: Buffer): unknown {
   const start = text.trimStart();
   if (start === '') return {};
   if (start[0] !== '{' && start[0] !== '[')
-    throw new HttpError(400, 'the body is not a JSON object');
+    throw new HttpError(400, 'the body must be a JSON object');
   try {
     return bourne.parse(text, { protoAction: 'remove' }) as unknown;
   } catch (error) {
-    throw new HttpError(400, 'the body is not a JSON object', { cause: error });
+    throw new HttpError(400, 'the body is not valid JSON', { cause: error });
   }
 }
 

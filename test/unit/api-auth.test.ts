@@ -899,6 +899,33 @@ describe('REST API: accounts', () => {
       assertError(await api.call('DELETE', '/v1/me'), 405, 'bad_request');
     });
 
+    it('lets a browser page on another origin call it (CORS): preflight, and errors it can read', async () => {
+      const origin = { origin: 'https://chat.example' };
+      const preflight = await api.call('OPTIONS', '/v1/auth/login', {
+        headers: {
+          ...origin,
+          'access-control-request-method': 'POST',
+          'access-control-request-headers': 'content-type',
+        },
+      });
+      assert.equal(preflight.status, 204);
+      assert.equal(preflight.headers.get('access-control-allow-origin'), '*');
+      assert.match(preflight.headers.get('access-control-allow-methods') ?? '', /POST/);
+      assert.match(preflight.headers.get('access-control-allow-headers') ?? '', /Authorization/);
+      assert.equal(preflight.headers.get('access-control-allow-credentials'), null);
+      const refused = await api.call('POST', '/v1/auth/login', {
+        json: { username: fresh(), password: 'wrong password' },
+        headers: origin,
+      });
+      assertError(refused, 401, 'unauthorized');
+      assert.equal(refused.headers.get('access-control-allow-origin'), '*');
+      assert.match(refused.headers.get('access-control-expose-headers') ?? '', /WWW-Authenticate/);
+      // An OPTIONS that is no preflight is answered by the router: 200 with Allow.
+      const options = await api.call('OPTIONS', '/v1/auth/login');
+      assert.equal(options.status, 200);
+      assert.match(options.headers.get('allow') ?? '', /POST/);
+    });
+
     it('never logs a password, its hash, or a refresh token', async () => {
       const password = 'a very secret passphrase';
       const userId = fresh('sam');
