@@ -12,6 +12,7 @@
 import avro from 'avsc';
 import {
   RegistryUnavailableError,
+  NotAvroSchemaError,
   UnknownSchemaError,
   valueSubject,
   type SchemaRegistry,
@@ -113,6 +114,8 @@ export class TopicCodec<T> {
           { cause: error },
         );
       }
+      if (error instanceof NotAvroSchemaError)
+        throw new DecodeError(`record written with ${error.message}`, { cause: error });
       throw new RegistryUnavailableError(
         `schema id ${id} could not be fetched from the registry: ${(error as Error).message}`,
         { cause: error },

@@ -9,6 +9,7 @@ import {
   IncompatibleSchemaError,
   InvalidSchemaError,
   SchemaRegistryError,
+  NotAvroSchemaError,
   UnknownSchemaError,
   type RegisteredSchema,
   type SchemaRegistry,
@@ -92,7 +93,8 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
   /**
    * A schema by its id, asked with fetch rather than the client: the registry's "no such schema"
    * is a 404 whose body carries error code 40403, and only that makes the record's schema unknown
-   * (its record dead-lettered for good). Any other 404 (a proxy's page, a wrong path), an answer
+   * (its record dead-lettered for good), as does a schema that is not Avro (a shared registry's
+   * JSON Schema or Protobuf id). Any other 404 (a proxy's page, a wrong path), an answer
    * without a schema, or no answer in time is an unavailable registry: retried, and not cached.
    * The client's errors keep no body to tell them apart.
    */
@@ -115,10 +117,13 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
     if (response.status === 404 && body?.error_code === 40403) throw new UnknownSchemaError(id);
     if (!response.ok) throw failed(`HTTP ${response.status} ${String(body?.message ?? '')}`);
     if (typeof body?.schema !== 'string') throw failed('the answer holds no schema');
+    const schemaType = (body as { schemaType?: unknown }).schemaType ?? 'AVRO';
+    if (schemaType !== 'AVRO')
+      throw new NotAvroSchemaError(id, `its type is ${String(schemaType)}`);
     try {
       parseSchema(body.schema);
     } catch (error) {
-      throw failed('the answer holds no valid Avro schema', error);
+      throw new NotAvroSchemaError(id, (error as Error).message, { cause: error });
     }
     this.byId.set(id, body.schema);
     return body.schema;

@@ -67,3 +67,18 @@ export class UnknownSchemaError extends SchemaRegistryError {
     super(`no schema with id ${id} in the registry`);
   }
 }
+
+/**
+ * The registry holds the id, but its schema is not Avro (a JSON Schema or Protobuf one, which a
+ * shared registry may hold, or a text that does not parse): a record written with it is not
+ * ours, for good. Schema ids never change what they name, so this is no outage to wait out.
+ */
+export class NotAvroSchemaError extends SchemaRegistryError {
+  constructor(
+    readonly id: number,
+    why: string,
+    options?: { cause?: unknown },
+  ) {
+    super(`schema id ${id} is not an Avro schema: ${why}`, options);
+  }
+}

@@ -86,4 +86,26 @@ describe('Confluent registry adapter against a misbehaving registry (in-process 
     broken = false;
     await assert.doesNotReject(() => c.decode(recordWithId99()), 'the broken answer stayed cached');
   });
+
+  it('an id whose schema is not Avro (JSON Schema, Protobuf, or no parse) makes the record bad for good, not a registry to wait for', async () => {
+    for (const answer of [
+      { schemaType: 'JSON', schema: '{"type":"object"}' },
+      { schemaType: 'PROTOBUF', schema: 'syntax = "proto3"; message M {}' },
+      { schema: '{"type":"object"}' },
+    ]) {
+      handler = (_req, res) => {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(answer));
+      };
+      const error = await codec()
+        .decode(recordWithId99())
+        .then(
+          () => undefined,
+          (e: unknown) => e,
+        );
+      assert.ok(error instanceof DecodeError, `${JSON.stringify(answer)}: ${String(error)}`);
+      assert.ok(!isRetriable(error));
+      assert.match(error.message, /schema id 99 is not an Avro schema/);
+    }
+  });
 });
