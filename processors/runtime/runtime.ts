@@ -392,6 +392,7 @@ export class StreamsRuntime {
         logger: this.logger,
         topicExists: this.topicExists,
         onUnknownTopic: () => this.counters?.deadLettered.inc({ application: this.applicationId }),
+        partitions: this.partitions,
       });
       // Then read the committed offsets, which no fenced owner can move any more. The consumer
       // may have read its start before the fence; the task skips whatever lies below these.

@@ -17,6 +17,7 @@ import type {
   Topology,
 } from './topology.ts';
 import { UnknownTopicError } from '../../log/errors.ts';
+import { partitionFor } from '../../log/partitioner.ts';
 import { isRetriable } from './errors.ts';
 
 /** What a task needs of a store beyond the KeyValueStore a processor sees. */
@@ -49,6 +50,8 @@ export interface TaskOptions {
   topicExists?: (topic: string) => boolean | Promise<boolean>;
   /** Told of each output sent to the dead-letter topic for want of its topic. */
   onUnknownTopic?: (topic: string) => void;
+  /** The source topics' partition count, to check that each record is in its key's partition. */
+  partitions?: number;
   now?: () => number;
 }
 
@@ -123,6 +126,8 @@ export class StreamTask {
     this.current = { topic: record.topic, partition: record.partition, offset: record.offset };
     let outcome: Outcome = 'processed';
     try {
+      if (source.spec.partitionedByKey !== false && this.options.partitions)
+        mustBeInItsPartition(record, this.options.partitions);
       const value = await source.spec.decode(record.value, record.topic);
       const key = record.key?.toString('utf8') ?? '';
       await this.forwardTo(source.children, {
@@ -278,4 +283,24 @@ export class StreamTask {
       'dlq.task': this.id,
     };
   }
+}
+
+/** A record of a co-partitioned source that is not in the partition its key hashes to. */
+export class MisroutedRecordError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'MisroutedRecordError';
+  }
+}
+
+function mustBeInItsPartition(record: LogRecord, partitions: number): void {
+  if (record.key === null)
+    throw new MisroutedRecordError(`a record of ${record.topic} has no key to route it by`);
+  const expected = partitionFor(record.key, partitions);
+  if (expected !== record.partition)
+    throw new MisroutedRecordError(
+      `a record of ${record.topic} keyed "${record.key.toString('utf8')}" is in partition ` +
+        `${record.partition}, but its key hashes to ${expected} (murmur2, as the Java client): ` +
+        'was it written with another partitioner?',
+    );
 }

@@ -61,6 +61,14 @@ export interface SourceSpec<V = unknown> {
   topics: string[];
   /** Turns a record value into the value processors see; may throw DecodeError (dead-letter). */
   decode(value: Buffer | null, topic: string): V | Promise<V>;
+  /**
+   * Whether a record must sit in the partition its key hashes to (the Java client's murmur2, as
+   * every writer of a co-partitioned topic must use). Default true: a record elsewhere (a
+   * producer with another partitioner, such as librdkafka's default, or a null key) is
+   * dead-lettered, since its task would keep a second state for its key that no other record
+   * of that key ever reaches.
+   */
+  partitionedByKey?: boolean;
 }
 
 export interface SinkSpec<V = unknown> {

@@ -26,6 +26,7 @@ import {
 } from '../../processors/runtime/topology.ts';
 import { countingTopology, POISON } from '../support/counting.ts';
 import { eventually, text, uniqueName } from '../support/log-helpers.ts';
+import { partitionFor } from '../../log/partitioner.ts';
 
 export interface RuntimeShape {
   name: string;
@@ -711,6 +712,71 @@ export function runtimeSuite(shape: RuntimeShape) {
         assert.equal(text(dead[0]!.headers['dlq.topic']!), input);
         assert.equal(text(dead[0]!.headers['dlq.offset']!), '1');
         assert.match(text(dead[0]!.headers['dlq.reason']!)!, /not a word/);
+      } finally {
+        await shape.close(log);
+      }
+    });
+
+    it('dead-letters a record that is not in the partition its key hashes to, or has no key, and goes on', async () => {
+      // A producer with another partitioner (librdkafka's default is CRC32) would otherwise
+      // give a key a second state in a task that no other record of that key reaches.
+      const app = uniqueName('count');
+      const input = uniqueName('words');
+      const output = uniqueName('counts');
+      const log = await shape.open();
+      try {
+        await log.admin.createTopics([
+          { topic: input, partitions: 4 },
+          { topic: output, partitions: 4 },
+        ]);
+        const home = partitionFor(Buffer.from('k'), 4);
+        const away = (home + 1) % 4;
+        const producer = await log.producer();
+        const word = (value: string, key: string | null, partition?: number) => ({
+          topic: input,
+          key: key === null ? null : Buffer.from(key),
+          value: Buffer.from(value),
+          ...(partition === undefined ? {} : { partition }),
+        });
+        await producer.send([
+          word('a', 'k'),
+          word('misrouted', 'k', away),
+          word('keyless', null, home),
+        ]);
+        await producer.send([word('b', 'k')]);
+        await producer.close();
+        const db = await StateDb.open(join(stateRoot, app));
+        const runtime = new StreamsRuntime(countingTopology(input, output), {
+          applicationId: app,
+          log,
+          stateDb: db,
+        });
+        await runtime.start();
+        try {
+          await eventually(
+            async () => {
+              const committed = await log.admin.committedOffsets(app, input);
+              const at = (p: number) => committed.find((c) => c.partition === p)?.offset ?? 0;
+              return at(home) === 3 && at(away) === 1;
+            },
+            shape.settleMs + 20_000,
+            'every record committed',
+          );
+        } finally {
+          await runtime.close();
+          await db.close();
+        }
+        assert.deepEqual((await readAll(log, output)).get('k'), ['1', '2']);
+        const dead = await deadLetters(log, app);
+        const reasons = new Map(
+          dead.map((r) => [text(r.value), text(r.headers['dlq.reason']!)!] as const),
+        );
+        assert.deepEqual([...reasons.keys()].sort(), ['keyless', 'misrouted']);
+        assert.match(
+          reasons.get('misrouted')!,
+          new RegExp(`partition ${away}, but its key hashes to ${home}`),
+        );
+        assert.match(reasons.get('keyless')!, /no key/);
       } finally {
         await shape.close(log);
       }
