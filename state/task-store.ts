@@ -47,6 +47,13 @@ export class TaskStore<V> implements KeyValueStore<V> {
     readonly serde: Serde<V>,
     private readonly cacheEntries = DEFAULT_CACHE_ENTRIES,
     private readonly cacheBytes = DEFAULT_CACHE_BYTES,
+    /**
+     * Told of a stored value that a scan could not deserialize (a changelog record that another
+     * writer corrupted). A scan leaves it out and goes on, so that a walk over every key (a
+     * punctuator's) is not stopped for good by one; a get or range of that key still throws, so
+     * that the record being processed for it is dead-lettered rather than read as absent.
+     */
+    private readonly onUndecodable?: (key: string, error: unknown) => void,
   ) {}
 
   async get(key: string): Promise<V | undefined> {
@@ -113,18 +120,34 @@ export class TaskStore<V> implements KeyValueStore<V> {
     // next slice, which starts right after it.
     const last = stored.length === limit ? stored[stored.length - 1]![0] : undefined;
     return {
-      entries: this.merge(stored, (k) => k >= from && (last === undefined || k <= last)),
+      entries: this.merge(
+        stored,
+        (k) => k >= from && (last === undefined || k <= last),
+        this.onUndecodable ?? (() => undefined),
+      ),
       next: last === undefined ? undefined : keyAfter(last),
     };
   }
 
+  /** Committed values with the uncommitted writes over them; `skip` takes what does not decode. */
   private merge(
     stored: Array<[string, Buffer]>,
     inRange: (key: string) => boolean,
+    skip?: (key: string, error: unknown) => void,
   ): Array<[string, V]> {
     const result = new Map<string, V>();
-    for (const [key, value] of stored)
-      if (!this.pending.has(key)) result.set(key, this.serde.deserialize(value));
+    for (const [key, value] of stored) {
+      if (this.pending.has(key)) continue;
+      if (!skip) {
+        result.set(key, this.serde.deserialize(value));
+        continue;
+      }
+      try {
+        result.set(key, this.serde.deserialize(value));
+      } catch (error) {
+        skip(key, error);
+      }
+    }
     for (const [key, value] of this.pending)
       if (value !== DELETED && inRange(key)) result.set(key, value);
     return [...result].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));

@@ -170,6 +170,11 @@ export class StreamsRuntime {
         labels,
       ),
       commits: m.counter('kchat_streams_commits_total', 'Task commits', labels),
+      undecodableState: m.counter(
+        'kchat_streams_undecodable_state_total',
+        'Stored values a scan could not decode and left out (a corrupt changelog record)',
+        labels,
+      ),
       restored: m.counter(
         'kchat_streams_records_restored_total',
         'Changelog records restored into stores',
@@ -367,11 +372,21 @@ export class StreamsRuntime {
     try {
       const stores = new Map<string, TaskStore<unknown>>();
       for (const [name, spec] of this.topology.stores) {
+        const topic = changelogTopic(applicationId, name);
         const store = new TaskStore(
-          changelogTopic(applicationId, name),
+          topic,
           partition,
           stateDb,
           spec.serde ?? jsonSerde(),
+          undefined,
+          undefined,
+          (key, error) => {
+            this.counters?.undecodableState.inc({ application: applicationId });
+            this.logger.error(
+              { err: error, store: name, partition, key },
+              'a stored value does not decode; left out of a scan (its changelog record was not written by this topology)',
+            );
+          },
         );
         stores.set(name, store);
       }

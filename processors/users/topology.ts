@@ -629,7 +629,12 @@ class InboxProcessor implements Processor<Input, unknown> {
       // Nor while the inbox still holds its entry (the walks run apart, and entries expire in
       // seq order, not by time): a retry would then be appended twice.
       const userId = userOfDedupStoreKey(key);
-      if (seq >= ((await this.metas.get(userId))?.firstKept ?? Infinity)) continue;
+      // A user whose meta does not decode keeps its keys (the walk goes on past them).
+      const firstKept = await this.metas.get(userId).then(
+        (meta) => meta?.firstKept ?? Infinity,
+        () => -Infinity,
+      );
+      if (seq >= firstKept) continue;
       this.dedup.delete(key);
     }
   }

@@ -708,3 +708,56 @@ describe('users actor pruning (embedded log)', function () {
     );
   });
 });
+
+describe('users actor with a corrupt store value for one user (embedded log)', function () {
+  this.timeout(40_000);
+  let actor: Actor;
+  before(async () => {
+    actor = await Actor.open({
+      liveGateways: () => new Set(['gw1']),
+      retentionMs: 2_000,
+      prune: { everyMs: 100, dedupEveryMs: 100, tickMs: 50, usersPerTick: 2, dedupKeysPerTick: 3 },
+    });
+  });
+  after(() => actor.close());
+
+  it("prunes every other user of the task: the walks go past a value that does not decode (found by a review helper: one such value stopped its task's pruning for good)", async () => {
+    // Users of mallory's task whose keys come after hers, so that every walk meets her first.
+    const partition = partitionFor(Buffer.from('mallory'), 12);
+    const users = Array.from({ length: 200 }, (_, i) => `z${i}`)
+      .filter((u) => partitionFor(Buffer.from(u), 12) === partition)
+      .slice(0, 3);
+    assert.equal(users.length, 3);
+    for (const user of users) await actor.produce(topics.messages, user, copy(user, 'm1'));
+    const kept = async (store: string) =>
+      (await actor.committedKeys(store)).filter((k) => users.some((u) => k.startsWith(`${u}/`)));
+    await eventually(async () => (await kept('inbox')).length === 3, 10_000, 'their entries');
+    // Written by something other than the actor while it is stopped; the next start restores
+    // them: a meta that is no JSON, and a dedup key of hers long past retention.
+    await actor.stop();
+    const producer = await actor.log.producer();
+    await producer.send([
+      {
+        topic: changelogTopic(USERS_APPLICATION, 'inbox-meta'),
+        key: Buffer.from('mallory'),
+        value: Buffer.from('not json'),
+        partition,
+      },
+      {
+        topic: changelogTopic(USERS_APPLICATION, 'dedup'),
+        key: Buffer.from('mallory/old'),
+        value: Buffer.from(JSON.stringify({ seq: 1, at: 0 })),
+        partition,
+      },
+    ]);
+    await producer.close();
+    await actor.start();
+    await eventually(
+      async () => (await kept('inbox')).length === 0 && (await kept('dedup')).length === 0,
+      20_000,
+      'their entries and dedup keys pruned past retention',
+    );
+    // Hers is kept: nothing says her inbox no longer holds its entry.
+    assert.ok((await actor.committedKeys('dedup')).includes('mallory/old'));
+  });
+});

@@ -27,6 +27,32 @@ describe('task store', () => {
     assert.equal(await db.get('s', 0, 'a'), undefined);
   });
 
+  it('leaves a value that does not decode out of a scan, and tells of it; a get of it still throws', async () => {
+    // A changelog record another writer corrupted, restored into RocksDB as it was.
+    await db.write('s', 0, [
+      { key: 'a', value: Buffer.from('1') },
+      { key: 'b', value: Buffer.from('not json') },
+      { key: 'c', value: Buffer.from('3') },
+    ]);
+    const undecodable: string[] = [];
+    const store = new TaskStore<number>('s', 0, db, jsonSerde(), 100, 1 << 20, (key) =>
+      undecodable.push(key),
+    );
+    const first = await store.scan('', 2);
+    assert.deepEqual(first.entries, [['a', 1]]);
+    assert.ok(first.next !== undefined, 'the walk goes on past it');
+    assert.deepEqual((await store.scan(first.next, 2)).entries, [['c', 3]]);
+    assert.deepEqual(undecodable, ['b']);
+    await assert.rejects(() => store.get('b'), SyntaxError);
+    // Overwritten by the task, it reads again.
+    store.put('b', 2);
+    assert.deepEqual((await store.scan('', 10)).entries, [
+      ['a', 1],
+      ['b', 2],
+      ['c', 3],
+    ]);
+  });
+
   it('serves committed values and deletions from its cache, consistent with RocksDB', async () => {
     const store = new TaskStore<number>('s', 0, db, jsonSerde(), 2);
     store.put('a', 1);
