@@ -15,12 +15,15 @@
  * DATA_DIR.
  */
 import { once } from 'node:events';
+import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { ConfigError, readConfig, redactUrl } from './config.ts';
 import { openInfrastructure, type Infrastructure } from './infrastructure.ts';
 import { bootstrap } from './bootstrap.ts';
 import { createHttpServer } from './http.ts';
 import { WS_PATH } from '../gateway/gateway.ts';
+import { HandshakeRefusal, refuseUpgrade } from '../gateway/authentication.ts';
 import { parseRole, ROLES, startRoles, type Roles } from './roles.ts';
 import { createLogger } from '../observability/logger.ts';
 import { Metrics } from '../observability/metrics.ts';
@@ -102,6 +105,28 @@ async function main(): Promise<void> {
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
 
+  // PORT first: a process that cannot have it (another one holds it) fails before it joins a
+  // consumer group or heartbeats as its gateway, which would disturb the process that does
+  // hold it. Until the roles run, every request and handshake answers 503 `unavailable` and
+  // /healthz too: it answers 200 once the process accepts clients.
+  let api: ((request: IncomingMessage, response: ServerResponse) => void) | undefined;
+  server = createHttpServer(
+    metrics,
+    {
+      notReadyBecause: async () => (ready ? roles?.notReadyBecause() : 'starting or stopping'),
+      deadBecause: () => (ready ? infrastructure?.deadBecause() : 'starting or stopping'),
+    },
+    {
+      api: role === 'all' || role === 'api' ? (q, r) => (api ?? starting)(q, r) : undefined,
+      webSocketPath: role === 'all' || role === 'gateway' ? WS_PATH : undefined,
+    },
+  );
+  const refuseWhileStarting = (_request: IncomingMessage, socket: Duplex) =>
+    refuseUpgrade(socket, new HandshakeRefusal(503, 'unavailable', 'the server is starting'));
+  server.on('upgrade', refuseWhileStarting);
+  server.listen(config.port, config.host);
+  await once(server, 'listening');
+
   infrastructure = await openInfrastructure(config, logger);
   const { log } = infrastructure;
   if (log instanceof EmbeddedLog) {
@@ -117,19 +142,9 @@ async function main(): Promise<void> {
   }
   const codecs = await bootstrap(log, infrastructure.registry, config.partitions);
   roles = await startRoles(role, config, infrastructure, codecs, logger, metrics);
-  server = createHttpServer(
-    metrics,
-    {
-      notReadyBecause: async () => (ready ? roles?.notReadyBecause() : 'starting or stopping'),
-      deadBecause: () => infrastructure?.deadBecause(),
-    },
-    { api: roles.api?.callback(), webSocketPath: roles.gateway ? WS_PATH : undefined },
-  );
+  api = roles.api?.callback();
+  server.off('upgrade', refuseWhileStarting);
   roles.gateway?.attach(server);
-  // Listen only once everything is open: /healthz answering means the process accepts
-  // clients, and a second process on a locked DATA_DIR fails before it listens.
-  server.listen(config.port, config.host);
-  await once(server, 'listening');
   const address = server.address() as AddressInfo;
   ready = true;
   // A wildcard address is reached on loopback; an IPv6 literal goes in brackets (RFC 3986).
@@ -138,6 +153,19 @@ async function main(): Promise<void> {
   logger.info({ ...infrastructure.describe(), role }, 'ready');
   console.log(
     `kchat ${role} listening on http://${shown}:${address.port} (log: ${infrastructure.describe().log})`,
+  );
+}
+
+/** A request that comes before the roles run. */
+function starting(request: IncomingMessage, response: ServerResponse): void {
+  request.resume();
+  response.writeHead(503, {
+    'content-type': 'application/json; charset=utf-8',
+    'cache-control': 'no-store',
+    'retry-after': '1',
+  });
+  response.end(
+    JSON.stringify({ error: { code: 'unavailable', message: 'the server is starting' } }),
   );
 }
 
