@@ -109,7 +109,7 @@ async function main(): Promise<void> {
   // consumer group or heartbeats as its gateway, which would disturb the process that does
   // hold it. Until the roles run, every request and handshake answers 503 `unavailable` and
   // /healthz too: it answers 200 once the process accepts clients.
-  let api: ((request: IncomingMessage, response: ServerResponse) => void) | undefined;
+  const serving: { api?: (request: IncomingMessage, response: ServerResponse) => void } = {};
   server = createHttpServer(
     metrics,
     {
@@ -117,7 +117,7 @@ async function main(): Promise<void> {
       deadBecause: () => (ready ? infrastructure?.deadBecause() : 'starting or stopping'),
     },
     {
-      api: role === 'all' || role === 'api' ? (q, r) => (api ?? starting)(q, r) : undefined,
+      api: role === 'all' || role === 'api' ? (q, r) => (serving.api ?? starting)(q, r) : undefined,
       webSocketPath: role === 'all' || role === 'gateway' ? WS_PATH : undefined,
     },
   );
@@ -142,7 +142,7 @@ async function main(): Promise<void> {
   }
   const codecs = await bootstrap(log, infrastructure.registry, config.partitions);
   roles = await startRoles(role, config, infrastructure, codecs, logger, metrics);
-  api = roles.api?.callback();
+  serving.api = roles.api?.callback();
   server.off('upgrade', refuseWhileStarting);
   roles.gateway?.attach(server);
   const address = server.address() as AddressInfo;
