@@ -42,6 +42,8 @@ import {
   REPLAY_DRAIN_POLL_MAX_MS,
   REPLAY_DRAIN_POLL_MS,
   REPLAY_RESUME_BYTES,
+  ANSWER_BACKLOG_BYTES,
+  ANSWER_BACKLOG_MAX_MS,
   SLOW_CONSUMER_CLOSE_CODE,
   SYNC_RATE_PER_S,
 } from './limits.ts';
@@ -336,6 +338,11 @@ export class Connection {
           await this.unanswered[0];
           continue; // the connection may have closed meanwhile (and its queue been emptied)
         }
+        if (this.ws.bufferedAmount > ANSWER_BACKLOG_BYTES) {
+          // The client does not read what it was sent: its next frames wait until it does.
+          await this.backlogRead();
+          continue;
+        }
         const issued = await this.issue(this.queue.shift()!);
         this.answerInTurn(issued);
         if (this.paused && this.queue.length <= MAX_QUEUED_FRAMES / 2) {
@@ -346,6 +353,21 @@ export class Connection {
       }
     } finally {
       this.draining = false;
+    }
+  }
+
+  /**
+   * Waits until the send buffer is down to ANSWER_BACKLOG_BYTES, looking less and less often;
+   * closes the connection (1013) when the client has not read that far in ANSWER_BACKLOG_MAX_MS.
+   */
+  private async backlogRead(): Promise<void> {
+    const since = performance.now();
+    let wait = REPLAY_DRAIN_POLL_MS;
+    while (this.state !== 'closed' && !this.closing) {
+      if (this.ws.bufferedAmount <= ANSWER_BACKLOG_BYTES) return;
+      if (performance.now() - since >= ANSWER_BACKLOG_MAX_MS) return this.closeSlowConsumer();
+      await sleep(wait, undefined, { ref: false });
+      wait = Math.min(REPLAY_DRAIN_POLL_MAX_MS, wait * 2);
     }
   }
 

@@ -86,6 +86,19 @@ export const REPLAY_RESUME_BYTES = 256 * 1024;
 export const REPLAY_DRAIN_POLL_MS = 10;
 export const REPLAY_DRAIN_POLL_MAX_MS = 250;
 
+/**
+ * A client's frames are handled only while its send buffer holds at most this much: past it,
+ * they wait in the connection's queue (and, the queue full, in TCP) until the client reads.
+ * Otherwise a client that sends pings, or frames that each answer an error, and never reads,
+ * made the gateway buffer an answer each: hundreds of thousands of small writes, whose
+ * bookkeeping held the event loop for seconds (found by a review helper: 16 such connections
+ * kept /healthz from answering for 30 s).
+ */
+export const ANSWER_BACKLOG_BYTES = REPLAY_RESUME_BYTES;
+
+/** A client whose frames have waited this long for it to read is closed (1013). */
+export const ANSWER_BACKLOG_MAX_MS = 60_000;
+
 /** 1001 "Going Away": the gateway is shutting down. */
 export const GOING_AWAY_CLOSE_CODE = 1001;
 

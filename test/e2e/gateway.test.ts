@@ -1344,6 +1344,35 @@ describe('gateway (WebSocket, embedded log)', function () {
       assert.ok(code === 1013 || code === 1006, `closed with ${code}`);
     });
 
+    it('handles no more frames of a client that does not read their answers, and answers every one once it reads', async () => {
+      // Found by a review helper: pings from 16 such connections, each answered with a pong
+      // the client never read, held the event loop for seconds (some 100,000 small writes per
+      // connection before the 4 MiB limit closed it).
+      const at = await startGateway({ limits: { closeTimeoutMs: 300 } });
+      const alice = newUser('alice');
+      const { client, resume } = await notReading(at, alice);
+      const pad = 'x'.repeat(56);
+      let sent = 0;
+      const started = Date.now();
+      // Until the gateway stops reading (TCP then holds the client's writes back), or a bound.
+      while (
+        sent < 400_000 &&
+        client.ws.bufferedAmount < 1 << 20 &&
+        Date.now() - started < 20_000
+      ) {
+        for (let i = 0; i < 1_000; i++)
+          client.ws.send(`{"type":"ping","id":"${pad}${String(++sent).padStart(8, '0')}"}`);
+        await new Promise((resolve) => setImmediate(resolve));
+      }
+      assert.ok(client.ws.bufferedAmount >= 1 << 20, `the gateway read on: ${sent} pings sent`);
+      assert.equal(at.gateway.connectionCount, 1, 'the connection is open');
+      resume();
+      const pongs = () => client.frames.filter((f) => f.type === 'pong');
+      await eventually(() => pongs().length === sent, 30_000, `${sent} pongs`);
+      assert.ok(pongs().every((f, i) => f.id === `${pad}${String(i + 1).padStart(8, '0')}`));
+      assert.equal(at.gateway.connectionCount, 1, 'still open');
+    });
+
     it('keeps a client that reads through a burst over the send buffer limit (deflated)', async () => {
       const bursty = await startGateway({
         limits: { sendBufferLimitBytes: 64 * 1024, slowConsumerGraceMs: 5_000 },
