@@ -51,6 +51,8 @@ export interface ApiDeps {
   metrics?: Metrics;
   /** Bytes of request bodies held at once, across requests (BODIES_IN_MEMORY_BYTES unless given). */
   bodyBudgetBytes?: number;
+  /** Of it, what one client address may hold (BODIES_IN_MEMORY_PER_CLIENT_BYTES unless given). */
+  bodyBudgetPerClientBytes?: number;
 }
 
 /**
@@ -142,7 +144,7 @@ export function createApi(deps: ApiDeps): Koa {
     .use(cors(CORS))
     .use(noStore)
     .use((deps.drain ?? new RequestDrain()).middleware())
-    .use(jsonBody(deps.bodyBudgetBytes))
+    .use(jsonBody(deps.bodyBudgetBytes, deps.bodyBudgetPerClientBytes))
     .use(routes.routes())
     .use(routes.allowedMethods());
   return app;

@@ -1267,6 +1267,72 @@ describe('REST API: the bodies read at once are bounded together', () => {
   });
 });
 
+describe('REST API: what one client address may hold of the bodies being read', () => {
+  let api: Harness;
+  let held: ReturnType<typeof connect> | undefined;
+  afterEach(async () => {
+    held?.destroy();
+    await api.stop();
+  });
+
+  it("answers 429 to an address over its share while others are read (found by a security review: one address's idle uploads made every POST answer 503)", async () => {
+    api = await new Harness().start({
+      bodyBudgetPerClientBytes: 4096,
+      trustProxy: true,
+    });
+    const port = Number(new URL(api.base).port);
+    // 10.0.0.1 holds 3,000 bytes open.
+    held = connect(port, '127.0.0.1');
+    held.write(
+      'POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\n' +
+        'Content-Length: 3000\r\n\r\n{"username"',
+    );
+    const from = (address: string) =>
+      api.call('POST', '/v1/auth/register', {
+        json: { username: 'fast', password: 'short', pad: 'x'.repeat(1900) },
+        headers: { 'x-forwarded-for': address },
+      });
+    let answer = await from('10.0.0.1');
+    for (let i = 0; i < 100 && answer.status !== 429; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      answer = await from('10.0.0.1');
+    }
+    assertError(answer, 429, 'rate_limited');
+    assert.equal(answer.headers.get('retry-after'), '1');
+    // Another address is read meanwhile (and answered: the password is too short).
+    assertError(await from('10.0.0.2'), 400, 'bad_request', 'password');
+  });
+
+  it('refuses a body that nests deeper than 64 levels or holds more than 20,000 values, before parsing it', async () => {
+    api = await new Harness().start();
+    const nested = (levels: number) =>
+      `{"username":"${fresh()}","password":"correct horse","pad":${'['.repeat(levels)}${']'.repeat(levels)}}`;
+    const register = (raw: string) =>
+      api.call('POST', '/v1/auth/register', {
+        raw,
+        headers: { 'content-type': 'application/json' },
+      });
+    assert.equal((await register(nested(63))).status, 201, '64 levels with the object');
+    const deep = await register(nested(64));
+    assertError(deep, 400, 'bad_request');
+    assert.match(deep.body.error.message, /nests deeper than 64 levels/);
+    // The gzip of half a million levels is about 1 KB.
+    const bomb = await api.call('POST', '/v1/auth/login', {
+      raw: gzipSync(`{"x":${'['.repeat(500_000)}${']'.repeat(500_000)}}`),
+      headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' },
+    });
+    assertError(bomb, 400, 'bad_request');
+    const many = await register(
+      `{"username":"${fresh()}","password":"correct horse","pad":[${'1,'.repeat(20_000)}1]}`,
+    );
+    assertError(many, 400, 'bad_request');
+    assert.match(many.body.error.message, /more than 20000 values/);
+    // Brackets and separators inside strings are text.
+    const text = `{"username":"${fresh()}","password":"correct horse","pad":"${'[,:'.repeat(30_000)}"}`;
+    assert.equal((await register(text)).status, 201);
+  });
+});
+
 describe('REST API: registrations are limited per client address', () => {
   let api: Harness;
   afterEach(async () => {
