@@ -239,9 +239,9 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
       codecs: usersCodecs(codecs, await context.deliveryCodec()),
       liveGateways,
       gatewayStartedAt: (gatewayId) => gateways.get(gatewayId)?.startedAt || undefined,
-      onStaleSessions: (sessions) => {
+      onStaleSessions: (sessions, gatewayIds) => {
         closedStale.inc(sessions);
-        logger.info({ sessions }, 'closed sessions of an earlier run of their gateway');
+        logger.info({ sessions, gatewayIds }, 'closed sessions of an earlier run of their gateway');
       },
       onCatchUp: (sessions) => {
         caughtUp.inc(sessions);

@@ -329,6 +329,7 @@ class WebSocketGateway implements Gateway {
     this.phase = 'closed'; // upgrades from now on answer 503
     this.disconnectedDeadline = Date.now() + SHUTDOWN_DISCONNECTED_MS;
     clearInterval(this.pinger);
+    const closing = this.connections.size;
     for (const connection of this.connections.values()) {
       connection.close(GOING_AWAY_CLOSE_CODE, 'the server is shutting down');
     }
@@ -341,7 +342,7 @@ class WebSocketGateway implements Gateway {
     await this.heartbeat?.stop();
     await this.producer?.close();
     this.wss.close();
-    this.logger.info('gateway closed');
+    this.logger.info({ connections: closing }, 'gateway closed');
   }
 
   private async upgrade(request: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {

@@ -138,7 +138,7 @@ export interface UsersOptions {
   /** Told how many sessions a catch-up sent what they missed (for metrics and logs). */
   onCatchUp?(sessions: number): void;
   /** Told how many sessions of an earlier run of their gateway were closed. */
-  onStaleSessions?(sessions: number): void;
+  onStaleSessions?(sessions: number, gatewayIds: string[]): void;
 }
 
 type Input =
@@ -542,6 +542,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     let budget = this.options.gatewayUsersPerTick ?? GATEWAY_USERS_PER_TICK;
     let caughtUp = 0;
     let closed = 0;
+    const closedOn = new Set<string>();
     for (const [gatewayId, from] of this.looking) {
       if (budget <= 0) break;
       const { entries, next } = await this.sessions.scan(from, budget);
@@ -552,6 +553,7 @@ class InboxProcessor implements Processor<Input, unknown> {
         const looked = this.leavesOut(userId, now)
           ? { closed: 0, caughtUp: 0 }
           : await this.lookAt(userId, live, now);
+        for (const id of looked.closedOn ?? []) closedOn.add(id);
         closed += looked.closed;
         caughtUp += looked.caughtUp;
         this.looking.set(gatewayId, keyAfter(key));
@@ -560,7 +562,7 @@ class InboxProcessor implements Processor<Input, unknown> {
       if (mine.length < entries.length || next === undefined) this.looking.delete(gatewayId);
     }
     this.working = undefined;
-    if (closed > 0) this.options.onStaleSessions?.(closed);
+    if (closed > 0) this.options.onStaleSessions?.(closed, [...closedOn]);
     if (caughtUp > 0) this.options.onCatchUp?.(caughtUp);
   }
 
@@ -572,7 +574,7 @@ class InboxProcessor implements Processor<Input, unknown> {
     userId: string,
     live: ReadonlySet<string>,
     now: number,
-  ): Promise<{ closed: number; caughtUp: number }> {
+  ): Promise<{ closed: number; caughtUp: number; closedOn?: string[] }> {
     let meta = await this.metas.get(userId);
     if (!meta) return { closed: 0, caughtUp: 0 };
     const stale = Object.entries(meta.sessions).filter(([, session]) => {
@@ -585,7 +587,8 @@ class InboxProcessor implements Processor<Input, unknown> {
       meta = await this.handle(userId, { kind: 'disconnected', connectionId, at: now });
     const behind = sessionsBehind(meta, live).length;
     if (behind > 0) await this.handle(userId, { kind: 'catch-up' });
-    return { closed: stale.length, caughtUp: behind };
+    const closedOn = stale.map(([, session]) => session.gatewayId);
+    return { closed: stale.length, caughtUp: behind, closedOn };
   }
 
   /**
