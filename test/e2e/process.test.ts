@@ -297,19 +297,27 @@ describe('npm start (embedded shape)', function () {
     // On Kafka, a second gateway that got as far as its heartbeat made the users actor close
     // the first one's sessions, and a second processor took tasks for seconds (a review helper).
     const first = await startServer({ PORT: String(await freePort()), DATA_DIR: dataDir });
-    const otherDir = join(dataDir, 'never-opened');
-    const second = spawn('npm', ['start', '--silent'], {
-      env: { ...process.env, HOST: '127.0.0.1', PORT: new URL(first.url).port, DATA_DIR: otherDir },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let output = '';
-    second.stderr!.on('data', (d) => (output += d));
-    const [code] = (await once(second, 'close')) as [number];
-    assert.equal(code, 1);
-    assert.match(output, /kchat: cannot start: listen EADDRINUSE/);
-    assert.equal(existsSync(otherDir), false, 'DATA_DIR was opened');
-    assert.equal((await fetch(`${first.url}/readyz`)).status, 200, 'the first one is unharmed');
-    await first.stop();
+    try {
+      const otherDir = join(dataDir, 'never-opened');
+      const second = spawn('npm', ['start', '--silent'], {
+        env: {
+          ...process.env,
+          HOST: '127.0.0.1',
+          PORT: new URL(first.url).port,
+          DATA_DIR: otherDir,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      let output = '';
+      second.stderr!.on('data', (d) => (output += d));
+      const [code] = (await once(second, 'close')) as [number];
+      assert.equal(code, 1);
+      assert.match(output, /kchat: cannot start: listen EADDRINUSE/);
+      assert.equal(existsSync(otherDir), false, 'DATA_DIR was opened');
+      assert.equal((await fetch(`${first.url}/readyz`)).status, 200, 'the first one is unharmed');
+    } finally {
+      await first.stop();
+    }
   });
 
   for (const [role, expected] of [
