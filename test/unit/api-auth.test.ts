@@ -1303,6 +1303,48 @@ describe('REST API: what one client address may hold of the bodies being read', 
     assertError(await from('10.0.0.2'), 400, 'bad_request', 'password');
   });
 
+  it('gives back what a compressed upload cut off mid-body had reserved (found by a review helper: it was held for good)', async () => {
+    api = await new Harness().start({ bodyBudgetBytes: 4096 });
+    const port = Number(new URL(api.base).port);
+    const gzipped = gzipSync(
+      Buffer.from(JSON.stringify({ pad: randomBytes(4096).toString('hex') })),
+    );
+    held = connect(port, '127.0.0.1');
+    await once(held, 'connect');
+    held.write(
+      'POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n' +
+        `Content-Length: ${gzipped.length}\r\n\r\n`,
+    );
+    held.write(gzipped.subarray(0, 100));
+    const small = () =>
+      api.call('POST', '/v1/auth/register', { json: { username: 'smallone', password: 'short' } });
+    let answer = await small();
+    for (let i = 0; i < 100 && answer.status !== 503; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      answer = await small();
+    }
+    assertError(answer, 503, 'unavailable'); // the upload holds its 1 MiB
+    held.destroy(); // the client goes away mid-body
+    for (let i = 0; i < 100 && answer.status === 503; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      answer = await small();
+    }
+    assertError(answer, 400, 'bad_request', 'password');
+  });
+
+  it('answers 413 to a declared length over 1 MiB whatever the budget holds', async () => {
+    api = await new Harness().start({ bodyBudgetBytes: 4096, bodyBudgetPerClientBytes: 4096 });
+    const port = Number(new URL(api.base).port);
+    held = connect(port, '127.0.0.1');
+    held.write('POST /v1/auth/register HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n{"user');
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const over = await api.call('POST', '/v1/auth/register', {
+      raw: `{"pad":"${'x'.repeat(MAX_BODY_BYTES)}"}`,
+      headers: { 'content-type': 'application/json' },
+    });
+    assertError(over, 413, 'too_large');
+  });
+
   it('refuses a body that nests deeper than 64 levels or holds more than 20,000 values, before parsing it', async () => {
     api = await new Harness().start();
     const nested = (levels: number) =>
