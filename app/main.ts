@@ -163,6 +163,7 @@ function starting(request: IncomingMessage, response: ServerResponse): void {
     'content-type': 'application/json; charset=utf-8',
     'cache-control': 'no-store',
     'retry-after': '1',
+    'access-control-allow-origin': '*', // as the API's own errors (api/app.ts CORS)
   });
   response.end(
     JSON.stringify({ error: { code: 'unavailable', message: 'the server is starting' } }),

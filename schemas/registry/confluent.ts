@@ -46,6 +46,7 @@ const timesOut: Middleware = () => ({
 export class ConfluentSchemaRegistry implements SchemaRegistry {
   private readonly api: Api;
   private readonly byId = new Map<number, string>();
+  private readonly notAvro = new Map<number, NotAvroSchemaError>();
   private readonly configured = new Set<string>();
 
   constructor(
@@ -101,6 +102,9 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
   async schemaById(id: number): Promise<string> {
     const cached = this.byId.get(id);
     if (cached !== undefined) return cached;
+    // An id names one schema for good: one that is not Avro is not asked for again.
+    const notAvro = this.notAvro.get(id);
+    if (notAvro) throw notAvro;
     const failed = (why: string, cause?: unknown) =>
       new SchemaRegistryError(`fetching schema ${id} failed: ${why}`, { cause });
     let response: globalThis.Response;
@@ -118,12 +122,18 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
     if (!response.ok) throw failed(`HTTP ${response.status} ${String(body?.message ?? '')}`);
     if (typeof body?.schema !== 'string') throw failed('the answer holds no schema');
     const schemaType = (body as { schemaType?: unknown }).schemaType ?? 'AVRO';
+    let why: NotAvroSchemaError | undefined;
     if (schemaType !== 'AVRO')
-      throw new NotAvroSchemaError(id, `its type is ${String(schemaType)}`);
-    try {
-      parseSchema(body.schema);
-    } catch (error) {
-      throw new NotAvroSchemaError(id, (error as Error).message, { cause: error });
+      why = new NotAvroSchemaError(id, `its type is ${String(schemaType)}`);
+    else
+      try {
+        parseSchema(body.schema);
+      } catch (error) {
+        why = new NotAvroSchemaError(id, (error as Error).message, { cause: error });
+      }
+    if (why) {
+      this.notAvro.set(id, why);
+      throw why;
     }
     this.byId.set(id, body.schema);
     return body.schema;
