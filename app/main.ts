@@ -107,8 +107,8 @@ async function main(): Promise<void> {
 
   // PORT first: a process that cannot have it (another one holds it) fails before it joins a
   // consumer group or heartbeats as its gateway, which would disturb the process that does
-  // hold it. Until the roles run, every request and handshake answers 503 `unavailable` and
-  // /healthz too: it answers 200 once the process accepts clients.
+  // hold it. Until the roles run, every API request, handshake, /healthz and /readyz answers
+  // 503 `unavailable`: /healthz answers 200 once the process accepts clients.
   const serving: { api?: (request: IncomingMessage, response: ServerResponse) => void } = {};
   server = createHttpServer(
     metrics,

@@ -138,13 +138,10 @@ export class TaskStore<V> implements KeyValueStore<V> {
     const result = new Map<string, V>();
     for (const [key, value] of stored) {
       if (this.pending.has(key)) continue;
-      if (!skip) {
-        result.set(key, this.serde.deserialize(value));
-        continue;
-      }
       try {
         result.set(key, this.serde.deserialize(value));
       } catch (error) {
+        if (!skip) throw error;
         skip(key, error);
       }
     }
