@@ -1218,7 +1218,7 @@ describe('TokenService', () => {
   });
 });
 
-describe('REST API: the bodies read at once are bounded together', () => {
+describe('REST API: the bodies read at once, bounded together and per client address', () => {
   let api: Harness;
   let held: ReturnType<typeof connect> | undefined;
   afterEach(async () => {
@@ -1264,15 +1264,6 @@ describe('REST API: the bodies read at once are bounded together', () => {
     // A body larger than the whole budget, alone, is read.
     const large = { username: 'large', password: 'correct horse', pad: 'x'.repeat(8000) };
     assert.equal((await api.call('POST', '/v1/auth/register', { json: large })).status, 201);
-  });
-});
-
-describe('REST API: what one client address may hold of the bodies being read', () => {
-  let api: Harness;
-  let held: ReturnType<typeof connect> | undefined;
-  afterEach(async () => {
-    held?.destroy();
-    await api.stop();
   });
 
   it("answers 429 to an address over its share while others are read (found by a security review: one address's idle uploads made every POST answer 503)", async () => {
