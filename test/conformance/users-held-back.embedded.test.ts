@@ -9,11 +9,8 @@
  * can bring the entry.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { bootstrap, usersCodecs } from '../../app/bootstrap.ts';
-import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import type { LogRecord } from '../../log/port.ts';
 import { silentLogger } from '../../observability/logger.ts';
 import { changelogTopic } from '../../processors/runtime/runtime.ts';
@@ -22,39 +19,35 @@ import { FROM_ACK } from '../../processors/users/decider.ts';
 import { usersTopology, USERS_APPLICATION } from '../../processors/users/topology.ts';
 import { avroTypeOptions, branchOf, loadSchema } from '../../schemas/avro.ts';
 import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
-import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { deliveriesTopic, topics } from '../../schemas/topics.ts';
 import type { Delivery } from '../../schemas/types.generated.ts';
 import { StateDb } from '../../state/state-db.ts';
 import { jsonSerde } from '../../state/store.ts';
 import { TaskStore } from '../../state/task-store.ts';
+import { openEmbeddedChat, type EmbeddedChat } from '../support/embedded-chat.ts';
 
 const T0 = 1_800_000_000_000;
 
 describe('users actor: an entry held back during a silence shorter than a tick', function () {
   this.timeout(30_000);
-  let dir: string;
-  let log: EmbeddedLog;
+  let chat: EmbeddedChat;
   let stateDb: StateDb;
   let codecs: Awaited<ReturnType<typeof bootstrap>>;
   let deliveries: TopicCodec<Delivery>;
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'kchat-held-back-'));
-    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-    const registry = await EmbeddedSchemaRegistry.open(log);
-    codecs = await bootstrap(log, registry, 1);
-    deliveries = await new Codecs(registry).forTopic<Delivery>(
+    chat = await openEmbeddedChat(1, 'kchat-held-back-');
+    codecs = chat.codecs;
+    deliveries = await new Codecs(chat.registry).forTopic<Delivery>(
       deliveriesTopic('gw1'),
       loadSchema('Delivery'),
       avroTypeOptions(),
     );
-    stateDb = await StateDb.open(join(dir, 'state'));
+    stateDb = await StateDb.open(join(chat.dir, 'state'));
   });
   after(async () => {
     await stateDb?.close();
-    await log?.close();
-    await rm(dir, { recursive: true, force: true });
+    await chat?.close();
   });
 
   it('sends it at the next tick that finds the gateway live again', async () => {

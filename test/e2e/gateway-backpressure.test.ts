@@ -6,20 +6,15 @@
  * checks that the connection survives and answers, which it does either way.)
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { SignJWT, jwtVerify } from 'jose';
 import { WebSocket } from 'ws';
-import { bootstrap } from '../../app/bootstrap.ts';
 import { createGateway, type Gateway } from '../../gateway/gateway.ts';
 import { MAX_QUEUED_FRAMES, MAX_UNANSWERED_FRAMES } from '../../gateway/limits.ts';
-import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
-import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
 import { topics } from '../../schemas/topics.ts';
 import { eventually, wrappingSends } from '../support/log-helpers.ts';
+import { openEmbeddedChat } from '../support/embedded-chat.ts';
 
 const secret = new TextEncoder().encode('a test secret of thirty-two bytes or more');
 
@@ -27,10 +22,8 @@ describe('gateway: a connection whose frames wait for the log', function () {
   this.timeout(30_000);
 
   it('stops reading its socket once MAX_QUEUED_FRAMES wait, and reads again when they are taken', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'kchat-backpressure-'));
-    const log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-    const registry = await EmbeddedSchemaRegistry.open(log);
-    const codecs = await bootstrap(log, registry, 1);
+    const chat = await openEmbeddedChat(1, 'kchat-backpressure-');
+    const { log, registry, codecs } = chat;
     // Once `holding`, sends to chat.user-commands are stored but said durable only on release.
     let holding = false;
     let release!: () => void;
@@ -102,9 +95,7 @@ describe('gateway: a connection whose frames wait for the log', function () {
       await gateway?.close();
       server?.closeAllConnections();
       await new Promise((resolve) => (server ? server.close(resolve) : resolve(undefined)));
-      await registry.close();
-      await log.close();
-      await rm(dir, { recursive: true, force: true });
+      await chat.close();
     }
   });
 });

@@ -7,13 +7,10 @@
  * (session 18), which found the batch written twice and the DISCONNECTED given up at shutdown.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
-import { bootstrap, type ChatCodecs } from '../../app/bootstrap.ts';
+import type { ChatCodecs } from '../../app/bootstrap.ts';
 import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
 import { avroTypeOptions, loadSchema } from '../../schemas/avro.ts';
 import { deliveriesTopic } from '../../schemas/topics.ts';
@@ -31,11 +28,12 @@ import {
   verifyAccessToken,
   type Running,
 } from '../support/gateway-harness.ts';
+import { openEmbeddedChat, type EmbeddedChat } from '../support/embedded-chat.ts';
 
 const PARTITIONS = 4;
 describe('gateway: lifecycle and concurrency', function () {
   this.timeout(60_000);
-  let dir: string;
+  let chat: EmbeddedChat;
   let log: EmbeddedLog;
   let registry: EmbeddedSchemaRegistry;
   let codecs: ChatCodecs;
@@ -57,17 +55,13 @@ describe('gateway: lifecycle and concurrency', function () {
   }
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'kchat-gw-lifecycle-'));
-    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-    registry = await EmbeddedSchemaRegistry.open(log);
-    codecs = await bootstrap(log, registry, PARTITIONS);
+    chat = await openEmbeddedChat(PARTITIONS, 'kchat-gw-lifecycle-');
+    ({ log, registry, codecs } = chat);
   });
 
   after(async () => {
     for (const r of running) await r.stop().catch(() => undefined);
-    await registry?.close();
-    await log?.close();
-    await rm(dir, { recursive: true, force: true });
+    await chat?.close();
   });
 
   async function open(at: Running, userId: string, deviceId = 'default', ws: ClientOptions = {}) {

@@ -2,16 +2,12 @@
 // 127.0.0.1, the gateway attached, on a real embedded log and registry.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { rm } from 'node:fs/promises';
-import { mkdtemp } from 'node:fs/promises';
 import { connect as connectTcp, type AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { SignJWT } from 'jose';
 import { WebSocket, type ClientOptions } from 'ws';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
 import { EmbeddedSchemaRegistry } from '../../schemas/registry/embedded.ts';
-import { bootstrap, type ChatCodecs } from '../../app/bootstrap.ts';
+import type { ChatCodecs } from '../../app/bootstrap.ts';
 import { avroTypeOptions, loadSchema } from '../../schemas/avro.ts';
 import { Codecs, type TopicCodec } from '../../schemas/codec.ts';
 import { deliveriesTopic, topics } from '../../schemas/topics.ts';
@@ -45,11 +41,12 @@ import {
   type Frame,
   type Running,
 } from '../support/gateway-harness.ts';
+import { openEmbeddedChat, type EmbeddedChat } from '../support/embedded-chat.ts';
 
 const PARTITIONS = 12;
 describe('gateway (WebSocket, embedded log)', function () {
   this.timeout(30_000);
-  let dir: string;
+  let chat: EmbeddedChat;
   let log: EmbeddedLog;
   let registry: EmbeddedSchemaRegistry;
   let codecs: ChatCodecs;
@@ -78,18 +75,14 @@ describe('gateway (WebSocket, embedded log)', function () {
   }
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'kchat-gateway-'));
-    log = await EmbeddedLog.open({ dataDir: dir, cleanerIntervalMs: 0 });
-    registry = await EmbeddedSchemaRegistry.open(log);
-    codecs = await bootstrap(log, registry, PARTITIONS);
+    chat = await openEmbeddedChat(PARTITIONS, 'kchat-gateway-');
+    ({ log, registry, codecs } = chat);
     main = await startGateway({ rateLimitPerSecond: 10, limits: { heartbeatIntervalMs: 100 } });
   });
 
   after(async () => {
     for (const r of running) await r.stop();
-    await registry?.close();
-    await log?.close();
-    await rm(dir, { recursive: true, force: true });
+    await chat?.close();
   });
 
   const newUser = (prefix = 'u') => {
