@@ -36,6 +36,18 @@ describe('gateway on npm start: replays, reconnect loops, a restart', function (
     await rm(dataDir, { recursive: true, force: true });
   });
 
+  /** Sends `to` a probe (body 0, id `probe`) until the gateway knows `to` and answers `sent`. */
+  async function untilKnown(from: Client, to: string) {
+    await eventually(
+      async () => {
+        from.send({ type: 'send', id: 'probe', to, body: 0 });
+        return (await from.next((f) => f.id === 'probe')).type === 'sent';
+      },
+      10_000,
+      `${to} known`,
+    );
+  }
+
   async function sendMany(alice: Client, from: number, count: number) {
     for (let i = from; i < from + count; i++)
       alice.send({ type: 'send', id: `m${i}`, to: 'bobby', body: { i, pad: 'x'.repeat(1500) } });
@@ -44,14 +56,7 @@ describe('gateway on npm start: replays, reconnect loops, a restart', function (
 
   it('a replay that a slow reader pauses, with live entries meanwhile: every seq once, in order', async () => {
     const alice = await Client.open(server.url, tokens.get('alice')!, 'phone');
-    await eventually(
-      async () => {
-        alice.send({ type: 'send', id: 'probe', to: 'bobby', body: 0 });
-        return (await alice.next((f) => f.id === 'probe')).type === 'sent';
-      },
-      10_000,
-      'bobby known',
-    );
+    await untilKnown(alice, 'bobby');
     await sendMany(alice, 1, 1200);
     const bob = await Client.open(server.url, tokens.get('bobby')!, 'phone');
     const socket = (bob.ws as unknown as { _socket: { pause(): void; resume(): void } })._socket;
@@ -122,14 +127,7 @@ describe('gateway on npm start: replays, reconnect loops, a restart', function (
     tokens.set('dave', await register(server.url, 'dave'));
     const carol = await Client.open(server.url, tokens.get('carol')!, 'phone');
     let dave = await Client.open(server.url, tokens.get('dave')!, 'phone');
-    await eventually(
-      async () => {
-        carol.send({ type: 'send', id: 'probe', to: 'dave', body: 0 });
-        return (await carol.next((f) => f.id === 'probe')).type === 'sent';
-      },
-      10_000,
-      'dave known',
-    );
+    await untilKnown(carol, 'dave');
     for (let i = 1; i <= 200; i++) carol.send({ type: 'send', id: `a${i}`, to: 'dave', body: i });
     await carol.next((f) => f.id === 'a200' && f.type === 'sent', 30_000);
     await eventually(() => dave.entries().length >= 201, 30_000, 'dave has 201');
