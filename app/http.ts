@@ -193,7 +193,8 @@ export function createHttpServer(
   }
 }
 
-function json(
+/** A JSON answer, never cached. */
+export function json(
   response: ServerResponse,
   status: number,
   body: unknown,

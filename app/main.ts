@@ -21,7 +21,7 @@ import type { Duplex } from 'node:stream';
 import { ConfigError, readConfig, redactUrl } from './config.ts';
 import { openInfrastructure, type Infrastructure } from './infrastructure.ts';
 import { bootstrap } from './bootstrap.ts';
-import { createHttpServer } from './http.ts';
+import { createHttpServer, json } from './http.ts';
 import { WS_PATH } from '../gateway/gateway.ts';
 import { HandshakeRefusal, refuseUpgrade } from '../gateway/authentication.ts';
 import { parseRole, ROLES, startRoles, type Roles } from './roles.ts';
@@ -159,14 +159,12 @@ async function main(): Promise<void> {
 /** A request that comes before the roles run. */
 function starting(request: IncomingMessage, response: ServerResponse): void {
   request.resume();
-  response.writeHead(503, {
-    'content-type': 'application/json; charset=utf-8',
-    'cache-control': 'no-store',
-    'retry-after': '1',
-    'access-control-allow-origin': '*', // as the API's own errors (api/app.ts CORS)
-  });
-  response.end(
-    JSON.stringify({ error: { code: 'unavailable', message: 'the server is starting' } }),
+  json(
+    response,
+    503,
+    { error: { code: 'unavailable', message: 'the server is starting' } },
+    // CORS as the API's own errors (api/app.ts)
+    { 'retry-after': '1', 'access-control-allow-origin': '*' },
   );
 }
 
