@@ -70,18 +70,14 @@ export function jsonBody(
     const clientHolds = byClient.get(client) ?? 0;
     // A body is read whatever the budget when no other is being read, and whatever its
     // address's share when it is that address's only one.
-    if (reserve > 0 && clientHolds > 0 && clientHolds + reserve > perClientBytes) {
-      ctx.req.resume();
-      throw new HttpError(429, 'too many request bodies from this address at once', {
-        headers: { 'Retry-After': '1' },
-      });
-    }
-    if (reserve > 0 && reserved > 0 && reserved + reserve > budgetBytes) {
-      ctx.req.resume();
-      throw new HttpError(503, 'the server is reading too many request bodies; try again soon', {
-        headers: { 'Retry-After': '1' },
-      });
-    }
+    const refuse = (status: number, message: string) => {
+      ctx.req.resume(); // drained unread, so that the client reads the answer
+      return new HttpError(status, message, { headers: { 'Retry-After': '1' } });
+    };
+    if (reserve > 0 && clientHolds > 0 && clientHolds + reserve > perClientBytes)
+      throw refuse(429, 'too many request bodies from this address at once');
+    if (reserve > 0 && reserved > 0 && reserved + reserve > budgetBytes)
+      throw refuse(503, 'the server is reading too many request bodies; try again soon');
     reserved += reserve;
     if (reserve > 0) byClient.set(client, clientHolds + reserve);
     let bytes: Buffer;
