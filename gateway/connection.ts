@@ -238,14 +238,9 @@ export class Connection {
   private async nextPart(after: number): Promise<void> {
     const { userId, deviceId, connectionId } = this.identity;
     const open = () => this.state !== 'closed' && !this.closing;
-    let wait = REPLAY_DRAIN_POLL_MS;
     for (let attempt = 0; open();) {
-      if (this.ws.bufferedAmount > REPLAY_RESUME_BYTES) {
-        // Frames written after the part's last are still waiting: look again, less often.
-        await sleep(wait, undefined, { ref: false });
-        wait = Math.min(REPLAY_DRAIN_POLL_MAX_MS, wait * 2);
-        continue;
-      }
+      // Frames written after the part's last may still be waiting.
+      if (!(await this.sendBufferDownTo(REPLAY_RESUME_BYTES))) return;
       const command: UserCommand = {
         userId,
         at: this.context.now(),
@@ -361,14 +356,24 @@ export class Connection {
    * closes the connection (1013) when the client has not read that far in ANSWER_BACKLOG_MAX_MS.
    */
   private async backlogRead(): Promise<void> {
+    const read = await this.sendBufferDownTo(ANSWER_BACKLOG_BYTES, ANSWER_BACKLOG_MAX_MS);
+    if (!read && this.state !== 'closed' && !this.closing) this.closeSlowConsumer();
+  }
+
+  /**
+   * Waits until the send buffer holds at most `bytes`, looking again after REPLAY_DRAIN_POLL_MS,
+   * doubling up to REPLAY_DRAIN_POLL_MAX_MS; false once the connection closes or `maxMs` passed.
+   */
+  private async sendBufferDownTo(bytes: number, maxMs = Infinity): Promise<boolean> {
     const since = performance.now();
     let wait = REPLAY_DRAIN_POLL_MS;
     while (this.state !== 'closed' && !this.closing) {
-      if (this.ws.bufferedAmount <= ANSWER_BACKLOG_BYTES) return;
-      if (performance.now() - since >= ANSWER_BACKLOG_MAX_MS) return this.closeSlowConsumer();
+      if (this.ws.bufferedAmount <= bytes) return true;
+      if (performance.now() - since >= maxMs) return false;
       await sleep(wait, undefined, { ref: false });
       wait = Math.min(REPLAY_DRAIN_POLL_MAX_MS, wait * 2);
     }
+    return false;
   }
 
   private answerInTurn(issued: Issued): void {
