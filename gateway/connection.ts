@@ -28,6 +28,7 @@ import {
   readyFrame,
   sentFrame,
   serialize,
+  type AckFrame,
   type ClientFrame,
   type FrameError,
   type ParsedFrame,
@@ -46,6 +47,7 @@ import {
   ANSWER_BACKLOG_MAX_MS,
   SLOW_CONSUMER_CLOSE_CODE,
   SYNC_RATE_PER_S,
+  ACK_RATE_PER_S,
 } from './limits.ts';
 import { messageIdFor } from './message-id.ts';
 import { rateLimitedTypes, TokenBucket } from './rate-limit.ts';
@@ -110,6 +112,10 @@ export class Connection {
   private readonly bucket: TokenBucket;
   /** `sync` frames have their own bucket: each may replay the whole inbox. */
   private readonly syncBucket: TokenBucket;
+  /** `ack` frames are held past ACK_RATE_PER_S and merged: see `issueAck`. */
+  private readonly ackBucket: TokenBucket;
+  /** The ack held for want of a token, and the timer that applies it when one comes. */
+  private heldAck: { frame: AckFrame; timer: NodeJS.Timeout } | undefined;
   private closeTimer: NodeJS.Timeout | undefined;
   /** Set while the send buffer is over its limit: the time it went over, and its check. */
   private overLimit: { since: number; check: NodeJS.Timeout } | undefined;
@@ -122,6 +128,7 @@ export class Connection {
   ) {
     this.bucket = new TokenBucket(context.rateLimitPerSecond, context.now);
     this.syncBucket = new TokenBucket(SYNC_RATE_PER_S, context.now);
+    this.ackBucket = new TokenBucket(ACK_RATE_PER_S, context.now);
     this.logger = context.logger.child({
       connectionId: identity.connectionId,
       userId: identity.userId,
@@ -304,6 +311,10 @@ export class Connection {
     this.overLimit = undefined;
     this.queue.length = 0;
     this.held = [];
+    // An ack the client sent is applied even so (before DISCONNECTED: `settled` waits for it).
+    const ack = this.takeHeldAck();
+    if (ack)
+      this.handling = this.handling.then(async () => this.answerInTurn(await this.issue(ack)));
   }
 
   // ---- handling: frames issued one after another, answered in the same order ----
@@ -338,8 +349,15 @@ export class Connection {
           await this.backlogRead();
           continue;
         }
-        const issued = await this.issue(this.queue.shift()!);
-        this.answerInTurn(issued);
+        const next = this.queue.shift()!;
+        if (next.frame?.type === 'ack') {
+          await this.issueAck(next.frame);
+        } else {
+          // A held ack is applied before the connection's next frame is handled (PROTOCOL).
+          const ack = this.takeHeldAck();
+          if (ack) this.answerInTurn(await this.issue(ack));
+          this.answerInTurn(await this.issue(next));
+        }
         if (this.paused && this.queue.length <= MAX_QUEUED_FRAMES / 2) {
           this.paused = false;
           this.alive = true; // the pong, if any, is still unread: a whole interval to read it
@@ -349,6 +367,43 @@ export class Connection {
     } finally {
       this.draining = false;
     }
+  }
+
+  /**
+   * Applies an ack, merged with the one held, if any: at once while the ack bucket has a token,
+   * else held until it has one (ACK_RATE_PER_S), merging the acks that come meanwhile. Acks are
+   * cumulative, so the merged ack covers what each would have; it carries the latest frame's
+   * `id`, for an `internal` error should it fail.
+   */
+  private async issueAck(frame: AckFrame): Promise<void> {
+    const held = this.takeHeldAck();
+    const ack = held && held.frame.upTo > frame.upTo ? { ...frame, upTo: held.frame.upTo } : frame;
+    if (this.ackBucket.take()) {
+      this.answerInTurn(await this.issue({ frame: ack }));
+      return;
+    }
+    this.context.instruments.ackHeld();
+    const timer = setTimeout(
+      () => {
+        // The bucket has a token again: the held ack goes first, ahead of anything queued after.
+        const due = this.takeHeldAck();
+        if (!due || this.state !== 'ready' || this.closing) return;
+        this.queue.unshift(due);
+        this.drain();
+      },
+      Math.ceil(this.ackBucket.secondsToNext * 1000) + 1,
+    );
+    timer.unref();
+    this.heldAck = { frame: ack, timer };
+  }
+
+  /** The held ack, if any, as a frame to issue; it is no longer held. */
+  private takeHeldAck(): { frame: AckFrame } | undefined {
+    const held = this.heldAck;
+    if (!held) return undefined;
+    clearTimeout(held.timer);
+    this.heldAck = undefined;
+    return { frame: held.frame };
   }
 
   /**

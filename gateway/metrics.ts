@@ -2,7 +2,7 @@
  * The gateway's Prometheus instruments: open connections, client frames by type, error frames
  * by code, send buffers over their limit and slow consumers closed, deliveries written and
  * skipped and how long after the users actor wrote them they went out, replay parts asked
- * for. Without a Metrics registry (tests, tools) they count nothing.
+ * for, acks held over their rate. Without a Metrics registry (tests, tools) they count nothing.
  */
 import { LATENCY_BUCKETS, type Metrics } from '../observability/metrics.ts';
 import type { ErrorCode } from './frames.ts';
@@ -23,6 +23,8 @@ export interface GatewayInstruments {
   heartbeatFailed(): void;
   /** A connection asked for the next part of its replay. */
   replayPartAsked(): void;
+  /** An ack over ACK_RATE_PER_S was held, to be merged with the acks after it. */
+  ackHeld(): void;
 }
 
 export const noInstruments: GatewayInstruments = {
@@ -35,6 +37,7 @@ export const noInstruments: GatewayInstruments = {
   deliverySkipped() {},
   heartbeatFailed() {},
   replayPartAsked() {},
+  ackHeld() {},
 };
 
 export function gatewayInstruments(
@@ -77,6 +80,10 @@ export function gatewayInstruments(
     'kchat_gateway_replay_parts_asked_total',
     'Continued Syncs: connections that took a replay part and asked for the next',
   );
+  const acksHeld = metrics.counter(
+    'kchat_gateway_acks_held_total',
+    'Acks over the per-connection ack rate, held and merged with the acks after them',
+  );
   return {
     frameReceived: (type) => frames.inc({ type }),
     errorSent: (code) => errors.inc({ code }),
@@ -87,5 +94,6 @@ export function gatewayInstruments(
     deliverySkipped: (reason) => skipped.inc({ reason }),
     heartbeatFailed: () => heartbeats.inc(),
     replayPartAsked: () => parts.inc(),
+    ackHeld: () => acksHeld.inc(),
   };
 }

@@ -25,6 +25,7 @@ import {
 import type { GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
 import {
+  ACK_RATE_PER_S,
   MAX_BODY_DEPTH,
   MAX_QUEUED_FRAMES,
   MAX_CONNECTIONS_PER_USER,
@@ -1003,6 +1004,58 @@ describe('gateway (WebSocket, embedded log)', function () {
         [fullNames.Ack]: { deviceId: 'phone', upTo: 42, continued: false },
       });
       client.close();
+    });
+
+    /** The upTo of each Ack of `userId`, in log order. */
+    const acksOf = async (userId: string) =>
+      (await userCommands())
+        .filter((r) => r.key === userId && fullNames.Ack in r.value!.command)
+        .map(
+          (r) => (r.value!.command as { [fullNames.Ack]: { upTo: number } })[fullNames.Ack].upTo,
+        );
+
+    // Four seconds' worth at once (the bucket's capacity), then ACK_RATE_PER_S.
+    const ACK_BURST = ACK_RATE_PER_S * 4;
+
+    it(`holds acks over ${ACK_RATE_PER_S} a second and merges them; the highest is applied before the next frame`, async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      const acks = 1_000;
+      for (let upTo = 1; upTo <= acks; upTo += 1) client.send({ type: 'ack', upTo });
+      assert.deepEqual(await client.request({ type: 'ping' }), { type: 'pong' });
+      const applied = await acksOf(alice);
+      assert.equal(applied.at(-1), acks, 'the highest ack is applied before the pong');
+      assert.ok(applied.length > 1 && applied.length <= ACK_BURST + 2, `${applied.length} Acks`);
+      assert.deepEqual(
+        applied,
+        [...applied].sort((a, b) => a - b),
+        'merged acks keep their order',
+      );
+      assert.ok((await counter(main, 'kchat_gateway_acks_held_total')) > 0);
+      client.close();
+    });
+
+    it('applies a held ack once its token comes, with no frame after it', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      for (let upTo = 1; upTo <= ACK_BURST + 50; upTo += 1) client.send({ type: 'ack', upTo });
+      await eventually(
+        async () => (await acksOf(alice)).at(-1) === ACK_BURST + 50,
+        5_000,
+        'the held ack applied',
+      );
+      assert.ok((await acksOf(alice)).length <= ACK_BURST + 2);
+      client.close();
+    });
+
+    it('applies a held ack when its connection closes, before DISCONNECTED', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      const connectionId = await connectionIdOf(main, alice, 'phone');
+      for (let upTo = 1; upTo <= ACK_BURST + 50; upTo += 1) client.send({ type: 'ack', upTo });
+      client.ws.close();
+      await disconnectedEventually(connectionId, 'DISCONNECTED of the closed connection');
+      assert.equal((await acksOf(alice)).at(-1), ACK_BURST + 50);
     });
 
     it('produces Read and Sync keyed by the user, Typing keyed by the recipient', async () => {
