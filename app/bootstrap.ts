@@ -10,6 +10,7 @@ import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
 import { topics, topicSpecs, type TopicName } from '../schemas/topics.ts';
 import type { Delivery, SchemaValues } from '../schemas/types.generated.ts';
 import type { UsersCodecs } from '../processors/users/topology.ts';
+import type { Logger } from '../observability/logger.ts';
 
 export function chatTopicSpecs(partitions: number): TopicSpec[] {
   return Object.entries(topicSpecs).map(([topic, spec]) => ({
@@ -46,8 +47,10 @@ export async function bootstrap(
   log: Log,
   registry: SchemaRegistry,
   partitions: number,
+  logger?: Logger,
 ): Promise<ChatCodecs> {
   await log.admin.createTopics(chatTopicSpecs(partitions));
+  if (logger) await warnOfOtherPartitionCounts(log, partitions, logger);
   const codecs = new Codecs(registry);
   const entries = await Promise.all(
     Object.entries(topicSpecs).map(
@@ -56,4 +59,28 @@ export async function bootstrap(
     ),
   );
   return Object.fromEntries(entries) as ChatCodecs;
+}
+
+/**
+ * PARTITIONS only counts for the topics a process creates: one that already exists keeps its
+ * count (the runtime refuses co-partitioned sources whose counts differ). A different count is
+ * worth a warning, since the operator asked for something the process does not do.
+ */
+async function warnOfOtherPartitionCounts(
+  log: Log,
+  partitions: number,
+  logger: Logger,
+): Promise<void> {
+  const descriptions = await Promise.all(
+    Object.keys(topicSpecs).map((topic) => log.admin.describeTopic(topic)),
+  );
+  const other = descriptions.filter((d) => d && d.partitions !== partitions);
+  if (other.length === 0) return;
+  logger.warn(
+    {
+      partitions,
+      topics: Object.fromEntries(other.map((d) => [d!.topic, d!.partitions])),
+    },
+    'PARTITIONS differs from the partition count of existing chat topics; the topics keep theirs',
+  );
 }

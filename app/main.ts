@@ -140,7 +140,7 @@ async function main(): Promise<void> {
       (g) => g.set(store.recordsWritten),
     );
   }
-  const codecs = await bootstrap(log, infrastructure.registry, config.partitions);
+  const codecs = await bootstrap(log, infrastructure.registry, config.partitions, logger);
   roles = await startRoles(role, config, infrastructure, codecs, logger, metrics);
   serving.api = roles.api?.callback();
   server.off('upgrade', refuseWhileStarting);
