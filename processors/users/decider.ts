@@ -67,6 +67,12 @@ export interface UserMeta {
   /** Syncs that arrived before their connection's CONNECTED, oldest first (MAX_PENDING_SYNCS). */
   pendingSyncs: Record<string, PendingSync>;
   /**
+   * Connections whose pending Sync was pushed out past MAX_PENDING_SYNCS, the last
+   * DROPPED_SYNCS (absent in metas stored before it was kept): their CONNECTED replays from the
+   * device's ack as if the Sync were still waiting, since that Sync will not come again.
+   */
+  droppedSyncs?: string[];
+  /**
    * The last RECENTLY_CLOSED connections closed (absent in metas stored before it was kept): a
    * Sync that comes after its connection's DISCONNECTED is dropped, not left pending for good.
    */
@@ -99,14 +105,16 @@ export interface HighestAck {
 }
 
 /**
- * A Sync waiting for its CONNECTED. Not its deviceId: the replay is the session's, from the
- * CONNECTED (metas stored before may still carry one, unread).
+ * A Sync waiting for its CONNECTED. Its device is registered at once (see `sync-pending`), but
+ * the replay is the session's, from the CONNECTED, whatever device the Sync named.
  */
 export interface PendingSync {
   /** FROM_ACK, or the lowest `after` of the syncs that waited. */
   after: number;
   /** Another of them asked FROM_ACK too: the replay starts at the lower of both. */
   fromAck?: boolean;
+  /** The device the Sync named (absent in metas stored before it was kept). */
+  deviceId?: string;
 }
 
 /**
@@ -146,8 +154,13 @@ export const EVICTED = '*evicted';
  * gateway would go on holding them without deliveries.
  */
 export const MAX_SESSIONS = 64;
-/** Syncs waiting for their CONNECTED, per user, at most: past it the oldest is dropped. */
+/**
+ * Syncs waiting for their CONNECTED, per user, at most: past it the oldest is dropped, and its
+ * connection is remembered in `droppedSyncs` (DROPPED_SYNCS of them) so that its CONNECTED
+ * still replays.
+ */
 export const MAX_PENDING_SYNCS = 16;
+export const DROPPED_SYNCS = 64;
 /** Connections remembered as closed, per user. */
 export const RECENTLY_CLOSED = 16;
 
@@ -237,7 +250,15 @@ export type UserEvent =
     }
   /** `at`: when the device was last seen on it (its DISCONNECTED's time), when known. */
   | { type: 'session-closed'; connectionId: string; at?: number }
-  | { type: 'sync-pending'; connectionId: string; after: number; fromAck?: boolean }
+  | {
+      type: 'sync-pending';
+      connectionId: string;
+      after: number;
+      fromAck?: boolean;
+      /** The device the Sync named, known from now on, seen at `at`. */
+      deviceId: string;
+      at: number;
+    }
   /** Devices evicted past MAX_DEVICES: folded into the EVICTED placeholder. */
   | { type: 'devices-evicted'; deviceIds: string[]; at: number }
   /** The session's replay has been sent: it has every entry up to `sentUpTo`. */
@@ -413,8 +434,25 @@ function sendPart(
 }
 
 /** The devices with an open connection: never evicted. */
+/** Devices with an open connection: a session, or a Sync waiting for its CONNECTED. */
 const connectedDevices = (meta: UserMeta) =>
-  new Set(Object.values(meta.sessions).map((s) => s.deviceId));
+  new Set([
+    ...Object.values(meta.sessions).map((s) => s.deviceId),
+    ...Object.values(meta.pendingSyncs).flatMap((p) =>
+      p.deviceId === undefined ? [] : [p.deviceId],
+    ),
+  ]);
+
+/**
+ * The Sync a CONNECTED replays for: the one waiting for it, or FROM_ACK for a connection whose
+ * Sync waited and was pushed out past MAX_PENDING_SYNCS.
+ */
+function syncWaitingFor(meta: UserMeta, connectionId: string): PendingSync | undefined {
+  return (
+    own(meta.pendingSyncs, connectionId) ??
+    (meta.droppedSyncs?.includes(connectionId) ? { after: FROM_ACK } : undefined)
+  );
+}
 
 /**
  * Room for a device the actor does not know: when it already remembers MAX_DEVICES, it evicts
@@ -606,7 +644,7 @@ function rangesNeeded(
   switch (command.kind) {
     case 'connected': {
       // The replay is the session's, whatever device the sync named (as in decide).
-      const pending = own(meta.pendingSyncs, command.connectionId);
+      const pending = syncWaitingFor(meta, command.connectionId);
       return pending ? [aPart(pendingAfter(meta, command.deviceId, pending) + 1)] : [];
     }
     case 'sync': {
@@ -659,7 +697,7 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         connectionId: command.connectionId,
         ...session,
       };
-      const pending = own(meta.pendingSyncs, command.connectionId);
+      const pending = syncWaitingFor(meta, command.connectionId);
       const closed = closeOldestSessions(meta, view.liveGateways, command.gatewayId);
       return [
         ...closed,
@@ -699,11 +737,17 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
         if (meta.recentlyClosed?.includes(command.connectionId)) return [];
         // A second sync before the CONNECTED: the replay covers both.
         const waiting = own(meta.pendingSyncs, command.connectionId);
+        // Its connection is open (the gateway wrote `ready` once the CONNECTED was durable): its
+        // device holds back pruning, and is not evicted, from here on, not only from the
+        // CONNECTED, which may be read after acks of other devices that follow this Sync.
         return [
+          ...makeRoomFor(meta, command.deviceId, command.at),
           {
             type: 'sync-pending',
             connectionId: command.connectionId,
             ...(waiting ? mergedSync(waiting, command.after) : { after: command.after }),
+            deviceId: command.deviceId,
+            at: command.at,
           },
         ];
       }
@@ -911,6 +955,7 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         ...meta,
         devices,
         pendingSyncs,
+        ...withoutDroppedSync(meta, event.connectionId),
         sessions: {
           ...meta.sessions,
           [event.connectionId]: {
@@ -966,16 +1011,33 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         ...meta,
         sessions,
         pendingSyncs,
+        ...withoutDroppedSync(meta, event.connectionId),
         devices,
         recentlyClosed: closed.slice(-RECENTLY_CLOSED),
       };
     }
     case 'sync-pending': {
-      const { after, fromAck } = event;
-      const pending = { after, ...(fromAck ? { fromAck } : {}) };
+      const { after, fromAck, deviceId, at } = event;
+      const pending = { after, ...(fromAck ? { fromAck } : {}), deviceId };
+      const pendingSyncs = withNewest(
+        meta.pendingSyncs,
+        event.connectionId,
+        pending,
+        MAX_PENDING_SYNCS,
+      );
+      const dropped = Object.keys(meta.pendingSyncs).filter((c) => !own(pendingSyncs, c));
+      const device = own(meta.devices, deviceId);
       return {
         ...meta,
-        pendingSyncs: withNewest(meta.pendingSyncs, event.connectionId, pending, MAX_PENDING_SYNCS),
+        // Known, as its CONNECTED would make it: its ack holds back pruning from here on.
+        devices: {
+          ...meta.devices,
+          [deviceId]: { ack: device?.ack ?? 0, seenAt: seenAt(device, at) },
+        },
+        pendingSyncs,
+        ...(dropped.length > 0
+          ? { droppedSyncs: [...(meta.droppedSyncs ?? []), ...dropped].slice(-DROPPED_SYNCS) }
+          : {}),
       };
     }
     case 'devices-evicted': {
@@ -1065,6 +1127,13 @@ function withNewest<V>(
   const kept = entries.slice(Math.max(0, entries.length - (limit - 1)));
   kept.push([key, value]);
   return Object.fromEntries(kept);
+}
+
+/** `droppedSyncs` without the connection, when it was there. */
+function withoutDroppedSync(meta: UserMeta, connectionId: string): Partial<UserMeta> {
+  return meta.droppedSyncs?.includes(connectionId)
+    ? { droppedSyncs: meta.droppedSyncs.filter((c) => c !== connectionId) }
+    : {};
 }
 
 /** When a device was last seen, seen again at `at`. */

@@ -1598,3 +1598,48 @@ describe('users actor: receipts under random commands', () => {
     });
   }
 });
+
+// The gateway writes a connection's CONNECTED (chat.connections) and its Sync FROM_ACK
+// (chat.user-commands) in one produce, then `ready`: the actor may read the Sync first.
+describe('users actor: a Sync read before its CONNECTED', () => {
+  it("registers its device at once: another device's ack behind the Sync prunes nothing it has not got", () => {
+    const inbox = new Inbox();
+    inbox.connect('laptop', 'c1');
+    inbox.sync('laptop', 'c1');
+    for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
+    assert.deepEqual(inbox.deliveredSeqs('c1'), [1, 2, 3]);
+    // The phone, new, connects: its Sync is read, then the laptop's ack, then its CONNECTED.
+    inbox.sync('phone', 'c2');
+    inbox.run({ kind: 'ack', deviceId: 'laptop', upTo: 3, at: T });
+    inbox.connect('phone', 'c2');
+    assert.deepEqual(inbox.deliveredSeqs('c2'), [1, 2, 3], 'every entry kept when it connected');
+  });
+
+  it(`does not evict its device past MAX_DEVICES (${MAX_DEVICES}) before the CONNECTED`, () => {
+    const inbox = new Inbox();
+    for (const id of ['m1', 'm2', 'm3']) inbox.append(id);
+    for (let i = 0; i < MAX_DEVICES; i++) {
+      inbox.connect(`d${i}`, `old${i}`, T + i);
+      inbox.disconnect(`old${i}`);
+    }
+    inbox.run({ kind: 'ack', deviceId: 'd0', upTo: 2, at: T });
+    // d0, the least recently seen, reconnects (its Sync, stamped before the others were last
+    // seen, is read first); a new device's CONNECTED comes before d0's.
+    inbox.run({ kind: 'sync', deviceId: 'd0', connectionId: 'c0', after: FROM_ACK, at: T - 1 });
+    inbox.connect('newcomer', 'c-new', T + 1_000);
+    inbox.connect('d0', 'c0', T + 1_000);
+    assert.deepEqual(inbox.deliveredSeqs('c0'), [3], 'resumed after its applied ack of 2');
+  });
+
+  it(`replays for a connection whose Sync was pushed out past MAX_PENDING_SYNCS (${MAX_PENDING_SYNCS})`, () => {
+    const inbox = new Inbox();
+    inbox.append('m1');
+    const ids = Array.from({ length: MAX_PENDING_SYNCS + 1 }, (_, i) => `c${i}`);
+    for (const [i, c] of ids.entries()) inbox.sync(`dev${i}`, c);
+    assert.equal(Object.keys(inbox.meta.pendingSyncs).length, MAX_PENDING_SYNCS);
+    for (const [i, c] of ids.entries()) inbox.connect(`dev${i}`, c);
+    inbox.append('m2');
+    for (const c of ids) assert.deepEqual(inbox.deliveredSeqs(c), [1, 2], c);
+    assert.deepEqual(inbox.meta.droppedSyncs, [], 'forgotten once its CONNECTED is read');
+  });
+});
