@@ -433,8 +433,7 @@ function sendPart(
   return events;
 }
 
-/** The devices with an open connection: never evicted. */
-/** Devices with an open connection: a session, or a Sync waiting for its CONNECTED. */
+/** Devices with an open connection, never evicted: a session, or a Sync waiting for its CONNECTED. */
 const connectedDevices = (meta: UserMeta) =>
   new Set([
     ...Object.values(meta.sessions).map((s) => s.deviceId),
