@@ -16,6 +16,7 @@ import type { Logger } from '../observability/logger.ts';
 import { deliveryFrame, serialize } from './frames.ts';
 import type { Connection } from './connection.ts';
 import type { GatewayInstruments } from './metrics.ts';
+import { DELIVERIES_RETENTION_MS, DELIVERIES_SEGMENT_MS } from './limits.ts';
 
 export interface DeliveryConsumerOptions {
   log: Log;
@@ -42,7 +43,15 @@ export class DeliveryConsumer {
   /** Resolves once the consumer holds its partitions: every later delivery reaches it. */
   async start(): Promise<void> {
     const { log, partitions } = this.options;
-    await log.admin.createTopics([{ topic: this.topic, partitions }]);
+    const retention = {
+      'retention.ms': String(DELIVERIES_RETENTION_MS),
+      'segment.ms': String(DELIVERIES_SEGMENT_MS),
+    };
+    await log.admin.createTopics([{ topic: this.topic, partitions, config: retention }]);
+    // A topic an earlier version created kept seven days.
+    const described = await log.admin.describeTopic(this.topic);
+    if (described && described.retentionMs !== DELIVERIES_RETENTION_MS)
+      await log.admin.setRetention(this.topic, DELIVERIES_RETENTION_MS, DELIVERIES_SEGMENT_MS);
     const consumer = log.consumer({ groupId: this.groupId, startFrom: 'latest' });
     this.consumer = consumer;
     let assigned!: () => void;

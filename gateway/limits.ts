@@ -99,6 +99,17 @@ export const ANSWER_BACKLOG_BYTES = REPLAY_RESUME_BYTES;
 /** A client whose frames have waited this long for it to read is closed (1013). */
 export const ANSWER_BACKLOG_MAX_MS = 60_000;
 
+/**
+ * How long `chat.deliveries.<gatewayId>` keeps its records. Its consumer starts at the end and
+ * commits nothing (a delivery addresses connections of the gateway's current run): a record is
+ * useless once written out, and the topic is most of what the log holds, at one record per
+ * entry and connection. An hour covers a consumer that lags and leaves time to look at what
+ * went out. On Kafka the segments roll every DELIVERIES_SEGMENT_MS, or retention, which
+ * removes whole segments, would wait for the active one (seven days by default).
+ */
+export const DELIVERIES_RETENTION_MS = 3_600_000;
+export const DELIVERIES_SEGMENT_MS = 600_000;
+
 /** 1001 "Going Away": the gateway is shutting down. */
 export const GOING_AWAY_CLOSE_CODE = 1001;
 

@@ -62,6 +62,8 @@ export interface TopicDescription {
   topic: string;
   partitions: number;
   cleanupPolicy: CleanupPolicy;
+  /** How long records are kept (`retention.ms`; -1: forever). */
+  retentionMs: number;
 }
 
 export interface PartitionWatermarks {
@@ -78,6 +80,12 @@ export interface PartitionWatermarks {
 export interface LogAdmin {
   /** Creates the topics that do not exist yet; an existing topic is left as it is. */
   createTopics(topics: TopicSpec[]): Promise<void>;
+  /**
+   * Sets a topic's `retention.ms` (a topic created before its owner asked for less keeps what
+   * it was created with otherwise). On Kafka its `segment.ms` too, when given: retention only
+   * removes whole segments, and the active one rolls after `segment.ms` (seven days by default).
+   */
+  setRetention(topic: string, retentionMs: number, segmentMs?: number): Promise<void>;
   deleteTopics(topics: string[]): Promise<void>;
   listTopics(): Promise<string[]>;
   /** undefined when the topic does not exist. */

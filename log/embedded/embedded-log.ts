@@ -319,6 +319,10 @@ class EmbeddedAdmin implements LogAdmin {
     }
   }
 
+  async setRetention(topic: string, retentionMs: number): Promise<void> {
+    await this.store.setRetention(topic, retentionMs);
+  }
+
   async deleteTopics(topics: string[]): Promise<void> {
     for (const topic of topics) await this.store.deleteTopic(topic);
   }
@@ -329,7 +333,14 @@ class EmbeddedAdmin implements LogAdmin {
 
   async describeTopic(topic: string): Promise<TopicDescription | undefined> {
     const meta = this.store.meta(topic);
-    return meta && { topic, partitions: meta.partitions, cleanupPolicy: meta.cleanupPolicy };
+    return (
+      meta && {
+        topic,
+        partitions: meta.partitions,
+        cleanupPolicy: meta.cleanupPolicy,
+        retentionMs: meta.retentionMs,
+      }
+    );
   }
 
   async watermarks(topic: string): Promise<PartitionWatermarks[]> {

@@ -157,6 +157,16 @@ export class PartitionStore {
     } as never);
   }
 
+  async setRetention(topic: string, retentionMs: number): Promise<void> {
+    this.checkOpen();
+    const state = this.topics.get(topic);
+    if (!state) throw new UnknownTopicError(topic);
+    state.meta = { ...state.meta, retentionMs };
+    await this.db.put(keys.topicKey(topic), Buffer.from(JSON.stringify(state.meta)), {
+      sync: this.options.syncWrites,
+    } as never);
+  }
+
   async deleteTopic(topic: string): Promise<void> {
     this.checkOpen();
     if (!this.topics.delete(topic)) return;

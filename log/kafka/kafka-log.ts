@@ -44,7 +44,7 @@ import { coPartitionedAssigner } from './assigner.ts';
 import { AsyncQueue } from '../async-queue.ts';
 
 // kafkajs is CommonJS; Node's ESM loader does not see all of its named exports.
-const { ConfigResourceTypes, Kafka, logLevel: kafkaLogLevel } = kafkajs;
+const { ConfigResourceTypes, ConfigSource, Kafka, logLevel: kafkaLogLevel } = kafkajs;
 type Kafka = InstanceType<typeof Kafka>;
 
 export interface KafkaLogOptions {
@@ -999,6 +999,36 @@ class KafkaAdmin implements LogAdmin {
     });
   }
 
+  /**
+   * AlterConfigs (kafkajs has no incremental form) sets a topic's dynamic configs as a whole:
+   * the others it had are read first and written back with the new ones.
+   */
+  async setRetention(topic: string, retentionMs: number, segmentMs?: number): Promise<void> {
+    await this.call(async (admin) => {
+      const described = await admin.describeConfigs({
+        includeSynonyms: false,
+        resources: [{ type: ConfigResourceTypes.TOPIC, name: topic }],
+      });
+      const entries = new Map(
+        (described.resources[0]?.configEntries ?? [])
+          .filter((e) => e.configSource === ConfigSource.TOPIC_CONFIG && e.configValue !== null)
+          .map((e) => [e.configName, e.configValue] as const),
+      );
+      entries.set('retention.ms', String(retentionMs));
+      if (segmentMs !== undefined) entries.set('segment.ms', String(segmentMs));
+      await admin.alterConfigs({
+        validateOnly: false,
+        resources: [
+          {
+            type: ConfigResourceTypes.TOPIC,
+            name: topic,
+            configEntries: [...entries].map(([name, value]) => ({ name, value })),
+          },
+        ],
+      });
+    });
+  }
+
   async deleteTopics(topics: string[]): Promise<void> {
     await this.call((admin) => admin.deleteTopics({ topics }));
   }
@@ -1017,16 +1047,21 @@ class KafkaAdmin implements LogAdmin {
     const configs = await admin.describeConfigs({
       includeSynonyms: false,
       resources: [
-        { type: ConfigResourceTypes.TOPIC, name: topic, configNames: ['cleanup.policy'] },
+        {
+          type: ConfigResourceTypes.TOPIC,
+          name: topic,
+          configNames: ['cleanup.policy', 'retention.ms'],
+        },
       ],
     });
-    const policy = configs.resources[0]?.configEntries.find(
-      (e) => e.configName === 'cleanup.policy',
-    )?.configValue;
+    const entry = (name: string) =>
+      configs.resources[0]?.configEntries.find((e) => e.configName === name)?.configValue;
+    const policy = entry('cleanup.policy');
     return {
       topic,
       partitions: metadata.topics[0]!.partitions.length,
       cleanupPolicy: policy?.includes('compact') ? 'compact' : 'delete',
+      retentionMs: Number(entry('retention.ms') ?? 604_800_000),
     };
   }
 

@@ -41,15 +41,38 @@ export function logConformance(
         topic: plain,
         partitions: 3,
         cleanupPolicy: 'delete',
+        retentionMs: 604_800_000, // Kafka's default, seven days
       });
       assert.deepEqual(await log.admin.describeTopic(compacted), {
         topic: compacted,
         partitions: 2,
         cleanupPolicy: 'compact',
+        retentionMs: 604_800_000,
       });
       assert.equal(await log.admin.describeTopic(uniqueName('missing')), undefined);
       const topics = await log.admin.listTopics();
       assert.ok(topics.includes(plain) && topics.includes(compacted));
+    });
+
+    it("sets a topic's retention, keeping its other configs", async () => {
+      const topic = uniqueName('retention');
+      await log.admin.createTopics([
+        { topic, partitions: 1, config: { 'retention.ms': '86400000' } },
+      ]);
+      assert.equal((await log.admin.describeTopic(topic))?.retentionMs, 86_400_000);
+      await log.admin.setRetention(topic, 3_600_000, 600_000);
+      assert.deepEqual(await log.admin.describeTopic(topic), {
+        topic,
+        partitions: 1,
+        cleanupPolicy: 'delete',
+        retentionMs: 3_600_000,
+      });
+      const compacted = uniqueName('retention-compacted');
+      await log.admin.createTopics([
+        { topic: compacted, partitions: 1, config: { 'cleanup.policy': 'compact' } },
+      ]);
+      await log.admin.setRetention(compacted, 3_600_000);
+      assert.equal((await log.admin.describeTopic(compacted))?.cleanupPolicy, 'compact');
     });
 
     it('partitions keyed records with the Java murmur2 and keeps keys, values, headers, timestamps', async () => {

@@ -26,6 +26,7 @@ import type { GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
 import {
   ACK_RATE_PER_S,
+  DELIVERIES_RETENTION_MS,
   MAX_BODY_DEPTH,
   MAX_QUEUED_FRAMES,
   MAX_CONNECTIONS_PER_USER,
@@ -1126,6 +1127,24 @@ describe('gateway (WebSocket, embedded log)', function () {
   // ---- deliveries ----
 
   describe('deliveries', () => {
+    it(`keeps its deliveries topic ${DELIVERIES_RETENTION_MS / 60_000} minutes, one an earlier version created too`, async () => {
+      assert.equal(
+        (await log.admin.describeTopic(deliveriesTopic(main.gateway.gatewayId)))?.retentionMs,
+        DELIVERIES_RETENTION_MS,
+      );
+      const gatewayId = uniqueName('gw-earlier');
+      await log.admin.createTopics([{ topic: deliveriesTopic(gatewayId), partitions: PARTITIONS }]);
+      assert.equal(
+        (await log.admin.describeTopic(deliveriesTopic(gatewayId)))?.retentionMs,
+        604_800_000,
+      );
+      await startGateway({ gatewayId });
+      assert.equal(
+        (await log.admin.describeTopic(deliveriesTopic(gatewayId)))?.retentionMs,
+        DELIVERIES_RETENTION_MS,
+      );
+    });
+
     let deliveryCodec: TopicCodec<Delivery>;
     before(async () => {
       deliveryCodec = await new Codecs(registry).forTopic<Delivery>(
