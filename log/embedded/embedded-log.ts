@@ -38,7 +38,7 @@ import {
   type AppendUnit,
 } from './partition-store.ts';
 import { EmbeddedConsumer, GroupCoordinator } from './consumer-group.ts';
-import { cleanAll, type CleanResult } from './cleaner.ts';
+import { cleanAll, MIN_CLEANABLE_DIRTY_RATIO, type CleanResult } from './cleaner.ts';
 
 /** Records encoded per slice before the event loop gets a turn. */
 const ENCODE_SLICE = 1000;
@@ -83,7 +83,10 @@ export class EmbeddedLog implements Log {
     const interval = options.cleanerIntervalMs ?? 60_000;
     if (interval > 0) {
       log.cleaner = setInterval(
-        () => void log.clean().catch((err) => logger.error({ err }, 'cleaner failed')),
+        () =>
+          void log
+            .clean(Date.now(), MIN_CLEANABLE_DIRTY_RATIO)
+            .catch((err) => logger.error({ err }, 'cleaner failed')),
         interval,
       );
       log.cleaner.unref();
@@ -134,9 +137,15 @@ export class EmbeddedLog implements Log {
     }
   }
 
-  /** Compacts compacted topics and applies retention now (the cleaner does it periodically). */
-  clean(now = Date.now()): Promise<CleanResult[]> {
-    this.cleaning ??= cleanAll(this.store, now).finally(() => (this.cleaning = undefined));
+  /**
+   * Compacts compacted topics and applies retention now. The periodic cleaner passes
+   * MIN_CLEANABLE_DIRTY_RATIO: it compacts only partitions with that share written since their
+   * last compaction. A call while one runs gets that one's answer.
+   */
+  clean(now = Date.now(), minDirtyRatio = 0): Promise<CleanResult[]> {
+    this.cleaning ??= cleanAll(this.store, now, minDirtyRatio).finally(
+      () => (this.cleaning = undefined),
+    );
     return this.cleaning;
   }
 

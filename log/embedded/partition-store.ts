@@ -44,6 +44,14 @@ interface PartitionState {
   next: number;
   /** Every offset below this one is durable and readable. */
   end: number;
+  /** The cleaner's last compaction of it since the log opened: see `cleaned`. */
+  cleaned?: Cleaned;
+}
+
+/** A compaction: the end it cleaned up to, and how many records it left below it. */
+export interface Cleaned {
+  through: number;
+  kept: number;
 }
 
 interface Topic {
@@ -182,6 +190,15 @@ export class PartitionStore {
   /** The durable end (high watermark) of a partition. */
   end(topic: string, partition: number): number {
     return this.partition(topic, partition).end;
+  }
+
+  /** The last compaction of the partition since the log opened, if any. */
+  cleaned(topic: string, partition: number): Cleaned | undefined {
+    return this.partition(topic, partition).cleaned;
+  }
+
+  setCleaned(topic: string, partition: number, cleaned: Cleaned): void {
+    this.partition(topic, partition).cleaned = cleaned;
   }
 
   async lowWatermark(topic: string, partition: number): Promise<number> {

@@ -10,6 +10,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { EmbeddedLog } from '../../log/embedded/embedded-log.ts';
+import { MIN_CLEANABLE_DIRTY_RATIO } from '../../log/embedded/cleaner.ts';
 import { GlobalTable } from '../../processors/runtime/global-table.ts';
 import { changelogTopic, StreamsRuntime } from '../../processors/runtime/runtime.ts';
 import { StateDb } from '../../state/state-db.ts';
@@ -150,5 +151,59 @@ describe('embedded log: the cleaner racing a reader of a compacted topic', funct
         await table.close();
         await producer.close();
       }
+    }));
+});
+
+describe('embedded log: how often the cleaner compacts', () => {
+  /** `count` records over `keys` keys (key i % keys), each a new value. */
+  async function write(log: EmbeddedLog, topic: string, count: number, keys: number) {
+    const producer = await log.producer();
+    await producer.send(
+      Array.from({ length: count }, (_, i) => ({
+        topic,
+        key: Buffer.from(`k${i % keys}`),
+        value: Buffer.from(`v${i}`),
+      })),
+    );
+    await producer.close();
+  }
+
+  /** Records the periodic cleaner's pass reads, and what it removes. */
+  async function periodicPass(log: EmbeddedLog) {
+    const scan = log.store.scan.bind(log.store);
+    let read = 0;
+    log.store.scan = async function* (...args: Parameters<typeof scan>) {
+      for await (const records of scan(...args)) {
+        read += records.length;
+        yield records;
+      }
+    };
+    try {
+      const removed = (await log.clean(Date.now(), MIN_CLEANABLE_DIRTY_RATIO)).reduce(
+        (sum, r) => sum + r.removed,
+        0,
+      );
+      return { read, removed };
+    } finally {
+      log.store.scan = scan;
+    }
+  }
+
+  it(`compacts a partition once what was written since its last compaction is ${MIN_CLEANABLE_DIRTY_RATIO} of it, and reads nothing before`, () =>
+    withEmbeddedLog(async (log) => {
+      await log.admin.createTopics([
+        { topic: 'changelog', partitions: 1, config: { 'cleanup.policy': 'compact' } },
+      ]);
+      await write(log, 'changelog', 1_000, 100);
+      // Not compacted since the log opened: how much is dirty is not known.
+      assert.deepEqual(await periodicPass(log), { read: 2_000, removed: 900 });
+      assert.deepEqual(await periodicPass(log), { read: 0, removed: 0 }, 'nothing written');
+      await write(log, 'changelog', 99, 100);
+      assert.deepEqual(await periodicPass(log), { read: 0, removed: 0 }, '99 of 199');
+      await write(log, 'changelog', 1, 100);
+      assert.deepEqual(await periodicPass(log), { read: 400, removed: 100 }, '100 of 200');
+      // A manual clean compacts whatever the ratio.
+      await write(log, 'changelog', 10, 100);
+      assert.equal((await log.clean())[0]!.removed, 10);
     }));
 });
