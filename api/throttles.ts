@@ -60,6 +60,58 @@ export const DEFAULT_LOGIN_LIMITS: LoginLimits = {
 const DAY_S = 24 * 3600;
 
 /**
+ * Client addresses (or username and address pairs) one limit holds at once, at most: past it,
+ * the least recently seen is forgotten, as nginx's `limit_req_zone` does when its zone is full.
+ * Each costs some 430 bytes and a timer for as long as its window lasts (a day for failed
+ * logins): a client with many addresses (an IPv6 /48 holds 65,536 /64s) made the process
+ * hold 20,000 of them in 12 s. A forgotten client starts again with a full allowance; only a
+ * client that uses more than this many addresses can make that happen, and it had as many
+ * allowances anyway.
+ */
+export const MAX_CLIENTS_PER_LIMIT = 50_000;
+
+/** A RateLimiterMemory that holds at most `capacity` keys, forgetting the least recent. */
+export class BoundedLimiter {
+  /** Its keys, least recently used first. */
+  private readonly keys = new Map<string, true>();
+
+  constructor(
+    readonly limiter: RateLimiterMemory,
+    private readonly capacity = MAX_CLIENTS_PER_LIMIT,
+  ) {}
+
+  /** Keys held (some may have expired in the limiter already). */
+  get size(): number {
+    return this.keys.size;
+  }
+
+  consume(key: string): Promise<RateLimiterRes> {
+    this.used(key);
+    return this.limiter.consume(key);
+  }
+
+  reward(key: string, points: number): Promise<RateLimiterRes> {
+    this.used(key);
+    return this.limiter.reward(key, points);
+  }
+
+  delete(key: string): Promise<boolean> {
+    this.keys.delete(key);
+    return this.limiter.delete(key);
+  }
+
+  private used(key: string): void {
+    this.keys.delete(key);
+    this.keys.set(key, true);
+    for (const oldest of this.keys.keys()) {
+      if (this.keys.size <= this.capacity) break;
+      this.keys.delete(oldest);
+      void this.limiter.delete(oldest); // the memory store deletes at once, timer included
+    }
+  }
+}
+
+/**
  * Registrations from one client address in an hour. Every attempt counts, a taken username too,
  * so that one client cannot fill the accounts store.
  */
@@ -78,18 +130,18 @@ export const REFRESHES_PER_HOUR = 3_600;
  * `rate_limited` with `Retry-After` until the hour is over (0: no limit).
  */
 export class AddressLimit {
-  private readonly byAddress: RateLimiterMemory | undefined;
+  readonly byAddress: BoundedLimiter | undefined;
 
   constructor(
     private readonly what: string,
     perHour: number,
+    capacity = MAX_CLIENTS_PER_LIMIT,
   ) {
     if (perHour > 0)
-      this.byAddress = new RateLimiterMemory({
-        keyPrefix: `${what}-address`,
-        points: perHour,
-        duration: 3600,
-      });
+      this.byAddress = new BoundedLimiter(
+        new RateLimiterMemory({ keyPrefix: `${what}-address`, points: perHour, duration: 3600 }),
+        capacity,
+      );
   }
 
   /** Takes one attempt for the address, or throws 429. */
@@ -99,24 +151,26 @@ export class AddressLimit {
 }
 
 export class LoginThrottle {
-  private readonly byUserAndAddress: RateLimiterMemory;
-  private readonly byAddress: RateLimiterMemory;
-  private readonly everyByAddress: RateLimiterMemory;
+  readonly byUserAndAddress: BoundedLimiter;
+  readonly byAddress: BoundedLimiter;
+  readonly everyByAddress: BoundedLimiter;
 
-  constructor(limits: LoginLimits = DEFAULT_LOGIN_LIMITS) {
-    this.everyByAddress = new RateLimiterMemory({
+  constructor(limits: LoginLimits = DEFAULT_LOGIN_LIMITS, capacity = MAX_CLIENTS_PER_LIMIT) {
+    const bounded = (options: ConstructorParameters<typeof RateLimiterMemory>[0]) =>
+      new BoundedLimiter(new RateLimiterMemory(options), capacity);
+    this.everyByAddress = bounded({
       keyPrefix: 'login-every-address',
       points: limits.perMinute,
       duration: 60,
     });
     // A limiter refuses, and blocks the key, once more than `points` tries are taken.
-    this.byUserAndAddress = new RateLimiterMemory({
+    this.byUserAndAddress = bounded({
       keyPrefix: 'login-user-address',
       points: limits.consecutiveFails,
       duration: DAY_S,
       blockDuration: limits.consecutiveBlockS,
     });
-    this.byAddress = new RateLimiterMemory({
+    this.byAddress = bounded({
       keyPrefix: 'login-address',
       points: limits.failsPerDay,
       duration: DAY_S,
@@ -162,7 +216,7 @@ export class LoginThrottle {
 }
 
 /** Takes one point, or throws 429 with how long the key is blocked for. */
-async function take(limiter: RateLimiterMemory, key: string, what: string): Promise<void> {
+async function take(limiter: BoundedLimiter, key: string, what: string): Promise<void> {
   try {
     await limiter.consume(key);
   } catch (refused) {
