@@ -19,7 +19,7 @@ import type { Logger } from '../observability/logger.ts';
 import type { Metrics } from '../observability/metrics.ts';
 import { Codecs, type TopicCodec } from '../schemas/codec.ts';
 import { avroTypeOptions, loadSchema } from '../schemas/avro.ts';
-import { deliveriesTopicPrefix, topics } from '../schemas/topics.ts';
+import { deliveriesTopic, deliveriesTopicPrefix, topics } from '../schemas/topics.ts';
 import type { Account, Delivery, GatewayHeartbeat } from '../schemas/types.generated.ts';
 import { createApi } from '../api/app.ts';
 import { AccountOutbox } from '../api/account-outbox.ts';
@@ -32,6 +32,7 @@ import { GlobalTable } from '../processors/runtime/global-table.ts';
 import { usersTopology, USERS_APPLICATION } from '../processors/users/topology.ts';
 import { GATEWAY_SILENCE_MS } from '../schemas/conventions.ts';
 import { createGateway, type Gateway } from '../gateway/gateway.ts';
+import { forgetSilentGateways } from '../gateway/heartbeat.ts';
 
 /** What `main` may be asked to run: `processor` roles name their processor. */
 export const ROLES = ['all', 'api', 'gateway', 'processor users'] as const;
@@ -222,6 +223,26 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
     'Gateways the users actor counts as live (heard from within 15 s)',
     (g) => g.set(liveGateways().size),
   );
+
+  // Gateways gone for good (a container restarted under a new hostname) leave their last
+  // heartbeat: forget them, hourly, the first time an hour after the start, when the table has
+  // long caught up (a heartbeat it had not read yet would otherwise be deleted, for 5 s).
+  const forgetter = await log.producer();
+  closers.push(() => forgetter.close());
+  const forgetting = setInterval(() => {
+    forgetSilentGateways(forgetter, gateways.values(), Date.now()).then(
+      (gatewayIds) => {
+        if (gatewayIds.length > 0)
+          logger.info(
+            { gatewayIds, topics: gatewayIds.map(deliveriesTopic) },
+            'forgot gateways silent for a day; their deliveries topics are empty and can be deleted',
+          );
+      },
+      (err: unknown) => logger.warn({ err }, 'forgetting silent gateways failed'),
+    );
+  }, 3_600_000);
+  forgetting.unref();
+  closers.push(async () => clearInterval(forgetting));
 
   const closedStale = metrics.counter(
     'kchat_users_stale_sessions_closed_total',

@@ -5,6 +5,11 @@
  * deletes its key (a tombstone): it is gone, not silent. Each heartbeat says when this run
  * started: a gateway that crashed and came back under the same id has none of the connections
  * the users actor still holds for it from before, and the actor closes those sessions.
+ *
+ * A gateway that dies and never comes back under its id (a container restarted under a new
+ * hostname) leaves its last heartbeat: the users processors delete the key once it has been
+ * silent for FORGET_SILENT_GATEWAY_MS (`forgetSilentGateways`), or the table, which the users
+ * actor reads on every record, would grow with every gateway that ever ran.
  */
 import type { Producer } from '../log/port.ts';
 import type { TopicCodec } from '../schemas/codec.ts';
@@ -12,6 +17,28 @@ import { topics } from '../schemas/topics.ts';
 import type { GatewayHeartbeat } from '../schemas/types.generated.ts';
 import type { Logger } from '../observability/logger.ts';
 import type { GatewayInstruments } from './metrics.ts';
+
+/** How long a gateway is silent before its heartbeat is deleted: a day. */
+export const FORGET_SILENT_GATEWAY_MS = 86_400_000;
+
+/**
+ * Deletes (tombstones) the heartbeat of each gateway silent for more than `forgetAfterMs`;
+ * answers their ids. A gateway that is only cut off from the log writes its key again with its
+ * next heartbeat. Idempotent: several users processors may run it at once.
+ */
+export async function forgetSilentGateways(
+  producer: Producer,
+  heartbeats: Iterable<[string, GatewayHeartbeat]>,
+  now: number,
+  forgetAfterMs = FORGET_SILENT_GATEWAY_MS,
+): Promise<string[]> {
+  const silent = [...heartbeats].filter(([, h]) => now - h.at > forgetAfterMs).map(([id]) => id);
+  if (silent.length > 0)
+    await producer.send(
+      silent.map((id) => ({ topic: topics.gateways, key: Buffer.from(id, 'utf8'), value: null })),
+    );
+  return silent;
+}
 
 export class Heartbeat {
   private timer: NodeJS.Timeout | undefined;

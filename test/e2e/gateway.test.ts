@@ -24,6 +24,7 @@ import {
 } from '../../schemas/types.generated.ts';
 import type { GatewayDeps } from '../../gateway/gateway.ts';
 import { messageIdFor } from '../../gateway/message-id.ts';
+import { FORGET_SILENT_GATEWAY_MS, forgetSilentGateways } from '../../gateway/heartbeat.ts';
 import {
   ACK_RATE_PER_S,
   DELIVERIES_RETENTION_MS,
@@ -336,6 +337,33 @@ describe('gateway (WebSocket, embedded log)', function () {
         5000,
         'three heartbeats',
       );
+    });
+
+    it(`forgets the heartbeat of a gateway silent for over ${FORGET_SILENT_GATEWAY_MS / 3_600_000} hours, and no other`, async () => {
+      const now = Date.now();
+      const gone = uniqueName('gw-gone');
+      const producer = await log.producer();
+      const heartbeat = (gatewayId: string, at: number) => ({
+        topic: topics.gateways,
+        key: Buffer.from(gatewayId),
+        value: codecs[topics.gateways].encode({ gatewayId, at, startedAt: at }),
+      });
+      await producer.send([heartbeat(gone, now - FORGET_SILENT_GATEWAY_MS - 1)]);
+      const latest = async () =>
+        new Map(
+          (await records<GatewayHeartbeat>(topics.gateways, codecs[topics.gateways])).map((r) => [
+            r.key!,
+            r.value,
+          ]),
+        );
+      const table = [...(await latest())].filter(
+        (e): e is [string, GatewayHeartbeat] => e[1] !== null && e[1] !== undefined,
+      );
+      assert.deepEqual(await forgetSilentGateways(producer, table, now), [gone]);
+      const after = await latest();
+      assert.equal(after.get(gone), null, 'a tombstone');
+      assert.ok(after.get(main.gateway.gatewayId), 'a live gateway kept');
+      await producer.close();
     });
   });
 
