@@ -178,6 +178,13 @@ export interface Consumer {
   /** Commits offsets (next offset to read) outside a transaction. */
   commit(offsets: TopicPartitionOffset[]): Promise<void>;
   assignment(): TopicPartition[];
+  /**
+   * Why this member may no longer be in its group: on Kafka, no heartbeat has been answered for
+   * the session timeout, after which the coordinator evicts a member (and the member owns no
+   * partition until it joins again). Undefined while it is in the group; always on the
+   * embedded log.
+   */
+  outOfGroupBecause(): string | undefined;
   /** Leaves the group at once (no session timeout to wait for) and stops. */
   close(): Promise<void>;
 }

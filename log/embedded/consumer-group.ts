@@ -187,6 +187,11 @@ export class EmbeddedConsumer implements Consumer {
     return [...this.assigned];
   }
 
+  /** The group lives in this process: a member is in it until it closes. */
+  outOfGroupBecause(): string | undefined {
+    return undefined;
+  }
+
   async close(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;

@@ -683,6 +683,10 @@ class KafkaLogConsumer implements Consumer {
   /** Restarts since the last batch handled, for the backoff. */
   private restarts = 0;
   private restartTimer: NodeJS.Timeout | undefined;
+  /** When the group coordinator last answered a heartbeat (or a join): see `watchMembership`. */
+  private heardAt = Date.now();
+  private membershipWatch: NodeJS.Timeout | undefined;
+  private readonly sessionTimeoutMs: number;
 
   constructor(
     kafka: Kafka,
@@ -691,12 +695,13 @@ class KafkaLogConsumer implements Consumer {
     private readonly logger: Logger,
     private readonly admin: LogAdmin,
   ) {
+    this.sessionTimeoutMs = options.sessionTimeoutMs ?? 10_000;
     this.consumer = kafka.consumer({
       groupId: options.groupId,
       partitionAssigners: [coPartitionedAssigner(() => this.lastAssigned)],
       readUncommitted: false,
       allowAutoTopicCreation: false,
-      sessionTimeout: options.sessionTimeoutMs ?? 10_000,
+      sessionTimeout: this.sessionTimeoutMs,
       heartbeatInterval: HEARTBEAT_INTERVAL_MS,
       rebalanceTimeout: 30_000,
       maxWaitTimeInMs: 100,
@@ -721,7 +726,10 @@ class KafkaLogConsumer implements Consumer {
         fromBeginning: this.options.startFrom !== 'latest',
       }),
     );
+    this.consumer.on(this.consumer.events.HEARTBEAT, () => (this.heardAt = Date.now()));
+    this.watchMembership();
     this.consumer.on(this.consumer.events.GROUP_JOIN, ({ payload }) => {
+      this.heardAt = Date.now();
       const assignment: TopicPartition[] = [];
       for (const [topic, partitions] of Object.entries(payload.memberAssignment)) {
         for (const partition of partitions) assignment.push({ topic, partition });
@@ -852,6 +860,33 @@ class KafkaLogConsumer implements Consumer {
   }
 
   /**
+   * A member whose heartbeats have gone unanswered for the session timeout has been evicted by
+   * the coordinator, which gives its partitions to others, whether or not this member was told:
+   * after a broker pause kafkajs meets UNKNOWN_MEMBER_ID while fetching, forgets its member id
+   * and rejoins inside its own loop, and a rejoin that fails there went on fetching the old
+   * assignment with no member id (and so no heartbeat) at all. The runtime, asking whether it
+   * owned a task it was fenced from, found the old assignment and opened the task again: two
+   * processes fenced each other every 10 s for as long as the load lasted (a review's broker
+   * pauses, two runs in three). So past the session timeout without an answer, the member owns
+   * nothing until it joins again, as the Java consumer takes itself to have left the group.
+   */
+  private watchMembership(): void {
+    this.membershipWatch = setInterval(() => {
+      if (this.assigned.length > 0 && this.outOfGroupBecause())
+        this.leaveAssignment(new Error(this.outOfGroupBecause()), this.generation);
+    }, HEARTBEAT_INTERVAL_MS);
+    this.membershipWatch.unref();
+  }
+
+  outOfGroupBecause(): string | undefined {
+    if (!this.running || this.closed) return undefined;
+    const silentMs = Date.now() - this.heardAt;
+    return silentMs > this.sessionTimeoutMs
+      ? `the group coordinator has answered no heartbeat for ${Math.round(silentMs / 1000)} s`
+      : undefined;
+  }
+
+  /**
    * kafkajs stops a consumer for good when it takes a crash's cause for final: a TypeError or
    * RangeError thrown by a handler, an error marked not retriable. The port promises the batch
    * again after a pause, so the consumer starts over (backing off up to 30 s): it joins the
@@ -934,6 +969,7 @@ class KafkaLogConsumer implements Consumer {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.restartTimer);
+    clearInterval(this.membershipWatch);
     await this.consumer.disconnect();
     this.assigned = [];
     this.onClose();

@@ -208,6 +208,9 @@ export class StreamsRuntime {
     if (this.assigning) return `${this.applicationId}: restoring its tasks`;
     for (const [task, reason] of this.failingCommits)
       return `${this.applicationId}: task ${task} cannot commit: ${reason}`;
+    // An idle task makes no request: without this, a processor cut off from Kafka stayed ready.
+    const outOfGroup = this.consumer?.outOfGroupBecause();
+    if (outOfGroup) return `${this.applicationId}: ${outOfGroup}`;
     return undefined;
   }
 

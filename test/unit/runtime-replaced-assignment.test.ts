@@ -58,6 +58,7 @@ describe('runtime: an assignment replaced while it is handled', function () {
                   },
                 }),
               seek: (to) => inner.seek(to),
+              outOfGroupBecause: () => inner.outOfGroupBecause(),
               commit: (offsets) => inner.commit(offsets),
               assignment: () => newer ?? inner.assignment(),
               close: () => inner.close(),
