@@ -64,9 +64,9 @@ const DAY_S = 24 * 3600;
  * the least recently seen is forgotten, as nginx's `limit_req_zone` does when its zone is full.
  * Each costs some 430 bytes and a timer for as long as its window lasts (a day for failed
  * logins): a client with many addresses (an IPv6 /48 holds 65,536 /64s) made the process
- * hold 20,000 of them in 12 s. A forgotten client starts again with a full allowance; only a
- * client that uses more than this many addresses can make that happen, and it had as many
- * allowances anyway.
+ * hold 20,000 of them in 12 s. A forgotten client starts again with a full allowance, a blocked
+ * one too: a deployment that sees more than this many clients within a limit's window (a day,
+ * for failed logins) lifts the oldest blocks early.
  */
 export const MAX_CLIENTS_PER_LIMIT = 50_000;
 

@@ -235,7 +235,7 @@ async function startUsersProcessor(context: RoleContext): Promise<void> {
         if (gatewayIds.length > 0)
           logger.info(
             { gatewayIds, topics: gatewayIds.map(deliveriesTopic) },
-            'forgot gateways silent for a day; their deliveries topics are empty and can be deleted',
+            'forgot gateways silent for a day; their deliveries topics can be deleted',
           );
       },
       (err: unknown) => logger.warn({ err }, 'forgetting silent gateways failed'),

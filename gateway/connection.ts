@@ -353,8 +353,10 @@ export class Connection {
         if (next.frame?.type === 'ack') {
           await this.issueAck(next.frame);
         } else {
-          // A held ack is applied before the connection's next frame is handled (PROTOCOL).
-          const ack = this.takeHeldAck();
+          // A held ack is applied before the connection's next frame that goes to the log
+          // (PROTOCOL: "applied before the next frame is handled"; a ping or a refused frame
+          // cannot tell, and flushing before each let `ack, ping, ack, ping...` past the rate).
+          const ack = next.frame && next.frame.type !== 'ping' ? this.takeHeldAck() : undefined;
           if (ack) this.answerInTurn(await this.issue(ack));
           this.answerInTurn(await this.issue(next));
         }
@@ -385,9 +387,11 @@ export class Connection {
     this.context.instruments.ackHeld();
     const timer = setTimeout(
       () => {
-        // The bucket has a token again: the held ack goes first, ahead of anything queued after.
+        // Closing: `closed` applies it. Else the bucket has a token again: the held ack goes
+        // first, ahead of anything queued after.
+        if (this.state !== 'ready' || this.closing) return;
         const due = this.takeHeldAck();
-        if (!due || this.state !== 'ready' || this.closing) return;
+        if (!due) return;
         this.queue.unshift(due);
         this.drain();
       },

@@ -22,8 +22,10 @@ import type { GatewayInstruments } from './metrics.ts';
 export const FORGET_SILENT_GATEWAY_MS = 86_400_000;
 
 /**
- * Deletes (tombstones) the heartbeat of each gateway silent for more than `forgetAfterMs`;
- * answers their ids. A gateway that is only cut off from the log writes its key again with its
+ * Deletes (tombstones) the heartbeat of each gateway silent for more than `forgetAfterMs`, by
+ * the clock and by the newest heartbeat in the table alike; answers their ids. The second
+ * keeps a table whose reader has stalled (where every gateway looks silent) from deleting live
+ * gateways' keys. A gateway that is only cut off from the log writes its key again with its
  * next heartbeat. Idempotent: several users processors may run it at once.
  */
 export async function forgetSilentGateways(
@@ -32,7 +34,11 @@ export async function forgetSilentGateways(
   now: number,
   forgetAfterMs = FORGET_SILENT_GATEWAY_MS,
 ): Promise<string[]> {
-  const silent = [...heartbeats].filter(([, h]) => now - h.at > forgetAfterMs).map(([id]) => id);
+  const all = [...heartbeats];
+  const newest = Math.max(...all.map(([, h]) => h.at));
+  const silent = all
+    .filter(([, h]) => now - h.at > forgetAfterMs && newest - h.at > forgetAfterMs)
+    .map(([id]) => id);
   if (silent.length > 0)
     await producer.send(
       silent.map((id) => ({ topic: topics.gateways, key: Buffer.from(id, 'utf8'), value: null })),

@@ -167,8 +167,8 @@ export const SYNC_RATE_PER_S = 1;
  * seconds' worth at once). Each costs a record and a turn of the users actor, and PROTOCOL
  * limits only `send` and `typing`: past this rate an ack is not refused but held, and the acks
  * that follow are merged into it (acks are cumulative: the highest covers the rest). A held ack
- * is applied when the bucket has a token again, before the connection's next other frame, or
- * when the connection closes, whichever comes first. A client acking every 32 entries or every
+ * is applied when the bucket has a token again, before the connection's next frame that goes
+ * to the log (not a ping), or when the connection closes, whichever comes first. A client acking every 32 entries or every
  * 50 ms never reaches it.
  */
 export const ACK_RATE_PER_S = 20;

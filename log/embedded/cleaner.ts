@@ -74,8 +74,8 @@ export async function cleanPartition(
           doomed.push(r.offset);
       }
     }
-    // Set before the deletion: were it to fail, what it would have removed is counted as kept,
-    // and the next compaction comes a little later than it should, not never.
+    // Set before the deletion: were it to fail, what it would have removed is still there but
+    // not counted as kept, and the next compaction comes a little sooner than it should.
     store.setCleaned(topic, partition, { through: end, kept: scanned - doomed.length });
   } else if (meta.retentionMs >= 0) {
     const cutoff = now - meta.retentionMs;

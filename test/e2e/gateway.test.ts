@@ -348,7 +348,7 @@ describe('gateway (WebSocket, embedded log)', function () {
         key: Buffer.from(gatewayId),
         value: codecs[topics.gateways].encode({ gatewayId, at, startedAt: at }),
       });
-      await producer.send([heartbeat(gone, now - FORGET_SILENT_GATEWAY_MS - 1)]);
+      await producer.send([heartbeat(gone, now - 2 * FORGET_SILENT_GATEWAY_MS)]);
       const latest = async () =>
         new Map(
           (await records<GatewayHeartbeat>(topics.gateways, codecs[topics.gateways])).map((r) => [
@@ -359,6 +359,12 @@ describe('gateway (WebSocket, embedded log)', function () {
       const table = [...(await latest())].filter(
         (e): e is [string, GatewayHeartbeat] => e[1] !== null && e[1] !== undefined,
       );
+      // Every heartbeat a day old (a table whose reader stalled): none is forgotten.
+      const stalled = table.map(([id, h]): [string, GatewayHeartbeat] => [
+        id,
+        { ...h, at: now - 2 * FORGET_SILENT_GATEWAY_MS },
+      ]);
+      assert.deepEqual(await forgetSilentGateways(producer, stalled, now), []);
       assert.deepEqual(await forgetSilentGateways(producer, table, now), [gone]);
       const after = await latest();
       assert.equal(after.get(gone), null, 'a tombstone');
@@ -1051,9 +1057,18 @@ describe('gateway (WebSocket, embedded log)', function () {
       const client = await connect(alice, 'phone');
       const acks = 1_000;
       for (let upTo = 1; upTo <= acks; upTo += 1) client.send({ type: 'ack', upTo });
-      assert.deepEqual(await client.request({ type: 'ping' }), { type: 'pong' });
+      client.send({ type: 'sync', after: 0 });
+      await client.alive(); // the sync is handled, its record durable
+      const commands = (await userCommands())
+        .filter((r) => r.key === alice)
+        .map((r) => r.value!.command as Record<string, { upTo?: number; after?: number }>);
+      const syncAt = commands.map((c) => c[fullNames.Sync]?.after === 0).lastIndexOf(true);
+      assert.equal(
+        commands[syncAt - 1]?.[fullNames.Ack]?.upTo,
+        acks,
+        'the highest ack goes to the log right before the sync',
+      );
       const applied = await acksOf(alice);
-      assert.equal(applied.at(-1), acks, 'the highest ack is applied before the pong');
       assert.ok(applied.length > 1 && applied.length <= ACK_BURST + 2, `${applied.length} Acks`);
       assert.deepEqual(
         applied,
@@ -1085,6 +1100,40 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.ws.close();
       await disconnectedEventually(connectionId, 'DISCONNECTED of the closed connection');
       assert.equal((await acksOf(alice)).at(-1), ACK_BURST + 50);
+    });
+
+    it('applies a held ack when the server closes its connection too', async () => {
+      // A frozen clock: the ack bucket never has a token again, so the last ack stays held.
+      const t0 = Date.now();
+      const frozen = await startGateway({ now: () => t0, limits: { closeTimeoutMs: 1_000 } });
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone', frozen);
+      const last = ACK_BURST + 10;
+      for (let upTo = 1; upTo <= last; upTo += 1) client.send({ type: 'ack', upTo });
+      await client.alive(); // a ping: every ack is handled, the last one held
+      assert.notEqual((await acksOf(alice)).at(-1), last, 'held');
+      // The client answers the close only after a while (its held ack's timer would fire).
+      client.ws.pause();
+      const stopping = frozen.stop(); // 1001 to every client
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      client.ws.resume();
+      await stopping;
+      assert.equal((await acksOf(alice)).at(-1), last);
+    });
+
+    it('does not apply a held ack early for pings: acks between pings stay under the rate', async () => {
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone');
+      for (let upTo = 1; upTo <= 1_000; upTo += 1) {
+        client.send({ type: 'ack', upTo });
+        client.send({ type: 'ping' });
+      }
+      for (let pong = 1; pong <= 1_000; pong += 1)
+        assert.deepEqual(await client.next(), { type: 'pong' });
+      const applied = await acksOf(alice);
+      assert.ok(applied.length <= ACK_BURST + 10, `${applied.length} Acks`);
+      await eventually(async () => (await acksOf(alice)).at(-1) === 1_000, 5_000, 'the last ack');
+      client.close();
     });
 
     it('produces Read and Sync keyed by the user, Typing keyed by the recipient', async () => {
