@@ -70,6 +70,14 @@ export interface ConnectionContext {
   sendBufferHardLimitBytes: number;
   slowConsumerGraceMs: number;
   closeTimeoutMs: number;
+  /** ANSWER_DEADLINE_MS: see limits.ts. */
+  answerDeadlineMs: number;
+  /**
+   * Why the log takes no records now (the gateway's heartbeat has gone unanswered), if it does
+   * not: frames that would write to it are answered `internal` at once, without queueing more
+   * records behind the ones that wait.
+   */
+  logUnavailableBecause(): string | undefined;
   now(): number;
   logger: Logger;
   instruments: GatewayInstruments;
@@ -90,6 +98,9 @@ interface Issued {
   durable?: Promise<unknown>;
   answer?: () => void;
 }
+
+/** A frame refused, or given up on, because the log does not take records now. */
+class LogUnavailableError extends Error {}
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
@@ -439,10 +450,24 @@ export class Connection {
     const before = this.answered;
     this.answered = (async () => {
       let failure: { error: unknown } | undefined;
+      let deadline: NodeJS.Timeout | undefined;
       try {
-        await issued.durable;
+        if (issued.durable)
+          await Promise.race([
+            issued.durable,
+            new Promise((_resolve, reject) => {
+              const ms = this.context.answerDeadlineMs;
+              deadline = setTimeout(
+                () => reject(new LogUnavailableError(`the log took no records for ${ms} ms`)),
+                ms,
+              );
+              deadline.unref();
+            }),
+          ]);
       } catch (error) {
         failure = { error };
+      } finally {
+        clearTimeout(deadline);
       }
       await before;
       this.unanswered.shift(); // this frame's: answers come in the order frames were issued
@@ -464,6 +489,9 @@ export class Connection {
       return { answer: () => this.refuse(error) };
     }
     const frame = parsed.frame;
+    const unavailable = frame.type === 'ping' ? undefined : this.context.logUnavailableBecause();
+    if (unavailable)
+      return { frame, durable: Promise.reject(new LogUnavailableError(unavailable)) };
     try {
       return { frame, ...(await this.issueFrame(frame)) };
     } catch (error) {
@@ -472,7 +500,10 @@ export class Connection {
   }
 
   private failed(frame: ClientFrame, error: unknown): void {
-    this.logger.error({ err: error, frame: frame.type }, 'frame failed');
+    // The log's outage is logged by the heartbeat; a line per frame would flood the log.
+    if (error instanceof LogUnavailableError)
+      this.logger.debug({ reason: error.message, frame: frame.type }, 'frame failed');
+    else this.logger.error({ err: error, frame: frame.type }, 'frame failed');
     this.refuse({
       code: 'internal',
       message:

@@ -44,6 +44,7 @@ import { Heartbeat } from './heartbeat.ts';
 import {
   MAX_CONNECTIONS_PER_USER,
   CONNECTS_PER_USER_BURST,
+  ANSWER_DEADLINE_MS,
   CONNECTS_PER_USER_PER_S,
   CLOSE_TIMEOUT_MS,
   DEFAULT_RATE_LIMIT_PER_S,
@@ -97,6 +98,8 @@ export interface GatewayLimits {
   /** New connections of one user a second, and at once (CONNECTS_PER_USER_PER_S, _BURST). */
   connectsPerUserPerS?: number;
   connectsPerUserBurst?: number;
+  /** ANSWER_DEADLINE_MS. */
+  answerDeadlineMs?: number;
 }
 
 export interface GatewayDeps {
@@ -198,6 +201,7 @@ class WebSocketGateway implements Gateway {
       disconnectedRetryMaxMs: deps.limits?.disconnectedRetryMaxMs ?? DISCONNECTED_RETRY_MAX_MS,
       connectsPerUserPerS: deps.limits?.connectsPerUserPerS ?? CONNECTS_PER_USER_PER_S,
       connectsPerUserBurst: deps.limits?.connectsPerUserBurst ?? CONNECTS_PER_USER_BURST,
+      answerDeadlineMs: deps.limits?.answerDeadlineMs ?? ANSWER_DEADLINE_MS,
     };
     this.connects = new KeyedTokenBuckets(
       this.limits.connectsPerUserPerS,
@@ -252,6 +256,8 @@ class WebSocketGateway implements Gateway {
       sendBufferHardLimitBytes: this.limits.sendBufferHardLimitBytes,
       slowConsumerGraceMs: this.limits.slowConsumerGraceMs,
       closeTimeoutMs: this.limits.closeTimeoutMs,
+      answerDeadlineMs: this.limits.answerDeadlineMs,
+      logUnavailableBecause: () => this.heartbeat?.silentBecause,
       now: this.now,
       logger: this.logger,
       instruments: this.instruments,

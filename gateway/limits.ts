@@ -110,6 +110,14 @@ export const ANSWER_BACKLOG_MAX_MS = 60_000;
 export const DELIVERIES_RETENTION_MS = 3_600_000;
 export const DELIVERIES_SEGMENT_MS = 600_000;
 
+/**
+ * How long a frame's answer waits for its records to be durable: past it the frame is answered
+ * `internal` (send it again). The records may still land; a `send` retried with the same `id`
+ * is then dropped by the inbox's dedup. kafkajs retries a produce for minutes while a broker is
+ * paused, and a review's clients waited 43 to 110 s for any answer.
+ */
+export const ANSWER_DEADLINE_MS = 10_000;
+
 /** 1001 "Going Away": the gateway is shutting down. */
 export const GOING_AWAY_CLOSE_CODE = 1001;
 

@@ -564,6 +564,44 @@ describe('gateway (WebSocket, embedded log)', function () {
       assert.equal(connectionSends, 14);
     });
 
+    it("answers internal when the log has not taken a frame's records in time, and at once while it takes no heartbeat", async () => {
+      // A paused broker: sends neither succeed nor fail, until it comes back.
+      let paused = false;
+      const waiting: Array<() => void> = [];
+      let messageSends = 0;
+      const pausable = wrappingSends(log, async (records, send) => {
+        if (records.some((r) => r.topic === topics.messages)) messageSends++;
+        if (paused) await new Promise<void>((resolve) => waiting.push(resolve));
+        return send(records);
+      });
+      const at = await startGateway({
+        log: pausable,
+        limits: { answerDeadlineMs: 300, heartbeatIntervalMs: 100 },
+      });
+      const alice = newUser('alice');
+      const bob = newUser('bob');
+      const client = await connect(alice, 'default', at);
+      paused = true;
+      let since = Date.now();
+      const late = await client.request({ type: 'send', id: 's1', to: bob, body: 1 });
+      assert.deepEqual([late.type, late.code, late.id], ['error', 'internal', 's1']);
+      assert.ok(Date.now() - since >= 250, 'after the deadline');
+      await eventually(async () => at.gateway.notReadyBecause !== undefined, 5_000, 'silent');
+      const tried = messageSends;
+      since = Date.now();
+      const refused = await client.request({ type: 'send', id: 's2', to: bob, body: 2 });
+      assert.deepEqual([refused.type, refused.code, refused.id], ['error', 'internal', 's2']);
+      assert.ok(Date.now() - since < 250, 'at once');
+      assert.equal(messageSends, tried, 'nothing more handed to the log');
+      // The broker is back: what waited lands, and sends are answered sent again.
+      paused = false;
+      for (const resume of waiting.splice(0)) resume();
+      await eventually(async () => at.gateway.notReadyBecause === undefined, 5_000, 'beating');
+      const sent = await client.request({ type: 'send', id: 's1', to: bob, body: 1 });
+      assert.deepEqual([sent.type, sent.id], ['sent', 's1']);
+      client.close();
+    });
+
     it('produces DISCONNECTED for a client that closes with frames waiting for their answers', async () => {
       const slow = newUser('slowpoke');
       const { log: slowLog, release } = holdingSendsTo(slow);
