@@ -181,6 +181,12 @@ export class ConfluentSchemaRegistry implements SchemaRegistry {
   }
 }
 
-function reasonOf(error: unknown): string {
-  return (error as Error).message.replace(/^kchat - /, '');
+/**
+ * The client's error, as a person reads it: mappersmith reports its own timeout as
+ * "status 400: Timeout (5000ms)", though no answer came at all.
+ */
+export function reasonOf(error: unknown): string {
+  const message = (error as Error).message.replace(/^kchat - /, '');
+  const timeout = /Timeout \((\d+)ms\)/.exec(message);
+  return timeout ? `no answer within ${timeout[1]} ms` : message;
 }

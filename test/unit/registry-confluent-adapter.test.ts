@@ -56,6 +56,21 @@ describe('Confluent registry adapter against a misbehaving registry (in-process 
     assert.match(String(outcome), /^rejected: RegistryUnavailableError/);
   });
 
+  it('a registry that never answers a registration: the error says so, not "status 400"', async () => {
+    handler = (_req, res) => void pending.push(res); // never answered
+    await assert.rejects(
+      new ConfluentSchemaRegistry(url).register(
+        'chat.accounts-value',
+        JSON.stringify(loadType('Account').schema()),
+      ),
+      (error: Error) => {
+        assert.match(error.message, /no answer within 5000 ms/);
+        assert.doesNotMatch(error.message, /status 400/);
+        return true;
+      },
+    );
+  });
+
   it('a 404 that is not the registry saying "schema not found" (a proxy, a wrong path) is retriable, not a bad record', async () => {
     handler = (_req, res) => {
       res.writeHead(404, { 'content-type': 'text/html' });
