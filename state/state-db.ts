@@ -7,6 +7,7 @@
  *   c/<store>/<partition>         the changelog offset the local state has caught up to
  */
 import { RocksLevel } from '@nxtedition/rocksdb';
+import { StoreCache } from './store-cache.ts';
 
 const pad = (n: number) => n.toString().padStart(5, '0');
 const prefix = (store: string, partition: number) => `s/${store}/${pad(partition)}/`;
@@ -46,6 +47,8 @@ interface SyncReads {
 
 export class StateDb {
   private readonly db: RocksLevel<string, Buffer>;
+  /** The cache of committed values every task store of the process reads through. */
+  readonly cache = new StoreCache();
 
   private constructor(readonly directory: string) {
     this.db = new RocksLevel<string, Buffer>(directory, {

@@ -9,87 +9,67 @@
  *
  * A bounded cache of committed values (least recently used out first) sits in front of RocksDB,
  * as Kafka Streams' record cache does: a read from RocksDB is a round trip through the native
- * thread pool, which dominated the cost of a record before the cache.
+ * thread pool, which dominated the cost of a record before the cache. It is the process's
+ * (StoreCache, the StateDb's), shared by every task store.
  */
 import { assertLimit, keyAfter, type KeyValueStore, type ScanSlice, type Serde } from './store.ts';
 import type { StateDb, StateWrite } from './state-db.ts';
+import type { StoreCache } from './store-cache.ts';
 
 const DELETED = Symbol('deleted');
 type Pending<V> = V | typeof DELETED;
 /** Cached: the key has no value in RocksDB. */
 const ABSENT = Symbol('absent');
-export const DEFAULT_CACHE_ENTRIES = 10_000;
-/**
- * The cache also holds at most this many bytes (keys and values as serialized): ten thousand
- * inbox entries of 16 KiB bodies would otherwise hold 160 MiB per store partition.
- */
-export const DEFAULT_CACHE_BYTES = 4 * 1024 * 1024;
 /** What a cached entry costs beside its key and value: the map's slot and the object. */
 const CACHE_ENTRY_OVERHEAD = 64;
+/** Numbers the store instances of the process: each caches under its own prefix. */
+let instances = 0;
 
-interface Cached<V> {
-  value: V | typeof ABSENT;
-  bytes: number;
+export interface TaskStoreOptions {
+  /** The cache to use; the StateDb's (the process's) by default. */
+  cache?: StoreCache;
+  /**
+   * Told of a stored value that a scan could not deserialize (a changelog record that another
+   * writer corrupted). A scan leaves it out and goes on, so that a walk over every key (a
+   * punctuator's) is not stopped for good by one; a get or range of that key still throws, so
+   * that the record being processed for it is dead-lettered rather than read as absent.
+   */
+  onUndecodable?: (key: string, error: unknown) => void;
 }
 
 export class TaskStore<V> implements KeyValueStore<V> {
   private pending = new Map<string, Pending<V>>();
   /** Previous pending values of the keys written since the savepoint (undefined: absent). */
   private undo: Array<[string, Pending<V> | undefined]> | undefined;
-  /** Committed values only, so that a discarded commit never leaves a trace here. */
-  private readonly cache = new Map<string, Cached<V>>();
-  private cachedBytes = 0;
+  /** Committed values only, so that a discarded commit never leaves a trace there. */
+  private readonly cache: StoreCache;
+  /** This instance's keys in the cache: `<instance>:`. */
+  private readonly prefix = `${++instances}:`;
+  private readonly onUndecodable?: (key: string, error: unknown) => void;
 
   constructor(
     readonly name: string,
     readonly partition: number,
     private readonly db: StateDb,
     readonly serde: Serde<V>,
-    private readonly cacheEntries = DEFAULT_CACHE_ENTRIES,
-    private readonly cacheBytes = DEFAULT_CACHE_BYTES,
-    /**
-     * Told of a stored value that a scan could not deserialize (a changelog record that another
-     * writer corrupted). A scan leaves it out and goes on, so that a walk over every key (a
-     * punctuator's) is not stopped for good by one; a get or range of that key still throws, so
-     * that the record being processed for it is dead-lettered rather than read as absent.
-     */
-    private readonly onUndecodable?: (key: string, error: unknown) => void,
-  ) {}
+    options: TaskStoreOptions = {},
+  ) {
+    this.cache = options.cache ?? db.cache;
+    this.onUndecodable = options.onUndecodable;
+  }
 
   async get(key: string): Promise<V | undefined> {
     const value = this.pending.get(key);
     if (value === DELETED) return undefined;
     if (value !== undefined) return value;
-    const cached = this.cache.get(key);
-    if (cached !== undefined) {
-      // Most recently used now: to the end of the map's order.
-      this.cache.delete(key);
-      this.cache.set(key, cached);
-      return cached.value === ABSENT ? undefined : cached.value;
-    }
+    const cached = this.cache.get(this.prefix + key); // now the most recently used
+    if (cached !== undefined) return cached.value === ABSENT ? undefined : (cached.value as V);
     const stored = await this.db.get(this.name, this.partition, key);
     const decoded = stored === undefined ? undefined : this.serde.deserialize(stored);
     // A write that reached the cache while RocksDB answered is newer than what it answered.
-    if (!this.cache.has(key)) this.remember(key, decoded ?? ABSENT, cost(key, stored));
+    if (!this.cache.has(this.prefix + key))
+      this.cache.set(this.prefix + key, decoded ?? ABSENT, cost(key, stored));
     return decoded;
-  }
-
-  private remember(key: string, value: V | typeof ABSENT, bytes: number): void {
-    this.forget(key);
-    this.cache.set(key, { value, bytes });
-    this.cachedBytes += bytes;
-    while (this.cache.size > this.cacheEntries || this.cachedBytes > this.cacheBytes) {
-      const oldest = this.cache.keys().next().value;
-      if (oldest === undefined) break;
-      this.forget(oldest);
-    }
-  }
-
-  private forget(key: string): void {
-    const cached = this.cache.get(key);
-    if (cached === undefined) return;
-    this.cache.delete(key);
-    this.cachedBytes -= cached.bytes;
   }
 
   put(key: string, value: V): void {
@@ -187,8 +167,8 @@ export class TaskStore<V> implements KeyValueStore<V> {
     await this.db.write(this.name, this.partition, writes);
     const bytes = new Map(writes.map((w) => [w.key, cost(w.key, w.value ?? undefined)]));
     for (const [key, value] of this.pending)
-      this.remember(
-        key,
+      this.cache.set(
+        this.prefix + key,
         value === DELETED ? ABSENT : value,
         bytes.get(key) ?? cost(key, undefined),
       );

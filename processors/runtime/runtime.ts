@@ -376,21 +376,15 @@ export class StreamsRuntime {
       const stores = new Map<string, TaskStore<unknown>>();
       for (const [name, spec] of this.topology.stores) {
         const topic = changelogTopic(applicationId, name);
-        const store = new TaskStore(
-          topic,
-          partition,
-          stateDb,
-          spec.serde ?? jsonSerde(),
-          undefined,
-          undefined,
-          (key, error) => {
+        const store = new TaskStore(topic, partition, stateDb, spec.serde ?? jsonSerde(), {
+          onUndecodable: (key, error) => {
             this.counters?.undecodableState.inc({ application: applicationId });
             this.logger.error(
               { err: error, store: name, partition, key },
               'a stored value does not decode; left out of a scan (its changelog record was not written by this topology)',
             );
           },
-        );
+        });
         stores.set(name, store);
       }
       // Side by side: each store's share of the database is its own, and on Kafka each read of

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { StateDb } from '../../state/state-db.ts';
 import { TaskStore } from '../../state/task-store.ts';
+import { StoreCache } from '../../state/store-cache.ts';
 import { InMemoryKeyValueStore, jsonSerde, type ScanSlice } from '../../state/store.ts';
 
 describe('task store', () => {
@@ -35,9 +36,9 @@ describe('task store', () => {
       { key: 'c', value: Buffer.from('3') },
     ]);
     const undecodable: string[] = [];
-    const store = new TaskStore<number>('s', 0, db, jsonSerde(), 100, 1 << 20, (key) =>
-      undecodable.push(key),
-    );
+    const store = new TaskStore<number>('s', 0, db, jsonSerde(), {
+      onUndecodable: (key) => void undecodable.push(key),
+    });
     const first = await store.scan('', 2);
     assert.deepEqual(first.entries, [['a', 1]]);
     assert.ok(first.next !== undefined, 'the walk goes on past it');
@@ -54,7 +55,7 @@ describe('task store', () => {
   });
 
   it('serves committed values and deletions from its cache, consistent with RocksDB', async () => {
-    const store = new TaskStore<number>('s', 0, db, jsonSerde(), 2);
+    const store = new TaskStore<number>('s', 0, db, jsonSerde(), { cache: new StoreCache(2) });
     store.put('a', 1);
     store.put('b', 2);
     await store.flush(store.writes());
@@ -74,7 +75,9 @@ describe('task store', () => {
 
   it('keeps its cache within its byte limit as well as its entry limit', async () => {
     // Room for 100 entries but about two values of 1,000 bytes (keys, values and overhead).
-    const store = new TaskStore<string>('s', 0, db, jsonSerde(), 100, 2_500);
+    const store = new TaskStore<string>('s', 0, db, jsonSerde(), {
+      cache: new StoreCache(100, 2_500),
+    });
     for (const key of ['a', 'b', 'c']) store.put(key, key.repeat(1_000));
     await store.flush(store.writes());
     // Written behind the store's back: a key still cached keeps its committed value, an evicted
@@ -93,6 +96,35 @@ describe('task store', () => {
     ]);
     assert.equal(await store.get('d'), 'd'.repeat(1_000));
     assert.equal(await store.get('b'), 'evicted');
+  });
+
+  it("shares the process's cache with every other store, under one bound", async () => {
+    const cache = new StoreCache(3);
+    const inbox = new TaskStore<number>('inbox', 0, db, jsonSerde(), { cache });
+    const meta = new TaskStore<number>('meta', 1, db, jsonSerde(), { cache });
+    inbox.put('a', 1);
+    inbox.put('b', 1);
+    await inbox.flush(inbox.writes());
+    meta.put('a', 2);
+    meta.put('b', 2);
+    await meta.flush(meta.writes());
+    assert.equal(cache.size, 3);
+    // The least recently used of all, inbox's 'a', went: it is read from RocksDB again.
+    await db.write('inbox', 0, [{ key: 'a', value: Buffer.from('9') }]);
+    await db.write('inbox', 0, [{ key: 'b', value: Buffer.from('9') }]);
+    assert.equal(await inbox.get('b'), 1, 'still cached');
+    assert.equal(await inbox.get('a'), 9);
+  });
+
+  it('never serves a store opened again what the one before it cached', async () => {
+    const before = new TaskStore<number>('s', 0, db, jsonSerde());
+    before.put('k', 1);
+    await before.flush(before.writes());
+    // Restored from its changelog meanwhile (another value), and opened again.
+    await db.write('s', 0, [{ key: 'k', value: Buffer.from('2') }]);
+    const after = new TaskStore<number>('s', 0, db, jsonSerde());
+    assert.equal(await after.get('k'), 2);
+    assert.equal(await before.get('k'), 1, 'the old instance kept its own');
   });
 
   it('undoes a failed record’s writes back to the savepoint', async () => {
