@@ -126,7 +126,7 @@ export class Connection {
   /** `ack` frames are held past ACK_RATE_PER_S and merged: see `issueAck`. */
   private readonly ackBucket: TokenBucket;
   /** The ack held for want of a token, and the timer that applies it when one comes. */
-  private heldAck: { frame: AckFrame; timer: NodeJS.Timeout } | undefined;
+  private heldAck: { frame: AckFrame; timer?: NodeJS.Timeout } | undefined;
   private closeTimer: NodeJS.Timeout | undefined;
   /** Set while the send buffer is over its limit: the time it went over, and its check. */
   private overLimit: { since: number; check: NodeJS.Timeout } | undefined;
@@ -302,6 +302,7 @@ export class Connection {
   close(code: number, reason: string): void {
     if (this.state === 'closed' || this.closing) return;
     this.closing = true;
+    this.foldQueuedAcks();
     this.queue.length = 0;
     // A socket paused for a full queue would not read the peer's answer to the close (frames
     // that come before it are dropped by receive): the close would wait out closeTimeoutMs.
@@ -320,6 +321,7 @@ export class Connection {
     clearTimeout(this.closeTimer);
     clearTimeout(this.overLimit?.check);
     this.overLimit = undefined;
+    this.foldQueuedAcks();
     this.queue.length = 0;
     this.held = [];
     // An ack the client sent is applied even so (before DISCONNECTED: `settled` waits for it).
@@ -410,6 +412,17 @@ export class Connection {
     );
     timer.unref();
     this.heldAck = { frame: ack, timer };
+  }
+
+  /**
+   * The connection closes and its queue is dropped: the acks in it (a held ack its timer put
+   * back in the queue among them) are folded into the held one, which `closed` applies.
+   */
+  private foldQueuedAcks(): void {
+    let ack = this.takeHeldAck()?.frame;
+    for (const { frame } of this.queue)
+      if (frame?.type === 'ack' && (ack === undefined || frame.upTo > ack.upTo)) ack = frame;
+    if (ack) this.heldAck = { frame: ack };
   }
 
   /** The held ack, if any, as a frame to issue; it is no longer held. */

@@ -1159,6 +1159,32 @@ describe('gateway (WebSocket, embedded log)', function () {
       assert.equal((await acksOf(alice)).at(-1), last);
     });
 
+    it('applies the acks still queued when the connection closes (a held ack its timer queued again too)', async () => {
+      // A slow log: the send's records wait, its answer and the pings' after it fill the window.
+      const waiting: Array<() => void> = [];
+      let slow = true;
+      const held = wrappingSends(log, async (records, send) => {
+        if (slow && records.some((r) => r.topic === topics.messages))
+          await new Promise<void>((resolve) => waiting.push(resolve));
+        return send(records);
+      });
+      const at = await startGateway({ log: held, limits: { answerDeadlineMs: 60_000 } });
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone', at);
+      const last = ACK_BURST + 20;
+      for (let upTo = 1; upTo <= ACK_BURST; upTo += 1) client.send({ type: 'ack', upTo });
+      client.send({ type: 'send', id: 's1', to: newUser('bob'), body: 1 });
+      for (let upTo = ACK_BURST + 1; upTo <= last; upTo += 1) client.send({ type: 'ack', upTo });
+      for (let i = 0; i < MAX_UNANSWERED_FRAMES + 8; i += 1) client.send({ type: 'ping' });
+      await new Promise((resolve) => setTimeout(resolve, 300)); // the held ack's timer fired
+      assert.notEqual((await acksOf(alice)).at(-1), last, 'not applied yet');
+      client.close();
+      await client.closed;
+      slow = false;
+      for (const resume of waiting.splice(0)) resume();
+      await eventually(async () => (await acksOf(alice)).at(-1) === last, 5_000, 'the last ack');
+    });
+
     it('does not apply a held ack early for pings: acks between pings stay under the rate', async () => {
       const alice = newUser('alice');
       const client = await connect(alice, 'phone');
