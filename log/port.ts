@@ -142,6 +142,8 @@ export interface ConsumerOptions {
   maxBatchSize?: number;
   /** Kafka only: how long a silent member keeps its partitions. */
   sessionTimeoutMs?: number;
+  /** Kafka only: how long a rebalance waits for the members to join again (default 30 s). */
+  rebalanceTimeoutMs?: number;
 }
 
 export interface Batch extends TopicPartition {

@@ -687,6 +687,15 @@ class KafkaLogConsumer implements Consumer {
   private heardAt = Date.now();
   private membershipWatch: NodeJS.Timeout | undefined;
   private readonly sessionTimeoutMs: number;
+  private readonly rebalanceTimeoutMs: number;
+  /** Since kafkajs said the group rebalances, until it joins: heartbeats pause meanwhile. */
+  private rebalancingSince: number | undefined;
+  /** The watch took the assignment away; a heartbeat of the same member gives it back. */
+  private leftByWatch = false;
+  /** The latest join's assignment, and the handlers it went to. */
+  private joinedAssignment: TopicPartition[] = [];
+  private handlers: ConsumerHandlers | undefined;
+  private rejoining = false;
 
   constructor(
     kafka: Kafka,
@@ -696,6 +705,7 @@ class KafkaLogConsumer implements Consumer {
     private readonly admin: LogAdmin,
   ) {
     this.sessionTimeoutMs = options.sessionTimeoutMs ?? 10_000;
+    this.rebalanceTimeoutMs = options.rebalanceTimeoutMs ?? 30_000;
     this.consumer = kafka.consumer({
       groupId: options.groupId,
       partitionAssigners: [coPartitionedAssigner(() => this.lastAssigned)],
@@ -703,7 +713,7 @@ class KafkaLogConsumer implements Consumer {
       allowAutoTopicCreation: false,
       sessionTimeout: this.sessionTimeoutMs,
       heartbeatInterval: HEARTBEAT_INTERVAL_MS,
-      rebalanceTimeout: 30_000,
+      rebalanceTimeout: this.rebalanceTimeoutMs,
       maxWaitTimeInMs: 100,
       retry: { initialRetryTime: 100, retries: 10 },
     });
@@ -726,10 +736,20 @@ class KafkaLogConsumer implements Consumer {
         fromBeginning: this.options.startFrom !== 'latest',
       }),
     );
-    this.consumer.on(this.consumer.events.HEARTBEAT, () => (this.heardAt = Date.now()));
+    this.handlers = handlers;
+    this.consumer.on(this.consumer.events.HEARTBEAT, ({ payload }) => {
+      this.heardAt = Date.now();
+      if (this.leftByWatch && payload.memberId === this.memberId) this.backInTheGroup();
+    });
+    this.consumer.on(
+      this.consumer.events.REBALANCING,
+      () => (this.rebalancingSince ??= Date.now()),
+    );
     this.watchMembership();
     this.consumer.on(this.consumer.events.GROUP_JOIN, ({ payload }) => {
       this.heardAt = Date.now();
+      this.rebalancingSince = undefined;
+      this.leftByWatch = false;
       const assignment: TopicPartition[] = [];
       for (const [topic, partitions] of Object.entries(payload.memberAssignment)) {
         for (const partition of partitions) assignment.push({ topic, partition });
@@ -739,6 +759,7 @@ class KafkaLogConsumer implements Consumer {
       const evicted = this.memberId !== undefined && payload.memberId !== this.memberId;
       this.memberId = payload.memberId;
       this.assigned = assignment;
+      this.joinedAssignment = assignment;
       this.lastAssigned = [...new Set(assignment.map((tp) => tp.partition))];
       const generation = ++this.generation;
       this.assignmentHandled = this.assignmentHandled.then(() =>
@@ -872,8 +893,16 @@ class KafkaLogConsumer implements Consumer {
    */
   private watchMembership(): void {
     this.membershipWatch = setInterval(() => {
-      if (this.assigned.length > 0 && this.outOfGroupBecause())
-        this.leaveAssignment(new Error(this.outOfGroupBecause()), this.generation);
+      const out = this.outOfGroupBecause();
+      if (!out) return;
+      if (this.assigned.length > 0) {
+        this.leaveAssignment(new Error(out), this.generation);
+        this.leftByWatch = true;
+      }
+      // Past a rebalance's longest wait too: kafkajs is not joining (its rejoin failed inside
+      // its loop and it fetches on with no member id). Stopped and run again, it joins.
+      if (Date.now() - this.heardAt > this.sessionTimeoutMs + this.rebalanceTimeoutMs)
+        this.rejoin(out);
     }, HEARTBEAT_INTERVAL_MS);
     this.membershipWatch.unref();
   }
@@ -881,9 +910,53 @@ class KafkaLogConsumer implements Consumer {
   outOfGroupBecause(): string | undefined {
     if (!this.running || this.closed) return undefined;
     const silentMs = Date.now() - this.heardAt;
-    return silentMs > this.sessionTimeoutMs
+    // A rebalance kafkajs has begun sends no heartbeat until it joins, for up to its timeout.
+    const allowedMs =
+      this.rebalancingSince === undefined
+        ? this.sessionTimeoutMs
+        : this.sessionTimeoutMs + this.rebalanceTimeoutMs;
+    return silentMs > allowedMs
       ? `the group coordinator has answered no heartbeat for ${Math.round(silentMs / 1000)} s`
       : undefined;
+  }
+
+  /**
+   * A heartbeat answered for the member of the latest join, after the watch took its
+   * assignment away: the coordinator was only slow (paused for less than the session timeout,
+   * counted from the heartbeat it last received, not from the answer this member last had).
+   * No join follows, so the assignment is taken back here, and handled again (tasks fenced or
+   * failed meanwhile were not reopened while the member owned nothing).
+   */
+  private backInTheGroup(): void {
+    if (!this.handlers || this.closed) return;
+    this.leftByWatch = false;
+    const assignment = this.joinedAssignment;
+    this.assigned = assignment;
+    const generation = ++this.generation;
+    const handlers = this.handlers;
+    this.logger.info(
+      { groupId: this.options.groupId },
+      'heartbeats answered again for the same member: taking its assignment back',
+    );
+    this.assignmentHandled = this.assignmentHandled.then(() =>
+      this.handleAssignment(assignment, generation, handlers, false),
+    );
+  }
+
+  /** Stops kafkajs's consumer and runs it again: it joins the group afresh. */
+  private rejoin(reason: string): void {
+    if (this.rejoining || this.closed) return;
+    this.rejoining = true;
+    this.heardAt = Date.now(); // a next try only after another full wait
+    this.logger.warn(
+      { groupId: this.options.groupId, reason },
+      'out of the group past the rebalance timeout; stopping the consumer to join again',
+    );
+    this.consumer
+      .stop()
+      .then(() => (this.closed ? undefined : this.consumer.run(this.runConfig)))
+      .catch((error: unknown) => this.startOver(error as Error))
+      .finally(() => (this.rejoining = false));
   }
 
   /**
