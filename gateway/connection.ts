@@ -72,6 +72,8 @@ export interface ConnectionContext {
   closeTimeoutMs: number;
   /** ANSWER_DEADLINE_MS: see limits.ts. */
   answerDeadlineMs: number;
+  /** READ_RATE_PER_S: see limits.ts. */
+  readsPerS: number;
   /**
    * Why the log takes no records now (the gateway's heartbeat has gone unanswered), if it does
    * not: frames that would write to it are answered `internal` at once, without queueing more
@@ -125,6 +127,8 @@ export class Connection {
   private readonly syncBucket: TokenBucket;
   /** `ack` frames are held past ACK_RATE_PER_S and merged: see `issueAck`. */
   private readonly ackBucket: TokenBucket;
+  /** `read` frames wait for a token of their own: see READ_RATE_PER_S. */
+  private readonly readBucket: TokenBucket;
   /** The ack held for want of a token, and the timer that applies it when one comes. */
   private heldAck: { frame: AckFrame; timer?: NodeJS.Timeout } | undefined;
   private closeTimer: NodeJS.Timeout | undefined;
@@ -140,6 +144,7 @@ export class Connection {
     this.bucket = new TokenBucket(context.rateLimitPerSecond, context.now);
     this.syncBucket = new TokenBucket(SYNC_RATE_PER_S, context.now);
     this.ackBucket = new TokenBucket(ACK_RATE_PER_S, context.now);
+    this.readBucket = new TokenBucket(context.readsPerS, context.now);
     this.logger = context.logger.child({
       connectionId: identity.connectionId,
       userId: identity.userId,
@@ -361,6 +366,13 @@ export class Connection {
           // The client does not read what it was sent: its next frames wait until it does.
           await this.backlogRead();
           continue;
+        }
+        if (this.queue[0]!.frame?.type === 'read' && !this.readBucket.take()) {
+          // Over the read rate: this read, and the frames behind it, wait for a token.
+          await sleep(Math.ceil(this.readBucket.secondsToNext * 1000) + 1, undefined, {
+            ref: false,
+          });
+          continue; // the connection may have closed meanwhile
         }
         const next = this.queue.shift()!;
         if (next.frame?.type === 'ack') {

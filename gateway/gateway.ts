@@ -45,6 +45,7 @@ import {
   MAX_CONNECTIONS_PER_USER,
   CONNECTS_PER_USER_BURST,
   ANSWER_DEADLINE_MS,
+  READ_RATE_PER_S,
   CONNECTS_PER_USER_PER_S,
   CLOSE_TIMEOUT_MS,
   DEFAULT_RATE_LIMIT_PER_S,
@@ -100,6 +101,8 @@ export interface GatewayLimits {
   connectsPerUserBurst?: number;
   /** ANSWER_DEADLINE_MS. */
   answerDeadlineMs?: number;
+  /** READ_RATE_PER_S. */
+  readsPerS?: number;
 }
 
 export interface GatewayDeps {
@@ -202,6 +205,7 @@ class WebSocketGateway implements Gateway {
       connectsPerUserPerS: deps.limits?.connectsPerUserPerS ?? CONNECTS_PER_USER_PER_S,
       connectsPerUserBurst: deps.limits?.connectsPerUserBurst ?? CONNECTS_PER_USER_BURST,
       answerDeadlineMs: deps.limits?.answerDeadlineMs ?? ANSWER_DEADLINE_MS,
+      readsPerS: deps.limits?.readsPerS ?? READ_RATE_PER_S,
     };
     this.connects = new KeyedTokenBuckets(
       this.limits.connectsPerUserPerS,
@@ -257,6 +261,7 @@ class WebSocketGateway implements Gateway {
       slowConsumerGraceMs: this.limits.slowConsumerGraceMs,
       closeTimeoutMs: this.limits.closeTimeoutMs,
       answerDeadlineMs: this.limits.answerDeadlineMs,
+      readsPerS: this.limits.readsPerS,
       logUnavailableBecause: () => this.heartbeat?.silentBecause,
       now: this.now,
       logger: this.logger,

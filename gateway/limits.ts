@@ -181,6 +181,16 @@ export const SYNC_RATE_PER_S = 1;
  */
 export const ACK_RATE_PER_S = 20;
 
+/**
+ * `read` frames per second a connection has handled, four seconds' worth at once. Each costs a
+ * record and a turn of the users actor, and reads of different messages cannot be merged as
+ * acks are; PROTOCOL limits only `send` and `typing`. Past this rate a read is not refused but
+ * waits its turn: the connection's next frames wait behind it (TCP then pushes back on the
+ * client), and every read is handled. A client marking a long conversation read at once
+ * sends a few hundred; one in a loop sent tens of thousands a second.
+ */
+export const READ_RATE_PER_S = 50;
+
 /** The token bucket holds this many seconds' worth of frames (PROTOCOL.md: four times the rate). */
 export const RATE_LIMIT_BURST_FACTOR = 4;
 

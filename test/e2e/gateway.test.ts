@@ -1200,6 +1200,23 @@ describe('gateway (WebSocket, embedded log)', function () {
       client.close();
     });
 
+    it('handles read frames past the read rate later, every one, and the frames behind them after', async () => {
+      const paced = await startGateway({ limits: { readsPerS: 10 } });
+      const alice = newUser('alice');
+      const client = await connect(alice, 'phone', paced);
+      const reads = 60; // 40 at once (four seconds' worth), then 20 at 10 a second
+      const since = Date.now();
+      for (let i = 0; i < reads; i += 1) client.send({ type: 'read', messageId: `m-${i}` });
+      await client.alive(); // behind the reads
+      const took = Date.now() - since;
+      assert.ok(took >= 1_500, `answered after ${took} ms`);
+      const read = (await userCommands()).filter(
+        (r) => r.key === alice && fullNames.Read in r.value!.command,
+      );
+      assert.equal(read.length, reads, 'none refused');
+      client.close();
+    });
+
     it('produces Read and Sync keyed by the user, Typing keyed by the recipient', async () => {
       const alice = newUser('alice');
       const bob = newUser('bob');
