@@ -23,6 +23,7 @@
  * api process per deployment until accounts move to MongoDB), and are lost on a restart.
  */
 import ipaddr from 'ipaddr.js';
+import { LRUCache } from 'lru-cache';
 import { RateLimiterMemory, type RateLimiterRes } from 'rate-limiter-flexible';
 import { HttpError } from './errors.ts';
 
@@ -70,15 +71,26 @@ const DAY_S = 24 * 3600;
  */
 export const MAX_CLIENTS_PER_LIMIT = 50_000;
 
-/** A RateLimiterMemory that holds at most `capacity` keys, forgetting the least recent. */
+/**
+ * A RateLimiterMemory that holds at most `capacity` keys, forgetting the least recent. Its
+ * recency is an lru-cache (constant time): a Map evicting its oldest with keys().next() steps
+ * over the holes its deletions leave, 39 µs an eviction at 100,000 keys (state/store-cache.ts).
+ */
 export class BoundedLimiter {
-  /** Its keys, least recently used first. */
-  private readonly keys = new Map<string, true>();
+  /** Its keys: one evicted past the capacity is deleted from the limiter, timer included. */
+  private readonly keys: LRUCache<string, true>;
 
   constructor(
     readonly limiter: RateLimiterMemory,
-    private readonly capacity = MAX_CLIENTS_PER_LIMIT,
-  ) {}
+    capacity = MAX_CLIENTS_PER_LIMIT,
+  ) {
+    this.keys = new LRUCache({
+      max: capacity,
+      dispose: (_value, key, reason) => {
+        if (reason === 'evict') void limiter.delete(key);
+      },
+    });
+  }
 
   /** Keys held (some may have expired in the limiter already). */
   get size(): number {
@@ -86,28 +98,18 @@ export class BoundedLimiter {
   }
 
   consume(key: string): Promise<RateLimiterRes> {
-    this.used(key);
+    this.keys.set(key, true);
     return this.limiter.consume(key);
   }
 
   reward(key: string, points: number): Promise<RateLimiterRes> {
-    this.used(key);
+    this.keys.set(key, true);
     return this.limiter.reward(key, points);
   }
 
   delete(key: string): Promise<boolean> {
     this.keys.delete(key);
     return this.limiter.delete(key);
-  }
-
-  private used(key: string): void {
-    this.keys.delete(key);
-    this.keys.set(key, true);
-    for (const oldest of this.keys.keys()) {
-      if (this.keys.size <= this.capacity) break;
-      this.keys.delete(oldest);
-      void this.limiter.delete(oldest); // the memory store deletes at once, timer included
-    }
   }
 }
 
