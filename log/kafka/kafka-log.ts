@@ -758,13 +758,9 @@ class KafkaLogConsumer implements Consumer {
       // rebalance timeout) and may have given its partitions to others meanwhile.
       const evicted = this.memberId !== undefined && payload.memberId !== this.memberId;
       this.memberId = payload.memberId;
-      this.assigned = assignment;
       this.joinedAssignment = assignment;
       this.lastAssigned = [...new Set(assignment.map((tp) => tp.partition))];
-      const generation = ++this.generation;
-      this.assignmentHandled = this.assignmentHandled.then(() =>
-        this.handleAssignment(assignment, generation, handlers, evicted),
-      );
+      this.take(assignment, handlers, evicted);
     });
     this.consumer.on(this.consumer.events.CRASH, ({ payload }) => {
       if (!payload.restart && !this.closed) this.startOver(payload.error);
@@ -930,16 +926,19 @@ class KafkaLogConsumer implements Consumer {
   private backInTheGroup(): void {
     if (!this.handlers || this.closed) return;
     this.leftByWatch = false;
-    const assignment = this.joinedAssignment;
-    this.assigned = assignment;
-    const generation = ++this.generation;
-    const handlers = this.handlers;
     this.logger.info(
       { groupId: this.options.groupId },
       'heartbeats answered again for the same member: taking its assignment back',
     );
+    this.take(this.joinedAssignment, this.handlers, false);
+  }
+
+  /** The member owns `assignment` from now on, and hands it on after the ones before. */
+  private take(assignment: TopicPartition[], handlers: ConsumerHandlers, evicted: boolean): void {
+    this.assigned = assignment;
+    const generation = ++this.generation;
     this.assignmentHandled = this.assignmentHandled.then(() =>
-      this.handleAssignment(assignment, generation, handlers, false),
+      this.handleAssignment(assignment, generation, handlers, evicted),
     );
   }
 
