@@ -944,15 +944,10 @@ export function decide(command: UserCommand, view: UserView): UserEvent[] {
 export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
   switch (event.type) {
     case 'session-opened': {
-      const device = own(meta.devices, event.deviceId);
-      const devices = {
-        ...meta.devices,
-        [event.deviceId]: { ack: device?.ack ?? 0, seenAt: seenAt(device, event.connectedAt) },
-      };
       const { [event.connectionId]: _pending, ...pendingSyncs } = meta.pendingSyncs;
       return {
         ...meta,
-        devices,
+        devices: withDeviceSeen(meta, event.deviceId, event.connectedAt),
         pendingSyncs,
         ...withoutDroppedSync(meta, event.connectionId),
         sessions: {
@@ -1025,14 +1020,10 @@ export function evolve(meta: UserMeta, event: UserEvent): UserMeta {
         MAX_PENDING_SYNCS,
       );
       const dropped = Object.keys(meta.pendingSyncs).filter((c) => !own(pendingSyncs, c));
-      const device = own(meta.devices, deviceId);
       return {
         ...meta,
         // Known, as its CONNECTED would make it: its ack holds back pruning from here on.
-        devices: {
-          ...meta.devices,
-          [deviceId]: { ack: device?.ack ?? 0, seenAt: seenAt(device, at) },
-        },
+        devices: withDeviceSeen(meta, deviceId, at),
         pendingSyncs,
         ...(dropped.length > 0
           ? { droppedSyncs: [...(meta.droppedSyncs ?? []), ...dropped].slice(-DROPPED_SYNCS) }
@@ -1133,6 +1124,12 @@ function withoutDroppedSync(meta: UserMeta, connectionId: string): Partial<UserM
   return meta.droppedSyncs?.includes(connectionId)
     ? { droppedSyncs: meta.droppedSyncs.filter((c) => c !== connectionId) }
     : {};
+}
+
+/** `devices` with this one known (its ack kept, 0 when new) and seen at `at`. */
+function withDeviceSeen(meta: UserMeta, deviceId: string, at: number): UserMeta['devices'] {
+  const device = own(meta.devices, deviceId);
+  return { ...meta.devices, [deviceId]: { ack: device?.ack ?? 0, seenAt: seenAt(device, at) } };
 }
 
 /** When a device was last seen, seen again at `at`. */
