@@ -62,13 +62,13 @@ export class TaskStore<V> implements KeyValueStore<V> {
     const value = this.pending.get(key);
     if (value === DELETED) return undefined;
     if (value !== undefined) return value;
-    const cached = this.cache.get(this.prefix + key); // now the most recently used
+    const cacheKey = this.prefix + key;
+    const cached = this.cache.get(cacheKey); // now the most recently used
     if (cached !== undefined) return cached.value === ABSENT ? undefined : (cached.value as V);
     const stored = await this.db.get(this.name, this.partition, key);
     const decoded = stored === undefined ? undefined : this.serde.deserialize(stored);
     // A write that reached the cache while RocksDB answered is newer than what it answered.
-    if (!this.cache.has(this.prefix + key))
-      this.cache.set(this.prefix + key, decoded ?? ABSENT, cost(key, stored));
+    if (!this.cache.has(cacheKey)) this.cache.set(cacheKey, decoded ?? ABSENT, cost(key, stored));
     return decoded;
   }
 
